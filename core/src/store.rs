@@ -1,0 +1,181 @@
+//! The one compare-and-set store every host implements.
+//!
+//! Counters live in host storage (proxy-wasm shared data, a Durable Object, the in-memory store
+//! below). The protocol is the portable one: read `(value, version)`, decide in a pure function,
+//! write back naming the version that was read, and on a conflict start over — a bounded number
+//! of times ([`update`]).
+
+use thiserror::Error;
+
+/// The version a host attaches to a stored value (proxy-wasm's `cas`).
+pub type Version = u32;
+
+/// Outcome of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// The value was stored.
+    Stored,
+    /// Someone else wrote first; read again.
+    Conflict,
+}
+
+/// A host's storage failed in a way retrying will not fix, or retries ran out.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum StoreError {
+    #[error("counter store is contended: {attempts} compare-and-set attempts failed")]
+    Contended { attempts: u32 },
+    #[error("counter store failed: {0}")]
+    Host(&'static str),
+}
+
+impl StoreError {
+    /// Short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Contended { .. } => "contended",
+            StoreError::Host(_) => "host",
+        }
+    }
+}
+
+pub trait CasStore {
+    /// Current value and version, or `None` when the key does not exist.
+    fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError>;
+
+    /// Store `value` only if the key is still at `expected` (`None`: only if the key still does
+    /// not exist). Implementations must never overwrite a value they did not read.
+    fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>)
+        -> Result<Written, StoreError>;
+}
+
+/// What a pure step decided: `Some(bytes)` to write, `None` to leave the value as it is.
+pub struct Step<T> {
+    pub result: T,
+    pub write: Option<Vec<u8>>,
+}
+
+/// Load → decide → compare-and-set, retried up to `max_retries` times after the first attempt.
+/// `decide` sees the current bytes (or `None`) and must be pure: it may run several times.
+pub fn update<S, T, F>(store: &mut S, key: &str, max_retries: u32, mut decide: F) -> Result<T, StoreError>
+where
+    S: CasStore + ?Sized,
+    F: FnMut(Option<&[u8]>) -> Step<T>,
+{
+    let attempts = max_retries.saturating_add(1);
+    for _ in 0..attempts {
+        let current = store.load(key)?;
+        let step = decide(current.as_ref().map(|(v, _)| v.as_slice()));
+        let Some(bytes) = step.write else {
+            return Ok(step.result);
+        };
+        match store.store(key, &bytes, current.map(|(_, v)| v))? {
+            Written::Stored => return Ok(step.result),
+            Written::Conflict => continue,
+        }
+    }
+    Err(StoreError::Contended { attempts })
+}
+
+/// An in-memory store with exact compare-and-set semantics, for tests and simulations.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    entries: std::collections::HashMap<String, (Vec<u8>, Version)>,
+    next_version: Version,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.entries.get(key).map(|(v, _)| v.as_slice())
+    }
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    pub fn values(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries.iter().map(|(k, (v, _))| (k.as_str(), v.as_slice()))
+    }
+}
+
+impl CasStore for MemoryStore {
+    fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+        Ok(self.entries.get(key).cloned())
+    }
+
+    fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+        let current = self.entries.get(key).map(|(_, v)| *v);
+        if current != expected {
+            return Ok(Written::Conflict);
+        }
+        self.next_version = self.next_version.wrapping_add(1).max(1);
+        self.entries.insert(key.to_owned(), (value.to_vec(), self.next_version));
+        Ok(Written::Stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store that reports a conflict a fixed number of times, as if another VM kept winning.
+    struct Busy {
+        inner: MemoryStore,
+        conflicts_left: u32,
+    }
+    impl CasStore for Busy {
+        fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+            self.inner.load(key)
+        }
+        fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+            if self.conflicts_left > 0 {
+                self.conflicts_left -= 1;
+                return Ok(Written::Conflict);
+            }
+            self.inner.store(key, value, expected)
+        }
+    }
+
+    fn incr(cur: Option<&[u8]>) -> Step<u8> {
+        let n = cur.map_or(0, |b| b[0]) + 1;
+        Step { result: n, write: Some(vec![n]) }
+    }
+
+    #[test]
+    fn memory_store_rejects_stale_and_blind_writes() {
+        let mut s = MemoryStore::new();
+        assert_eq!(s.store("k", b"a", None).unwrap(), Written::Stored);
+        let (_, v1) = s.load("k").unwrap().unwrap();
+        // creating again is a conflict: the key exists
+        assert_eq!(s.store("k", b"b", None).unwrap(), Written::Conflict);
+        assert_eq!(s.store("k", b"b", Some(v1)).unwrap(), Written::Stored);
+        // the old version is stale now
+        assert_eq!(s.store("k", b"c", Some(v1)).unwrap(), Written::Conflict);
+        assert_eq!(s.get("k"), Some(&b"b"[..]));
+    }
+
+    #[test]
+    fn update_retries_through_conflicts() {
+        let mut s = Busy { inner: MemoryStore::new(), conflicts_left: 3 };
+        assert_eq!(update(&mut s, "k", 3, incr).unwrap(), 1);
+        assert_eq!(s.inner.get("k"), Some(&[1u8][..]));
+    }
+
+    #[test]
+    fn update_gives_up_after_the_retry_budget() {
+        let mut s = Busy { inner: MemoryStore::new(), conflicts_left: 4 };
+        assert_eq!(update(&mut s, "k", 3, incr), Err(StoreError::Contended { attempts: 4 }));
+        assert_eq!(s.inner.get("k"), None);
+    }
+
+    #[test]
+    fn a_decision_without_a_write_does_not_touch_the_store() {
+        let mut s = Busy { inner: MemoryStore::new(), conflicts_left: 100 };
+        let r = update(&mut s, "k", 0, |_| Step { result: 7, write: None }).unwrap();
+        assert_eq!(r, 7);
+        assert_eq!(s.conflicts_left, 100);
+    }
+}

@@ -1,1 +1,7 @@
-fn main(){}
+//! Test support for Tollgate's host tests.
+//!
+//! - [`proc`]: servers started on 127.0.0.1 with free ports, each in its own process group
+//!   and stopped by PID (the whole group) when the guard drops.
+//! - `host` (the wasmtime Proxy-Wasm host) lives beside this module.
+
+pub mod proc;

@@ -1,0 +1,224 @@
+//! The few Proxy-Wasm ABI 0.2.1 host calls the filter makes, wrapped so that no status a host
+//! can return turns into a panic.
+//!
+//! The proxy-wasm SDK's `hostcalls` functions `panic!` on any status they did not expect (for
+//! instance `get_map_value_bytes` on anything but Ok/NotFound, `send_http_response` on anything
+//! but Ok), and a panic in a proxy-wasm VM makes Envoy answer 503 to every later request
+//! (envoyproxy/envoy#34881). So the filter keeps the SDK for context dispatch and memory
+//! allocation (`proxy_on_memory_allocate`, which hands out a boxed slice of exactly the
+//! requested size: that is why returned buffers are rebuilt with `len == capacity`) and makes
+//! its own host calls here, returning every non-Ok status as an error value.
+//!
+//! Signatures and status codes follow the ABI spec (proxy-wasm/spec `abi-versions/v0.2.1`) and
+//! proxy-wasm-cpp-host `src/exports.cc`.
+
+use std::ptr::{null, null_mut};
+
+/// A Proxy-Wasm status code other than Ok (1 NotFound, 2 BadArgument, 4 SerializationFailure,
+/// 6 ParseFailure, 10 InternalFailure, 11 CasMismatch, 12 Unimplemented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status(pub u32);
+
+pub const OK: u32 = 0;
+pub const NOT_FOUND: Status = Status(1);
+pub const CAS_MISMATCH: Status = Status(11);
+
+pub const HTTP_REQUEST_HEADERS: u32 = 0;
+pub const HTTP_RESPONSE_HEADERS: u32 = 2;
+pub const PLUGIN_CONFIGURATION: u32 = 7;
+pub const METRIC_COUNTER: u32 = 0;
+
+pub const LOG_INFO: u32 = 2;
+pub const LOG_WARN: u32 = 3;
+pub const LOG_ERROR: u32 = 4;
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
+    fn proxy_get_buffer_bytes(
+        buffer_type: u32,
+        start: usize,
+        max_size: usize,
+        return_buffer_data: *mut *mut u8,
+        return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_replace_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
+    fn proxy_get_property(
+        path_data: *const u8,
+        path_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> u32;
+    fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
+    fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+}
+
+fn check(status: u32) -> Result<(), Status> {
+    if status == OK {
+        Ok(())
+    } else {
+        Err(Status(status))
+    }
+}
+
+/// Takes ownership of a buffer the host filled through `proxy_on_memory_allocate`.
+///
+/// SAFETY: `data`/`size` must come from a host call that just returned Ok; the SDK's allocator
+/// allocated exactly `size` bytes at `data`.
+unsafe fn take(data: *mut u8, size: usize) -> Vec<u8> {
+    if data.is_null() {
+        Vec::new()
+    } else {
+        Vec::from_raw_parts(data, size, size)
+    }
+}
+
+pub fn log(level: u32, message: &str) {
+    // SAFETY: pointer and length of a live &str. A failed log is nothing to act on.
+    unsafe { proxy_log(level, message.as_ptr(), message.len()) };
+}
+
+/// Host time in epoch milliseconds.
+pub fn now_ms() -> Result<u64, Status> {
+    let mut nanos = 0u64;
+    // SAFETY: the host writes one u64 to a live local.
+    check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) })?;
+    Ok(nanos / 1_000_000)
+}
+
+pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Status> {
+    let (mut data, mut len) = (null_mut(), 0usize);
+    // SAFETY: out-pointers to live locals; buffer ownership per `take`.
+    match unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len) } {
+        OK => Ok(unsafe { take(data, len) }),
+        1 => Ok(Vec::new()),
+        s => Err(Status(s)),
+    }
+}
+
+/// A header's value, or `None` when absent.
+pub fn header(map: u32, name: &str) -> Result<Option<Vec<u8>>, Status> {
+    let (mut data, mut len) = (null_mut(), 0usize);
+    // SAFETY: as for `plugin_configuration`.
+    match unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut len) } {
+        OK => Ok(Some(unsafe { take(data, len) })),
+        1 => Ok(None),
+        s => Err(Status(s)),
+    }
+}
+
+pub fn set_header(map: u32, name: &str, value: &str) -> Result<(), Status> {
+    // SAFETY: pointers and lengths of live strings.
+    check(unsafe { proxy_replace_header_map_value(map, name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+pub fn remove_header(map: u32, name: &str) -> Result<(), Status> {
+    // SAFETY: pointer and length of a live string.
+    check(unsafe { proxy_remove_header_map_value(map, name.as_ptr(), name.len()) })
+}
+
+/// A property such as `["source", "address"]` (segments joined by NUL, as the ABI specifies).
+pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
+    let joined = path.join("\0");
+    let (mut data, mut len) = (null_mut(), 0usize);
+    // SAFETY: as for `plugin_configuration`.
+    match unsafe { proxy_get_property(joined.as_ptr(), joined.len(), &mut data, &mut len) } {
+        OK => Ok(Some(unsafe { take(data, len) })),
+        1 => Ok(None),
+        s => Err(Status(s)),
+    }
+}
+
+/// `(value, cas)`, or `None` when the key does not exist.
+pub fn get_shared_data(key: &str) -> Result<Option<(Vec<u8>, u32)>, Status> {
+    let (mut data, mut len, mut cas) = (null_mut(), 0usize, 0u32);
+    // SAFETY: as for `plugin_configuration`.
+    match unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut len, &mut cas) } {
+        OK => Ok(Some((unsafe { take(data, len) }, cas))),
+        1 => Ok(None),
+        s => Err(Status(s)),
+    }
+}
+
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> Result<(), Status> {
+    // SAFETY: pointers and lengths of live slices.
+    check(unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) })
+}
+
+/// Sends a local response; the host applies it after the current callback returns.
+pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -> Result<(), Status> {
+    let map = serialize_map(headers);
+    // SAFETY: pointers and lengths of live buffers; -1 = not a gRPC response.
+    check(unsafe {
+        proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
+    })
+}
+
+pub fn define_counter(name: &str) -> Result<u32, Status> {
+    let mut id = 0u32;
+    // SAFETY: pointer/length of a live string, out-pointer to a live local.
+    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    Ok(id)
+}
+
+pub fn increment(metric: u32) {
+    // SAFETY: plain values. A failed metric update is not worth failing a request over.
+    unsafe { proxy_increment_metric(metric, 1) };
+}
+
+/// The ABI's header-map encoding: pair count (u32 LE), then each key and value length (u32 LE),
+/// then each key and value followed by a NUL byte.
+pub fn serialize_map(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
+    for (k, v) in pairs {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
+}

@@ -5,7 +5,7 @@
 //! headers, and OpenAI's error body
 //! `{"error":{"message":"…","type":"requests","param":null,"code":"rate_limit_exceeded"}}`.
 
-use serde_json::json;
+use serde::Serialize;
 
 use crate::duration::{openai_duration, retry_after_secs};
 use crate::quota::{Decision, QuotaStatus};
@@ -69,13 +69,28 @@ pub fn store_unavailable() -> LocalResponse {
     response
 }
 
+/// OpenAI's error envelope, fields in OpenAI's order.
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
 /// OpenAI's error envelope with a JSON content type.
 pub fn openai_error(status: u16, message: &str, kind: &str, code: &str) -> LocalResponse {
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    let envelope = ErrorEnvelope { error: ErrorBody { message, kind, param: None, code } };
     LocalResponse {
         status,
         headers: vec![("content-type", "application/json".to_owned())],
-        body: body.to_string().into_bytes(),
+        body: serde_json::to_vec(&envelope).unwrap_or_default(),
     }
 }
 
@@ -83,6 +98,7 @@ pub fn openai_error(status: u16, message: &str, kind: &str, code: &str) -> Local
 mod tests {
     use super::*;
     use crate::window::Window;
+    use serde_json::json;
 
     fn status(remaining: u64, reset_ms: u64) -> QuotaStatus {
         QuotaStatus { window: Window::Hour, limit: 10, used: 10 - remaining, remaining, reset_ms }
@@ -108,6 +124,10 @@ mod tests {
         let d = Decision::Denied { binding: status(0, 360_500), retry_after_ms: 360_500 };
         let r = rejection(&d).unwrap();
         assert_eq!(r.status, 429);
+        assert_eq!(
+            std::str::from_utf8(&r.body).unwrap(),
+            r#"{"error":{"message":"Rate limit reached for requests per hour: Limit 10, Used 10, Requested 1. Please try again in 6m0.5s.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#
+        );
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(
             body,

@@ -14,14 +14,17 @@
 
 use std::ptr::{null, null_mut};
 
-/// A Proxy-Wasm status code other than Ok (1 NotFound, 2 BadArgument, 4 SerializationFailure,
-/// 6 ParseFailure, 10 InternalFailure, 11 CasMismatch, 12 Unimplemented).
+/// A Proxy-Wasm status code other than Ok, as numbered by proxy-wasm-cpp-host
+/// `include/proxy-wasm/wasm_api_impl.h` / `proxy_wasm_enums.h` `WasmResult`: 1 NotFound,
+/// 2 BadArgument, 3 SerializationFailure, 4 ParseFailure, 5 BadExpression,
+/// 6 InvalidMemoryAccess, 7 Empty, 8 CasMismatch, 9 ResultMismatch, 10 InternalFailure,
+/// 11 BrokenConnection, 12 Unimplemented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status(pub u32);
 
 pub const OK: u32 = 0;
 pub const NOT_FOUND: Status = Status(1);
-pub const CAS_MISMATCH: Status = Status(11);
+pub const CAS_MISMATCH: Status = Status(8);
 
 pub const HTTP_REQUEST_HEADERS: u32 = 0;
 pub const HTTP_RESPONSE_HEADERS: u32 = 2;

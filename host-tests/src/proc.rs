@@ -84,9 +84,14 @@ impl Drop for Server {
 /// Starts the mock provider (built by cargo as a workspace binary) on a free port and returns
 /// it with its base URL.
 pub fn start_mock_provider() -> (Server, String) {
+    start_mock_provider_with(&[])
+}
+
+/// [`start_mock_provider`] with extra arguments (e.g. `["--require-key", "sk-…"]`).
+pub fn start_mock_provider_with(args: &[&str]) -> (Server, String) {
     let bin = target_dir().join(if cfg!(debug_assertions) { "debug" } else { "release" }).join("tollgate-mock-provider");
     assert!(bin.exists(), "{} is missing: build it with `cargo build -p tollgate-mock-provider`", bin.display());
-    let mut server = Server::spawn("mock provider", Command::new(&bin).stdout(Stdio::piped()));
+    let mut server = Server::spawn("mock provider", Command::new(&bin).args(args).stdout(Stdio::piped()));
     let stdout = server.stdout().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("mock provider prints its address");

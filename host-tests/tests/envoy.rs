@@ -93,6 +93,11 @@ fn limits_headers_and_429_in_real_envoy() {
     assert_denied(&chat(&envoy.url, Some("alice")), 3);
     assert_eq!(mock_request_count(&http, &mock_url), served, "a denied request reached the upstream");
 
+    // the identity header is Tollgate's business, not the provider's
+    let names = tollgate_host_tests::proc::get(&http, &format!("{mock_url}/__mock/last-headers")).json();
+    let names: Vec<&str> = names["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(names.contains(&"content-type") && !names.contains(&"x-tollgate-user"), "{names:?}");
+
     // another identity has its own counter
     assert_allowed(&chat(&envoy.url, Some("bob")), 3, 2);
 

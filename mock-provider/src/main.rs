@@ -9,6 +9,8 @@
 //!   `"stream": true`), echoing the requested model.
 //! - `GET /__mock/requests`: `{"count": N}`, how many `/v1/` requests it has received, so tests
 //!   can prove a denied request never reached the upstream.
+//! - `GET /__mock/last-headers`: `{"names": [...]}`, the header names (never values) of the
+//!   last `/v1/` request, so tests can prove which headers reached the provider.
 //! - anything else: 404 in OpenAI's error format.
 //!
 //! With `--require-key KEY`, `/v1/` requests without `Authorization: Bearer KEY` get OpenAI's
@@ -27,6 +29,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 
 struct Shared {
     served: AtomicU64,
+    last_header_names: std::sync::Mutex<Vec<String>>,
     required_authorization: Option<String>,
 }
 
@@ -57,7 +60,7 @@ fn main() {
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
 
-    let shared = Arc::new(Shared { served: AtomicU64::new(0), required_authorization });
+    let shared = Arc::new(Shared { served: AtomicU64::new(0), last_header_names: Default::default(), required_authorization });
     for stream in listener.incoming().flatten() {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || {
@@ -227,6 +230,9 @@ fn handle(request: &Request, shared: &Shared) -> Response {
     let path = request.path.as_str();
     if path.starts_with("/v1/") {
         shared.served.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut names) = shared.last_header_names.lock() {
+            *names = request.headers.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
+        }
         if let Some(expected) = &shared.required_authorization {
             if request.header("authorization") != Some(expected.as_str()) {
                 return error(401, "Incorrect API key provided.", "invalid_api_key");
@@ -234,6 +240,10 @@ fn handle(request: &Request, shared: &Shared) -> Response {
         }
     }
     match (request.method.as_str(), path) {
+        ("GET", "/__mock/last-headers") => {
+            let names = shared.last_header_names.lock().map(|n| n.clone()).unwrap_or_default();
+            json_response(200, &json!({"names": names}))
+        }
         ("GET", "/__mock/requests") => json_response(200, &json!({"count": shared.served.load(Ordering::SeqCst)})),
         ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
             Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => stream_response(&req),

@@ -11,36 +11,31 @@
 //!
 //! Updates of an existing key use the portable pattern: `get`, then `set` with the returned cas.
 //! A first insert ("create only if absent") is made atomic on both kinds of host:
-//! 1. `set` with the cas currently held by a sentinel key. On Envoy the cas is ignored if the
-//!    key is still absent (the insert happens); if another VM created the key meanwhile, its cas
-//!    was assigned after the sentinel's, so it cannot equal the sentinel's (until the 2^32 cas
-//!    counter wraps around onto exactly that value) and the write fails with CasMismatch.
+//! 1. `set` with cas [`CREATE_CAS`] (`u32::MAX`). On Envoy the cas is ignored while the key is
+//!    absent (the insert happens); if another VM created the key meanwhile, the write fails with
+//!    CasMismatch, since that key's cas is not `u32::MAX` — cas numbers come from one global
+//!    counter, so only the single write numbered 2^32-1 ever holds that value.
 //! 2. On a mismatch, `get` again: if the key now exists, someone else created it — a conflict,
 //!    read again. If it is still absent, the host compares cas on absent keys too (Kong's
 //!    ngx_wasm_module: absent means cas 0), so retry with cas 0, which such hosts treat as an
 //!    atomic create.
+//!
+//! Step 1 must not use a cas some live key plausibly holds. On ngx_wasm_module cas numbers count
+//! per key from 1 (`ngx_wa_shm_kv_set_locked`), so the cas of another key (this module used a
+//! sentinel key's) equals that of a record another VM has just created, and step 1 would
+//! overwrite it: a lost update.
 
 use tollgate_core::{CasStore, StoreError, Version, Written};
 
 use crate::abi;
 
-/// The key whose cas seeds first inserts. Its value is irrelevant.
-const SENTINEL: &str = "tg1:sentinel";
+/// The cas of a first-insert attempt: a value no live key holds in practice (see above).
+const CREATE_CAS: u32 = u32::MAX;
 
 pub struct SharedData;
 
 fn host(_: abi::Status) -> StoreError {
     StoreError::Host("shared data call failed")
-}
-
-fn sentinel_cas() -> Result<u32, StoreError> {
-    for _ in 0..2 {
-        match abi::get_shared_data(SENTINEL).map_err(host)? {
-            Some((_, cas)) if cas != 0 => return Ok(cas),
-            _ => abi::set_shared_data(SENTINEL, b"1", 0).map_err(host)?,
-        }
-    }
-    Err(StoreError::Host("sentinel key cannot be created"))
 }
 
 fn written(result: Result<(), abi::Status>) -> Result<Written, StoreError> {
@@ -65,7 +60,7 @@ impl CasStore for SharedData {
         if let Some(cas) = expected {
             return written(abi::set_shared_data(key, value, cas));
         }
-        match written(abi::set_shared_data(key, value, sentinel_cas()?))? {
+        match written(abi::set_shared_data(key, value, CREATE_CAS))? {
             Written::Stored => Ok(Written::Stored),
             Written::Conflict => match self.load(key)? {
                 Some(_) => Ok(Written::Conflict),

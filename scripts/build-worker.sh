@@ -3,7 +3,7 @@
 #
 # Output: edge-worker/build/index.js (+ index_bg.wasm; build/worker/shim.mjs re-exports it),
 # which wrangler.toml's `main` points at. Cargo's output goes to the shared target dir
-# ($CARGO_TARGET_DIR, default <repo>/target), profile `wasm` (the workspace's size profile).
+# ($CARGO_TARGET_DIR, default <repo>/target), profile `worker` (the size profile, minus the full strip wasm-bindgen cannot take).
 #
 # Prerequisites (once):
 #   npm install                                     # esbuild, binaryen (wasm-opt), wrangler, node 22
@@ -47,6 +47,6 @@ cli_bindgen="$("$WASM_BINDGEN_BIN" --version | awk '{print $2}')"
 
 # worker-build finds the crate from the working directory and writes to <crate>/build.
 cd "$repo/edge-worker"
-"$WORKER_BUILD" --profile wasm "$@"
+"$WORKER_BUILD" --profile worker "$@"
 
 ls -l "$repo/edge-worker/build/index.js" "$repo/edge-worker/build/index_bg.wasm"

@@ -222,6 +222,12 @@ impl Policy {
         self.tier_header.as_deref()
     }
 
+    /// Request headers that are Tollgate's business only (who the user is, what they pay):
+    /// adapters do not forward them to the provider.
+    pub fn private_request_headers(&self) -> impl Iterator<Item = &str> {
+        [self.identity_header(), self.tier_header()].into_iter().flatten()
+    }
+
     pub fn quotas(&self, tier: &str) -> &[Quota] {
         self.tiers.get(tier).map_or(&[], Vec::as_slice)
     }

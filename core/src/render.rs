@@ -22,6 +22,18 @@ pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
 pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
 pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
 
+/// OpenAI's rate-limit headers as a provider sends them. They describe the operator's
+/// organisation-wide provider limits, which are none of the client's business: adapters remove
+/// them from upstream responses and set the client's own (from [`allowed_headers`]) instead.
+pub const PROVIDER_RATE_LIMIT_HEADERS: [&str; 6] = [
+    LIMIT_REQUESTS,
+    REMAINING_REQUESTS,
+    RESET_REQUESTS,
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+];
+
 pub fn rate_limit_headers(s: &QuotaStatus) -> Vec<(&'static str, String)> {
     vec![
         (LIMIT_REQUESTS, s.limit.to_string()),

@@ -1,6 +1,7 @@
 //! Forwarding an allowed request to the upstream, and turning core's local responses into
 //! worker responses. Bodies are streamed through, never read or logged.
 
+use tollgate_core::render::PROVIDER_RATE_LIMIT_HEADERS;
 use tollgate_core::LocalResponse;
 use worker::web_sys;
 use worker::{Fetch, Headers, Request, Response, ResponseBody, Url};
@@ -59,9 +60,12 @@ pub fn parse_base(text: &str) -> Result<Url, String> {
 
 /// Sends `req` (method, headers minus hop-by-hop, streamed body) to `target`, redirects not
 /// followed: the client sees what the upstream said.
-pub async fn send(req: &Request, target: &str) -> worker::Result<Response> {
+/// `private` names further headers that stay with Tollgate (the policy's identity and tier
+/// headers).
+pub async fn send(req: &Request, target: &str, private: &[&str]) -> worker::Result<Response> {
     let headers = Headers::new();
-    let tokens = connection_tokens(req.headers().get("connection").ok().flatten().as_deref());
+    let mut tokens = connection_tokens(req.headers().get("connection").ok().flatten().as_deref());
+    tokens.extend(private.iter().map(|h| h.to_ascii_lowercase()));
     for (name, value) in req.headers().entries() {
         if forwarded(&name, &tokens) {
             headers.append(&name, &value)?;
@@ -79,12 +83,15 @@ pub async fn send(req: &Request, target: &str) -> worker::Result<Response> {
     Fetch::Request(Request::from(outbound)).send().await
 }
 
-/// The upstream's response with `extra` headers set (replacing any of the same name), body
-/// streamed through.
+/// The upstream's response minus the provider's own rate-limit headers, with `extra` headers
+/// set, body streamed through.
 pub fn with_headers(upstream: Response, extra: &[(&'static str, String)]) -> worker::Result<Response> {
     let status = upstream.status_code();
     let headers = Headers::new();
     for (name, value) in upstream.headers().entries() {
+        if PROVIDER_RATE_LIMIT_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            continue;
+        }
         headers.append(&name, &value)?;
     }
     for (name, value) in extra {

@@ -10,9 +10,9 @@
 //! 2. resolves the subject: the policy's identity header, else `cf-connecting-ip`;
 //! 3. asks the subject's own Durable Object (`QUOTA_COUNTER`, `id_from_name(subject key)`, class
 //!    [`counter::QuotaCounter`]) to check and count, passing the worker's `Date.now()`;
-//! 4. allowed → forwards method, path+query, headers minus hop-by-hop and the streamed body to
-//!    the var `UPSTREAM_URL`, and returns the upstream's response with the `x-ratelimit-*`
-//!    headers set; denied → core's 429 (the upstream is never called);
+//! 4. allowed → forwards method, path+query, headers minus hop-by-hop ones and the policy's
+//!    identity/tier headers, and the streamed body to the var `UPSTREAM_URL`, and returns the
+//!    upstream's response with the provider's `x-ratelimit-*` headers replaced by the client's; denied → core's 429 (the upstream is never called);
 //! 5. when the counter object cannot be reached, applies `store.on_failure`: `allow` forwards
 //!    uncounted, `deny` answers core's retryable 503. Either way it is logged.
 //!
@@ -106,7 +106,8 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
             ));
         }
     };
-    match forward::send(&req, &target).await {
+    let private: Vec<&str> = policy.private_request_headers().collect();
+    match forward::send(&req, &target, &private).await {
         Ok(resp) => forward::with_headers(resp, &render::allowed_headers(&decision)),
         Err(e) => {
             console_error!("tollgate: upstream request failed: {e}");

@@ -147,7 +147,7 @@ impl HttpContext for Request {
         let tier = header_text(policy.tier_header());
         // Who the user is and what they pay is between the app and Tollgate: the provider
         // does not get these headers.
-        for name in [policy.identity_header(), policy.tier_header()].into_iter().flatten() {
+        for name in policy.private_request_headers() {
             let _ = abi::remove_header(abi::HTTP_REQUEST_HEADERS, name);
         }
         let address = abi::property(&["source", "address"])
@@ -185,7 +185,7 @@ impl HttpContext for Request {
         if self.replied_locally || self.policy.is_none() {
             return Action::Continue;
         }
-        for name in UPSTREAM_RATE_LIMIT_HEADERS {
+        for name in render::PROVIDER_RATE_LIMIT_HEADERS {
             let _ = abi::remove_header(abi::HTTP_RESPONSE_HEADERS, name);
         }
         for (name, value) in &self.response_headers {
@@ -197,15 +197,6 @@ impl HttpContext for Request {
     }
 }
 
-/// OpenAI's rate-limit headers as a provider sends them; the client gets Tollgate's instead.
-const UPSTREAM_RATE_LIMIT_HEADERS: [&str; 6] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens",
-];
 
 impl Request {
     fn on_store_failure(&mut self, policy: &Policy, why: &str) -> Action {

@@ -232,6 +232,11 @@ fn per_identity_limits_are_counted_in_durable_objects_and_denials_never_reach_th
         assert_eq!(mock_request_count(&http, &mock_url), base + i as u64 + 1);
     }
 
+    // The identity header is Tollgate's business, not the provider's.
+    let names = tollgate_host_tests::proc::get(&http, &format!("{mock_url}/__mock/last-headers")).json();
+    let names: Vec<&str> = names["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap()).collect();
+    assert!(names.contains(&"content-type") && !names.contains(&"x-tollgate-user"), "{names:?}");
+
     // The 4th is refused locally, in OpenAI's shape; the upstream never sees it.
     assert_rate_limited(&chat(url, Some("user-a")));
     assert_eq!(mock_request_count(&http, &mock_url), base + 3, "a denied request reached the upstream");

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs every test: core unit tests and proptests, the wasmtime Proxy-Wasm host tests against the
+# release filter.wasm, the real-Envoy end-to-end tests and the real-workerd end-to-end tests.
+# Installs what is missing first (scripts/setup.sh; quick when everything is there).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
+
+step "toolchain"
+bash scripts/setup.sh all
+step "build: filter.wasm"
+bash scripts/build-wasm.sh
+step "build: edge worker"
+bash scripts/build-worker.sh
+step "build: mock provider"
+cargo build --quiet --release -p tollgate-mock-provider
+step "tests"
+# One release build serves every native test (wasmtime is far too slow unoptimised).
+cargo test --release --workspace

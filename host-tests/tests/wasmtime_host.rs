@@ -1,0 +1,864 @@
+//! The release `filter.wasm` in an in-process Proxy-Wasm host with Envoy's semantics
+//! (`tollgate_host_tests::host`), plus tests of the host itself with tiny synthetic guests.
+//!
+//! Needs the filter built first:
+//! `cargo build -p tollgate-filter --target wasm32-unknown-unknown --profile wasm`
+//! then `cargo test --release -p tollgate-host-tests --test wasmtime_host`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use tollgate_host_tests::host::{
+    encode_pairs, CasSemantics, ConfigureError, Exchange, FilterModule, Host, HostError, HttpRequest, SharedStore,
+    Status, UpstreamResponse, Vm,
+};
+
+/// 2024-02-29T13:45:30.250Z: 29.75 s before the minute ends, 10h14m29.75s before the day does.
+const T0: u64 = 1_709_214_330_250;
+/// 2024-02-29T12:00:00.000Z: far from any day boundary.
+const MIDDAY: u64 = 1_709_208_000_000;
+
+fn filter() -> &'static FilterModule {
+    FilterModule::release_filter()
+}
+
+fn load(host: &Host, config: &str) -> Vm {
+    Vm::load(host, filter(), config.as_bytes()).unwrap_or_else(|e| panic!("the filter refused a valid policy: {e}"))
+}
+
+fn send(vm: &mut Vm, request: HttpRequest) -> Exchange {
+    vm.request(request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn chat(user: Option<&str>) -> HttpRequest {
+    let request = HttpRequest::post("/v1/chat/completions").body(r#"{"model":"gpt-4o-mini","messages":[]}"#);
+    match user {
+        // Mixed case on purpose: header names reach the filter lower-cased.
+        Some(user) => request.header("X-Tollgate-User", user),
+        None => request,
+    }
+}
+
+/// A policy with one default tier and the given limits.
+fn policy(limits: &str, store: &str) -> String {
+    format!(
+        r#"{{"identity": {{"header": "x-tollgate-user"}}, "tier": {{"default": "default"}}, "store": {store},
+            "tiers": {{"default": {{"limits": {limits}}}}}}}"#
+    )
+}
+
+/// What an OpenAI upstream sends: its own, organisation-wide rate-limit headers.
+fn openai_like(calls: Arc<AtomicUsize>) -> impl FnMut(&tollgate_host_tests::host::UpstreamRequest) -> UpstreamResponse {
+    move |_| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        UpstreamResponse::new(200)
+            .header("content-type", "application/json")
+            .header("x-ratelimit-limit-requests", "10000")
+            .header("x-ratelimit-remaining-requests", "9999")
+            .header("x-ratelimit-reset-requests", "6ms")
+            .header("x-ratelimit-limit-tokens", "30000000")
+            .header("x-ratelimit-remaining-tokens", "29999990")
+            .header("x-ratelimit-reset-tokens", "0s")
+            .header("openai-processing-ms", "100")
+            .body(r#"{"object":"chat.completion"}"#)
+    }
+}
+
+#[track_caller]
+fn assert_allowed(ex: &Exchange, limit: &str, remaining: &str, reset: &str) {
+    assert_eq!(ex.status, 200, "expected the request to pass, got {} {}", ex.status, ex.body_text());
+    assert!(ex.reached_upstream && ex.local_reply.is_none());
+    assert_eq!(ex.header_all("x-ratelimit-limit-requests"), [limit], "limit header (exactly one)");
+    assert_eq!(ex.header_all("x-ratelimit-remaining-requests"), [remaining], "remaining header");
+    assert_eq!(ex.header_all("x-ratelimit-reset-requests"), [reset], "reset header");
+}
+
+#[track_caller]
+fn assert_rate_limited(ex: &Exchange, message: &str, retry_after: &str) {
+    assert_eq!(ex.status, 429, "expected a 429, got {} {}", ex.status, ex.body_text());
+    assert!(!ex.reached_upstream, "a denied request must not reach the upstream");
+    assert!(ex.local_reply.is_some());
+    assert_eq!(ex.header("retry-after").as_deref(), Some(retry_after));
+    assert_eq!(ex.header_all("content-type"), ["application/json"]);
+    let body =
+        format!(r#"{{"error":{{"message":"{message}","type":"requests","param":null,"code":"rate_limit_exceeded"}}}}"#);
+    assert_eq!(ex.body_text(), body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. The policy as a client sees it
+
+#[test]
+fn requests_are_counted_per_identity_with_openai_headers_and_a_429_past_the_limit() {
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(T0);
+    let mut vm =
+        load(&host, &policy(r#"[{"window": "minute", "requests": 3}, {"window": "day", "requests": 5}]"#, "{}"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    vm.set_upstream(openai_like(calls.clone()));
+
+    // 13:45:30.250 — the minute binds (fewer left than the day), 29.75 s to its end.
+    for (i, remaining) in ["2", "1", "0"].into_iter().enumerate() {
+        let ex = send(&mut vm, chat(Some("alice")));
+        assert_allowed(&ex, "3", remaining, "29.75s");
+        assert_eq!(calls.load(Ordering::SeqCst), i + 1);
+        // The provider's organisation-wide numbers never reach the client; other headers do.
+        for gone in ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"] {
+            assert_eq!(ex.header(gone), None, "{gone} must be removed");
+        }
+        assert_eq!(ex.header("openai-processing-ms").as_deref(), Some("100"));
+        // Who the user is stays between the app and Tollgate.
+        let upstream = ex.upstream_request.as_ref().unwrap();
+        assert_eq!(upstream.header("x-tollgate-user"), None);
+        assert_eq!(upstream.body, br#"{"model":"gpt-4o-mini","messages":[]}"#);
+    }
+    let ex = send(&mut vm, chat(Some("alice")));
+    assert_rate_limited(
+        &ex,
+        "Rate limit reached for requests per minute: Limit 3, Used 3, Requested 1. Please try again in 29.75s.",
+        "30",
+    );
+    assert_eq!(ex.header("x-ratelimit-remaining-requests").as_deref(), Some("0"));
+    assert_eq!(ex.header("content-length").map(|l| l.parse::<usize>().unwrap()), Some(ex.body.len()));
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "the 429 must not call the upstream");
+
+    // Another identity has its own bucket.
+    let ex = send(&mut vm, chat(Some("bob")));
+    assert_allowed(&ex, "3", "2", "29.75s");
+
+    // 13:46:05.000: a new minute; alice has 2 left of her day, which now binds.
+    host.clock().set_epoch_ms(T0 + 34_750);
+    assert_allowed(&send(&mut vm, chat(Some("alice"))), "5", "1", "10h13m55s");
+    assert_allowed(&send(&mut vm, chat(Some("alice"))), "5", "0", "10h13m55s");
+    assert_rate_limited(
+        &send(&mut vm, chat(Some("alice"))),
+        "Rate limit reached for requests per day: Limit 5, Used 5, Requested 1. Please try again in 10h13m55s.",
+        "36835",
+    );
+    // bob's earlier request was in the previous minute.
+    assert_allowed(&send(&mut vm, chat(Some("bob"))), "3", "2", "55s");
+
+    // Without the identity header the client address is the identity, whatever the port.
+    for (port, remaining) in [("5555", "2"), ("6666", "1"), ("7777", "0")] {
+        assert_allowed(&send(&mut vm, chat(None).from(&format!("10.1.2.3:{port}"))), "3", remaining, "55s");
+    }
+    assert_rate_limited(
+        &send(&mut vm, chat(None).from("10.1.2.3:8888")),
+        "Rate limit reached for requests per minute: Limit 3, Used 3, Requested 1. Please try again in 55s.",
+        "55",
+    );
+    assert_allowed(&send(&mut vm, chat(None).from("10.9.9.9:5555")), "3", "2", "55s");
+    // An empty identity header counts as absent; a user named like an address is not that address.
+    assert_allowed(&send(&mut vm, chat(Some("")).from("10.9.9.9:1")), "3", "1", "55s");
+    assert_allowed(&send(&mut vm, chat(Some("10.1.2.3")).from("10.1.2.3:1")), "3", "2", "55s");
+
+    assert_eq!(host.metric("tollgate_requests_allowed"), Some(13));
+    assert_eq!(host.metric("tollgate_requests_denied"), Some(3));
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0));
+    assert_eq!(host.metric("tollgate_host_errors"), Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Configuration
+
+#[test]
+fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_message() {
+    let cases = [
+        (
+            r#"{"tier": {"default": "free"},
+                "tiers": {"free": {"limits": [{"window": "hour", "requests": 1}, {"window": "fortnight", "requests": 1}]}}}"#
+                .to_owned(),
+            r#"tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, month)"#,
+        ),
+        (String::new(), "configuration is empty: the plugin needs a JSON policy"),
+        (" \n".to_owned(), "configuration is empty: the plugin needs a JSON policy"),
+        ("{\"tiers\": ".to_owned(), "configuration is not valid JSON: EOF while parsing a value at line 1 column 10"),
+        ("not json".to_owned(), "configuration is not valid JSON: expected ident at line 1 column 2"),
+        ("[]".to_owned(), "config: must be a JSON object"),
+        (
+            policy(r#"[{"window": "day", "requests": 5, "burst": 2}]"#, "{}"),
+            "tiers.default.limits[0].burst: unknown field `burst`, expected `window` or `requests`",
+        ),
+        (policy("[]", r#"{"on_failure": "retry"}"#), "store.on_failure: unknown variant `retry`, expected `allow` or `deny`"),
+    ];
+    let host = Host::new(SharedStore::envoy());
+    for (config, expected) in cases {
+        match Vm::load(&host, filter(), config.as_bytes()) {
+            Err(ConfigureError::Rejected { log }) => {
+                let line = format!("[Error] tollgate: invalid configuration: {expected}");
+                assert!(log.contains(&line), "config {config:?}: expected the log line\n  {line}\ngot\n  {log:#?}");
+            }
+            Err(other) => panic!("config {config:?}: expected proxy_on_configure to return false, got {other}"),
+            Ok(_) => panic!("config {config:?} was accepted"),
+        }
+    }
+    // A valid policy configures (the control for the cases above).
+    load(&host, &policy(r#"[{"window": "day", "requests": 5}]"#, "{}"));
+    assert_eq!(host.logs_containing("tollgate: policy loaded").len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Several VMs, one shared-data store
+
+/// The one counter record in the store, decoded (core/src/quota.rs `Record::encode`:
+/// `[version][n]` then n × `[window id][start u64 LE][count u64 LE]`): `(window id, start, count)`.
+fn stored_counts(host: &Host) -> Vec<(u8, u64, u64)> {
+    let keys: Vec<Vec<u8>> =
+        host.shared().keys(host.vm_id()).into_iter().filter(|k| k.starts_with(b"tg1:q:")).collect();
+    assert_eq!(keys.len(), 1, "expected exactly one subject's record");
+    let (record, _) = host.shared().peek(host.vm_id(), &keys[0]).unwrap();
+    assert_eq!(record[0], 1, "record version");
+    let entries: Vec<(u8, u64, u64)> = record[2..]
+        .chunks_exact(17)
+        .map(|e| {
+            (e[0], u64::from_le_bytes(e[1..9].try_into().unwrap()), u64::from_le_bytes(e[9..17].try_into().unwrap()))
+        })
+        .collect();
+    assert_eq!(entries.len(), record[1] as usize);
+    entries
+}
+
+const THREADS: usize = 4;
+const PER_THREAD: usize = 10_000;
+
+/// `THREADS` VMs on their own threads, one host and store, all hammering one identity.
+/// Returns (allowed, denied).
+fn hammer(host: &Host, day_limit: u64) -> (u64, u64) {
+    let config = policy(
+        &format!(r#"[{{"window": "day", "requests": {day_limit}}}]"#),
+        r#"{"max_retries": 1000, "on_failure": "deny"}"#,
+    );
+    let vms: Vec<Vm> = (0..THREADS).map(|_| load(host, &config)).collect();
+    let start = Barrier::new(THREADS);
+    let started = Instant::now();
+    let counts: Vec<(u64, u64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = vms
+            .into_iter()
+            .map(|mut vm| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    let (mut allowed, mut denied) = (0, 0);
+                    for _ in 0..PER_THREAD {
+                        let ex = send(&mut vm, chat(Some("hammer")));
+                        match ex.status {
+                            200 => allowed += 1,
+                            429 => denied += 1,
+                            other => panic!("unexpected {other}: {}", ex.body_text()),
+                        }
+                    }
+                    (allowed, denied)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a VM thread panicked")).collect()
+    });
+    eprintln!(
+        "{:?} limit {day_limit}: {} requests on {THREADS} threads in {:.2?}, store {:?}",
+        host.shared().semantics(),
+        THREADS * PER_THREAD,
+        started.elapsed(),
+        host.shared().stats()
+    );
+    counts.into_iter().fold((0, 0), |(a, d), (x, y)| (a + x, d + y))
+}
+
+fn exactly_the_limit_is_allowed_under_contention(semantics: CasSemantics) {
+    let host = Host::new(SharedStore::new(semantics));
+    host.clock().set_epoch_ms(MIDDAY);
+    let (allowed, denied) = hammer(&host, 25_000);
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0), "no request may fail on the store");
+    assert_eq!((allowed, denied), (25_000, 15_000));
+    assert_eq!(host.metric("tollgate_requests_allowed"), Some(25_000));
+    assert_eq!(host.metric("tollgate_requests_denied"), Some(15_000));
+    assert_eq!(stored_counts(&host), [(3, MIDDAY - MIDDAY % 86_400_000, 25_000)]);
+}
+
+#[test]
+fn concurrent_vms_allow_exactly_the_limit_on_envoy_shared_data() {
+    exactly_the_limit_is_allowed_under_contention(CasSemantics::Envoy);
+}
+
+#[test]
+fn concurrent_vms_allow_exactly_the_limit_on_ngx_shared_data() {
+    exactly_the_limit_is_allowed_under_contention(CasSemantics::Ngx);
+}
+
+#[test]
+fn concurrent_vms_lose_no_update() {
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(MIDDAY);
+    let (allowed, _) = hammer(&host, 50_000);
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0));
+    assert_eq!(allowed, 40_000);
+    assert_eq!(stored_counts(&host), [(3, MIDDAY - MIDDAY % 86_400_000, 40_000)]);
+    let mut vm = load(&host, &policy(r#"[{"window": "day", "requests": 50000}]"#, "{}"));
+    assert_allowed(&send(&mut vm, chat(Some("hammer"))), "50000", "9999", "12h0m0s");
+}
+
+/// Deterministic interleavings: another VM writes the same subject exactly between this VM's
+/// read and its compare-and-set — first when the record does not exist yet (the first insert),
+/// then on an existing record. Neither write may be lost.
+fn interleaved_writes_are_never_lost(semantics: CasSemantics) {
+    let host = Host::new(SharedStore::new(semantics));
+    host.clock().set_epoch_ms(MIDDAY);
+    let config = policy(r#"[{"window": "day", "requests": 100}]"#, r#"{"on_failure": "deny"}"#);
+    let mut a = load(&host, &config);
+    let b = Arc::new(std::sync::Mutex::new(load(&host, &config)));
+    let interleave = |a: &mut Vm| {
+        let b = b.clone();
+        let mut fired = false;
+        a.on_shared_data_set(move |key, _cas| {
+            if key.starts_with(b"tg1:q:") && !fired {
+                fired = true;
+                let ex = b.lock().unwrap().request(chat(Some("carol"))).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(ex.status, 200, "{}", ex.body_text());
+            }
+        });
+    };
+
+    interleave(&mut a);
+    // b counted first (99 left); a's first insert must notice and count on top of it.
+    assert_allowed(&send(&mut a, chat(Some("carol"))), "100", "98", "12h0m0s");
+    interleave(&mut a);
+    assert_allowed(&send(&mut a, chat(Some("carol"))), "100", "96", "12h0m0s");
+    a.clear_shared_data_hook();
+    assert_allowed(&send(&mut a, chat(Some("carol"))), "100", "95", "12h0m0s");
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0));
+    assert_eq!(stored_counts(&host)[0].2, 5);
+}
+
+#[test]
+fn interleaved_writes_are_never_lost_on_envoy_shared_data() {
+    interleaved_writes_are_never_lost(CasSemantics::Envoy);
+}
+
+#[test]
+fn interleaved_writes_are_never_lost_on_ngx_shared_data() {
+    interleaved_writes_are_never_lost(CasSemantics::Ngx);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Store failures
+
+#[test]
+fn a_failing_store_follows_on_failure() {
+    let limits = r#"[{"window": "minute", "requests": 3}]"#;
+
+    // allow: the request goes through, uncounted, and the failure is counted.
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(T0);
+    let mut vm = load(&host, &policy(limits, r#"{"on_failure": "allow"}"#));
+    let calls = Arc::new(AtomicUsize::new(0));
+    vm.set_upstream(openai_like(calls.clone()));
+    host.shared().fail_with(Some(Status::InternalFailure));
+    let ex = send(&mut vm, chat(Some("alice")));
+    assert_eq!(ex.status, 200);
+    assert!(ex.reached_upstream);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(ex.header("x-ratelimit-limit-requests"), None, "no numbers are better than the provider's");
+    assert_eq!(host.metric("tollgate_store_failures"), Some(1));
+    assert_eq!(host.metric("tollgate_requests_allowed"), Some(0));
+    assert_eq!(host.logs_containing("counter store failed").len(), 1);
+
+    // deny: 503 in OpenAI's error format, retryable after 1 s, upstream untouched — whether reads
+    // or only writes fail.
+    for fail_reads in [true, false] {
+        let host = Host::new(SharedStore::envoy());
+        host.clock().set_epoch_ms(T0);
+        let mut vm = load(&host, &policy(limits, r#"{"on_failure": "deny"}"#));
+        let calls = Arc::new(AtomicUsize::new(0));
+        vm.set_upstream(openai_like(calls.clone()));
+        if fail_reads {
+            host.shared().fail_with(Some(Status::InternalFailure));
+        } else {
+            host.shared().fail_writes_with(Some(Status::InternalFailure));
+        }
+        let ex = send(&mut vm, chat(Some("alice")));
+        assert_eq!(ex.status, 503, "{}", ex.body_text());
+        assert!(!ex.reached_upstream);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        assert_eq!(ex.header("retry-after").as_deref(), Some("1"));
+        assert_eq!(ex.header_all("content-type"), ["application/json"]);
+        let body: serde_json::Value = serde_json::from_slice(&ex.body).expect("a JSON body");
+        assert_eq!(body["error"]["code"], "rate_limiter_unavailable");
+        assert_eq!(body["error"]["type"], "server_error");
+        assert_eq!(host.metric("tollgate_store_failures"), Some(1));
+
+        // The store recovers, so does the filter.
+        host.shared().fail_with(None);
+        assert_allowed(&send(&mut vm, chat(Some("alice"))), "3", "2", "29.75s");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Odd input
+
+#[test]
+fn odd_input_neither_traps_nor_escapes_counting() {
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(T0);
+    let mut vm = load(&host, &policy(r#"[{"window": "minute", "requests": 1000}]"#, "{}"));
+    let mut check = |request: HttpRequest, remaining: &str| {
+        let ex = send(&mut vm, request);
+        assert_allowed(&ex, "1000", remaining, "29.75s");
+    };
+
+    // Identity bytes that are not UTF-8: counted, consistently.
+    let not_utf8 = [0xff, 0xfe, b'a', 0x80];
+    check(chat(None).header("x-tollgate-user", not_utf8), "999");
+    check(chat(None).header("x-tollgate-user", not_utf8), "998");
+    // A 1 MiB identity, and 4 MiB of other headers.
+    let huge = vec![b'u'; 1 << 20];
+    check(chat(None).header("x-tollgate-user", &huge), "999");
+    check(chat(None).header("x-tollgate-user", &huge).header("x-junk", vec![b'j'; 4 << 20]), "998");
+    // Thousands of headers, duplicated identity headers (the first one counts, as in Envoy).
+    let mut many = chat(Some("dave"));
+    for i in 0..5_000 {
+        many = many.header(&format!("x-h{i}"), "v");
+    }
+    check(many.header("x-tollgate-user", "eve"), "999");
+    check(chat(Some("dave")), "998");
+    // No source.address and no identity: everyone unidentified shares one bucket.
+    check(chat(None).without_source_address(), "999");
+    check(chat(None).without_source_address(), "998");
+    // An address that is no address, and one with only a port.
+    check(chat(None).from("not an address"), "999");
+    check(chat(None).from(":443"), "999");
+    // Control characters and NULs in the identity.
+    check(chat(Some("a\0b\r\n")), "999");
+
+    assert!(!vm.is_failed());
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0));
+    assert_eq!(host.metric("tollgate_host_errors"), Some(0));
+}
+
+#[test]
+fn the_filter_needs_only_the_env_functions_this_host_defines() {
+    let imports = filter().imports();
+    assert!(imports.iter().all(|(module, _)| module == "env"), "unexpected import modules: {imports:?}");
+    assert!(filter().exports().iter().any(|e| e == "_initialize"));
+    // Linking and configuring them all is what Vm::load does.
+    let host = Host::new(SharedStore::envoy());
+    load(&host, &policy("[]", "{}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The host itself
+
+#[test]
+fn shared_data_follows_envoy_semantics() {
+    let store = SharedStore::envoy();
+    // cas is ignored on an absent key; the global counter starts at 1.
+    assert_eq!(store.set("vm", b"k", Some(b"1"), 77), Status::Ok);
+    assert_eq!(store.get("vm", b"k"), Ok((b"1".to_vec(), 1)));
+    assert_eq!(store.set("vm", b"k", Some(b"2"), 5), Status::CasMismatch);
+    assert_eq!(store.set("vm", b"k", Some(b"2"), 1), Status::Ok);
+    // cas 0 overwrites unconditionally; cas numbers are global, not per key.
+    assert_eq!(store.set("vm", b"other", Some(b"x"), 0), Status::Ok);
+    assert_eq!(store.set("vm", b"k", Some(b"3"), 0), Status::Ok);
+    assert_eq!(store.get("vm", b"k"), Ok((b"3".to_vec(), 4)));
+    assert_eq!(store.get("vm", b"other"), Ok((b"x".to_vec(), 3)));
+    // Per VM id.
+    assert_eq!(store.get("other-vm", b"k"), Err(Status::NotFound));
+    // The counter wraps and skips 0.
+    let store = SharedStore::envoy().with_next_cas(u32::MAX);
+    assert_eq!(store.set("vm", b"a", Some(b""), 0), Status::Ok);
+    assert_eq!(store.set("vm", b"b", Some(b""), 0), Status::Ok);
+    assert_eq!(store.get("vm", b"a").unwrap().1, u32::MAX);
+    assert_eq!(store.get("vm", b"b").unwrap().1, 1);
+    // Injected failures.
+    store.fail_reads_with(Some(Status::InternalFailure));
+    assert_eq!(store.get("vm", b"a"), Err(Status::InternalFailure));
+    assert_eq!(store.set("vm", b"a", Some(b""), 0), Status::Ok);
+    store.fail_writes_with(Some(Status::InternalFailure));
+    assert_eq!(store.set("vm", b"a", Some(b""), 0), Status::InternalFailure);
+}
+
+#[test]
+fn shared_data_follows_ngx_semantics() {
+    let store = SharedStore::ngx();
+    // Absent means cas 0: any other cas is a mismatch, cas 0 creates.
+    assert_eq!(store.set("vm", b"k", Some(b"1"), 5), Status::CasMismatch);
+    assert_eq!(store.set("vm", b"k", Some(b"1"), 0), Status::Ok);
+    assert_eq!(store.get("vm", b"k"), Ok((b"1".to_vec(), 1)));
+    // cas 0 on an existing key is a mismatch; cas counts per key.
+    assert_eq!(store.set("vm", b"k", Some(b"2"), 0), Status::CasMismatch);
+    assert_eq!(store.set("vm", b"j", Some(b"x"), 0), Status::Ok);
+    assert_eq!(store.set("vm", b"k", Some(b"2"), 1), Status::Ok);
+    assert_eq!(store.get("vm", b"k"), Ok((b"2".to_vec(), 2)));
+    assert_eq!(store.get("vm", b"j"), Ok((b"x".to_vec(), 1)));
+    // A NULL value deletes.
+    assert_eq!(store.set("vm", b"k", None, 2), Status::Ok);
+    assert_eq!(store.get("vm", b"k"), Err(Status::NotFound));
+}
+
+/// Tiny hand-assembled guests for host behaviour `filter.wasm` does not reach.
+mod guest {
+    use tollgate_host_tests::host::FilterModule;
+    use wasm_encoder::{
+        CodeSection, ConstExpr, DataSection, EntityType, ExportKind, ExportSection, Function, FunctionSection,
+        GlobalSection, GlobalType, ImportSection, Instruction, MemArg, MemorySection, MemoryType, Module, TypeSection,
+        ValType,
+    };
+
+    pub use wasm_encoder::BlockType;
+    pub use wasm_encoder::Instruction as I;
+
+    // Host functions every guest imports; the position is the function index.
+    pub const LOG: u32 = 0;
+    pub const GET_BUFFER: u32 = 1;
+    pub const SET_BUFFER: u32 = 2;
+    pub const LOCAL_RESPONSE: u32 = 3;
+    pub const DEFINE_METRIC: u32 = 4;
+    pub const INCREMENT_METRIC: u32 = 5;
+    pub const GET_PAIRS: u32 = 6;
+    pub const REPLACE_HEADER: u32 = 7;
+
+    fn imports() -> Vec<(&'static str, Vec<ValType>)> {
+        use ValType::{I32, I64};
+        vec![
+            ("proxy_log", vec![I32; 3]),
+            ("proxy_get_buffer_bytes", vec![I32; 5]),
+            ("proxy_set_buffer_bytes", vec![I32; 5]),
+            ("proxy_send_local_response", vec![I32; 8]),
+            ("proxy_define_metric", vec![I32; 4]),
+            ("proxy_increment_metric", vec![I32, I64]),
+            ("proxy_get_header_map_pairs", vec![I32; 3]),
+            ("proxy_replace_header_map_value", vec![I32; 5]),
+        ]
+    }
+
+    /// An exported function taking `params` i32s and returning an i32 when `result` is set.
+    pub struct Func {
+        pub export: &'static str,
+        pub params: usize,
+        pub result: bool,
+        pub body: Vec<Instruction<'static>>,
+    }
+
+    pub fn func(export: &'static str, params: usize, result: bool, body: Vec<Instruction<'static>>) -> Func {
+        Func { export, params, result, body }
+    }
+
+    /// `i32.load` from a constant address.
+    pub fn load(addr: i32) -> [Instruction<'static>; 2] {
+        [I::I32Const(addr), I::I32Load(MemArg { offset: 0, align: 2, memory_index: 0 })]
+    }
+
+    /// A module with memory, a bump `malloc`, the ABI marker, default callbacks (overridable),
+    /// the given data segments, and one exported mutable i32 global per name (global index
+    /// 1 + position): counters (names starting with `calls`) start at 0, results at -1 so that
+    /// "never set" shows.
+    pub fn build(name: &str, globals: &[&str], data: &[(u32, Vec<u8>)], mut funcs: Vec<Func>) -> FilterModule {
+        let defaults = [
+            func("malloc", 1, true, vec![I::GlobalGet(0), I::GlobalGet(0), I::LocalGet(0), I::I32Add, I::GlobalSet(0)]),
+            func("_initialize", 0, false, vec![]),
+            func("proxy_abi_version_0_2_1", 0, false, vec![]),
+            func("proxy_on_context_create", 2, false, vec![]),
+            func("proxy_on_vm_start", 2, true, vec![I::I32Const(1)]),
+            func("proxy_on_configure", 2, true, vec![I::I32Const(1)]),
+            func("proxy_on_done", 1, true, vec![I::I32Const(1)]),
+        ];
+        for d in defaults {
+            if !funcs.iter().any(|f| f.export == d.export) {
+                funcs.push(d);
+            }
+        }
+        let (mut types, mut import_section, mut functions, mut exports, mut code) = (
+            TypeSection::new(),
+            ImportSection::new(),
+            FunctionSection::new(),
+            ExportSection::new(),
+            CodeSection::new(),
+        );
+        let imports = imports();
+        for (i, (name, params)) in imports.iter().enumerate() {
+            types.ty().function(params.clone(), [ValType::I32]);
+            import_section.import("env", name, EntityType::Function(i as u32));
+        }
+        for (i, f) in funcs.iter().enumerate() {
+            let index = (imports.len() + i) as u32;
+            let results: &[ValType] = if f.result { &[ValType::I32] } else { &[] };
+            types.ty().function(vec![ValType::I32; f.params], results.iter().copied());
+            functions.function(index);
+            exports.export(f.export, ExportKind::Func, index);
+            let mut body = Function::new(Vec::<(u32, ValType)>::new());
+            for instruction in &f.body {
+                body.instruction(instruction);
+            }
+            body.instruction(&I::End);
+            code.function(&body);
+        }
+        let mut memory = MemorySection::new();
+        memory.memory(MemoryType { minimum: 2, maximum: None, memory64: false, shared: false, page_size_log2: None });
+        exports.export("memory", ExportKind::Memory, 0);
+        let mut global_section = GlobalSection::new();
+        let mutable = GlobalType { val_type: ValType::I32, mutable: true, shared: false };
+        global_section.global(mutable, &ConstExpr::i32_const(16 * 1024)); // the heap pointer
+        for (i, name) in globals.iter().enumerate() {
+            let initial = if name.starts_with("calls") { 0 } else { -1 };
+            global_section.global(mutable, &ConstExpr::i32_const(initial));
+            exports.export(name, ExportKind::Global, 1 + i as u32);
+        }
+        let mut data_section = DataSection::new();
+        for (offset, bytes) in data {
+            data_section.active(0, &ConstExpr::i32_const(*offset as i32), bytes.iter().copied());
+        }
+        let mut module = Module::new();
+        module
+            .section(&types)
+            .section(&import_section)
+            .section(&functions)
+            .section(&memory)
+            .section(&global_section)
+            .section(&exports)
+            .section(&code)
+            .section(&data_section);
+        FilterModule::from_bytes(name, &module.finish()).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+use guest::{func, BlockType, I};
+
+#[test]
+fn paused_request_bodies_are_buffered_and_buffer_edits_follow_envoy() {
+    // Globals.
+    const CALLS: u32 = 1;
+    const LAST_SIZE: u32 = 2;
+    const READ_STATUS: u32 = 3;
+    const READ_SIZE: u32 = 4;
+    const MIDDLE_EDIT: u32 = 5;
+    const PREPEND: u32 = 6;
+    const APPEND: u32 = 7;
+    const REPLACE: u32 = 8;
+    let set_buffer = |buffer: i32, start: i32, length: i32, data: i32, status: u32| {
+        vec![
+            I::I32Const(buffer),
+            I::I32Const(start),
+            I::I32Const(length),
+            I::I32Const(data),
+            I::I32Const(1),
+            I::Call(guest::SET_BUFFER),
+            I::GlobalSet(status),
+        ]
+    };
+    let mut on_request_body = vec![
+        I::GlobalGet(CALLS),
+        I::I32Const(1),
+        I::I32Add,
+        I::GlobalSet(CALLS),
+        I::LocalGet(1),
+        I::GlobalSet(LAST_SIZE),
+        // Not the end yet: pause, i.e. buffer.
+        I::LocalGet(2),
+        I::I32Eqz,
+        I::If(BlockType::Empty),
+        I::I32Const(1),
+        I::Return,
+        I::End,
+        // Read the whole buffer.
+        I::I32Const(0),
+        I::I32Const(0),
+        I::LocalGet(1),
+        I::I32Const(200),
+        I::I32Const(204),
+        I::Call(guest::GET_BUFFER),
+        I::GlobalSet(READ_STATUS),
+    ];
+    on_request_body.extend(guest::load(204));
+    on_request_body.push(I::GlobalSet(READ_SIZE));
+    on_request_body.extend(set_buffer(0, 1, 1, 102, MIDDLE_EDIT)); // an edit inside: refused
+    on_request_body.extend(set_buffer(0, 0, 0, 100, PREPEND)); // (0, 0): prepend "<"
+    on_request_body.extend(set_buffer(0, -1, 0, 101, APPEND)); // start >= len: append ">"
+    on_request_body.push(I::I32Const(0));
+    let mut on_response_body = vec![];
+    on_response_body.extend(set_buffer(1, 0, 1 << 20, 102, REPLACE)); // (0, >= len): replace all
+    on_response_body.push(I::I32Const(0));
+
+    let module = guest::build(
+        "buffer-guest",
+        &["calls", "last_size", "read_status", "read_size", "middle_edit", "prepend", "append", "replace"],
+        &[(100, b"<".to_vec()), (101, b">".to_vec()), (102, b"=".to_vec())],
+        vec![
+            func("proxy_on_request_body", 3, true, on_request_body),
+            func("proxy_on_response_body", 3, true, on_response_body),
+        ],
+    );
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, &module, b"").unwrap();
+    vm.set_upstream(|_| UpstreamResponse::new(200).body("from upstream"));
+    let ex = send(&mut vm, HttpRequest::post("/").body_chunks(["hello ", "wide ", "world"]));
+
+    assert_eq!(vm.global_i32("calls"), Some(3));
+    assert_eq!(vm.global_i32("last_size"), Some(16), "the last call sees the whole buffered body");
+    assert_eq!((vm.global_i32("read_status"), vm.global_i32("read_size")), (Some(0), Some(16)));
+    assert_eq!(vm.global_i32("middle_edit"), Some(Status::BadArgument as i32));
+    assert_eq!((vm.global_i32("prepend"), vm.global_i32("append")), (Some(0), Some(0)));
+    assert_eq!(ex.upstream_request.as_ref().unwrap().body, b"<hello wide world>");
+    assert_eq!(vm.global_i32("replace"), Some(0));
+    assert_eq!(ex.body, b"=");
+}
+
+#[test]
+fn a_local_reply_takes_effect_after_the_callback_even_if_it_continues() {
+    const LOCAL: u32 = 1;
+    const AFTER: u32 = 2;
+    const PAIRS_STATUS: u32 = 3;
+    const PAIRS_SIZE: u32 = 4;
+    const RESPONSE_CALLS: u32 = 5;
+    const RESPONSE_COUNT: u32 = 6;
+    let reply_headers = encode_pairs(&[("X-Reason", "test")]);
+    let mut on_request_headers = vec![
+        I::I32Const(403),
+        I::I32Const(0),
+        I::I32Const(0),
+        I::I32Const(300),
+        I::I32Const(6),
+        I::I32Const(400),
+        I::I32Const(reply_headers.len() as i32),
+        I::I32Const(-1),
+        I::Call(guest::LOCAL_RESPONSE),
+        I::GlobalSet(LOCAL),
+        // The callback goes on: the request headers are still there to change.
+        I::I32Const(0),
+        I::I32Const(500),
+        I::I32Const(7),
+        I::I32Const(510),
+        I::I32Const(1),
+        I::Call(guest::REPLACE_HEADER),
+        I::GlobalSet(AFTER),
+        I::I32Const(0),
+        I::I32Const(200),
+        I::I32Const(204),
+        I::Call(guest::GET_PAIRS),
+        I::GlobalSet(PAIRS_STATUS),
+    ];
+    on_request_headers.extend(guest::load(204));
+    on_request_headers.extend([I::GlobalSet(PAIRS_SIZE), I::I32Const(0)]); // Continue
+    let on_response_headers = vec![
+        I::GlobalGet(RESPONSE_CALLS),
+        I::I32Const(1),
+        I::I32Add,
+        I::GlobalSet(RESPONSE_CALLS),
+        I::LocalGet(1),
+        I::GlobalSet(RESPONSE_COUNT),
+        I::I32Const(0),
+    ];
+    let module = guest::build(
+        "local-reply-guest",
+        &["local", "after", "pairs_status", "pairs_size", "calls_response", "response_count"],
+        &[(300, b"denied".to_vec()), (400, reply_headers), (500, b"x-after".to_vec()), (510, b"1".to_vec())],
+        vec![
+            func("proxy_on_request_headers", 3, true, on_request_headers),
+            func("proxy_on_response_headers", 3, true, on_response_headers),
+        ],
+    );
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, &module, b"").unwrap();
+    let called = Arc::new(AtomicUsize::new(0));
+    let upstream_calls = called.clone();
+    vm.set_upstream(move |_| {
+        upstream_calls.fetch_add(1, Ordering::SeqCst);
+        UpstreamResponse::new(200)
+    });
+    let request = HttpRequest::get("/x");
+    let mut expected_headers = request.headers.clone();
+    expected_headers.push(("x-after".into(), b"1".to_vec()));
+    let ex = send(&mut vm, request);
+
+    assert_eq!(called.load(Ordering::SeqCst), 0, "the upstream must not be called");
+    assert!(!ex.reached_upstream);
+    assert_eq!(ex.status, 403);
+    assert_eq!(ex.local_reply.as_ref().map(|r| r.status), Some(403));
+    assert_eq!(ex.header("x-reason").as_deref(), Some("test"), "header names are lower-cased");
+    assert_eq!(ex.header("content-type").as_deref(), Some("text/plain"));
+    assert_eq!(ex.header("content-length").as_deref(), Some("6"));
+    assert_eq!(ex.body, b"denied");
+    assert_eq!((vm.global_i32("local"), vm.global_i32("after")), (Some(0), Some(0)));
+    assert_eq!(vm.global_i32("pairs_status"), Some(0));
+    assert_eq!(vm.global_i32("pairs_size"), Some(encode_pairs(&expected_headers).len() as i32));
+    // Envoy encodes the local reply through the filter chain: the filter sees it.
+    assert_eq!(vm.global_i32("calls_response"), Some(1));
+    assert_eq!(vm.global_i32("response_count"), Some(4)); // :status, x-reason, content-length, content-type
+}
+
+#[test]
+fn a_trapping_guest_fails_the_request_and_the_vm_with_a_clear_message() {
+    let panic_message = b"panicked at src/lib.rs:1:1:\nboom".to_vec();
+    let on_request_headers = vec![
+        I::I32Const(5),
+        I::I32Const(600),
+        I::I32Const(panic_message.len() as i32),
+        I::Call(guest::LOG),
+        I::Drop,
+        I::Unreachable,
+    ];
+    let module = guest::build(
+        "trap-guest",
+        &[],
+        &[(600, panic_message)],
+        vec![func("proxy_on_request_headers", 3, true, on_request_headers)],
+    );
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, &module, b"").unwrap();
+    match vm.request(HttpRequest::get("/")) {
+        Err(e @ HostError::Trap { callback: "proxy_on_request_headers", .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("unreachable"), "{text}");
+            assert!(text.contains("boom"), "the guest's panic message must be in the error: {text}");
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+    assert!(vm.is_failed());
+    assert!(matches!(vm.request(HttpRequest::get("/")), Err(HostError::VmFailed { .. })));
+}
+
+#[test]
+fn counters_only_go_up_and_metrics_are_readable_by_name() {
+    const ZERO: u32 = 1;
+    const NEGATIVE: u32 = 2;
+    const POSITIVE: u32 = 3;
+    const GAUGE: u32 = 4;
+    const UNKNOWN: u32 = 5;
+    const BAD_TYPE: u32 = 6;
+    const COUNTER_ID: u32 = 7;
+    let define = |kind: i32, name: i32, id_at: i32| {
+        [I::I32Const(kind), I::I32Const(name), I::I32Const(1), I::I32Const(id_at), I::Call(guest::DEFINE_METRIC)]
+    };
+    let increment = |id_at: i32, offset: i64, status: u32| {
+        let mut v = guest::load(id_at).to_vec();
+        v.extend([I::I64Const(offset), I::Call(guest::INCREMENT_METRIC), I::GlobalSet(status)]);
+        v
+    };
+    let mut on_configure = vec![];
+    on_configure.extend(define(0, 700, 208));
+    on_configure.push(I::Drop);
+    on_configure.extend(define(1, 701, 212));
+    on_configure.push(I::Drop);
+    on_configure.extend(increment(208, 0, ZERO));
+    on_configure.extend(increment(208, -1, NEGATIVE));
+    on_configure.extend(increment(208, 5, POSITIVE));
+    on_configure.extend(increment(212, -3, GAUGE));
+    on_configure.extend([I::I32Const(4000), I::I64Const(1), I::Call(guest::INCREMENT_METRIC), I::GlobalSet(UNKNOWN)]);
+    on_configure.extend(define(7, 702, 216));
+    on_configure.push(I::GlobalSet(BAD_TYPE));
+    on_configure.extend(guest::load(208));
+    on_configure.extend([I::GlobalSet(COUNTER_ID), I::I32Const(1)]);
+    let module = guest::build(
+        "metrics-guest",
+        &["zero", "negative", "positive", "gauge", "unknown", "bad_type", "counter_id"],
+        &[(700, b"c".to_vec()), (701, b"g".to_vec()), (702, b"x".to_vec())],
+        vec![func("proxy_on_configure", 2, true, on_configure)],
+    );
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, &module, b"").unwrap();
+    let bad = Some(Status::BadArgument as i32);
+    assert_eq!((vm.global_i32("zero"), vm.global_i32("negative")), (bad, bad), "a counter increment needs offset > 0");
+    assert_eq!((vm.global_i32("positive"), vm.global_i32("gauge")), (Some(0), Some(0)));
+    assert_eq!(vm.global_i32("unknown"), Some(Status::NotFound as i32));
+    assert_eq!(vm.global_i32("bad_type"), bad);
+    assert_eq!(vm.global_i32("counter_id"), Some(4), "Envoy's first counter id");
+    assert_eq!((host.metric("c"), host.metric("g")), (Some(5), Some(-3)));
+}

@@ -15,5 +15,8 @@ bash scripts/build-worker.sh
 step "build: mock provider"
 cargo build --quiet --release -p tollgate-mock-provider
 step "tests"
-# One release build serves every native test (wasmtime is far too slow unoptimised).
-cargo test --release --workspace
+# One release build serves the native tests of core, host-tests and the mock (wasmtime is far
+# too slow unoptimised); the worker crate's native unit tests build separately, so that its
+# dependencies' features never change the wasmtime build.
+cargo test --release
+cargo test -p tollgate-edge-worker

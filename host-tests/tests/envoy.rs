@@ -146,6 +146,30 @@ fn two_worker_vms_share_one_counter() {
     }
 }
 
+/// The official OpenAI Python SDK (from PyPI, in .venv) sees Tollgate's 429 as
+/// `openai.RateLimitError` with OpenAI's code and type.
+#[test]
+fn the_openai_sdk_raises_rate_limit_error() {
+    away_from_hour_boundary();
+    let python = tollgate_host_tests::proc::workspace_root().join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh all", python.display());
+    let (_mock, mock_url) = start_mock_provider();
+    let rendered = render("envoy.yaml", Some(mock_url.rsplit(':').next().unwrap().parse().unwrap()), Some(&policy(2)));
+    let envoy = envoy::start(&rendered, &[]);
+    let out = std::process::Command::new(python)
+        .arg(tollgate_host_tests::proc::workspace_root().join("examples/clients/openai_python.py"))
+        .args([format!("{}/v1", envoy.url), "erin".to_owned(), "3".to_owned()])
+        .output()
+        .expect("run the python client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0], "ok remaining=1 content='Hello from the Tollgate mock provider.'");
+    assert_eq!(lines[1], "ok remaining=0 content='Hello from the Tollgate mock provider.'");
+    assert!(lines[2].starts_with("rate_limited code=rate_limit_exceeded type=requests retry_after="), "{stdout}");
+}
+
 #[test]
 fn invalid_policy_is_refused_at_configure_time() {
     let bad = r#"{"tier": {"default": "free"}, "tiers": {"free": {"limits": [{"window": "hour", "requests": 1}, {"window": "fortnight", "requests": 2}]}}}"#;

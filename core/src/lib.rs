@@ -18,9 +18,12 @@
 
 pub mod config;
 pub mod duration;
+pub mod openai;
 pub mod quota;
 pub mod render;
 pub mod store;
+pub mod translate;
+pub mod usage;
 pub mod window;
 
 pub use config::{ConfigError, FailureMode, Policy, Subject};

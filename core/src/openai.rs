@@ -142,12 +142,13 @@ pub struct Message {
     pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
     Developer,
     User,
+    #[default]
     Assistant,
     Tool,
     Function,
@@ -211,7 +212,7 @@ pub struct FunctionCall {
 
 // ---- responses ----
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatCompletion {
     pub id: String,
     pub object: String,
@@ -220,18 +221,26 @@ pub struct ChatCompletion {
     pub choices: Vec<Choice>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<WireUsage>,
+    /// Fields this type does not model (e.g. `system_fingerprint`, `service_tier`), kept so a
+    /// pass-through response loses nothing.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
     pub finish_reason: Option<FinishReason>,
     #[serde(default)]
     pub logprobs: Option<Value>,
+    /// Fields this type does not model (e.g. `system_fingerprint`, `service_tier`), kept so a
+    /// pass-through response loses nothing.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AssistantMessage {
     pub role: Role,
     pub content: Option<String>,
@@ -241,6 +250,10 @@ pub struct AssistantMessage {
     pub reasoning_content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusal: Option<String>,
+    /// Fields this type does not model (e.g. `system_fingerprint`, `service_tier`), kept so a
+    /// pass-through response loses nothing.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -312,19 +325,23 @@ impl WireUsage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatChunk {
     pub id: String,
     pub object: String,
     pub created: u64,
     pub model: String,
     pub choices: Vec<ChunkChoice>,
-    /// Present (possibly `null`) only when the client asked for stream usage.
+    /// Present only on the usage chunk, and only when the client asked for stream usage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<WireUsage>,
+    /// Fields this type does not model (e.g. `system_fingerprint`, `service_tier`), kept so a
+    /// pass-through response loses nothing.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,

@@ -25,6 +25,8 @@ pub mod store;
 pub mod translate;
 pub mod usage;
 pub mod window;
+pub mod json_array;
+pub mod sse;
 
 pub use config::{ConfigError, FailureMode, Policy, Subject};
 pub use quota::{check_and_count, Decision, Quota};

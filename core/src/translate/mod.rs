@@ -9,6 +9,7 @@
 //! Core never sees a provider key: [`UpstreamRequest`] carries no credentials, the adapter (or
 //! the host, e.g. Envoy's credential injector) adds them.
 
+pub mod exchange;
 pub mod gemini_wire;
 pub mod openai_anthropic;
 pub mod openai_gemini;

@@ -1,0 +1,365 @@
+//! One client request's translation from start to end: what every pair shares.
+//!
+//! An [`Exchange`] wraps one [`Pair`] and owns the parts that are the same for every backend:
+//! - stream framing in: the spec-exact [`SseDecoder`] for SSE streams, the [`JsonArrayDecoder`]
+//!   for Gemini's array stream (a `streamGenerateContent` path without `alt=sse`); pairs only
+//!   ever see whole events;
+//! - stream framing out: `data: <json>` events, provider comments forwarded as SSE comments
+//!   (keep-alives), the usage chunk (`choices: []`) when — and only when — the client asked
+//!   with `stream_options.include_usage`, and the closing `data: [DONE]`;
+//! - errors in the middle of a stream: the stream is ended with an event
+//!   `data: {"error": {...}}` (what OpenAI's SDKs raise as an `APIError`) and no `[DONE]`, and
+//!   nothing more is sent;
+//! - non-stream answers: provider errors (status ≥ 400) through the pair's `error`, successes
+//!   through its `response`, both rendered as complete responses in OpenAI's dialect.
+
+use crate::json_array::JsonArrayDecoder;
+use crate::openai::{ChatChunk, ChatRequest, WireUsage};
+use crate::render::LocalResponse;
+use crate::sse::{write_comment, write_event, SseDecoder, SseEvent};
+use crate::usage::Usage;
+
+use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+
+enum Framing {
+    Sse(SseDecoder),
+    JsonArray(JsonArrayDecoder),
+}
+
+/// The state of one translated request.
+pub struct Exchange {
+    pair: Box<dyn Pair>,
+    meta: ResponseMeta,
+    client_wants_usage: bool,
+    framing: Option<Framing>,
+    /// The stream has been ended (by `[DONE]` or an error event): nothing more is written.
+    closed: bool,
+    /// A stream error that ended the stream, for the adapter to count.
+    stream_error: Option<TranslateError>,
+    /// Bytes written to the client so far (a fallback is only possible before the first one).
+    written: u64,
+}
+
+impl Exchange {
+    pub fn new(pair: Box<dyn Pair>, meta: ResponseMeta) -> Self {
+        Exchange { pair, meta, client_wants_usage: false, framing: None, closed: false, stream_error: None, written: 0 }
+    }
+
+    /// Translates the client's request for `target`. Remembers whether the client asked for
+    /// stream usage and how the upstream stream will be framed.
+    pub fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+        let up = self.pair.request(req, target)?;
+        self.client_wants_usage = req.is_stream() && req.wants_stream_usage();
+        self.framing = up.stream.then(|| {
+            if target.kind == ProviderKind::Gemini && !up.path.contains("alt=sse") {
+                Framing::JsonArray(JsonArrayDecoder::new())
+            } else {
+                Framing::Sse(SseDecoder::new())
+            }
+        });
+        Ok(up)
+    }
+
+    /// The complete client response for a non-stream upstream answer (or for an error status on
+    /// a stream request, which providers answer with a plain JSON error body).
+    pub fn response(&mut self, status: u16, retry_after: Option<&str>, body: &[u8]) -> LocalResponse {
+        if status >= 400 {
+            return self.pair.error(status, parse_retry_after(retry_after), body).to_response();
+        }
+        match self.pair.response(body).and_then(|c| {
+            serde_json::to_vec(&c).map_err(|e| TranslateError::bad_upstream(format!("cannot encode the response: {e}")))
+        }) {
+            Ok(body) => LocalResponse { status: 200, headers: vec![("content-type", "application/json".to_owned())], body },
+            Err(e) => e.to_response(),
+        }
+    }
+
+    /// Translates the next bytes of the upstream stream, appending client SSE bytes to `out`.
+    pub fn stream(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.closed {
+            return;
+        }
+        let mut text = String::new();
+        let mut items = Vec::new();
+        let result = match self.framing.as_mut() {
+            None => Err(TranslateError::bad_upstream("a stream arrived for a non-stream request")),
+            Some(Framing::Sse(d)) => {
+                d.feed(bytes);
+                drain_sse(d, self.pair.as_mut(), &mut items, &mut text)
+            }
+            Some(Framing::JsonArray(d)) => {
+                d.feed(bytes);
+                drain_array(d, self.pair.as_mut(), &mut items)
+            }
+        };
+        self.write(&items, &mut text);
+        if let Err(e) = result {
+            self.fail(e, &mut text);
+        }
+        self.written += text.len() as u64;
+        out.extend_from_slice(text.as_bytes());
+    }
+
+    /// The upstream stream ended: flushes the pair, writes the usage chunk if the client asked,
+    /// then `[DONE]` — or an error event if the stream was cut short.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.closed {
+            return;
+        }
+        let mut text = String::new();
+        let ended = match self.framing.as_mut() {
+            None => Ok(()),
+            Some(Framing::Sse(d)) => d
+                .finish()
+                .map_err(|t| TranslateError::bad_upstream(format!("the provider's stream ended early: {t}"))),
+            Some(Framing::JsonArray(d)) => {
+                let r = d.finish();
+                let mut items = Vec::new();
+                let drained = drain_array(d, self.pair.as_mut(), &mut items);
+                self.write(&items, &mut text);
+                drained.and(r.map_err(|e| TranslateError::bad_upstream(format!("the provider's stream ended early: {e}"))))
+            }
+        };
+        let mut items = Vec::new();
+        match ended.and_then(|()| self.pair.end(&mut items)) {
+            Ok(()) => {
+                self.write(&items, &mut text);
+                if self.client_wants_usage {
+                    let chunk = ChatChunk {
+                        id: self.meta.id.clone(),
+                        object: "chat.completion.chunk".to_owned(),
+                        created: self.meta.created,
+                        model: self.meta.model.clone(),
+                        choices: vec![],
+                        usage: Some(WireUsage::from_usage(&self.pair.usage())),
+                        ..ChatChunk::default()
+                    };
+                    write_event(&mut text, None, &serde_json::to_string(&chunk).unwrap_or_default(), None);
+                }
+                write_event(&mut text, None, "[DONE]", None);
+                self.closed = true;
+            }
+            Err(e) => {
+                self.write(&items, &mut text);
+                self.fail(e, &mut text);
+            }
+        }
+        self.written += text.len() as u64;
+        out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Usage the provider reported so far.
+    pub fn usage(&self) -> Usage {
+        self.pair.usage()
+    }
+
+    /// The error that ended the stream, if one did.
+    pub fn stream_error(&self) -> Option<&TranslateError> {
+        self.stream_error.as_ref()
+    }
+
+    /// Client bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn write(&self, items: &[StreamOut], text: &mut String) {
+        for item in items {
+            match item {
+                StreamOut::Chunk(c) => {
+                    if let Ok(json) = serde_json::to_string(c) {
+                        write_event(text, None, &json, None);
+                    }
+                }
+                StreamOut::Raw(data) => write_event(text, None, data, None),
+                StreamOut::Comment(c) => {
+                    write_comment(text, c);
+                    text.push('\n');
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: TranslateError, text: &mut String) {
+        let body = String::from_utf8(e.body()).unwrap_or_default();
+        write_event(text, None, &body, None);
+        self.stream_error = Some(e);
+        self.closed = true;
+    }
+}
+
+fn drain_sse(d: &mut SseDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>, _text: &mut String) -> Result<(), TranslateError> {
+    for item in d.by_ref() {
+        match item {
+            Ok(SseEvent::Message(m)) => pair.event(m.event.as_deref(), &m.data, items)?,
+            Ok(SseEvent::Comment(c)) => items.push(StreamOut::Comment(c)),
+            Err(e) => return Err(TranslateError::bad_upstream(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    while let Some(item) = d.next_raw() {
+        let bytes = item.map_err(|e| TranslateError::bad_upstream(e.to_string()))?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| TranslateError::bad_upstream("a stream element is not UTF-8"))?;
+        pair.event(None, text, items)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::openai_openai::OpenAiCompatible;
+    use std::path::PathBuf;
+
+    fn meta() -> ResponseMeta {
+        ResponseMeta { id: "chatcmpl-tg".to_owned(), model: "client-model".to_owned(), created: 1_700_000_000 }
+    }
+
+    fn fixtures() -> PathBuf {
+        let dir = std::env::var_os("TOLLGATE_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+        assert!(dir.is_dir(), "fixtures directory {} is missing", dir.display());
+        dir
+    }
+
+    fn exchange(include_usage: bool) -> Exchange {
+        let mut x = Exchange::new(Box::new(OpenAiCompatible::new(meta())), meta());
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "client-model", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+            "stream_options": {"include_usage": include_usage}
+        }))
+        .unwrap();
+        let target = Target { kind: ProviderKind::OpenAi, upstream_model: "up".to_owned(), default_max_tokens: None };
+        x.request(&req, &target).unwrap();
+        x
+    }
+
+    fn run(bytes: &[u8], cuts: &[usize], include_usage: bool) -> (Vec<u8>, Usage) {
+        let mut x = exchange(include_usage);
+        let mut out = vec![];
+        let mut start = 0;
+        for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            x.stream(&bytes[start..c], &mut out);
+            start = c;
+        }
+        x.finish(&mut out);
+        (out, x.usage())
+    }
+
+    fn raw_sse_fixtures() -> Vec<PathBuf> {
+        let mut v = vec![];
+        for dir in ["openai", "openai-compatible"] {
+            for e in std::fs::read_dir(fixtures().join(dir)).unwrap() {
+                let p = e.unwrap().path();
+                if p.extension().is_some_and(|x| x == "sse") {
+                    v.push(p);
+                }
+            }
+        }
+        assert!(!v.is_empty());
+        v
+    }
+
+    fn events(out: &[u8]) -> Vec<String> {
+        let mut d = SseDecoder::new();
+        d.feed(out);
+        d.finish().unwrap();
+        d.filter_map(|e| match e.unwrap() {
+            SseEvent::Message(m) => Some(m.data),
+            SseEvent::Comment(_) => None,
+        })
+        .collect()
+    }
+
+    /// Feeding a recorded stream one byte at a time (a split at every byte boundary at once,
+    /// including inside every UTF-8 sequence and between every CR and LF) and in random
+    /// chunkings gives exactly the one-shot output.
+    #[test]
+    fn any_split_of_a_recorded_stream_gives_the_one_shot_output() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % n as u64) as usize
+        };
+        for path in raw_sse_fixtures() {
+            let bytes = std::fs::read(&path).unwrap();
+            let (whole, usage) = run(&bytes, &[], true);
+            let every: Vec<usize> = (1..bytes.len()).collect();
+            let (split, u) = run(&bytes, &every, true);
+            assert_eq!(split, whole, "{}: byte at a time", path.display());
+            assert_eq!(u, usage);
+            for _ in 0..16 {
+                let mut cuts: Vec<usize> = (0..next(12) + 1).map(|_| next(bytes.len())).collect();
+                cuts.sort();
+                assert_eq!(run(&bytes, &cuts, true).0, whole, "{}: cuts {cuts:?}", path.display());
+            }
+        }
+    }
+
+    #[test]
+    fn usage_chunk_only_when_the_client_asked_then_done() {
+        let path = fixtures().join("openai/chat_stream_include_usage_cached.sse");
+        let bytes = std::fs::read(path).unwrap();
+        let (with, usage) = run(&bytes, &[], true);
+        let ev = events(&with);
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+        let usage_chunk: ChatChunk = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+        assert!(usage_chunk.choices.is_empty());
+        assert_eq!(usage_chunk.usage.unwrap().to_usage(), usage);
+        // what the provider reported on its usage chunk
+        assert_eq!((usage.input, usage.output, usage.cached_read), (Some(1420), Some(100), Some(1280)));
+
+        let (without, _) = run(&bytes, &[], false);
+        let ev = events(&without);
+        assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
+        for e in &ev[..ev.len() - 1] {
+            let c: ChatChunk = serde_json::from_str(e).unwrap();
+            assert!(c.usage.is_none() && !c.choices.is_empty(), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_truncated_stream_ends_with_an_error_event_and_no_done() {
+        let bytes = b"data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hel\"},\"finish_reason\":null}]}\n\ndata: {\"id\"";
+        let mut x = exchange(false);
+        let mut out = vec![];
+        x.stream(bytes, &mut out);
+        x.finish(&mut out);
+        let ev = events(&out);
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        let err: serde_json::Value = serde_json::from_str(&ev[1]).unwrap();
+        assert_eq!(err["error"]["code"], "bad_upstream_response");
+        assert!(x.stream_error().is_some());
+        // nothing more after the error
+        x.stream(b"data: [DONE]\n\n", &mut out);
+        x.finish(&mut out);
+        assert_eq!(events(&out).len(), 2);
+    }
+
+    #[test]
+    fn provider_comments_are_forwarded_as_keep_alives() {
+        let mut x = exchange(false);
+        let mut out = vec![];
+        x.stream(b": OPENROUTER PROCESSING\n\n", &mut out);
+        assert_eq!(out, b": OPENROUTER PROCESSING\n\n");
+    }
+
+    #[test]
+    fn error_statuses_become_openai_errors_with_retry_after() {
+        let mut x = exchange(false);
+        let r = x.response(429, Some("20"), br#"{"error":{"message":"slow down","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.contains(&("retry-after", "20".to_owned())));
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"]["message"], "slow down");
+        let r = x.response(200, None, b"<html>oops</html>");
+        assert_eq!(r.status, 502);
+    }
+}

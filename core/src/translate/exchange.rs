@@ -19,6 +19,9 @@ use crate::render::LocalResponse;
 use crate::sse::{write_comment, write_event, SseDecoder, SseEvent};
 use crate::usage::Usage;
 
+use super::openai_anthropic::OpenAiAnthropic;
+use super::openai_gemini::OpenAiGemini;
+use super::openai_openai::OpenAiCompatible;
 use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
 
 enum Framing {
@@ -43,6 +46,16 @@ pub struct Exchange {
 impl Exchange {
     pub fn new(pair: Box<dyn Pair>, meta: ResponseMeta) -> Self {
         Exchange { pair, meta, client_wants_usage: false, framing: None, closed: false, stream_error: None, written: 0 }
+    }
+
+    /// The exchange for a backend kind: the one place that picks a pair translator.
+    pub fn for_kind(kind: ProviderKind, meta: ResponseMeta) -> Self {
+        let pair: Box<dyn Pair> = match kind {
+            ProviderKind::OpenAi => Box::new(OpenAiCompatible::new(meta.clone())),
+            ProviderKind::Anthropic => Box::new(OpenAiAnthropic::new(meta.clone())),
+            ProviderKind::Gemini => Box::new(OpenAiGemini::new(meta.clone())),
+        };
+        Exchange::new(pair, meta)
     }
 
     /// Translates the client's request for `target`. Remembers whether the client asked for
@@ -124,7 +137,8 @@ impl Exchange {
         match ended.and_then(|()| self.pair.end(&mut items)) {
             Ok(()) => {
                 self.write(&items, &mut text);
-                if self.client_wants_usage {
+                // Unknown is not zero: with no usage reported at all there is nothing to say.
+                if self.client_wants_usage && !self.pair.usage().is_empty() {
                     let chunk = ChatChunk {
                         id: self.meta.id.clone(),
                         object: "chat.completion.chunk".to_owned(),
@@ -212,7 +226,6 @@ fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::openai_openai::OpenAiCompatible;
     use std::path::PathBuf;
 
     fn meta() -> ResponseMeta {
@@ -301,6 +314,79 @@ mod tests {
                 assert_eq!(run(&bytes, &cuts, true).0, whole, "{}: cuts {cuts:?}", path.display());
             }
         }
+    }
+
+    fn stream_exchange(kind: ProviderKind, array: bool) -> Exchange {
+        let mut x = Exchange::for_kind(kind, meta());
+        let req: ChatRequest = serde_json::from_value(serde_json::json!({
+            "model": "client-model", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+            "max_tokens": 1000, "stream_options": {"include_usage": true}
+        }))
+        .unwrap();
+        let target = Target { kind, upstream_model: "up".to_owned(), default_max_tokens: None };
+        x.request(&req, &target).unwrap();
+        if array {
+            x.framing = Some(Framing::JsonArray(JsonArrayDecoder::new()));
+        }
+        x
+    }
+
+    fn run_kind(kind: ProviderKind, array: bool, bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage) {
+        let mut x = stream_exchange(kind, array);
+        let mut out = vec![];
+        let mut start = 0;
+        for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
+            x.stream(&bytes[start..c], &mut out);
+            start = c;
+        }
+        x.finish(&mut out);
+        (out, x.usage())
+    }
+
+    /// Every recorded provider stream (Anthropic, Gemini SSE and JSON array, OpenAI and
+    /// compatible), through its translator: the client gets valid OpenAI chunks ending in the
+    /// usage chunk and `[DONE]`, and any chunking of the input gives the same bytes.
+    #[test]
+    fn every_recorded_stream_translates_identically_however_it_is_split() {
+        let mut n = 0;
+        for (dir, kind) in [
+            ("anthropic", ProviderKind::Anthropic),
+            ("gemini", ProviderKind::Gemini),
+            ("openai", ProviderKind::OpenAi),
+            ("openai-compatible", ProviderKind::OpenAi),
+        ] {
+            for e in std::fs::read_dir(fixtures().join(dir)).unwrap() {
+                let path = e.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let array = name.starts_with("stream_array_") && !name.contains("request");
+                if !(name.ends_with(".sse") || array) {
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                let (whole, usage) = run_kind(kind, array, &bytes, &[]);
+                let events = events(&whole);
+                assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{name}: {}", String::from_utf8_lossy(&whole));
+                for e in &events[..events.len() - 1] {
+                    serde_json::from_str::<ChatChunk>(e).unwrap_or_else(|err| panic!("{name}: {err}: {e}"));
+                }
+                let text = String::from_utf8_lossy(&bytes);
+                let recorded_usage = ["\"usage\":{", "\"usage\": {", "\"usageMetadata\""].iter().any(|k| text.contains(k));
+                if !recorded_usage {
+                    assert!(usage.is_empty(), "{name}: {usage:?}");
+                    assert!(!String::from_utf8_lossy(&whole).contains("\"usage\""), "{name}: a usage chunk from nothing");
+                } else {
+                    assert!(usage.input.is_some() && usage.output.is_some(), "{name}: {usage:?}");
+                }
+                let every: Vec<usize> = (1..bytes.len()).collect();
+                assert_eq!(run_kind(kind, array, &bytes, &every).0, whole, "{name}: byte at a time");
+                for k in [2, 3, 7] {
+                    let cuts: Vec<usize> = (1..k).map(|i| i * bytes.len() / k).collect();
+                    assert_eq!(run_kind(kind, array, &bytes, &cuts).0, whole, "{name}: cuts {cuts:?}");
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 25, "only {n} stream fixtures");
     }
 
     #[test]

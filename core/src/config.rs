@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::quota::Quota;
+use crate::routing::{RawModel, RawProvider, Routes};
 use crate::window::Window;
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -60,6 +61,10 @@ struct RawConfig {
     #[serde(default)]
     store: RawStore,
     tiers: BTreeMap<String, RawTier>,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    models: BTreeMap<String, RawModel>,
 }
 
 #[derive(Deserialize, Default)]
@@ -110,6 +115,8 @@ pub struct Policy {
     tracked: Vec<Window>,
     pub max_retries: u32,
     pub on_failure: FailureMode,
+    /// Providers and the model map (empty: no translation).
+    pub routes: Routes,
 }
 
 /// How the subject was identified.
@@ -201,7 +208,9 @@ impl Policy {
         }
         tracked.sort();
         tracked.dedup();
+        let routes = Routes::validate(raw.providers, raw.models)?;
         Ok(Policy {
+            routes,
             identity_header,
             tier_header,
             default_tier: raw.tier.default,
@@ -336,7 +345,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"tier": {"default": "free"}, "tiers": {"free": {"limits": []}}, "upstream": 1}"#),
-            "upstream: unknown field `upstream`, expected one of `identity`, `tier`, `store`, `tiers`"
+            "upstream: unknown field `upstream`, expected one of `identity`, `tier`, `store`, `tiers`, `providers`, `models`"
         );
     }
 
@@ -407,6 +416,65 @@ mod tests {
         assert_eq!(err("  \n"), "configuration is empty: the plugin needs a JSON policy");
         assert_eq!(err("{\"tiers\": "), "configuration is not valid JSON: EOF while parsing a value at line 1 column 10");
         assert_eq!(err("[]"), "config: must be a JSON object");
+    }
+
+    fn with_routing(providers: &str, models: &str) -> String {
+        format!(r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {{"limits": []}}}}, "providers": {providers}, "models": {models}}}"#)
+    }
+
+    #[test]
+    fn models_route_to_their_provider_with_defaults() {
+        let p = Policy::from_json(
+            with_routing(
+                r#"{"claude": {"kind": "anthropic", "base_url": "https://api.anthropic.com/", "api_key": {"secret": "ANTHROPIC_API_KEY"}, "default_max_tokens": 4096},
+                    "or": {"kind": "openai", "cluster": "openrouter"}}"#,
+                r#"{"sonnet": {"provider": "claude", "model": "claude-sonnet-4-5"},
+                    "haiku": {"provider": "claude", "model": "claude-haiku-4-5", "default_max_tokens": 1024},
+                    "deepseek": {"provider": "or", "model": "deepseek/deepseek-chat"}}"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(p.routes.is_enabled());
+        let r = p.routes.route("sonnet").unwrap();
+        assert_eq!(r.target.kind, crate::translate::ProviderKind::Anthropic);
+        assert_eq!(r.target.upstream_model, "claude-sonnet-4-5");
+        assert_eq!(r.target.default_max_tokens, Some(4096));
+        assert_eq!(r.provider.base_url.as_deref(), Some("https://api.anthropic.com"));
+        assert_eq!(r.provider.api_key_secret.as_deref(), Some("ANTHROPIC_API_KEY"));
+        assert_eq!(r.provider.cluster, "claude");
+        assert_eq!(p.routes.route("haiku").unwrap().target.default_max_tokens, Some(1024));
+        assert_eq!(p.routes.route("deepseek").unwrap().provider.cluster, "openrouter");
+        assert!(p.routes.route("gpt-5").is_none());
+        assert!(!Policy::from_json(GOOD.as_bytes()).unwrap().routes.is_enabled());
+    }
+
+    #[test]
+    fn routing_mistakes_name_their_path() {
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "cohere"}}"#, "{}")),
+            "providers.x.kind: unknown variant `cohere`, expected one of `openai`, `anthropic`, `gemini`"
+        );
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "openai"}}"#, r#"{"m": {"provider": "y", "model": "m1"}}"#)),
+            r#"models.m.provider: unknown provider "y" (providers are: x)"#
+        );
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "openai", "api_key": {"secret": "sk-live-123"}}}"#, "{}")),
+            "providers.x.api_key.secret: must name a secret (letters, digits, '_'), never hold a key"
+        );
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "openai", "base_url": "ftp://h"}}"#, "{}")),
+            r#"providers.x.base_url: "ftp://h" is not an http(s) URL without query or fragment"#
+        );
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "openai"}}"#, r#"{"m": {"provider": "x", "model": " "}}"#)),
+            "models.m.model: must name the provider's model"
+        );
+        assert_eq!(
+            err(&with_routing(r#"{"x": {"kind": "anthropic", "default_max_tokens": 0}}"#, "{}")),
+            "providers.x.default_max_tokens: must be at least 1"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod duration;
 pub mod openai;
 pub mod quota;
 pub mod render;
+pub mod routing;
 pub mod store;
 pub mod translate;
 pub mod usage;

@@ -13,8 +13,17 @@
 //!   last `/v1/` request, so tests can prove which headers reached the provider.
 //! - anything else: 404 in OpenAI's error format.
 //!
-//! With `--require-key KEY`, `/v1/` requests without `Authorization: Bearer KEY` get OpenAI's
-//! 401 `invalid_api_key` error, as the real provider would answer.
+//! With `--require-key KEY`, API requests without the key (`Authorization: Bearer KEY`,
+//! `x-api-key: KEY` or `x-goog-api-key: KEY`, whichever the provider uses) get a 401, as the
+//! real provider would answer.
+//!
+//! **Replay.** A request to any API path (`/v1/…`, `/v1beta/…`) carrying
+//! `x-mock-fixture: <path under the fixtures directory>` is answered with that recorded body,
+//! byte for byte: `.sse` as `text/event-stream`, sent one event per write; `stream_array_*.json`
+//! (Gemini's streamed array) sent in pieces; other `.json` in one piece. The status comes from
+//! `x-mock-status` (default: `NNN` from an `error_NNN_` file name, else 200) and `x-mock-retry-after`
+//! becomes `retry-after`. The fixtures directory is `--fixtures DIR`, else `$TOLLGATE_FIXTURES`,
+//! else `../shared/fixtures` from the working directory.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -29,6 +38,7 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 
 struct Shared {
     served: AtomicU64,
+    fixtures: std::path::PathBuf,
     last_header_names: std::sync::Mutex<Vec<String>>,
     required_authorization: Option<String>,
 }
@@ -36,16 +46,20 @@ struct Shared {
 fn main() {
     let mut port = 0u16;
     let mut required_authorization = None;
+    let mut fixtures = std::env::var_os("TOLLGATE_FIXTURES")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("../shared/fixtures"));
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next();
         let parsed = match arg.as_str() {
             "--port" => value.and_then(|v| v.parse().ok()).map(|v| port = v),
-            "--require-key" => value.map(|v| required_authorization = Some(format!("Bearer {v}"))),
+            "--require-key" => value.map(|v| required_authorization = Some(v)),
+            "--fixtures" => value.map(|v| fixtures = std::path::PathBuf::from(v)),
             _ => None,
         };
         if parsed.is_none() {
-            eprintln!("usage: tollgate-mock-provider [--port P] [--require-key KEY]");
+            eprintln!("usage: tollgate-mock-provider [--port P] [--require-key KEY] [--fixtures DIR]");
             std::process::exit(2);
         }
     }
@@ -60,7 +74,7 @@ fn main() {
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
 
-    let shared = Arc::new(Shared { served: AtomicU64::new(0), last_header_names: Default::default(), required_authorization });
+    let shared = Arc::new(Shared { served: AtomicU64::new(0), fixtures, last_header_names: Default::default(), required_authorization });
     for stream in listener.incoming().flatten() {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || {
@@ -89,6 +103,7 @@ struct Response {
     body: Vec<u8>,
     /// Send as chunked transfer encoding, one chunk per element (SSE events).
     chunks: Option<Vec<String>>,
+    extra_headers: Vec<(&'static str, String)>,
 }
 
 fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -187,6 +202,10 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        529 => "Overloaded",
         404 => "Not Found",
         _ => "Status",
     };
@@ -195,6 +214,9 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
         "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\nconnection: {connection}\r\n",
         r.status, r.content_type
     );
+    for (k, v) in &r.extra_headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
     match &r.chunks {
         None => {
             head.push_str(&format!("content-length: {}\r\n\r\n", r.body.len()));
@@ -216,7 +238,7 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
 }
 
 fn json_response(status: u16, body: &Value) -> Response {
-    Response { status, content_type: "application/json", body: body.to_string().into_bytes(), chunks: None }
+    Response { status, content_type: "application/json", body: body.to_string().into_bytes(), chunks: None, extra_headers: vec![] }
 }
 
 fn error(status: u16, message: &str, code: &str) -> Response {
@@ -228,15 +250,22 @@ fn error(status: u16, message: &str, code: &str) -> Response {
 
 fn handle(request: &Request, shared: &Shared) -> Response {
     let path = request.path.as_str();
-    if path.starts_with("/v1/") {
+    if path.starts_with("/v1") {
         shared.served.fetch_add(1, Ordering::SeqCst);
         if let Ok(mut names) = shared.last_header_names.lock() {
             *names = request.headers.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
         }
-        if let Some(expected) = &shared.required_authorization {
-            if request.header("authorization") != Some(expected.as_str()) {
+        if let Some(key) = &shared.required_authorization {
+            let bearer = format!("Bearer {key}");
+            let ok = request.header("authorization") == Some(bearer.as_str())
+                || request.header("x-api-key") == Some(key.as_str())
+                || request.header("x-goog-api-key") == Some(key.as_str());
+            if !ok {
                 return error(401, "Incorrect API key provided.", "invalid_api_key");
             }
+        }
+        if let Some(fixture) = request.header("x-mock-fixture") {
+            return replay(request, &shared.fixtures, fixture);
         }
     }
     match (request.method.as_str(), path) {
@@ -252,6 +281,48 @@ fn handle(request: &Request, shared: &Shared) -> Response {
         },
         (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
     }
+}
+
+/// Answers with a recorded fixture (see the module docs).
+fn replay(request: &Request, dir: &std::path::Path, name: &str) -> Response {
+    if name.split('/').any(|part| part == ".." || part.is_empty()) {
+        return error(400, "x-mock-fixture must be a relative path inside the fixtures directory", "bad_fixture");
+    }
+    let bytes = match std::fs::read(dir.join(name)) {
+        Ok(b) => b,
+        Err(e) => return error(404, &format!("no fixture {name}: {e}"), "no_fixture"),
+    };
+    let file = name.rsplit('/').next().unwrap_or(name);
+    let status = request
+        .header("x-mock-status")
+        .and_then(|s| s.parse().ok())
+        .or_else(|| file.strip_prefix("error_").and_then(|r| r.get(..3)).and_then(|s| s.parse().ok()))
+        .unwrap_or(200);
+    let mut extra_headers = vec![];
+    if let Some(r) = request.header("x-mock-retry-after") {
+        extra_headers.push(("retry-after", r.to_owned()));
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if file.ends_with(".sse") {
+        // one write per event, each ending at its blank line (LF or CRLF framing)
+        let mut chunks = vec![];
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let end = [rest.find("\r\n\r\n").map(|i| i + 4), rest.find("\n\n").map(|i| i + 2)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(rest.len());
+            chunks.push(rest[..end].to_owned());
+            rest = &rest[end..];
+        }
+        return Response { status, content_type: "text/event-stream", body: vec![], chunks: Some(chunks), extra_headers };
+    }
+    if file.starts_with("stream_array_") {
+        let chunks = text.split_inclusive("\n,").map(str::to_owned).collect();
+        return Response { status, content_type: "application/json", body: vec![], chunks: Some(chunks), extra_headers };
+    }
+    Response { status, content_type: "application/json", body: bytes, chunks: None, extra_headers }
 }
 
 fn model(req: &Value) -> String {
@@ -282,5 +353,5 @@ fn stream_response(req: &Value) -> Response {
     events.push(chunk(json!({}), json!("stop")));
     let mut chunks: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
     chunks.push("data: [DONE]\n\n".to_owned());
-    Response { status: 200, content_type: "text/event-stream", body: Vec::new(), chunks: Some(chunks) }
+    Response { status: 200, content_type: "text/event-stream", body: Vec::new(), chunks: Some(chunks), extra_headers: vec![] }
 }

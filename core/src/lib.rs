@@ -26,6 +26,9 @@ pub mod store;
 pub mod translate;
 pub mod usage;
 pub mod window;
+
+#[cfg(test)]
+mod test_support;
 pub mod json_array;
 pub mod sse;
 

@@ -402,7 +402,7 @@ mod tests {
 
     #[test]
     fn every_openai_request_fixture_parses() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/openai");
+        let dir = crate::test_support::fixtures_dir().join("openai");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let path = entry.unwrap().path();

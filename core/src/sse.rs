@@ -1181,17 +1181,6 @@ pub(crate) mod tests {
 
     // ---- recorded provider traffic
 
-    /// The shared fixtures directory: `$TOLLGATE_FIXTURES`, else `../../shared/fixtures` from
-    /// this crate. Missing is a failure, not a skip: these tests are the point.
-    pub(crate) fn fixtures_dir() -> PathBuf {
-        let dir = match std::env::var_os("TOLLGATE_FIXTURES") {
-            Some(dir) => PathBuf::from(dir),
-            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"),
-        };
-        assert!(dir.is_dir(), "fixtures directory {} is missing (set TOLLGATE_FIXTURES)", dir.display());
-        dir
-    }
-
     /// Every file under the fixtures directory whose name satisfies `wanted`, sorted.
     pub(crate) fn fixture_files(wanted: impl Fn(&str) -> bool) -> Vec<PathBuf> {
         fn walk(dir: &Path, wanted: &dyn Fn(&str) -> bool, out: &mut Vec<PathBuf>) {
@@ -1206,7 +1195,7 @@ pub(crate) mod tests {
             }
         }
         let mut files = Vec::new();
-        walk(&fixtures_dir(), &wanted, &mut files);
+        walk(&crate::test_support::fixtures_dir(), &wanted, &mut files);
         files.sort();
         files
     }

@@ -226,18 +226,11 @@ fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::fixtures_dir as fixtures;
     use std::path::PathBuf;
 
     fn meta() -> ResponseMeta {
         ResponseMeta { id: "chatcmpl-tg".to_owned(), model: "client-model".to_owned(), created: 1_700_000_000 }
-    }
-
-    fn fixtures() -> PathBuf {
-        let dir = std::env::var_os("TOLLGATE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-        assert!(dir.is_dir(), "fixtures directory {} is missing", dir.display());
-        dir
     }
 
     fn exchange(include_usage: bool) -> Exchange {

@@ -1041,7 +1041,7 @@ mod tests {
     use crate::sse::{SseDecoder, SseEvent};
     use proptest::prelude::*;
     use serde_json::json;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     // ---- helpers ----
 
@@ -1145,10 +1145,7 @@ mod tests {
     }
 
     fn fixtures_dir() -> PathBuf {
-        let root = std::env::var_os("TOLLGATE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-        root.join("anthropic")
+        crate::test_support::fixtures_dir().join("anthropic")
     }
 
     // ---- fixture expectations, computed from the recorded JSON alone ----

@@ -1122,7 +1122,7 @@ impl Pair for OpenAiGemini {
 
 #[cfg(test)]
 mod tests {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     use proptest::prelude::*;
     use serde_json::json;
@@ -1838,10 +1838,7 @@ mod tests {
     // ---- every recorded fixture ----
 
     fn fixtures_dir() -> PathBuf {
-        let root = std::env::var_os("TOLLGATE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-        root.join("gemini")
+        crate::test_support::fixtures_dir().join("gemini")
     }
 
     /// Fixtures deliberately not run, each with its reason. Empty: every file is covered.

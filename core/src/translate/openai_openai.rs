@@ -202,10 +202,10 @@ impl Pair for OpenAiCompatible {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::fixtures_dir as fixtures;
     use crate::openai::ChatChunk;
     use crate::sse::{SseDecoder, SseEvent};
     use crate::translate::ProviderKind;
-    use std::path::PathBuf;
 
     fn meta() -> ResponseMeta {
         ResponseMeta { id: "chatcmpl-test".to_owned(), model: "client-model".to_owned(), created: 1_700_000_000 }
@@ -213,14 +213,6 @@ mod tests {
 
     fn target() -> Target {
         Target { kind: ProviderKind::OpenAi, upstream_model: "upstream-model".to_owned(), default_max_tokens: None }
-    }
-
-    fn fixtures() -> PathBuf {
-        let dir = std::env::var_os("TOLLGATE_FIXTURES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
-        assert!(dir.is_dir(), "fixtures directory {} is missing", dir.display());
-        dir
     }
 
     /// Every recorded stream in `dir` as a list of `data` payloads.

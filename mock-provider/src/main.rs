@@ -11,6 +11,9 @@
 //!   can prove a denied request never reached the upstream.
 //! - `GET /__mock/last-headers`: `{"names": [...]}`, the header names (never values) of the
 //!   last `/v1/` request, so tests can prove which headers reached the provider.
+//! - `GET /__mock/last-path`: `{"path": "...", "model": ...}`, the path with its query and the
+//!   body's `model` (or null) of the last `/v1/` request, so tests can prove where a translated
+//!   request went.
 //! - anything else: 404 in OpenAI's error format.
 //!
 //! With `--require-key KEY`, API requests without the key (`Authorization: Bearer KEY`,
@@ -40,6 +43,7 @@ struct Shared {
     served: AtomicU64,
     fixtures: std::path::PathBuf,
     last_header_names: std::sync::Mutex<Vec<String>>,
+    last_path: std::sync::Mutex<Value>,
     required_authorization: Option<String>,
 }
 
@@ -74,7 +78,13 @@ fn main() {
     println!("listening on http://{addr}");
     let _ = std::io::stdout().flush();
 
-    let shared = Arc::new(Shared { served: AtomicU64::new(0), fixtures, last_header_names: Default::default(), required_authorization });
+    let shared = Arc::new(Shared {
+        served: AtomicU64::new(0),
+        fixtures,
+        last_header_names: Default::default(),
+        last_path: std::sync::Mutex::new(json!({"path": null, "model": null})),
+        required_authorization,
+    });
     for stream in listener.incoming().flatten() {
         let shared = Arc::clone(&shared);
         std::thread::spawn(move || {
@@ -87,6 +97,8 @@ fn main() {
 struct Request {
     method: String,
     path: String,
+    /// The request target as sent, query included.
+    target: String,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
 }
@@ -150,6 +162,7 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Req
     let mut request = Request {
         method: parsed.method.unwrap_or("").to_owned(),
         path: parsed.path.unwrap_or("").split('?').next().unwrap_or("").to_owned(),
+        target: parsed.path.unwrap_or("").to_owned(),
         headers: parsed
             .headers
             .iter()
@@ -255,6 +268,10 @@ fn handle(request: &Request, shared: &Shared) -> Response {
         if let Ok(mut names) = shared.last_header_names.lock() {
             *names = request.headers.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
         }
+        if let Ok(mut last) = shared.last_path.lock() {
+            let model = serde_json::from_slice::<Value>(&request.body).ok().and_then(|b| b.get("model").cloned());
+            *last = json!({"path": request.target, "model": model});
+        }
         if let Some(key) = &shared.required_authorization {
             let bearer = format!("Bearer {key}");
             let ok = request.header("authorization") == Some(bearer.as_str())
@@ -273,6 +290,7 @@ fn handle(request: &Request, shared: &Shared) -> Response {
             let names = shared.last_header_names.lock().map(|n| n.clone()).unwrap_or_default();
             json_response(200, &json!({"names": names}))
         }
+        ("GET", "/__mock/last-path") => json_response(200, &shared.last_path.lock().map(|p| p.clone()).unwrap_or(Value::Null)),
         ("GET", "/__mock/requests") => json_response(200, &json!({"count": shared.served.load(Ordering::SeqCst)})),
         ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
             Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => stream_response(&req),

@@ -107,9 +107,17 @@ pub fn with_headers(upstream: Response, extra: &[(&'static str, String)]) -> wor
 
 /// A response core rendered (429, 503).
 pub fn local(r: &LocalResponse) -> worker::Result<Response> {
+    local_with(r, &[])
+}
+
+/// A response core rendered, with `extra` headers set (the client's rate-limit headers).
+pub fn local_with(r: &LocalResponse, extra: &[(&'static str, String)]) -> worker::Result<Response> {
     let headers = Headers::new();
     for (name, value) in &r.headers {
         headers.append(name, value)?;
+    }
+    for (name, value) in extra {
+        headers.set(name, value)?;
     }
     Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body.clone()))
 }

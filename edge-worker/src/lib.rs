@@ -16,12 +16,19 @@
 //! 5. when the counter object cannot be reached, applies `store.on_failure`: `allow` forwards
 //!    uncounted, `deny` answers core's retryable 503. Either way it is logged.
 //!
+//! When the policy maps models (`providers` + `models`), an admitted `POST /v1/chat/completions`
+//! is not forwarded to `UPSTREAM_URL` but translated to the model's provider ([`translation`]:
+//! Anthropic, Gemini or OpenAI-compatible, streaming included, provider keys from Worker
+//! secrets). Admission comes first: a denied request's body is never read. Other requests are
+//! forwarded as above.
+//!
 //! Never logs request or response bodies, and returns no `Err` for a client request (which
 //! workers-rs would turn into a bare 500).
 
 pub mod config;
 pub mod counter;
 pub mod forward;
+pub mod translation;
 
 use tollgate_core::render::{self, openai_error};
 use tollgate_core::{Decision, FailureMode, LocalResponse};
@@ -48,15 +55,21 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
             return forward::local(&config_error(&e));
         }
     };
-    let upstream = match env.var(UPSTREAM_VAR).map(|v| v.to_string()) {
-        Ok(text) => forward::parse_base(&text),
-        Err(_) => Err(format!("the var {UPSTREAM_VAR} is not set")),
-    };
-    let upstream = match upstream {
-        Ok(url) => url,
-        Err(e) => {
-            console_error!("tollgate: {e}");
-            return forward::local(&invalid_configuration(&e));
+    // A translated request goes to its provider's base URL, not to UPSTREAM_URL.
+    let translated = translation::applies(&policy, &req.method(), &req.path());
+    let upstream = if translated {
+        None
+    } else {
+        let parsed = match env.var(UPSTREAM_VAR).map(|v| v.to_string()) {
+            Ok(text) => forward::parse_base(&text),
+            Err(_) => Err(format!("the var {UPSTREAM_VAR} is not set")),
+        };
+        match parsed {
+            Ok(url) => Some(url),
+            Err(e) => {
+                console_error!("tollgate: {e}");
+                return forward::local(&invalid_configuration(&e));
+            }
         }
     };
 
@@ -93,6 +106,9 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     if let Some(rejection) = render::rejection(&decision) {
         return forward::local(&rejection);
     }
+    let Some(upstream) = upstream else {
+        return translation::handle(req, &env, &policy, &render::allowed_headers(&decision)).await;
+    };
 
     let target = match req.url() {
         Ok(url) => forward::upstream_url(&upstream, &url),
@@ -121,7 +137,7 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
     }
 }
 
-fn invalid_configuration(message: &str) -> LocalResponse {
+pub(crate) fn invalid_configuration(message: &str) -> LocalResponse {
     openai_error(503, &format!("Tollgate configuration is invalid: {message}"), "server_error", "invalid_configuration")
 }
 

@@ -28,6 +28,8 @@ pub const CAS_MISMATCH: Status = Status(8);
 
 pub const HTTP_REQUEST_HEADERS: u32 = 0;
 pub const HTTP_RESPONSE_HEADERS: u32 = 2;
+pub const HTTP_REQUEST_BODY: u32 = 0;
+pub const HTTP_RESPONSE_BODY: u32 = 1;
 pub const PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 
@@ -46,6 +48,8 @@ extern "C" {
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
     ) -> u32;
+    fn proxy_set_buffer_bytes(buffer_type: u32, start: usize, size: usize, data: *const u8, data_size: usize) -> u32;
+    fn proxy_get_header_map_pairs(map_type: u32, return_map_data: *mut *mut u8, return_map_size: *mut usize) -> u32;
     fn proxy_get_header_map_value(
         map_type: u32,
         key_data: *const u8,
@@ -122,10 +126,15 @@ pub fn log(level: u32, message: &str) {
 
 /// Host time in epoch milliseconds.
 pub fn now_ms() -> Result<u64, Status> {
+    Ok(now_ns()? / 1_000_000)
+}
+
+/// Host time in epoch nanoseconds.
+pub fn now_ns() -> Result<u64, Status> {
     let mut nanos = 0u64;
     // SAFETY: the host writes one u64 to a live local.
     check(unsafe { proxy_get_current_time_nanoseconds(&mut nanos) })?;
-    Ok(nanos / 1_000_000)
+    Ok(nanos)
 }
 
 pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Status> {
@@ -134,6 +143,39 @@ pub fn plugin_configuration(size: usize) -> Result<Vec<u8>, Status> {
     match unsafe { proxy_get_buffer_bytes(PLUGIN_CONFIGURATION, 0, size, &mut data, &mut len) } {
         OK => Ok(unsafe { take(data, len) }),
         1 => Ok(Vec::new()),
+        s => Err(Status(s)),
+    }
+}
+
+/// `size` bytes of a body buffer from `start` (fewer if the buffer is shorter: the host does
+/// not overread). A buffer the host does not have (NotFound) reads as empty.
+pub fn buffer(buffer_type: u32, start: usize, size: usize) -> Result<Vec<u8>, Status> {
+    if size == 0 {
+        return Ok(Vec::new());
+    }
+    let (mut data, mut len) = (null_mut(), 0usize);
+    // SAFETY: as for `plugin_configuration`.
+    match unsafe { proxy_get_buffer_bytes(buffer_type, start, size, &mut data, &mut len) } {
+        OK => Ok(unsafe { take(data, len) }),
+        1 => Ok(Vec::new()),
+        s => Err(Status(s)),
+    }
+}
+
+/// Envoy's `Buffer::copyFrom`: `(0, 0)` prepends, `(0, n ≥ len)` replaces the whole buffer,
+/// `start ≥ len` appends, anything else is BadArgument. Callers pass the exact current length
+/// to replace (newer Envoys drain `size` bytes then prepend, older ones need `size ≥ len`).
+pub fn set_buffer(buffer_type: u32, start: usize, size: usize, data: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointer and length of a live slice.
+    check(unsafe { proxy_set_buffer_bytes(buffer_type, start, size, data.as_ptr(), data.len()) })
+}
+
+/// Every header of a map as (name, value) pairs, in the host's order.
+pub fn headers(map: u32) -> Result<Vec<(String, Vec<u8>)>, Status> {
+    let (mut data, mut len) = (null_mut(), 0usize);
+    // SAFETY: as for `plugin_configuration`.
+    match unsafe { proxy_get_header_map_pairs(map, &mut data, &mut len) } {
+        OK => Ok(deserialize_map(&unsafe { take(data, len) })),
         s => Err(Status(s)),
     }
 }
@@ -204,8 +246,17 @@ pub fn define_counter(name: &str) -> Result<u32, Status> {
 }
 
 pub fn increment(metric: u32) {
+    increment_by(metric, 1);
+}
+
+/// Adds `n` to a counter; nothing for 0 (Envoy refuses an offset that is not positive).
+pub fn increment_by(metric: u32, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let offset = i64::try_from(n).unwrap_or(i64::MAX);
     // SAFETY: plain values. A failed metric update is not worth failing a request over.
-    unsafe { proxy_increment_metric(metric, 1) };
+    unsafe { proxy_increment_metric(metric, offset) };
 }
 
 /// The ABI's header-map encoding: pair count (u32 LE), then each key and value length (u32 LE),
@@ -224,4 +275,50 @@ pub fn serialize_map(pairs: &[(&str, &str)]) -> Vec<u8> {
         out.push(0);
     }
     out
+}
+
+/// Decodes the ABI's header-map encoding (see [`serialize_map`]); a malformed map yields the
+/// pairs read before the fault, never a panic.
+pub fn deserialize_map(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    fn u32_at(bytes: &[u8], at: usize) -> Option<usize> {
+        let b: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(b) as usize)
+    }
+    let mut out = Vec::new();
+    let Some(count) = u32_at(bytes, 0) else { return out };
+    let mut sizes = 4usize;
+    let mut data = match count.checked_mul(8).and_then(|n| n.checked_add(4)) {
+        Some(d) => d,
+        None => return out,
+    };
+    for _ in 0..count {
+        let (Some(k), Some(v)) = (u32_at(bytes, sizes), u32_at(bytes, sizes + 4)) else { return out };
+        sizes += 8;
+        let key = data.checked_add(k).and_then(|end| bytes.get(data..end));
+        let value_start = data.saturating_add(k).saturating_add(1);
+        let value = value_start.checked_add(v).and_then(|end| bytes.get(value_start..end));
+        let (Some(key), Some(value)) = (key, value) else { return out };
+        out.push((String::from_utf8_lossy(key).into_owned(), value.to_vec()));
+        data = value_start.saturating_add(v).saturating_add(1);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_maps_round_trip_and_malformed_ones_do_not_panic() {
+        let pairs = [(":status", "200"), ("retry-after", "7"), ("empty", "")];
+        let bytes = serialize_map(&pairs);
+        let back = deserialize_map(&bytes);
+        let expected: Vec<(String, Vec<u8>)> = pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+        assert_eq!(back, expected);
+        for cut in 0..bytes.len() {
+            let partial = deserialize_map(&bytes[..cut]);
+            assert!(partial.len() <= pairs.len());
+        }
+        assert!(deserialize_map(&[0xff, 0xff, 0xff, 0xff]).is_empty());
+    }
 }

@@ -441,20 +441,53 @@ fn the_openai_sdk_reaches_anthropic_gemini_and_openai_compatible_providers_throu
     assert_eq!(r.json()["error"]["type"], "invalid_request_error", "{r:?}");
     assert_eq!(mock_request_count(&http, &mock_url), base + upstream_calls);
 
-    // Each provider got its own key header, never the client's authorization or identity.
-    for (model, fixture, key_header) in [
-        ("claude-sonnet", "anthropic/messages_nonstream_text.vercel.json", "x-api-key"),
-        ("gemini-flash", "gemini/generate_max_tokens.json", "x-goog-api-key"),
-        ("compat-model", "openai/chat_nonstream_text.vercel.json", "authorization"),
+    // Each provider got its own key header, never the client's authorization or identity, at
+    // its own API's path with the upstream model name.
+    for (model, stream, fixture, key_header, path, upstream_model) in [
+        (
+            "claude-sonnet",
+            false,
+            "anthropic/messages_nonstream_text.vercel.json",
+            "x-api-key",
+            "/v1/messages",
+            json!("claude-sonnet-4-5"),
+        ),
+        (
+            "gemini-flash",
+            false,
+            "gemini/generate_max_tokens.json",
+            "x-goog-api-key",
+            "/v1beta/models/gemini-2.5-flash:generateContent",
+            Value::Null,
+        ),
+        (
+            "gemini-flash",
+            true,
+            "gemini/stream_sse_text.sse",
+            "x-goog-api-key",
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+            Value::Null,
+        ),
+        (
+            "compat-model",
+            false,
+            "openai/chat_nonstream_text.vercel.json",
+            "authorization",
+            "/v1/chat/completions",
+            json!("gpt-4o"),
+        ),
     ] {
-        let body = json!({ "model": model, "messages": [{ "role": "user", "content": "Hi" }] }).to_string();
+        let body =
+            json!({ "model": model, "stream": stream, "messages": [{ "role": "user", "content": "Hi" }] }).to_string();
         let auth = format!("Bearer {CLIENT_KEY}");
-        let user = format!("headers-{model}");
+        let user = format!("headers-{model}-{stream}");
         let headers =
             [("authorization", auth.as_str()), ("x-tollgate-user", user.as_str()), ("x-mock-fixture", fixture)];
         let r = post_json(&agent(), &format!("{url}/v1/chat/completions"), &headers, &body);
         assert_eq!(r.status, 200, "{model}: the mock accepted only the provider's key: {r:?}");
         assert!(!r.body.contains(PROVIDER_KEY), "{model}: the key leaked into the response");
+        let content_type = if stream { "text/event-stream" } else { "application/json" };
+        assert_eq!(r.header("content-type"), Some(content_type), "{model}: {r:?}");
         let names = last_header_names(&mock_url);
         assert!(names.iter().any(|n| n == key_header), "{model}: no {key_header} in {names:?}");
         for absent in ["x-tollgate-user", "x-api-key", "x-goog-api-key", "authorization"] {
@@ -462,6 +495,9 @@ fn the_openai_sdk_reaches_anthropic_gemini_and_openai_compatible_providers_throu
                 assert!(!names.iter().any(|n| n == absent), "{model}: {absent} reached the provider: {names:?}");
             }
         }
+        let last = get(&http, &format!("{mock_url}/__mock/last-path")).json();
+        assert_eq!(last["path"], path, "{model}: {last}");
+        assert_eq!(last["model"], upstream_model, "{model}: {last}");
     }
     eprintln!("requests took {:?}", started.elapsed());
 

@@ -19,4 +19,4 @@ step "tests"
 # too slow unoptimised); the worker crate's native unit tests build separately, so that its
 # dependencies' features never change the wasmtime build.
 cargo test --release
-cargo test -p tollgate-edge-worker
+cargo test -p tollgate-edge-worker -p tollgate-filter

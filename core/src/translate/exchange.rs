@@ -139,11 +139,12 @@ impl Exchange {
                 self.write(&items, &mut text);
                 // Unknown is not zero: with no usage reported at all there is nothing to say.
                 if self.client_wants_usage && !self.pair.usage().is_empty() {
+                    let ids = self.pair.stream_identity().unwrap_or_else(|| self.meta.clone());
                     let chunk = ChatChunk {
-                        id: self.meta.id.clone(),
+                        id: ids.id,
                         object: "chat.completion.chunk".to_owned(),
-                        created: self.meta.created,
-                        model: self.meta.model.clone(),
+                        created: ids.created,
+                        model: ids.model,
                         choices: vec![],
                         usage: Some(WireUsage::from_usage(&self.pair.usage())),
                         ..ChatChunk::default()
@@ -391,6 +392,10 @@ mod tests {
         assert_eq!(ev.last().map(String::as_str), Some("[DONE]"));
         let usage_chunk: ChatChunk = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
         assert!(usage_chunk.choices.is_empty());
+        // pass-through chunks are the provider's: the usage chunk carries the same id and model
+        let first: ChatChunk = serde_json::from_str(&ev[0]).unwrap();
+        assert_eq!((&usage_chunk.id, &usage_chunk.model, usage_chunk.created), (&first.id, &first.model, first.created));
+        assert_eq!(first.id, "chatcmpl-BpJBM4XqgLRpLxmTeun39ESCNhQwb");
         assert_eq!(usage_chunk.usage.unwrap().to_usage(), usage);
         // what the provider reported on its usage chunk
         assert_eq!((usage.input, usage.output, usage.cached_read), (Some(1420), Some(100), Some(1280)));

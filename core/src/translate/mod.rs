@@ -197,6 +197,13 @@ pub trait Pair {
 
     /// Usage reported so far (complete after `response` or `end`).
     fn usage(&self) -> Usage;
+
+    /// The `id`, `model` and `created` the client's chunks carry when they are the provider's
+    /// own (pass-through), so the usage chunk the framing adds matches them. `None`: the
+    /// chunks carry the [`ResponseMeta`] values.
+    fn stream_identity(&self) -> Option<ResponseMeta> {
+        None
+    }
 }
 
 /// Values every pair needs to build OpenAI objects: the client-visible model name, an id and

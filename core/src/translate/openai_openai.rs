@@ -29,11 +29,15 @@ pub struct OpenAiCompatible {
     usage: Usage,
     /// Per choice index: how many tool calls began (Mistral index repair).
     tool_calls_seen: Vec<(u64, u32)>,
+    /// The provider said `[DONE]`: a stream that ends without it was cut short.
+    done: bool,
+    /// The provider's chunk `id`, `model` and `created`, from its first chunk.
+    identity: Option<ResponseMeta>,
 }
 
 impl OpenAiCompatible {
     pub fn new(meta: ResponseMeta) -> Self {
-        OpenAiCompatible { meta, usage: Usage::default(), tool_calls_seen: Vec::new() }
+        OpenAiCompatible { meta, usage: Usage::default(), tool_calls_seen: Vec::new(), done: false, identity: None }
     }
 
     fn record_usage(&mut self, v: &Value) {
@@ -167,7 +171,11 @@ impl Pair for OpenAiCompatible {
 
     fn event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
         let data = data.trim();
-        if data == "[DONE]" || data.is_empty() {
+        if data == "[DONE]" {
+            self.done = true;
+            return Ok(());
+        }
+        if data.is_empty() {
             return Ok(());
         }
         let mut chunk: Value = serde_json::from_str(data)
@@ -177,6 +185,13 @@ impl Pair for OpenAiCompatible {
             return Err(provider_error(status.unwrap_or(502), None, Some(error)));
         }
         self.record_usage(&chunk);
+        if self.identity.is_none() {
+            let text = |k: &str| chunk.get(k).and_then(Value::as_str).map(str::to_owned);
+            if let (Some(id), Some(model)) = (text("id"), text("model")) {
+                let created = chunk.get("created").and_then(Value::as_u64).unwrap_or(self.meta.created);
+                self.identity = Some(ResponseMeta { id, model, created });
+            }
+        }
         let usage_only = chunk.get("choices").and_then(Value::as_array).is_some_and(Vec::is_empty);
         if usage_only {
             return Ok(());
@@ -191,11 +206,19 @@ impl Pair for OpenAiCompatible {
     }
 
     fn end(&mut self, _out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
-        Ok(())
+        if self.done {
+            Ok(())
+        } else {
+            Err(TranslateError::bad_upstream("the provider's stream ended before [DONE]"))
+        }
     }
 
     fn usage(&self) -> Usage {
         self.usage
+    }
+
+    fn stream_identity(&self) -> Option<ResponseMeta> {
+        self.identity.clone()
     }
 }
 
@@ -219,7 +242,11 @@ mod tests {
     fn stream_payloads(path: &std::path::Path) -> Vec<String> {
         let bytes = std::fs::read(path).unwrap();
         if path.to_string_lossy().ends_with(".chunks.txt") {
-            return String::from_utf8(bytes).unwrap().lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+            // the vercel format keeps the JSON payloads only; the wire had `[DONE]` last
+            let mut v: Vec<String> =
+                String::from_utf8(bytes).unwrap().lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect();
+            v.push("[DONE]".to_owned());
+            return v;
         }
         let mut d = SseDecoder::new();
         d.feed(&bytes);
@@ -392,6 +419,17 @@ mod tests {
             })
             .collect();
         assert_eq!(indices, [0, 0, 1]);
+    }
+
+    #[test]
+    fn a_stream_cut_before_done_is_an_error() {
+        let mut t = OpenAiCompatible::new(meta());
+        let mut out = vec![];
+        t.event(None, r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"hel"},"finish_reason":null}]}"#, &mut out).unwrap();
+        let e = t.end(&mut out).unwrap_err();
+        assert_eq!((e.status, e.fault), (502, Fault::Provider));
+        t.event(None, "[DONE]", &mut out).unwrap();
+        assert!(t.end(&mut out).is_ok());
     }
 
     #[test]

@@ -558,7 +558,9 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         }
         Ok(OK)
     })?;
-    linker.func_wrap("env", "proxy_clear_route_cache", |_: C| -> R { Ok(OK) })?;
+    // No `proxy_clear_route_cache`: proxy-wasm-cpp-host `src/wasm.cc` registers it for ABI
+    // 0.1.0 only, and Envoy refuses a 0.2.1 module that imports it. Like Envoy, this host
+    // clears nothing explicitly: a request-header change is what re-picks the route.
 
     // --- Contexts ---------------------------------------------------------------------------
 

@@ -97,8 +97,10 @@ fn usage_of(v: &Value) -> Option<Usage> {
 }
 
 /// An error object (`{"error": {...}}` or OpenRouter's in-chunk `{"error": {"code": 502, ...}}`)
-/// in OpenAI's terms.
+/// in OpenAI's terms. A status outside 400–599 is no error status a client can act on (nor one
+/// every HTTP stack will send): it becomes 502, as in the other pairs.
 fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) -> TranslateError {
+    let status = if (400..=599).contains(&status) { status } else { 502 };
     let text = |k: &str| error.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_owned);
     let code = error.and_then(|e| e.get("code")).and_then(|c| match c {
         Value::String(s) => Some(s.clone()),
@@ -464,6 +466,18 @@ mod tests {
             }
         }
         assert!(checked >= 6, "only {checked} response fixtures");
+    }
+
+    #[test]
+    fn error_statuses_outside_400_to_599_become_502() {
+        let body = br#"{"error":{"message":"odd","type":"x","param":null,"code":"c"}}"#;
+        for status in [600, 999, 64304] {
+            let e = OpenAiCompatible::new(meta()).error(status, None, body);
+            assert_eq!((e.status, e.kind, e.message.as_str()), (502, "server_error", "odd"), "{status}");
+        }
+        let mut out = vec![];
+        let e = OpenAiCompatible::new(meta()).event(None, r#"{"error":{"code":1000,"message":"odd"}}"#, &mut out).unwrap_err();
+        assert_eq!(e.status, 502);
     }
 
     #[test]

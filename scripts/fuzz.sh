@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 60); CI calls it with a short
-# time (`scripts/fuzz.sh 20`). Installs cargo-fuzz if it is missing.
+# Runs every cargo-fuzz target in fuzz/ (or only the TARGETs named) for SECONDS each (default
+# 60): `scripts/fuzz.sh [SECONDS [TARGET...]]`. CI calls it with a short time
+# (`scripts/fuzz.sh 20`). Installs cargo-fuzz if it is missing.
 #
 # cargo-fuzz passes nightly-only flags (-Zsanitizer=address, -Cpasses=sancov-module) to rustc.
 # Only stable Rust is installed here, so RUSTC_BOOTSTRAP=1 lets stable rustc accept them (the
@@ -14,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
+shift $(( $# > 0 ? 1 : 0 ))
 export RUSTC_BOOTSTRAP=1
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -30,13 +32,58 @@ seed() {
     case "$target" in
         sse_decoder) find "$fixtures" -name '*.sse' -exec cp -n {} "$dir/" \; ;;
         json_array) find "$fixtures" -name 'stream_array_*.json' ! -name '*.*.json' -exec cp -n {} "$dir/" \; ;;
+        translate_anthropic) seed_translate "$dir" anthropic ;;
+        translate_gemini) seed_translate "$dir" gemini ;;
+        translate_openai) seed_translate "$dir" openai openai-compatible ;;
     esac
+}
+
+# translate_* inputs are a header, then a recorded answer (layout in
+# fuzz/fuzz_targets/translate_common.rs): a mode byte (bit 0 stream request, bit 1 stream
+# answer, bit 2 include_usage, bit 3 request variant, bit 4 Gemini's JSON-array stream), then for
+# a stream a chunking seed byte, for a complete answer three status digits and a retry-after
+# length byte (0: none; 1 + n: n bytes follow). Seeds are named after their fixture and mode and
+# rewritten on every run, so seeding is idempotent.
+seed_translate() {
+    local dir="$1" sub f base status mode
+    shift
+    for sub in "$@"; do
+        [ -d "$fixtures/$sub" ] || continue
+        for f in "$fixtures/$sub"/*; do
+            base="$(basename "$f")"
+            case "$base" in
+                *.sse)
+                    for mode in 03 07 0f; do seed_file "$dir/seed-$base-m$mode" "\\x$mode\\x05" < "$f"; done ;;
+                *.chunks.txt)  # one data payload a line
+                    for mode in 03 07; do
+                        { awk 'NF { print "data: " $0; print "" }' "$f"; [ "$sub" = anthropic ] || printf 'data: [DONE]\n\n'; } |
+                            seed_file "$dir/seed-$base-m$mode" "\\x$mode\\x05"
+                    done ;;
+                *.request.json | *.headers.json | request_*.json) ;;
+                stream_array_*.json)
+                    for mode in 13 17 1f; do seed_file "$dir/seed-$base-m$mode" "\\x$mode\\x05" < "$f"; done ;;
+                *.json)
+                    if [[ "$base" =~ ^error_([0-9]{3})_ ]]; then
+                        status="${BASH_REMATCH[1]}"
+                        seed_file "$dir/seed-$base-m00" "\\x00${status}\\x00" < "$f"
+                        seed_file "$dir/seed-$base-m01-retry" "\\x01${status}\\x0320" < "$f"
+                    else
+                        for mode in 00 08; do seed_file "$dir/seed-$base-m$mode" "\\x${mode}200\\x00" < "$f"; done
+                    fi ;;
+            esac
+        done
+    done
+}
+
+# Writes the printf escapes in $2, then stdin, to $1.
+seed_file() {
+    { printf "$2"; cat; } > "$1"
 }
 
 cargo fuzz build
 status=0
 summary=()
-for target in $(cargo fuzz list); do
+for target in $( (($# > 0)) && printf '%s\n' "$@" || cargo fuzz list); do
     seed "$target"
     log="$(mktemp)"
     echo "== fuzz $target for ${seconds}s" >&2

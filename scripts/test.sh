@@ -20,3 +20,5 @@ step "tests"
 # dependencies' features never change the wasmtime build.
 cargo test --release
 cargo test -p tollgate-edge-worker -p tollgate-filter
+step "fuzz (short run; scripts/fuzz.sh 600 TARGET for a long one)"
+bash scripts/fuzz.sh "${TOLLGATE_FUZZ_SECONDS:-15}"

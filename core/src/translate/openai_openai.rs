@@ -182,6 +182,9 @@ impl Pair for OpenAiCompatible {
         }
         let mut chunk: Value = serde_json::from_str(data)
             .map_err(|e| TranslateError::bad_upstream(format!("a stream chunk is not JSON: {e}")))?;
+        if !chunk.is_object() {
+            return Err(TranslateError::bad_upstream("a stream chunk is not a JSON object"));
+        }
         if let Some(error) = chunk.get("error") {
             let status = error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()).filter(|c| *c >= 400);
             return Err(provider_error(status.unwrap_or(502), None, Some(error)));
@@ -421,6 +424,12 @@ mod tests {
             })
             .collect();
         assert_eq!(indices, [0, 0, 1]);
+    }
+
+    #[test]
+    fn a_chunk_that_is_not_an_object_ends_the_stream() {
+        let e = OpenAiCompatible::new(meta()).event(None, "123", &mut vec![]).unwrap_err();
+        assert_eq!(e.status, 502);
     }
 
     #[test]

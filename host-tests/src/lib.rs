@@ -7,3 +7,4 @@
 pub mod envoy;
 pub mod host;
 pub mod proc;
+pub mod workerd;

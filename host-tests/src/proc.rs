@@ -21,6 +21,16 @@ pub fn filter_wasm_path() -> PathBuf {
     target_dir().join("wasm32-unknown-unknown/wasm/tollgate_filter.wasm")
 }
 
+/// The recorded provider traffic: `$TOLLGATE_FIXTURES`, else `../shared/fixtures` beside the
+/// workspace. A missing directory fails the test rather than letting it run on nothing.
+pub fn fixtures_dir() -> PathBuf {
+    let dir = std::env::var_os("TOLLGATE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
+    assert!(dir.is_dir(), "fixtures directory {} is missing (set TOLLGATE_FIXTURES)", dir.display());
+    dir
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")

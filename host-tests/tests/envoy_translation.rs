@@ -7,13 +7,14 @@
 //! Needs `scripts/build-wasm.sh`, the release mock provider and Envoy (`scripts/test.sh` does
 //! all three). The client side runs `examples/clients/openai_translation.py --scenarios`.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tollgate_host_tests::envoy::{self, render, Rendered, TempDir};
-use tollgate_host_tests::proc::{agent, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Server};
+use tollgate_host_tests::proc::{
+    agent, fixtures_dir, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Server,
+};
 
 const TEMPLATE: &str = "examples/envoy/providers.yaml";
 const KEYS: [(&str, &str); 3] = [
@@ -22,17 +23,8 @@ const KEYS: [(&str, &str); 3] = [
     ("OPENAI_API_KEY", "sk-proj-test-5be0c6d8"),
 ];
 
-/// The shared fixtures, resolved like core's tests do.
-fn fixtures() -> PathBuf {
-    let dir = std::env::var_os("TOLLGATE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
-    assert!(dir.is_dir(), "fixtures directory {} is missing (set TOLLGATE_FIXTURES)", dir.display());
-    dir
-}
-
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(fixtures().join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    std::fs::read_to_string(fixtures_dir().join(name)).unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 /// The `data:` payloads of a recorded SSE stream, as JSON.
@@ -60,7 +52,7 @@ struct Mock {
 }
 
 fn mock(key: &str) -> Mock {
-    let dir = fixtures();
+    let dir = fixtures_dir();
     let (server, url) = start_mock_provider_with(&["--require-key", key, "--fixtures", dir.to_str().unwrap()]);
     let port = url.rsplit(':').next().unwrap().parse().unwrap();
     Mock { _server: server, url, port }

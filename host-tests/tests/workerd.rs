@@ -9,14 +9,10 @@
 //! runs under the Node 22 in node_modules, and is stopped with its whole process group
 //! (wrangler → workerd) when the test ends, pass or fail.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tollgate_host_tests::proc::{
-    agent, free_port, mock_request_count, post_json, start_mock_provider, wait_for_http, workspace_root, Reply, Server,
-};
+use tollgate_host_tests::proc::{agent, mock_request_count, post_json, start_mock_provider, Reply};
+use tollgate_host_tests::workerd::{seed_policy, start_wrangler, Scratch};
 
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}]}"#;
 const MOCK_CONTENT: &str = "Hello from the Tollgate mock provider.";
@@ -27,116 +23,6 @@ const POLICY: &str = r#"{
   "tier": { "default": "default" },
   "tiers": { "default": { "limits": [ { "window": "minute", "requests": 3 }, { "window": "day", "requests": 5 } ] } }
 }"#;
-
-/// A scratch directory removed when the test ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(dir.join("xdg")).expect("create scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `wrangler dev`; prints its log if the test fails.
-struct Wrangler {
-    server: Server,
-    url: String,
-    log: PathBuf,
-}
-
-impl Drop for Wrangler {
-    fn drop(&mut self) {
-        self.server.stop();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("----- wrangler dev log ({}) -----\n{log}\n-----", self.log.display());
-        }
-    }
-}
-
-fn node_and_wrangler() -> (PathBuf, PathBuf) {
-    let root = workspace_root();
-    let node = root.join("node_modules/.bin/node");
-    let wrangler = root.join("node_modules/wrangler/bin/wrangler.js");
-    assert!(
-        node.exists() && wrangler.exists(),
-        "{} or {} is missing: run `npm install` in {}",
-        node.display(),
-        wrangler.display(),
-        root.display()
-    );
-    for built in ["edge-worker/build/index.js", "edge-worker/build/index_bg.wasm"] {
-        assert!(root.join(built).exists(), "{built} is missing: build the worker first with scripts/build-worker.sh");
-    }
-    (node, wrangler)
-}
-
-/// `node wrangler.js <args>` from the workspace root (where wrangler.toml is), with nothing
-/// written to the home directory and no telemetry or cf-fetch.
-fn wrangler_command(scratch: &Path) -> Command {
-    let (node, wrangler) = node_and_wrangler();
-    let mut cmd = Command::new(node);
-    cmd.arg(wrangler)
-        .current_dir(workspace_root())
-        .env("WRANGLER_SEND_METRICS", "false")
-        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-        .env("XDG_CONFIG_HOME", scratch.join("xdg"))
-        .env("TOLLGATE_WORKER_PREBUILT", "1")
-        .env("NO_COLOR", "1");
-    cmd
-}
-
-/// Writes `policy` to the local KV namespace `TOLLGATE_CONFIG` in `scratch/state`.
-fn seed_policy(scratch: &Path, policy: &str) {
-    let out = wrangler_command(scratch)
-        .args(["kv", "key", "put", "--local", "--binding", "TOLLGATE_CONFIG", "policy", policy, "--persist-to"])
-        .arg(scratch.join("state"))
-        .output()
-        .expect("run wrangler kv key put");
-    assert!(
-        out.status.success(),
-        "wrangler kv key put failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Starts `wrangler dev` on free loopback ports with state in `scratch/state`.
-fn start_wrangler(scratch: &Path, vars: &[(&str, &str)]) -> Wrangler {
-    let port = free_port();
-    let inspector = free_port();
-    let log = scratch.join("wrangler.log");
-    let out = File::create(&log).expect("create wrangler log");
-    let err = out.try_clone().expect("clone log handle");
-    let mut cmd = wrangler_command(scratch);
-    cmd.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string(), "--inspector-port", &inspector.to_string()])
-        .arg("--persist-to")
-        .arg(scratch.join("state"))
-        .arg("--show-interactive-dev-session=false")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    for (name, value) in vars {
-        cmd.arg("--var").arg(format!("{name}:{value}"));
-    }
-    let started = Instant::now();
-    let server = Server::spawn("wrangler dev", &mut cmd);
-    let mut wrangler = Wrangler { server, url: format!("http://127.0.0.1:{port}"), log };
-    // Any answer will do: the probe is forwarded to the mock (404) and counted for this address.
-    wait_for_http(&format!("{}/__probe", wrangler.url), Duration::from_secs(90), &mut wrangler.server);
-    eprintln!("wrangler dev ready in {:?}", started.elapsed());
-    wrangler
-}
 
 /// Waits out the last 20 s of a UTC minute, so a minute (or day) window cannot reset while a
 /// test counts up to its limit and flip an expected 429 into a 200.
@@ -218,7 +104,7 @@ fn per_identity_limits_are_counted_in_durable_objects_and_denials_never_reach_th
     let scratch = Scratch::new("workerd");
     let (_mock, mock_url) = start_mock_provider();
     seed_policy(&scratch.0, POLICY);
-    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url)]);
+    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url)], None);
     let http = agent();
     let url = &wrangler.url;
     away_from_minute_boundary();
@@ -265,7 +151,7 @@ fn an_invalid_policy_answers_503_in_openai_shape_and_forwards_nothing() {
     let (_mock, mock_url) = start_mock_provider();
     // No KV entry: the worker falls back to the TOLLGATE_POLICY var, which is invalid here.
     let invalid = POLICY.replace(r#""window": "minute""#, r#""window": "fortnight""#);
-    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url), ("TOLLGATE_POLICY", &invalid)]);
+    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url), ("TOLLGATE_POLICY", &invalid)], None);
     let http = agent();
 
     let r = chat(&wrangler.url, Some("user-a"));
@@ -289,7 +175,7 @@ fn an_invalid_policy_answers_503_in_openai_shape_and_forwards_nothing() {
 fn without_a_kv_policy_the_default_in_wrangler_toml_applies_per_client_address() {
     let scratch = Scratch::new("workerd-default");
     let (_mock, mock_url) = start_mock_provider();
-    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url)]);
+    let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mock_url)], None);
     let http = agent();
 
     let r = chat(&wrangler.url, Some("user-a"));

@@ -12,7 +12,6 @@
 //! directory; the mock runs with `--require-key`, so every 200 proves the worker sent the
 //! provider's key, not the client's.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use tollgate_host_tests::proc::{
-    agent, free_port, get, mock_request_count, post_json, start_mock_provider_with, wait_for_http, workspace_root,
-    Server,
+    agent, fixtures_dir, get, mock_request_count, post_json, start_mock_provider_with, workspace_root,
 };
+use tollgate_host_tests::workerd::{start_wrangler, Scratch};
 
 /// The key every provider secret holds; the mock accepts only this one.
 const PROVIDER_KEY: &str = "tg-test-provider-key-3f9c1e";
@@ -51,14 +50,6 @@ fn policy(mock_url: &str) -> String {
         }
     })
     .to_string()
-}
-
-fn fixtures_dir() -> PathBuf {
-    let dir = std::env::var_os("TOLLGATE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
-    assert!(dir.is_dir(), "fixtures directory {} is missing (set TOLLGATE_FIXTURES)", dir.display());
-    dir
 }
 
 fn fixture(name: &str) -> String {
@@ -105,87 +96,6 @@ fn replay_dir(scratch: &Path) -> PathBuf {
     let cut = whole.find("event: message_delta").expect("a message_delta in the recording");
     std::fs::write(dir.join(CUT_STREAM), &whole[..cut]).expect("write the cut stream");
     dir
-}
-
-// ---- wrangler dev (as in workerd.rs) ----
-
-/// A scratch directory removed when the test ends.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!("tollgate-{name}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(dir.join("xdg")).expect("create scratch dir");
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `wrangler dev`; prints its log if the test fails.
-struct Wrangler {
-    server: Server,
-    url: String,
-    log: PathBuf,
-}
-
-impl Drop for Wrangler {
-    fn drop(&mut self) {
-        self.server.stop();
-        if std::thread::panicking() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            eprintln!("----- wrangler dev log ({}) -----\n{log}\n-----", self.log.display());
-        }
-    }
-}
-
-/// `wrangler dev` from the workspace root under the Node 22 in node_modules, on free loopback
-/// ports, state and config in `scratch`, with `vars` as `--var` and `env_file` as its secrets.
-fn start_wrangler(scratch: &Path, vars: &[(&str, &str)], env_file: &Path) -> Wrangler {
-    let root = workspace_root();
-    let node = root.join("node_modules/.bin/node");
-    let wrangler = root.join("node_modules/wrangler/bin/wrangler.js");
-    assert!(node.exists() && wrangler.exists(), "node or wrangler missing: run scripts/setup.sh all");
-    for built in ["edge-worker/build/index.js", "edge-worker/build/index_bg.wasm"] {
-        assert!(root.join(built).exists(), "{built} is missing: build the worker with scripts/build-worker.sh");
-    }
-    let port = free_port();
-    let inspector = free_port();
-    let log = scratch.join("wrangler.log");
-    let out = File::create(&log).expect("create wrangler log");
-    let err = out.try_clone().expect("clone log handle");
-    let mut cmd = Command::new(node);
-    cmd.arg(wrangler)
-        .current_dir(&root)
-        .env("WRANGLER_SEND_METRICS", "false")
-        .env("CLOUDFLARE_CF_FETCH_ENABLED", "false")
-        .env("XDG_CONFIG_HOME", scratch.join("xdg"))
-        .env("TOLLGATE_WORKER_PREBUILT", "1")
-        .env("NO_COLOR", "1")
-        .args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string(), "--inspector-port", &inspector.to_string()])
-        .arg("--persist-to")
-        .arg(scratch.join("state"))
-        .arg("--env-file")
-        .arg(env_file)
-        .arg("--show-interactive-dev-session=false")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    for (name, value) in vars {
-        cmd.arg("--var").arg(format!("{name}:{value}"));
-    }
-    let started = Instant::now();
-    let server = Server::spawn("wrangler dev", &mut cmd);
-    let mut wrangler = Wrangler { server, url: format!("http://127.0.0.1:{port}"), log };
-    // Any answer will do: the probe is forwarded to UPSTREAM_URL (the mock's 404).
-    wait_for_http(&format!("{}/__probe", wrangler.url), Duration::from_secs(90), &mut wrangler.server);
-    eprintln!("wrangler dev ready in {:?}", started.elapsed());
-    wrangler
 }
 
 /// Waits out the last 20 s of a UTC day, so the day window cannot reset mid-test.
@@ -273,7 +183,7 @@ fn the_openai_sdk_reaches_anthropic_gemini_and_openai_compatible_providers_throu
             ("TOLLGATE_POLICY", &policy),
             ("PROVIDER_PASS_HEADERS", "x-mock-fixture,x-mock-retry-after"),
         ],
-        &env_file,
+        Some(&env_file),
     );
     let url = wrangler.url.as_str();
     let http = agent();

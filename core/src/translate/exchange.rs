@@ -247,7 +247,11 @@ mod tests {
     }
 
     fn run(bytes: &[u8], cuts: &[usize], include_usage: bool) -> (Vec<u8>, Usage) {
-        let mut x = exchange(include_usage);
+        feed(exchange(include_usage), bytes, cuts)
+    }
+
+    /// Feeds `bytes` cut at `cuts`, then finishes: the client bytes and the usage.
+    fn feed(mut x: Exchange, bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage) {
         let mut out = vec![];
         let mut start = 0;
         for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
@@ -326,15 +330,7 @@ mod tests {
     }
 
     fn run_kind(kind: ProviderKind, array: bool, bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage) {
-        let mut x = stream_exchange(kind, array);
-        let mut out = vec![];
-        let mut start = 0;
-        for &c in cuts.iter().chain(std::iter::once(&bytes.len())) {
-            x.stream(&bytes[start..c], &mut out);
-            start = c;
-        }
-        x.finish(&mut out);
-        (out, x.usage())
+        feed(stream_exchange(kind, array), bytes, cuts)
     }
 
     /// Every recorded provider stream (Anthropic, Gemini SSE and JSON array, OpenAI and

@@ -276,11 +276,13 @@ impl Pump {
             }
             if self.done {
                 if let Some(e) = self.exchange.stream_error() {
+                    // The status and whose fault, never the message: a provider's message may
+                    // quote the request.
                     console_warn!(
-                        "tollgate: provider {} stream ended in error ({}): {}",
+                        "tollgate: provider {} stream ended in error ({}, {})",
                         self.provider,
                         e.label(),
-                        e.message
+                        e.status
                     );
                 }
             }

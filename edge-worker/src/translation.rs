@@ -20,12 +20,11 @@
 //! Every response carries the client's rate-limit headers from the admission decision.
 
 use futures_util::stream::{self, StreamExt};
-use tollgate_core::openai::ChatRequest;
 use tollgate_core::render::openai_error;
 use tollgate_core::routing::Provider;
 use tollgate_core::sse::write_event;
-use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{ProviderKind, ResponseMeta, TranslateError};
+use tollgate_core::translate::exchange::{route_request, Exchange};
+use tollgate_core::translate::TranslateError;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::{Math, Uint8Array};
 use worker::{console_error, console_warn, web_sys, ByteStream, Date, Env, Fetch, Headers, Method, Request, Response};
@@ -50,15 +49,6 @@ pub fn applies(policy: &Policy, method: &Method, path: &str) -> bool {
     policy.routes.is_enabled() && *method == Method::Post && path == CHAT_PATH
 }
 
-/// The header carrying a provider's key, and its value.
-pub fn key_header(kind: ProviderKind, key: &str) -> (&'static str, String) {
-    match kind {
-        ProviderKind::Anthropic => ("x-api-key", key.to_owned()),
-        ProviderKind::Gemini => ("x-goog-api-key", key.to_owned()),
-        ProviderKind::OpenAi => ("authorization", format!("Bearer {key}")),
-    }
-}
-
 /// The client header names the var lists, lower-cased, minus the ones never passed and the
 /// policy's private ones (identity, tier).
 pub fn pass_headers(var: Option<&str>, private: &[&str]) -> Vec<String> {
@@ -74,15 +64,6 @@ pub fn pass_headers(var: Option<&str>, private: &[&str]) -> Vec<String> {
 fn response_id(now_ms: u64) -> String {
     let random = (Math::random() * (1u64 << 52) as f64) as u64;
     format!("chatcmpl-tg{now_ms:x}{random:013x}")
-}
-
-fn model_not_found(model: &str) -> LocalResponse {
-    openai_error(
-        404,
-        &format!("The model `{model}` does not exist or you do not have access to it."),
-        "invalid_request_error",
-        "model_not_found",
-    )
 }
 
 fn key_missing(provider: &str) -> LocalResponse {
@@ -114,17 +95,11 @@ pub async fn handle(
             return respond(&TranslateError::invalid(None, "The request body could not be read.").to_response());
         }
     };
-    let chat: ChatRequest = match serde_json::from_slice(&body) {
-        Ok(c) => c,
-        Err(e) => {
-            let message = format!("We could not parse the JSON body of your request: {e}");
-            return respond(&TranslateError::invalid(None, message).to_response());
-        }
+    let routed = match route_request(&policy.routes, &body) {
+        Ok(r) => r,
+        Err(e) => return respond(&e.to_response()),
     };
-    let Some(route) = policy.routes.route(&chat.model) else {
-        return respond(&model_not_found(&chat.model));
-    };
-    let provider: &Provider = route.provider;
+    let provider: &Provider = routed.provider();
     let Some(base_url) = provider.base_url.as_deref() else {
         let message = format!("providers.{}.base_url is not set; the worker needs it", provider.name);
         console_error!("tollgate: {message}");
@@ -141,11 +116,10 @@ pub async fn handle(
         },
     };
 
+
     let now_ms = Date::now().as_millis();
-    let meta = ResponseMeta { id: response_id(now_ms), model: chat.model.clone(), created: now_ms / 1000 };
-    let mut exchange = Exchange::for_kind(route.target.kind, meta);
-    let up = match exchange.request(&chat, &route.target) {
-        Ok(up) => up,
+    let (mut exchange, up) = match routed.start(response_id(now_ms), now_ms / 1000) {
+        Ok(t) => t,
         Err(e) => return respond(&e.to_response()),
     };
 
@@ -154,7 +128,7 @@ pub async fn handle(
     let passed = pass_headers(pass_var.as_deref(), &private)
         .into_iter()
         .filter_map(|name| req.headers().get(&name).ok().flatten().map(|value| (name, value)));
-    let key = key.map(|k| key_header(provider.kind, &k));
+    let key = key.map(|k| provider.kind.key_header(&k));
     let headers = match upstream_headers(&up.headers, passed, key) {
         Ok(h) => h,
         Err(_) => {
@@ -294,13 +268,6 @@ impl Pump {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn each_kind_gets_its_key_header() {
-        assert_eq!(key_header(ProviderKind::Anthropic, "k"), ("x-api-key", "k".to_owned()));
-        assert_eq!(key_header(ProviderKind::Gemini, "k"), ("x-goog-api-key", "k".to_owned()));
-        assert_eq!(key_header(ProviderKind::OpenAi, "k"), ("authorization", "Bearer k".to_owned()));
-    }
 
     #[test]
     fn credentials_hop_by_hop_and_private_headers_are_never_passed() {

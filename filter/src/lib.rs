@@ -45,6 +45,7 @@ use std::rc::Rc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 use tollgate_core::translate::{Fault, TranslateError};
+use tollgate_core::translate::exchange::route_request;
 use tollgate_core::{check_and_count, render, Decision, FailureMode, Policy};
 
 use translation::{Answer, Forwarded};
@@ -340,7 +341,9 @@ impl Request {
         };
         let now_ns = abi::now_ns().unwrap_or(0);
         let id = translation::response_id(now_ns, translation::connection_id(), self.context_id);
-        let (exchange, up, cluster) = match translation::translate(&policy, &body, id, now_ns / 1_000_000_000) {
+        let started = route_request(&policy.routes, &body)
+            .and_then(|routed| Ok((routed.start(id, now_ns / 1_000_000_000)?, routed.provider().cluster.clone())));
+        let ((exchange, up), cluster) = match started {
             Ok(t) => t,
             Err(e) => return self.refuse(&e),
         };

@@ -15,9 +15,8 @@
 //!    arrives, never buffered); anything else pauses the headers, buffers the body and
 //!    replaces status, headers and body once it is complete.
 
-use tollgate_core::openai::ChatRequest;
 use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{Fault, ResponseMeta, TranslateError, UpstreamRequest};
+use tollgate_core::translate::{Fault, TranslateError, UpstreamRequest};
 
 use crate::abi::{self, Status};
 
@@ -74,24 +73,6 @@ pub fn is_chat_request(method: Option<&[u8]>, path: Option<&[u8]>) -> bool {
     method == Some(b"POST".as_slice()) && path == CHAT_PATH.as_bytes()
 }
 
-/// A 400 for a body that is not a chat completion request.
-pub fn unreadable_body(e: &serde_json::Error) -> TranslateError {
-    TranslateError::invalid(None, format!("We could not parse the JSON body of your request: {e}"))
-}
-
-/// OpenAI's 404 for a model the policy does not map. Names only what the client sent.
-pub fn model_not_found(model: &str) -> TranslateError {
-    TranslateError {
-        fault: Fault::Client,
-        status: 404,
-        kind: "invalid_request_error",
-        code: Some("model_not_found".to_owned()),
-        param: Some("model".to_owned()),
-        message: format!("The model `{model}` does not exist or you do not have access to it."),
-        retry_after: None,
-    }
-}
-
 /// A 500 when the host would not let the filter rewrite the request: nothing half-translated
 /// is ever forwarded.
 pub fn gateway_error() -> TranslateError {
@@ -129,22 +110,6 @@ pub fn connection_id() -> u64 {
         Ok(Some(bytes)) => <[u8; 8]>::try_from(bytes.as_slice()).map(u64::from_le_bytes).unwrap_or(0),
         _ => 0,
     }
-}
-
-/// Parses the client's body and builds the exchange and the upstream request. `Err` is the
-/// error to answer with.
-pub fn translate(
-    policy: &tollgate_core::Policy,
-    body: &[u8],
-    id: String,
-    created: u64,
-) -> Result<(Exchange, UpstreamRequest, String), TranslateError> {
-    let req: ChatRequest = serde_json::from_slice(body).map_err(|e| unreadable_body(&e))?;
-    let route = policy.routes.route(&req.model).ok_or_else(|| model_not_found(&req.model))?;
-    let meta = ResponseMeta { id, model: req.model.clone(), created };
-    let mut exchange = Exchange::for_kind(route.target.kind, meta);
-    let up = exchange.request(&req, &route.target)?;
-    Ok((exchange, up, route.provider.cluster.clone()))
 }
 
 /// Rewrites the paused request into the upstream one. `body_size` is the buffered body's
@@ -211,35 +176,10 @@ mod tests {
     }
 
     #[test]
-    fn refusals_speak_openai() {
-        let e = model_not_found("gpt-9");
-        let r = e.to_response();
-        assert_eq!(r.status, 404);
+    fn a_host_refusal_is_a_500_in_openai_shape() {
+        let r = gateway_error().to_response();
+        assert_eq!(r.status, 500);
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-        assert_eq!(body["error"]["code"], "model_not_found");
-        assert_eq!(body["error"]["type"], "invalid_request_error");
-        assert_eq!(body["error"]["message"], "The model `gpt-9` does not exist or you do not have access to it.");
-        let bad = serde_json::from_slice::<ChatRequest>(b"{\"model\": 1}").unwrap_err();
-        assert_eq!(unreadable_body(&bad).to_response().status, 400);
-        assert_eq!(gateway_error().to_response().status, 500);
-    }
-
-    #[test]
-    fn translation_picks_the_models_provider_and_cluster() {
-        let policy = tollgate_core::Policy::from_json(
-            br#"{"tier": {"default": "a"}, "tiers": {"a": {"limits": []}},
-                 "providers": {"claude": {"kind": "anthropic", "cluster": "anthropic-eu", "default_max_tokens": 100}},
-                 "models": {"sonnet": {"provider": "claude", "model": "claude-sonnet-4-5"}}}"#,
-        )
-        .unwrap();
-        let body = br#"{"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}"#;
-        let (_, up, cluster) = translate(&policy, body, "chatcmpl-x".into(), 1).unwrap();
-        assert_eq!((up.path.as_str(), cluster.as_str(), up.stream), ("/v1/messages", "anthropic-eu", false));
-        let sent: serde_json::Value = serde_json::from_slice(&up.body).unwrap();
-        assert_eq!(sent["model"], "claude-sonnet-4-5");
-        let Err(e) = translate(&policy, br#"{"model": "opus", "messages": []}"#, "x".into(), 1) else { panic!() };
-        assert_eq!(e.status, 404);
-        let Err(e) = translate(&policy, b"not json", "x".into(), 1) else { panic!() };
-        assert_eq!(e.status, 400);
+        assert_eq!(body["error"]["code"], "gateway_error");
     }
 }

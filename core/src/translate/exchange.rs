@@ -16,6 +16,7 @@
 use crate::json_array::JsonArrayDecoder;
 use crate::openai::{ChatChunk, ChatRequest, WireUsage};
 use crate::render::LocalResponse;
+use crate::routing::{Provider, Route, Routes};
 use crate::sse::{write_comment, write_event, SseDecoder, SseEvent};
 use crate::usage::Usage;
 
@@ -27,6 +28,36 @@ use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Targ
 enum Framing {
     Sse(SseDecoder),
     JsonArray(JsonArrayDecoder),
+}
+
+/// A client request parsed and routed: what every host does first.
+pub struct Routed<'a> {
+    pub request: ChatRequest,
+    pub route: Route<'a>,
+}
+
+/// Parses the client's body as a chat completion request and routes its model. `Err` is the
+/// error to answer with (400 unreadable body, 404 unknown model).
+pub fn route_request<'a>(routes: &'a Routes, body: &[u8]) -> Result<Routed<'a>, TranslateError> {
+    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| TranslateError::unreadable_body(&e))?;
+    let route = routes.route(&request.model).ok_or_else(|| TranslateError::model_not_found(&request.model))?;
+    Ok(Routed { request, route })
+}
+
+impl Routed<'_> {
+    /// The provider the request goes to.
+    pub fn provider(&self) -> &Provider {
+        self.route.provider
+    }
+
+    /// Builds the exchange (`id` and `created` from the host) and the upstream request; `Err`
+    /// is a request the backend cannot serve, in OpenAI's terms.
+    pub fn start(&self, id: String, created: u64) -> Result<(Exchange, UpstreamRequest), TranslateError> {
+        let meta = ResponseMeta { id, model: self.request.model.clone(), created };
+        let mut exchange = Exchange::for_kind(self.route.target.kind, meta);
+        let upstream = exchange.request(&self.request, &self.route.target)?;
+        Ok((exchange, upstream))
+    }
 }
 
 /// The state of one translated request.
@@ -377,6 +408,29 @@ mod tests {
             }
         }
         assert!(n >= 25, "only {n} stream fixtures");
+    }
+
+    #[test]
+    fn start_routes_the_model_and_answers_mistakes_in_openais_terms() {
+        let policy = crate::Policy::from_json(
+            br#"{"tier": {"default": "a"}, "tiers": {"a": {"limits": []}},
+                 "providers": {"claude": {"kind": "anthropic", "cluster": "anthropic-eu", "default_max_tokens": 100}},
+                 "models": {"sonnet": {"provider": "claude", "model": "claude-sonnet-4-5"}}}"#,
+        )
+        .unwrap();
+        let body = br#"{"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}"#;
+        let routed = route_request(&policy.routes, body).unwrap_or_else(|e| panic!("{e}"));
+        let (_, up) = routed.start("chatcmpl-x".into(), 1).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((up.path.as_str(), routed.provider().cluster.as_str(), up.stream), ("/v1/messages", "anthropic-eu", false));
+        let sent: serde_json::Value = serde_json::from_slice(&up.body).unwrap();
+        assert_eq!(sent["model"], "claude-sonnet-4-5");
+
+        let Err(e) = route_request(&policy.routes, br#"{"model": "opus", "messages": []}"#) else { panic!() };
+        let body: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!((e.status, body["error"]["code"].as_str()), (404, Some("model_not_found")));
+        assert_eq!(body["error"]["message"], "The model `opus` does not exist or you do not have access to it.");
+        let Err(e) = route_request(&policy.routes, b"not json") else { panic!() };
+        assert_eq!((e.status, e.kind), (400, "invalid_request_error"));
     }
 
     #[test]

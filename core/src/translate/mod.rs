@@ -112,6 +112,24 @@ impl TranslateError {
         }
     }
 
+    /// A 400 for a body that is not a chat completion request.
+    pub fn unreadable_body(e: &serde_json::Error) -> Self {
+        TranslateError::invalid(None, format!("We could not parse the JSON body of your request: {e}"))
+    }
+
+    /// OpenAI's 404 for a model the policy does not map. Names only what the client sent.
+    pub fn model_not_found(model: &str) -> Self {
+        TranslateError {
+            fault: Fault::Client,
+            status: 404,
+            kind: "invalid_request_error",
+            code: Some("model_not_found".to_owned()),
+            param: Some("model".to_owned()),
+            message: format!("The model `{model}` does not exist or you do not have access to it."),
+            retry_after: None,
+        }
+    }
+
     /// A 502 for a provider answer that cannot be read.
     pub fn bad_upstream(message: impl Into<String>) -> Self {
         TranslateError {
@@ -215,6 +233,38 @@ pub struct ResponseMeta {
     pub created: u64,
 }
 
+impl ProviderKind {
+    /// The request header that carries a provider key of this kind, with its value: for hosts
+    /// that add the key themselves (the worker; Envoy's clusters are configured the same way).
+    pub fn key_header(self, key: &str) -> (&'static str, String) {
+        match self {
+            ProviderKind::Anthropic => ("x-api-key", key.to_owned()),
+            ProviderKind::Gemini => ("x-goog-api-key", key.to_owned()),
+            ProviderKind::OpenAi => ("authorization", format!("Bearer {key}")),
+        }
+    }
+}
+
+/// An assistant tool call's `arguments` (JSON text) as the JSON object providers take as input;
+/// empty text is `{}`. `param` names the call in the error (`messages[2].tool_calls[0]`).
+pub(crate) fn tool_arguments(arguments: &str, param: &str) -> Result<serde_json::Value, TranslateError> {
+    let args = arguments.trim();
+    if args.is_empty() {
+        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+    }
+    match serde_json::from_str::<serde_json::Value>(args) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err(TranslateError::invalid(
+            Some(&format!("{param}.function.arguments")),
+            "tool call arguments must be a JSON object",
+        )),
+        Err(e) => Err(TranslateError::invalid(
+            Some(&format!("{param}.function.arguments")),
+            format!("tool call arguments are not valid JSON: {e}"),
+        )),
+    }
+}
+
 /// `retry-after` as whole seconds, when a provider sent one we can read.
 pub fn parse_retry_after(value: Option<&str>) -> Option<u64> {
     let v = value?.trim();
@@ -235,6 +285,21 @@ mod tests {
         let r = TranslateError { retry_after: Some(7), ..TranslateError::bad_upstream("x") }.to_response();
         assert_eq!(r.status, 502);
         assert!(r.headers.contains(&("retry-after", "7".to_owned())));
+    }
+
+    #[test]
+    fn each_kind_gets_its_key_header() {
+        assert_eq!(ProviderKind::Anthropic.key_header("k"), ("x-api-key", "k".to_owned()));
+        assert_eq!(ProviderKind::Gemini.key_header("k"), ("x-goog-api-key", "k".to_owned()));
+        assert_eq!(ProviderKind::OpenAi.key_header("k"), ("authorization", "Bearer k".to_owned()));
+    }
+
+    #[test]
+    fn tool_arguments_must_be_a_json_object() {
+        assert_eq!(tool_arguments("  ", "m").unwrap(), serde_json::json!({}));
+        assert_eq!(tool_arguments(r#"{"a":1}"#, "m").unwrap(), serde_json::json!({"a": 1}));
+        assert_eq!(tool_arguments("[1]", "m").unwrap_err().param.as_deref(), Some("m.function.arguments"));
+        assert!(tool_arguments("{", "m").unwrap_err().message.starts_with("tool call arguments are not valid JSON"));
     }
 
     #[test]

@@ -764,26 +764,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
                             format!("tool call type {:?} is not supported by this model's provider (Anthropic)", call.kind),
                         ));
                     }
-                    let args = call.function.arguments.trim();
-                    let input = if args.is_empty() {
-                        Value::Object(Map::new())
-                    } else {
-                        match serde_json::from_str::<Value>(args) {
-                            Ok(v @ Value::Object(_)) => v,
-                            Ok(_) => {
-                                return Err(TranslateError::invalid(
-                                    Some(&format!("{param}.function.arguments")),
-                                    "tool call arguments must be a JSON object",
-                                ))
-                            }
-                            Err(e) => {
-                                return Err(TranslateError::invalid(
-                                    Some(&format!("{param}.function.arguments")),
-                                    format!("tool call arguments are not valid JSON: {e}"),
-                                ))
-                            }
-                        }
-                    };
+                    let input = super::tool_arguments(&call.function.arguments, &param)?;
                     blocks.push(Block::ToolUse {
                         id: call.id.clone(),
                         name: call.function.name.clone(),

@@ -97,7 +97,7 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::gemini_wire as g;
 use super::{Fault, Pair, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
@@ -522,25 +522,7 @@ fn assistant_parts(
                 format!("tool call type `{}` is not supported by the Gemini backend", call.kind),
             ));
         }
-        let args = if call.function.arguments.trim().is_empty() {
-            Value::Object(Map::new())
-        } else {
-            match serde_json::from_str::<Value>(&call.function.arguments) {
-                Ok(v @ Value::Object(_)) => v,
-                Ok(_) => {
-                    return Err(TranslateError::invalid(
-                        Some(&format!("{param}.function.arguments")),
-                        "tool call arguments must be a JSON object",
-                    ))
-                }
-                Err(e) => {
-                    return Err(TranslateError::invalid(
-                        Some(&format!("{param}.function.arguments")),
-                        format!("tool call arguments are not valid JSON: {e}"),
-                    ))
-                }
-            }
-        };
+        let args = super::tool_arguments(&call.function.arguments, &param)?;
         let (id, signature) = split_tool_call_id(&call.id);
         names.insert(id.to_owned(), call.function.name.clone());
         parts.push(g::Part {

@@ -30,6 +30,7 @@ pub mod window;
 #[cfg(test)]
 mod test_support;
 pub mod json_array;
+pub mod limits;
 pub mod sse;
 
 pub use config::{ConfigError, FailureMode, Policy, Subject};

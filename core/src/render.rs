@@ -106,6 +106,17 @@ pub fn openai_error(status: u16, message: &str, kind: &str, code: &str) -> Local
     }
 }
 
+/// [`openai_error`] with `error.param` naming the request field at fault (OpenAI sets it, e.g.
+/// `"max_tokens"`, when one parameter is the problem).
+pub fn openai_error_with_param(status: u16, message: &str, kind: &str, code: &str, param: Option<&str>) -> LocalResponse {
+    let envelope = ErrorEnvelope { error: ErrorBody { message, kind, param, code } };
+    LocalResponse {
+        status,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: serde_json::to_vec(&envelope).unwrap_or_default(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +162,16 @@ mod tests {
         assert_eq!(h("retry-after"), Some("361"));
         assert_eq!(h("content-type"), Some("application/json"));
         assert_eq!(h(REMAINING_REQUESTS), Some("0"));
+    }
+
+    #[test]
+    fn error_with_param_sets_only_param() {
+        let r = openai_error_with_param(400, "m", "invalid_request_error", "c", Some("max_tokens"));
+        assert_eq!(
+            std::str::from_utf8(&r.body).unwrap(),
+            r#"{"error":{"message":"m","type":"invalid_request_error","param":"max_tokens","code":"c"}}"#
+        );
+        assert_eq!(openai_error_with_param(400, "m", "t", "c", None), openai_error(400, "m", "t", "c"));
     }
 
     #[test]

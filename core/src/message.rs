@@ -63,8 +63,8 @@
 //! 2. [`body_object`] + [`inject_into_completion`] — when the tier has `body_object: true`, a
 //!    `"tollgate"` member added to a non-streamed chat-completion body, with the localized text.
 //! 3. [`body_object`] + [`sse_comment`] — for a streamed response, the same object in an SSE
-//!    comment line, which every conforming client ignores (WHATWG HTML, server-sent events: "If the line
-//!    starts with a U+003A COLON character (:) — Ignore the line.").
+//!    comment line, which every conforming client ignores (WHATWG HTML, server-sent events:
+//!    "If the line starts with a U+003A COLON character (:) — Ignore the line.").
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -18,6 +18,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod identity;
 pub mod openai;
 pub mod quota;
 pub mod render;

@@ -119,23 +119,7 @@ pub struct Policy {
     pub routes: Routes,
 }
 
-/// How the subject was identified.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdentitySource {
-    Header,
-    ClientAddress,
-    /// Neither a header nor a client address: all such requests share one bucket.
-    Unidentified,
-}
-
-/// Who is asking, as far as limits are concerned. The raw identity is not kept: `key` holds a
-/// SHA-256 digest of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Subject {
-    pub key: String,
-    pub tier: String,
-    pub source: IdentitySource,
-}
+pub use crate::identity::{IdentitySource, Subject};
 
 pub const MAX_RETRIES_LIMIT: u32 = 1000;
 
@@ -250,16 +234,18 @@ impl Policy {
     /// client address (`ip`, `ip:port` or `[v6]:port`). Empty values count as absent; an
     /// unknown tier name falls back to the default tier.
     pub fn subject(&self, identity: Option<&str>, tier: Option<&str>, client_address: Option<&str>) -> Subject {
-        let (source, material) = match (present(identity), present(client_address).map(strip_port)) {
+        let address = present(client_address).map(strip_port);
+        let (source, material) = match (present(identity), address) {
             (Some(id), _) => (IdentitySource::Header, format!("h:{id}")),
-            (None, Some(ip)) => (IdentitySource::ClientAddress, format!("ip:{ip}")),
+            (None, Some(ip)) => (IdentitySource::ClientIp, format!("ip:{ip}")),
             (None, None) => (IdentitySource::Unidentified, "unidentified".to_owned()),
         };
         let tier = present(tier)
             .filter(|t| self.tiers.contains_key(*t))
             .unwrap_or(&self.default_tier)
             .to_owned();
-        Subject { key: subject_key(&material), tier, source }
+        let ip_key = address.map(|ip| subject_key(&format!("ip:{ip}")));
+        Subject { key: subject_key(&material), ip_key, tier, source }
     }
 }
 
@@ -482,9 +468,9 @@ mod tests {
         let p = Policy::from_json(GOOD.as_bytes()).unwrap();
         let by_header = p.subject(Some("alice"), None, Some("10.0.0.1:5555"));
         assert_eq!(by_header.source, IdentitySource::Header);
-        assert_eq!(by_header, p.subject(Some(" alice "), None, Some("10.9.9.9:1")));
+        assert_eq!(by_header.key, p.subject(Some(" alice "), None, Some("10.9.9.9:1")).key);
         let by_ip = p.subject(Some(""), None, Some("10.0.0.1:5555"));
-        assert_eq!(by_ip.source, IdentitySource::ClientAddress);
+        assert_eq!(by_ip.source, IdentitySource::ClientIp);
         assert_eq!(by_ip.key, p.subject(None, None, Some("10.0.0.1:6666")).key, "the port is not part of the identity");
         assert_ne!(by_ip.key, by_header.key);
         // a user literally named like an address does not share the address's bucket

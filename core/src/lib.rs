@@ -20,6 +20,7 @@ pub mod config;
 pub mod duration;
 pub mod guard;
 pub mod message;
+pub mod identity;
 pub mod openai;
 pub mod quota;
 pub mod render;

@@ -1,0 +1,1337 @@
+//! Who is asking, and which tier: the policy's `identity` and `tier` sections.
+//!
+//! ```json
+//! "identity": {
+//!   "sources": [
+//!     {"signed_header": "x-tollgate-user-token", "secret": "TOLLGATE_IDENTITY_SECRET", "max_skew_seconds": 30},
+//!     {"header": "x-tollgate-user"},
+//!     {"user_field": true},
+//!     {"api_key_header": "authorization"},
+//!     {"session_header": "x-tollgate-session"},
+//!     {"client_ip": {"trusted_hops": 1}}
+//!   ]
+//! },
+//! "tier": { "header": "x-tollgate-tier", "api_keys": {"sha256:<64 hex>": "pro"}, "default": "free" }
+//! ```
+//!
+//! Sources are tried in order and the first that yields a value wins; empty (or all-blank)
+//! values count as absent. `"identity": {"header": H}` is short for
+//! `[{"header": H}, {"client_ip": {"trusted_hops": 0}}]`, and no `identity` at all for
+//! `[{"client_ip": {"trusted_hops": 0}}]`.
+//!
+//! | source | value | bucket material |
+//! |---|---|---|
+//! | `signed_header` | `<id>.<expiry>.<signature>`, checked with HMAC-SHA256 (see [`IdentityError`]) | `h:<id>` |
+//! | `header` | a header the operator's backend sets | `h:<value>` |
+//! | `user_field` | the OpenAI request body's `user` field | `u:<value>` |
+//! | `api_key_header` | the header's value, `Bearer ` stripped | `k:<sha256 hex of the key>` |
+//! | `session_header` | an anonymous session or device id | `s:<value>` |
+//! | `client_ip` | the client address (see [`IdentityConfig::resolve`]) | `ip:<address>` |
+//!
+//! A signed header and a plain header naming the same user share one bucket (`h:`); every
+//! other kind has its own prefix, so a user called `1.2.3.4` never shares that address's
+//! bucket. The material is hashed (SHA-256, first 16 bytes, `tg1:q:<32 hex>`): a raw identity,
+//! API key or address is never kept in a [`Subject`].
+//!
+//! **Tier**, first match wins: (1) the `tier.api_keys` entry of the request's API key (the
+//! first `api_key_header` source whose header is present and whose key is listed), because a
+//! key cannot be spoofed and a header must not lift a key above what it was sold; (2) the
+//! `tier.header` value, when it names a known tier; (3) `tier.default`.
+//!
+//! Headers named here must be set (or removed) by something the operator trusts: a client that
+//! can set `header` or `tier.header` picks its own bucket or tier. `signed_header` tokens can
+//! travel through untrusted clients, since only the holder of the secret can mint them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::config::{invalid, ConfigError};
+use crate::render::{openai_error, LocalResponse};
+use crate::translate::Fault;
+
+/// How late (after its expiry) a signed token is still accepted, unless configured.
+pub const DEFAULT_MAX_SKEW_SECONDS: u64 = 30;
+/// The largest `max_skew_seconds` a policy may give.
+pub const MAX_SKEW_LIMIT_SECONDS: u64 = 3600;
+/// A signed token whose expiry lies further ahead than this is refused.
+pub const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
+/// The header `client_ip` sources with `trusted_hops > 0` read.
+pub const FORWARDED_FOR: &str = "x-forwarded-for";
+
+const SOURCE_KINDS: &str = "signed_header, header, user_field, api_key_header, session_header, client_ip";
+
+/// The `identity` section as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    header: Option<String>,
+    sources: Option<Vec<RawSource>>,
+}
+
+/// The `tier` section as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTierSelect {
+    header: Option<String>,
+    #[serde(default)]
+    api_keys: BTreeMap<String, String>,
+    default: String,
+}
+
+/// One entry of `identity.sources`: exactly one of the kind fields is set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    signed_header: Option<String>,
+    secret: Option<String>,
+    max_skew_seconds: Option<u64>,
+    header: Option<String>,
+    user_field: Option<bool>,
+    api_key_header: Option<String>,
+    session_header: Option<String>,
+    client_ip: Option<RawClientIp>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClientIp {
+    #[serde(default)]
+    trusted_hops: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    SignedHeader { header: String, secret: String, max_skew_seconds: u64 },
+    Header(String),
+    UserField,
+    ApiKey(String),
+    Session(String),
+    ClientIp { trusted_hops: u32 },
+}
+
+/// The validated `identity` and `tier` sections, shared read-only by every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityConfig {
+    sources: Vec<Source>,
+    tier_header: Option<String>,
+    /// Lowercase hex SHA-256 of an API key → tier name.
+    api_key_tiers: BTreeMap<String, String>,
+    default_tier: String,
+    tier_names: BTreeSet<String>,
+}
+
+/// How the subject was identified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    SignedHeader,
+    Header,
+    UserField,
+    ApiKey,
+    Session,
+    ClientIp,
+    /// No source yielded a value: all such requests share one bucket.
+    Unidentified,
+}
+
+/// Who is asking, as far as limits are concerned. Nothing raw is kept: `key` and `ip_key` are
+/// SHA-256 digests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    /// The subject's bucket.
+    pub key: String,
+    /// The client address's bucket (`ip:` material), for per-address limits that apply even
+    /// to identified users; `None` when the address is unknown. Equals `key` when the subject
+    /// was identified by its address.
+    pub ip_key: Option<String>,
+    pub tier: String,
+    pub source: IdentitySource,
+}
+
+/// What the adapter knows about a request. Header names are asked in lowercase.
+pub struct RequestFacts<'a> {
+    /// A request header's value (several lines joined with `, `), `None` when absent.
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+    /// The OpenAI request body's `user` field.
+    pub user_field: Option<&'a str>,
+    /// The immediate peer: Envoy's `source.address` (`1.2.3.4:5678`, `[::1]:443`), the
+    /// worker's `cf-connecting-ip`.
+    pub peer_address: Option<&'a str>,
+    /// Epoch milliseconds.
+    pub now_ms: u64,
+}
+
+/// Why a present `signed_header` token was refused. The request is answered with
+/// [`IdentityError::response`]; messages never repeat the token.
+///
+/// A token is `<id>.<expiry>.<signature>`, split from the right (the id may contain dots):
+/// `expiry` is unix seconds, `signature` the HMAC-SHA256 of the bytes `<id>.<expiry>` under the
+/// secret, in base64url without padding (standard base64, padded or not, is accepted too).
+/// A correctly signed token is accepted until `expiry + max_skew_seconds` (whole seconds of
+/// `now_ms`); an expiry more than [`MAX_TOKEN_LIFETIME_SECONDS`] ahead is refused. The
+/// signature is checked (in constant time) before the expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum IdentityError {
+    #[error("The identity token is malformed.")]
+    Malformed,
+    #[error("The identity token's signature is invalid.")]
+    BadSignature,
+    #[error("The identity token has expired.")]
+    Expired,
+    #[error("The identity token's expiry is too far in the future.")]
+    TooFarAhead,
+    /// The adapter supplied no (or empty) bytes for the source's secret: the operator's fault.
+    #[error("The identity token cannot be verified.")]
+    MissingSecret,
+}
+
+impl IdentityError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IdentityError::Malformed => "malformed",
+            IdentityError::BadSignature => "bad_signature",
+            IdentityError::Expired => "expired",
+            IdentityError::TooFarAhead => "too_far_ahead",
+            IdentityError::MissingSecret => "missing_secret",
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            IdentityError::MissingSecret => Fault::Gateway,
+            _ => Fault::Client,
+        }
+    }
+
+    /// The 401 the client gets, in OpenAI's dialect.
+    pub fn response(&self) -> LocalResponse {
+        openai_error(401, &self.to_string(), "invalid_request_error", "invalid_identity")
+    }
+}
+
+impl IdentityConfig {
+    /// Validates the two sections; `tier_names` are the policy's tiers. Errors name their
+    /// path (`identity.sources[0].secret: …`).
+    pub fn validate(
+        identity: RawIdentity,
+        tier: RawTierSelect,
+        tier_names: &BTreeSet<String>,
+    ) -> Result<IdentityConfig, ConfigError> {
+        // (header, path of the setting that reads it), to refuse a header read twice.
+        let mut read: Vec<(String, String)> = vec![];
+        let sources = match (identity.header, identity.sources) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "identity",
+                    "give either header (a trusted header, then the client address) or sources, not both",
+                ))
+            }
+            (Some(header), None) => {
+                let header = claim(&mut read, "identity.header".to_owned(), header)?;
+                vec![Source::Header(header), Source::ClientIp { trusted_hops: 0 }]
+            }
+            (None, None) => vec![Source::ClientIp { trusted_hops: 0 }],
+            (None, Some(raw)) => {
+                if raw.is_empty() {
+                    return Err(invalid(
+                        "identity.sources",
+                        "at least one source is required (omit identity to limit by client address)",
+                    ));
+                }
+                let mut sources = Vec::with_capacity(raw.len());
+                for (i, source) in raw.into_iter().enumerate() {
+                    sources.push(validate_source(format!("identity.sources[{i}]"), source, &mut read)?);
+                }
+                sources
+            }
+        };
+        let tier_header = tier.header.map(|h| claim(&mut read, "tier.header".to_owned(), h)).transpose()?;
+        let known = |path: &str, name: &str| {
+            if tier_names.contains(name) {
+                return Ok(());
+            }
+            let known: Vec<&str> = tier_names.iter().map(String::as_str).collect();
+            Err(invalid(path, format!("unknown tier \"{name}\" (tiers are: {})", known.join(", "))))
+        };
+        known("tier.default", &tier.default)?;
+        if !tier.api_keys.is_empty() && !sources.iter().any(|s| matches!(s, Source::ApiKey(_))) {
+            return Err(invalid("tier.api_keys", "no identity source reads an api_key_header"));
+        }
+        let mut api_key_tiers = BTreeMap::new();
+        for (key, name) in tier.api_keys {
+            let path = format!("tier.api_keys.{key}");
+            let digest = key
+                .strip_prefix("sha256:")
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| {
+                    invalid(&path, "keys are \"sha256:\" and the 64 hex digits of the API key's SHA-256, never the key")
+                })?;
+            known(&path, &name)?;
+            if api_key_tiers.insert(digest.to_ascii_lowercase(), name).is_some() {
+                return Err(invalid(&path, "the same key is listed twice"));
+            }
+        }
+        Ok(IdentityConfig {
+            sources,
+            tier_header,
+            api_key_tiers,
+            default_tier: tier.default,
+            tier_names: tier_names.clone(),
+        })
+    }
+
+    /// Names of the secrets the adapter must supply to [`resolve`](Self::resolve).
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        self.sources.iter().filter_map(|s| match s {
+            Source::SignedHeader { secret, .. } => Some(secret.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Request headers that are Tollgate's business only (who the user is, what they pay):
+    /// the signed and plain identity headers and the tier header. Adapters do not forward
+    /// them. The API key and session headers are left alone.
+    pub fn private_headers(&self) -> impl Iterator<Item = &str> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::SignedHeader { header, .. } | Source::Header(header) => Some(header.as_str()),
+                _ => None,
+            })
+            .chain(self.tier_header.as_deref())
+    }
+
+    /// Whether a source reads the body's `user` field (an adapter that resolves at request
+    /// headers must then wait for the body).
+    pub fn reads_user_field(&self) -> bool {
+        self.sources.contains(&Source::UserField)
+    }
+
+    /// Resolves who is asking and which tier applies. `secrets` gives a secret's bytes by
+    /// name (see [`secret_names`](Self::secret_names)).
+    ///
+    /// Fails only on a present but invalid `signed_header` token; an absent one falls through
+    /// to the next source.
+    ///
+    /// **Client address.** Port and brackets are removed from the peer address and it is
+    /// parsed as an IP (IPv4-mapped IPv6 counts as IPv4); an unparsable peer counts as
+    /// absent. With `trusted_hops: N > 0` the address comes from `x-forwarded-for` as Envoy's
+    /// `xff_num_trusted_hops` takes it with `use_remote_address: true`, i.e. reading XFF as the
+    /// peer sent it (envoyproxy.io, configuration/http/http_conn_man/headers, x-forwarded-for):
+    ///
+    /// > If *use_remote_address* is true and *xff_num_trusted_hops* is set to a value *N* that
+    /// > is greater than zero, the trusted client address is the Nth address from the right end
+    /// > of XFF. (If the XFF contains fewer than N addresses, Envoy falls back to using the
+    /// > immediate downstream connection's source address as trusted client address.)
+    ///
+    /// As in Envoy's `getLastAddressFromXFF`, entries are the comma-separated pieces (an empty
+    /// piece counts), the chosen one is trimmed, and if it does not parse the peer address is
+    /// used. Unlike Envoy, the chosen entry may carry a port or brackets. `N = 0` ignores XFF.
+    /// Under Envoy, the filter sees XFF *after* the connection manager: with
+    /// `use_remote_address: true` and `skip_xff_append: false` Envoy has already appended the
+    /// peer, which then counts as one more hop.
+    pub fn resolve(
+        &self,
+        req: &RequestFacts<'_>,
+        secrets: &dyn Fn(&str) -> Option<Vec<u8>>,
+    ) -> Result<Subject, IdentityError> {
+        let peer = req.peer_address.and_then(parse_address);
+        let needs_xff =
+            self.sources.iter().any(|s| matches!(s, Source::ClientIp { trusted_hops } if *trusted_hops > 0));
+        let xff = if needs_xff { (req.header)(FORWARDED_FOR) } else { None };
+        let xff = xff.as_deref();
+        let first_hops = self
+            .sources
+            .iter()
+            .find_map(|s| match s {
+                Source::ClientIp { trusted_hops } => Some(*trusted_hops),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let ip_key = client_ip(first_hops, xff, peer).map(|ip| subject_key(&format!("ip:{ip}")));
+
+        let mut found = None;
+        for source in &self.sources {
+            found = match source {
+                Source::SignedHeader { header, secret, max_skew_seconds } => match present((req.header)(header)) {
+                    Some(token) => {
+                        let id = verify_token(token.trim(), secrets(secret), req.now_ms, *max_skew_seconds)?;
+                        Some((IdentitySource::SignedHeader, format!("h:{id}")))
+                    }
+                    None => None,
+                },
+                Source::Header(header) => {
+                    present((req.header)(header)).map(|v| (IdentitySource::Header, format!("h:{}", v.trim())))
+                }
+                Source::UserField => req
+                    .user_field
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (IdentitySource::UserField, format!("u:{v}"))),
+                Source::ApiKey(header) => {
+                    api_key_digest((req.header)(header)).map(|d| (IdentitySource::ApiKey, format!("k:{d}")))
+                }
+                Source::Session(header) => {
+                    present((req.header)(header)).map(|v| (IdentitySource::Session, format!("s:{}", v.trim())))
+                }
+                Source::ClientIp { trusted_hops } => {
+                    client_ip(*trusted_hops, xff, peer).map(|ip| (IdentitySource::ClientIp, format!("ip:{ip}")))
+                }
+            };
+            if found.is_some() {
+                break;
+            }
+        }
+        let (source, material) = found.unwrap_or((IdentitySource::Unidentified, "unidentified".to_owned()));
+        Ok(Subject { key: subject_key(&material), ip_key, tier: self.tier(req), source })
+    }
+
+    fn tier(&self, req: &RequestFacts<'_>) -> String {
+        if !self.api_key_tiers.is_empty() {
+            for source in &self.sources {
+                if let Source::ApiKey(header) = source {
+                    let hit = api_key_digest((req.header)(header)).and_then(|d| self.api_key_tiers.get(&d));
+                    if let Some(tier) = hit {
+                        return tier.clone();
+                    }
+                }
+            }
+        }
+        if let Some(header) = &self.tier_header {
+            if let Some(value) = (req.header)(header) {
+                if let Some(tier) = self.tier_names.get(value.trim()) {
+                    return tier.clone();
+                }
+            }
+        }
+        self.default_tier.clone()
+    }
+}
+
+fn validate_source(path: String, raw: RawSource, read: &mut Vec<(String, String)>) -> Result<Source, ConfigError> {
+    let kinds: Vec<&str> = [
+        ("signed_header", raw.signed_header.is_some()),
+        ("header", raw.header.is_some()),
+        ("user_field", raw.user_field.is_some()),
+        ("api_key_header", raw.api_key_header.is_some()),
+        ("session_header", raw.session_header.is_some()),
+        ("client_ip", raw.client_ip.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, set)| set.then_some(name))
+    .collect();
+    if kinds.len() != 1 {
+        let found = if kinds.is_empty() { "none".to_owned() } else { kinds.join(", ") };
+        return Err(invalid(path, format!("a source names exactly one of {SOURCE_KINDS} (found: {found})")));
+    }
+    let Some(header) = raw.signed_header else {
+        if raw.secret.is_some() {
+            return Err(invalid(format!("{path}.secret"), "only a signed_header source has a secret"));
+        }
+        if raw.max_skew_seconds.is_some() {
+            return Err(invalid(format!("{path}.max_skew_seconds"), "only a signed_header source has a skew"));
+        }
+        return Ok(if let Some(h) = raw.header {
+            Source::Header(claim(read, format!("{path}.header"), h)?)
+        } else if let Some(on) = raw.user_field {
+            if !on {
+                return Err(invalid(format!("{path}.user_field"), "must be true (remove the source to disable it)"));
+            }
+            Source::UserField
+        } else if let Some(h) = raw.api_key_header {
+            Source::ApiKey(claim(read, format!("{path}.api_key_header"), h)?)
+        } else if let Some(h) = raw.session_header {
+            Source::Session(claim(read, format!("{path}.session_header"), h)?)
+        } else {
+            Source::ClientIp { trusted_hops: raw.client_ip.map_or(0, |c| c.trusted_hops) }
+        });
+    };
+    let header = claim(read, format!("{path}.signed_header"), header)?;
+    let secret = raw.secret.ok_or_else(|| {
+        invalid(format!("{path}.secret"), "a signed_header source names the secret its tokens are signed with")
+    })?;
+    // As `providers.*.api_key.secret`: a name, never the secret itself.
+    if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(invalid(format!("{path}.secret"), "must name a secret (letters, digits, '_'), never hold a key"));
+    }
+    let max_skew_seconds = raw.max_skew_seconds.unwrap_or(DEFAULT_MAX_SKEW_SECONDS);
+    if max_skew_seconds > MAX_SKEW_LIMIT_SECONDS {
+        return Err(invalid(format!("{path}.max_skew_seconds"), format!("must be at most {MAX_SKEW_LIMIT_SECONDS}")));
+    }
+    Ok(Source::SignedHeader { header, secret, max_skew_seconds })
+}
+
+/// Checks a header name (RFC 9110 §5.1: field-name = token), lowercases it, and refuses a
+/// header already read by another setting.
+fn claim(read: &mut Vec<(String, String)>, path: String, name: String) -> Result<String, ConfigError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(invalid(path, format!("invalid header name {name:?}")));
+    }
+    let name = name.to_ascii_lowercase();
+    if let Some((_, other)) = read.iter().find(|(h, _)| *h == name) {
+        return Err(invalid(path, format!("\"{name}\" is already read by {other}")));
+    }
+    read.push((name.clone(), path));
+    Ok(name)
+}
+
+fn present(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+const LENIENT: GeneralPurposeConfig =
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+const BASE64URL: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
+const BASE64: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
+
+/// Checks `<id>.<expiry>.<signature>` and returns the id. See [`IdentityError`].
+fn verify_token(token: &str, secret: Option<Vec<u8>>, now_ms: u64, max_skew: u64) -> Result<&str, IdentityError> {
+    let (signed, signature) = token.rsplit_once('.').ok_or(IdentityError::Malformed)?;
+    let (id, expiry) = signed.rsplit_once('.').ok_or(IdentityError::Malformed)?;
+    if id.is_empty() || expiry.is_empty() || !expiry.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(IdentityError::Malformed);
+    }
+    let expiry: u64 = expiry.parse().map_err(|_| IdentityError::Malformed)?;
+    // 32 bytes are 43 or 44 characters; anything much longer is not a signature.
+    if signature.is_empty() || signature.len() > 64 {
+        return Err(IdentityError::Malformed);
+    }
+    let engine = if signature.contains(['+', '/']) { &BASE64 } else { &BASE64URL };
+    let mut decoded = [0u8; 64];
+    let n = engine.decode_slice(signature, &mut decoded).map_err(|_| IdentityError::Malformed)?;
+    let secret = secret.filter(|s| !s.is_empty()).ok_or(IdentityError::MissingSecret)?;
+    let mut mac = HmacSha256::new_from_slice(&secret).map_err(|_| IdentityError::MissingSecret)?;
+    mac.update(signed.as_bytes());
+    mac.verify_slice(&decoded[..n]).map_err(|_| IdentityError::BadSignature)?;
+    let now = now_ms / 1000;
+    if expiry.saturating_add(max_skew) < now {
+        return Err(IdentityError::Expired);
+    }
+    if expiry > now.saturating_add(MAX_TOKEN_LIFETIME_SECONDS) {
+        return Err(IdentityError::TooFarAhead);
+    }
+    Ok(id)
+}
+
+/// The lowercase hex SHA-256 of the key in an API key header (`Bearer ` stripped).
+fn api_key_digest(value: Option<String>) -> Option<String> {
+    let value = value?;
+    let value = value.trim();
+    let key = match value.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("bearer ") => value.get(7..).unwrap_or("").trim_start(),
+        _ if value.eq_ignore_ascii_case("bearer") => "",
+        _ => value,
+    };
+    (!key.is_empty()).then(|| hex(&Sha256::digest(key.as_bytes())))
+}
+
+/// The client address: the Nth XFF entry from the right for `trusted_hops = N > 0` when it
+/// exists and parses, else the peer. See [`IdentityConfig::resolve`].
+fn client_ip(trusted_hops: u32, xff: Option<&str>, peer: Option<IpAddr>) -> Option<IpAddr> {
+    if trusted_hops > 0 {
+        let nth = xff.and_then(|x| x.rsplit(',').nth(trusted_hops as usize - 1));
+        if let Some(ip) = nth.and_then(parse_address) {
+            return Some(ip);
+        }
+    }
+    peer
+}
+
+/// `ip`, `ip:port`, `[v6]` or `[v6]:port` → the IP.
+fn parse_address(address: &str) -> Option<IpAddr> {
+    let address = address.trim();
+    let host = match address.strip_prefix('[') {
+        Some(rest) => rest.split_once(']')?.0,
+        None => match address.split_once(':') {
+            Some((ip, port)) if !port.contains(':') => ip,
+            _ => address,
+        },
+    };
+    host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
+        out.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
+    }
+    out
+}
+
+/// `tg1:q:` and the first 16 bytes of the material's SHA-256 in hex: the same keys as
+/// [`crate::Policy::subject`], so existing counters keep their keys.
+pub(crate) fn subject_key(material: &str) -> String {
+    let digest = Sha256::digest(material.as_bytes());
+    format!("tg1:q:{}", hex(&digest[..16]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    use proptest::prelude::*;
+
+    const SECRET_NAME: &str = "TOLLGATE_IDENTITY_SECRET";
+    const SECRET: &[u8] = b"tollgate-test-secret";
+    /// 2026-01-01T00:00:00Z.
+    const NOW_S: u64 = 1_767_225_600;
+    /// `sha256:` + SHA-256 of `sk-tollgate-pro-1`.
+    const PRO_KEY: &str = "sk-tollgate-pro-1";
+    const PRO_KEY_SHA256: &str = "f84e148c82e6ccebe50c0be59bf7e3329d2aca5ddd8acdaa860cd9f3dc6dbdcf";
+
+    fn full() -> String {
+        format!(
+            r#"{{
+            "identity": {{
+              "sources": [
+                {{"signed_header": "x-tollgate-user-token", "secret": "TOLLGATE_IDENTITY_SECRET", "max_skew_seconds": 30}},
+                {{"header": "X-Tollgate-User"}},
+                {{"user_field": true}},
+                {{"api_key_header": "authorization"}},
+                {{"session_header": "x-tollgate-session"}},
+                {{"client_ip": {{"trusted_hops": 1}}}}
+              ]
+            }},
+            "tier": {{ "header": "x-tollgate-tier", "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}, "default": "free" }}
+        }}"#
+        )
+    }
+
+    fn tier_names() -> BTreeSet<String> {
+        ["free", "pro", "team"].into_iter().map(String::from).collect()
+    }
+
+    /// The two sections as the policy document holds them, with config.rs's path handling.
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Doc {
+        #[serde(default)]
+        identity: RawIdentity,
+        tier: RawTierSelect,
+    }
+
+    fn parse(json: &str) -> Result<IdentityConfig, ConfigError> {
+        let value: serde_json::Value = serde_json::from_str(json).unwrap();
+        let doc: Doc = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(if path == "." { "config".to_owned() } else { path }, e.into_inner().to_string())
+        })?;
+        IdentityConfig::validate(doc.identity, doc.tier, &tier_names())
+    }
+
+    fn err(json: &str) -> String {
+        parse(json).unwrap_err().to_string()
+    }
+
+    fn with_sources(sources: &str) -> String {
+        format!(r#"{{"identity": {{"sources": {sources}}}, "tier": {{"default": "free"}}}}"#)
+    }
+
+    fn with_tier(tier: &str) -> String {
+        format!(
+            r#"{{"identity": {{"sources": [{{"api_key_header": "authorization"}}, {{"header": "x-user"}}]}}, "tier": {tier}}}"#
+        )
+    }
+
+    #[derive(Clone, Default)]
+    struct Req {
+        headers: Vec<(&'static str, String)>,
+        user: Option<String>,
+        peer: Option<String>,
+        now_ms: u64,
+    }
+
+    fn req() -> Req {
+        Req { now_ms: NOW_S * 1000, ..Req::default() }
+    }
+
+    impl Req {
+        fn header(mut self, name: &'static str, value: impl Into<String>) -> Req {
+            self.headers.push((name, value.into()));
+            self
+        }
+        fn user(mut self, user: &str) -> Req {
+            self.user = Some(user.to_owned());
+            self
+        }
+        fn peer(mut self, peer: &str) -> Req {
+            self.peer = Some(peer.to_owned());
+            self
+        }
+        fn at(mut self, now_s: u64) -> Req {
+            self.now_ms = now_s * 1000;
+            self
+        }
+    }
+
+    fn resolve_with(cfg: &IdentityConfig, r: &Req, secret: Option<&[u8]>) -> Result<Subject, IdentityError> {
+        let header = |name: &str| r.headers.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+        let facts = RequestFacts {
+            header: &header,
+            user_field: r.user.as_deref(),
+            peer_address: r.peer.as_deref(),
+            now_ms: r.now_ms,
+        };
+        cfg.resolve(&facts, &|name| if name == SECRET_NAME { secret.map(<[u8]>::to_vec) } else { None })
+    }
+
+    fn resolve(cfg: &IdentityConfig, r: &Req) -> Result<Subject, IdentityError> {
+        resolve_with(cfg, r, Some(SECRET))
+    }
+
+    fn sign(signed: &str) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(SECRET).unwrap();
+        mac.update(signed.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    fn token(id: &str, expiry: u64) -> String {
+        let signed = format!("{id}.{expiry}");
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sign(&signed)))
+    }
+
+    fn signed_only() -> IdentityConfig {
+        parse(&with_sources(
+            r#"[{"signed_header": "x-token", "secret": "TOLLGATE_IDENTITY_SECRET"}, {"header": "x-user"}, {"client_ip": {}}]"#,
+        ))
+        .unwrap()
+    }
+
+    fn by_token(t: &str) -> Result<Subject, IdentityError> {
+        resolve(&signed_only(), &req().header("x-token", t).peer("192.0.2.1:1"))
+    }
+
+    fn client_ip_config(hops: u32) -> IdentityConfig {
+        parse(&with_sources(&format!(r#"[{{"client_ip": {{"trusted_hops": {hops}}}}}]"#))).unwrap()
+    }
+
+    fn ip(material: &str) -> String {
+        subject_key(&format!("ip:{material}"))
+    }
+
+    // ---- configuration -------------------------------------------------------------------
+
+    #[test]
+    fn documented_example_parses() {
+        let cfg = parse(&full()).unwrap();
+        assert_eq!(
+            cfg.private_headers().collect::<Vec<_>>(),
+            ["x-tollgate-user-token", "x-tollgate-user", "x-tollgate-tier"]
+        );
+        assert_eq!(cfg.secret_names().collect::<Vec<_>>(), [SECRET_NAME]);
+        assert!(cfg.reads_user_field());
+        assert_eq!(cfg.sources.len(), 6);
+        assert_eq!(
+            cfg.sources[0],
+            Source::SignedHeader {
+                header: "x-tollgate-user-token".into(),
+                secret: SECRET_NAME.into(),
+                max_skew_seconds: 30
+            }
+        );
+        assert_eq!(cfg.sources[5], Source::ClientIp { trusted_hops: 1 });
+    }
+
+    #[test]
+    fn legacy_forms_expand_to_sources() {
+        let legacy = parse(r#"{"identity": {"header": "X-Tollgate-User"}, "tier": {"default": "free"}}"#).unwrap();
+        let explicit =
+            parse(&with_sources(r#"[{"header": "x-tollgate-user"}, {"client_ip": {"trusted_hops": 0}}]"#)).unwrap();
+        assert_eq!(legacy, explicit);
+        let absent = parse(r#"{"tier": {"default": "free"}}"#).unwrap();
+        assert_eq!(absent, parse(&with_sources(r#"[{"client_ip": {}}]"#)).unwrap());
+        assert_eq!(absent, parse(r#"{"identity": {}, "tier": {"default": "free"}}"#).unwrap());
+        assert_eq!(absent.private_headers().count(), 0);
+        assert!(!absent.reads_user_field());
+    }
+
+    #[test]
+    fn header_and_sources_together_are_refused() {
+        assert_eq!(
+            err(r#"{"identity": {"header": "x-user", "sources": [{"client_ip": {}}]}, "tier": {"default": "free"}}"#),
+            "identity: give either header (a trusted header, then the client address) or sources, not both"
+        );
+    }
+
+    #[test]
+    fn source_mistakes_name_their_path() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[]",
+                "identity.sources: at least one source is required (omit identity to limit by client address)",
+            ),
+            (
+                "[{}]",
+                "identity.sources[0]: a source names exactly one of signed_header, header, user_field, api_key_header, session_header, client_ip (found: none)",
+            ),
+            (
+                r#"[{"client_ip": {}}, {"header": "x-user", "client_ip": {}}]"#,
+                "identity.sources[1]: a source names exactly one of signed_header, header, user_field, api_key_header, session_header, client_ip (found: header, client_ip)",
+            ),
+            (
+                r#"[{"signed_header": "x-token"}]"#,
+                "identity.sources[0].secret: a signed_header source names the secret its tokens are signed with",
+            ),
+            (
+                r#"[{"signed_header": "x-token", "secret": "c2VjcmV0LWJ5dGVz=="}]"#,
+                "identity.sources[0].secret: must name a secret (letters, digits, '_'), never hold a key",
+            ),
+            (
+                r#"[{"signed_header": "x-token", "secret": "sk-live-123"}]"#,
+                "identity.sources[0].secret: must name a secret (letters, digits, '_'), never hold a key",
+            ),
+            (
+                r#"[{"signed_header": "x-token", "secret": ""}]"#,
+                "identity.sources[0].secret: must name a secret (letters, digits, '_'), never hold a key",
+            ),
+            (
+                r#"[{"signed_header": "x-token", "secret": "S", "max_skew_seconds": 3601}]"#,
+                "identity.sources[0].max_skew_seconds: must be at most 3600",
+            ),
+            (
+                r#"[{"signed_header": "x-token", "secret": "S", "max_skew_seconds": -1}]"#,
+                "identity.sources[0].max_skew_seconds: invalid value: integer `-1`, expected u64",
+            ),
+            (r#"[{"header": "x-user", "secret": "S"}]"#, "identity.sources[0].secret: only a signed_header source has a secret"),
+            (
+                r#"[{"session_header": "x-s", "max_skew_seconds": 5}]"#,
+                "identity.sources[0].max_skew_seconds: only a signed_header source has a skew",
+            ),
+            (
+                r#"[{"user_field": false}]"#,
+                "identity.sources[0].user_field: must be true (remove the source to disable it)",
+            ),
+            (r#"[{"header": "x user"}]"#, r#"identity.sources[0].header: invalid header name "x user""#),
+            (r#"[{"api_key_header": ""}]"#, r#"identity.sources[0].api_key_header: invalid header name """#),
+            (
+                r#"[{"signed_header": "x-user", "secret": "S"}, {"header": "X-User"}]"#,
+                r#"identity.sources[1].header: "x-user" is already read by identity.sources[0].signed_header"#,
+            ),
+            (
+                r#"[{"header": "x-user"}, {"client_ip": {"trusted_hops": -1}}]"#,
+                "identity.sources[1].client_ip.trusted_hops: invalid value: integer `-1`, expected u32",
+            ),
+            (
+                r#"[{"client_ip": {"hops": 1}}]"#,
+                "identity.sources[0].client_ip.hops: unknown field `hops`, expected `trusted_hops`",
+            ),
+            (
+                r#"[{"client_ip": true}]"#,
+                "identity.sources[0].client_ip: invalid type: boolean `true`, expected struct RawClientIp",
+            ),
+            (
+                r#"[{"signed_heder": "x-token"}]"#,
+                "identity.sources[0].signed_heder: unknown field `signed_heder`, expected one of `signed_header`, `secret`, `max_skew_seconds`, `header`, `user_field`, `api_key_header`, `session_header`, `client_ip`",
+            ),
+        ];
+        for (sources, message) in cases {
+            assert_eq!(err(&with_sources(sources)), *message, "{sources}");
+        }
+        assert_eq!(
+            err(r#"{"identity": {"header": "x user"}, "tier": {"default": "free"}}"#),
+            r#"identity.header: invalid header name "x user""#
+        );
+        assert_eq!(
+            err(r#"{"identity": {"headers": "x-user"}, "tier": {"default": "free"}}"#),
+            "identity.headers: unknown field `headers`, expected `header` or `sources`"
+        );
+    }
+
+    #[test]
+    fn tier_mistakes_name_their_path() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"default": "gold"}"#, r#"tier.default: unknown tier "gold" (tiers are: free, pro, team)"#),
+            (r#"{"header": "x-tier"}"#, "tier: missing field `default`"),
+            (r#"{"header": "x tier", "default": "free"}"#, r#"tier.header: invalid header name "x tier""#),
+            (
+                r#"{"header": "X-User", "default": "free"}"#,
+                r#"tier.header: "x-user" is already read by identity.sources[1].header"#,
+            ),
+            (
+                r#"{"default": "free", "api_keys": {"sha256:zz": "pro"}}"#,
+                r#"tier.api_keys.sha256:zz: keys are "sha256:" and the 64 hex digits of the API key's SHA-256, never the key"#,
+            ),
+            (
+                r#"{"default": "free", "api_keys": {"sk-tollgate-pro-1": "pro"}}"#,
+                r#"tier.api_keys.sk-tollgate-pro-1: keys are "sha256:" and the 64 hex digits of the API key's SHA-256, never the key"#,
+            ),
+            (
+                &format!(r#"{{"default": "free", "api_keys": {{"sha256:{PRO_KEY_SHA256}": "gold"}}}}"#),
+                &format!(r#"tier.api_keys.sha256:{PRO_KEY_SHA256}: unknown tier "gold" (tiers are: free, pro, team)"#),
+            ),
+            (
+                &format!(
+                    r#"{{"default": "free", "api_keys": {{"sha256:{}": "pro", "sha256:{PRO_KEY_SHA256}": "team"}}}}"#,
+                    PRO_KEY_SHA256.to_ascii_uppercase()
+                ),
+                &format!(r#"tier.api_keys.sha256:{PRO_KEY_SHA256}: the same key is listed twice"#),
+            ),
+            (
+                r#"{"default": "free", "api_keys": {"sha256:ab": 3}}"#,
+                "tier.api_keys.sha256:ab: invalid type: integer `3`, expected a string",
+            ),
+            (
+                r#"{"default": "free", "fallback": "pro"}"#,
+                "tier.fallback: unknown field `fallback`, expected one of `header`, `api_keys`, `default`",
+            ),
+        ];
+        for (tier, message) in cases {
+            assert_eq!(err(&with_tier(tier)), *message, "{tier}");
+        }
+        assert_eq!(
+            err(&format!(
+                r#"{{"identity": {{"header": "x-user"}}, "tier": {{"default": "free", "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}}}}}"#
+            )),
+            "tier.api_keys: no identity source reads an api_key_header"
+        );
+        assert_eq!(
+            err(r#"{"identity": {"header": "x-user"}, "tier": {"header": "x-user", "default": "free"}}"#),
+            r#"tier.header: "x-user" is already read by identity.header"#
+        );
+    }
+
+    // ---- signed header -------------------------------------------------------------------
+
+    #[test]
+    fn signed_token_identifies_and_shares_the_plain_header_bucket() {
+        let cfg = signed_only();
+        let s = by_token(&token("alice", NOW_S + 600)).unwrap();
+        assert_eq!(s.source, IdentitySource::SignedHeader);
+        assert_eq!(s.key, subject_key("h:alice"));
+        let plain = resolve(&cfg, &req().header("x-user", "alice")).unwrap();
+        assert_eq!((plain.source, &plain.key), (IdentitySource::Header, &s.key));
+        assert_eq!(s.ip_key, Some(ip("192.0.2.1")));
+        assert_eq!(s.tier, "free");
+    }
+
+    #[test]
+    fn known_vector_computed_independently() {
+        // Computed outside Rust, with Python's standard library:
+        // python3 -c "import hmac,hashlib,base64; d=hmac.new(b'tollgate-test-secret',
+        //   b'user-42.1767225600', hashlib.sha256).digest();
+        //   print(base64.urlsafe_b64encode(d).rstrip(b'=').decode())"
+        let t = "user-42.1767225600.jCPwp3VU5naSU0TI-DVTQ72mLHbsvKH4VA5iWNmp7C0";
+        assert_eq!(URL_SAFE_NO_PAD.encode(sign("user-42.1767225600")), "jCPwp3VU5naSU0TI-DVTQ72mLHbsvKH4VA5iWNmp7C0");
+        let s = by_token(t).unwrap();
+        assert_eq!((s.source, s.key), (IdentitySource::SignedHeader, subject_key("h:user-42")));
+        // Same tool, id with dots: b'alice.example.com.1767225600'.
+        let dotted = by_token("alice.example.com.1767225600.3GADijocr785y_dyL7o2j93HYovu3weALmHRW1hDZbc").unwrap();
+        assert_eq!(dotted.key, subject_key("h:alice.example.com"));
+    }
+
+    #[test]
+    fn standard_base64_signatures_are_accepted() {
+        // The same Python vector in standard base64, padded and unpadded.
+        let padded = "user-42.1767225600.jCPwp3VU5naSU0TI+DVTQ72mLHbsvKH4VA5iWNmp7C0=";
+        let unpadded = "user-42.1767225600.jCPwp3VU5naSU0TI+DVTQ72mLHbsvKH4VA5iWNmp7C0";
+        let url = by_token("user-42.1767225600.jCPwp3VU5naSU0TI-DVTQ72mLHbsvKH4VA5iWNmp7C0").unwrap();
+        assert_eq!(by_token(padded).unwrap(), url);
+        assert_eq!(by_token(unpadded).unwrap(), url);
+        let mac = sign("bob.1767229200");
+        assert_eq!(by_token(&format!("bob.1767229200.{}", STANDARD.encode(&mac))).unwrap().key, subject_key("h:bob"));
+        assert_eq!(
+            by_token(&format!("bob.1767229200.{}", STANDARD_NO_PAD.encode(&mac))).unwrap().key,
+            subject_key("h:bob")
+        );
+    }
+
+    #[test]
+    fn wrong_signature_and_tampered_ids_are_refused() {
+        let good = token("alice", NOW_S + 60);
+        let (_, sig) = good.rsplit_once('.').unwrap();
+        assert_eq!(by_token(&format!("mallory.{}.{sig}", NOW_S + 60)), Err(IdentityError::BadSignature));
+        assert_eq!(
+            by_token(&format!("alice.{}.{sig}", NOW_S + 61)),
+            Err(IdentityError::BadSignature),
+            "tampered expiry"
+        );
+        let mut other = HmacSha256::new_from_slice(b"another secret").unwrap();
+        other.update(format!("alice.{}", NOW_S + 60).as_bytes());
+        let forged = format!("alice.{}.{}", NOW_S + 60, URL_SAFE_NO_PAD.encode(other.finalize().into_bytes()));
+        assert_eq!(by_token(&forged), Err(IdentityError::BadSignature));
+        let truncated =
+            format!("alice.{}.{}", NOW_S + 60, URL_SAFE_NO_PAD.encode(&sign(&format!("alice.{}", NOW_S + 60))[..31]));
+        assert_eq!(by_token(&truncated), Err(IdentityError::BadSignature));
+    }
+
+    #[test]
+    fn expiry_skew_is_tolerated_then_refused() {
+        let cfg = signed_only();
+        let t = token("alice", NOW_S);
+        for late in [0, 1, 30] {
+            assert!(resolve(&cfg, &req().header("x-token", t.clone()).at(NOW_S + late)).is_ok(), "{late}s late");
+        }
+        let just_within = Req { now_ms: (NOW_S + 30) * 1000 + 999, ..req().header("x-token", t.clone()) };
+        assert!(resolve(&cfg, &just_within).is_ok());
+        assert_eq!(resolve(&cfg, &req().header("x-token", t.clone()).at(NOW_S + 31)), Err(IdentityError::Expired));
+        let strict = parse(&with_sources(
+            r#"[{"signed_header": "x-token", "secret": "TOLLGATE_IDENTITY_SECRET", "max_skew_seconds": 0}]"#,
+        ))
+        .unwrap();
+        assert!(resolve(&strict, &req().header("x-token", t.clone()).at(NOW_S)).is_ok());
+        assert_eq!(resolve(&strict, &req().header("x-token", t).at(NOW_S + 1)), Err(IdentityError::Expired));
+        assert_eq!(by_token(&token("alice", 0)), Err(IdentityError::Expired));
+    }
+
+    #[test]
+    fn far_future_expiry_is_refused() {
+        assert!(by_token(&token("alice", NOW_S + MAX_TOKEN_LIFETIME_SECONDS)).is_ok());
+        assert_eq!(by_token(&token("alice", NOW_S + MAX_TOKEN_LIFETIME_SECONDS + 1)), Err(IdentityError::TooFarAhead));
+        assert_eq!(by_token(&token("alice", u64::MAX)), Err(IdentityError::TooFarAhead));
+        let at_end_of_time = req().header("x-token", token("alice", u64::MAX / 1000));
+        let r = Req { now_ms: u64::MAX, ..at_end_of_time };
+        assert!(resolve(&signed_only(), &r).is_ok(), "no overflow");
+    }
+
+    #[test]
+    fn ids_may_contain_dots() {
+        let s = by_token(&token("a.b.c", NOW_S + 10)).unwrap();
+        assert_eq!(s.key, subject_key("h:a.b.c"));
+        assert_eq!(by_token(&token("...", NOW_S + 10)).unwrap().key, subject_key("h:..."));
+    }
+
+    #[test]
+    fn malformed_tokens_are_refused() {
+        let sig = URL_SAFE_NO_PAD.encode(sign("alice.1767225660"));
+        for bad in [
+            "alice".to_owned(),
+            "alice.1767225660".to_owned(),
+            format!(".1767225660.{sig}"),
+            format!("alice..{sig}"),
+            format!("alice.+1767225660.{sig}"),
+            format!("alice.17672256a0.{sig}"),
+            format!("alice.99999999999999999999999.{sig}"),
+            "alice.1767225660.".to_owned(),
+            "alice.1767225660.not base64!".to_owned(),
+            format!("alice.1767225660.{sig}{sig}"),
+            format!("alice.1767225660.{}", "A".repeat(65)),
+            format!("alice.1767225660.{}", sig.replace('-', "+").replace('_', "-")),
+        ] {
+            assert_eq!(by_token(&bad), Err(IdentityError::Malformed), "{bad}");
+        }
+        assert_eq!(by_token("alice.1767225660.AAAA"), Err(IdentityError::BadSignature), "decodes, wrong length");
+    }
+
+    #[test]
+    fn missing_secret_is_an_error_only_when_a_token_is_present() {
+        let cfg = signed_only();
+        let with_token = req().header("x-token", token("alice", NOW_S + 60));
+        assert_eq!(resolve_with(&cfg, &with_token, None), Err(IdentityError::MissingSecret));
+        assert_eq!(resolve_with(&cfg, &with_token, Some(b"")), Err(IdentityError::MissingSecret));
+        assert_eq!(IdentityError::MissingSecret.fault(), Fault::Gateway);
+        let without = req().header("x-user", "bob");
+        assert_eq!(resolve_with(&cfg, &without, None).unwrap().key, subject_key("h:bob"));
+        let blank = req().header("x-token", "  ").header("x-user", "bob");
+        assert_eq!(resolve_with(&cfg, &blank, None).unwrap().source, IdentitySource::Header, "blank falls through");
+    }
+
+    #[test]
+    fn identity_errors_render_a_401_without_the_token() {
+        let t = format!("alice.{}.{}", NOW_S + 60, "A".repeat(43));
+        let e = by_token(&t).unwrap_err();
+        assert_eq!((e, e.kind(), e.fault()), (IdentityError::BadSignature, "bad_signature", Fault::Client));
+        let r = e.response();
+        assert_eq!(r.status, 401);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {"message": "The identity token's signature is invalid.",
+                "type": "invalid_request_error", "param": null, "code": "invalid_identity"}})
+        );
+        for e in [
+            IdentityError::Malformed,
+            IdentityError::BadSignature,
+            IdentityError::Expired,
+            IdentityError::TooFarAhead,
+            IdentityError::MissingSecret,
+        ] {
+            let body = String::from_utf8(e.response().body).unwrap();
+            assert!(!body.contains("alice") && !body.contains(SECRET_NAME), "{body}");
+        }
+    }
+
+    // ---- sources and tiers ---------------------------------------------------------------
+
+    #[test]
+    fn sources_fall_through_in_order() {
+        let cfg = parse(&full()).unwrap();
+        let everything = req()
+            .header("x-tollgate-user-token", token("alice", NOW_S + 60))
+            .header("x-tollgate-user", "bob")
+            .user("carol")
+            .header("authorization", "Bearer sk-dave")
+            .header("x-tollgate-session", "dev-1")
+            .peer("198.51.100.7:443");
+        let steps = [
+            (IdentitySource::SignedHeader, subject_key("h:alice")),
+            (IdentitySource::Header, subject_key("h:bob")),
+            (IdentitySource::UserField, subject_key("u:carol")),
+            (IdentitySource::ApiKey, subject_key(&format!("k:{}", hex(&Sha256::digest(b"sk-dave"))))),
+            (IdentitySource::Session, subject_key("s:dev-1")),
+            (IdentitySource::ClientIp, ip("198.51.100.7")),
+        ];
+        let mut r = everything;
+        for (source, key) in steps {
+            let s = resolve(&parse(&full()).unwrap(), &r).unwrap();
+            assert_eq!((s.source, &s.key), (source, &key));
+            assert_eq!(s.ip_key, Some(ip("198.51.100.7")));
+            // Remove the winning input; the next source takes over.
+            match source {
+                IdentitySource::UserField => r.user = None,
+                IdentitySource::ClientIp => r.peer = None,
+                _ => {
+                    r.headers.remove(0);
+                }
+            }
+        }
+        let nobody = resolve(&cfg, &r).unwrap();
+        assert_eq!(
+            (nobody.source, nobody.key, nobody.ip_key),
+            (IdentitySource::Unidentified, subject_key("unidentified"), None)
+        );
+    }
+
+    #[test]
+    fn user_field_identifies_and_blank_falls_through() {
+        let cfg = parse(&with_sources(r#"[{"user_field": true}, {"client_ip": {}}]"#)).unwrap();
+        let s = resolve(&cfg, &req().user(" user-123 ").peer("10.0.0.1")).unwrap();
+        assert_eq!((s.source, s.key), (IdentitySource::UserField, subject_key("u:user-123")));
+        assert_eq!(resolve(&cfg, &req().user("  ").peer("10.0.0.1")).unwrap().source, IdentitySource::ClientIp);
+    }
+
+    #[test]
+    fn bearer_prefix_is_stripped_and_the_api_key_picks_the_tier() {
+        let cfg = parse(&full()).unwrap();
+        let key = subject_key(&format!("k:{PRO_KEY_SHA256}"));
+        for value in [
+            format!("Bearer {PRO_KEY}"),
+            format!("bearer  {PRO_KEY}"),
+            format!("BEARER {PRO_KEY} "),
+            PRO_KEY.to_owned(),
+        ] {
+            let s = resolve(&cfg, &req().header("authorization", value.clone())).unwrap();
+            assert_eq!((s.source, &s.key, s.tier.as_str()), (IdentitySource::ApiKey, &key, "pro"), "{value}");
+        }
+        let unknown = resolve(&cfg, &req().header("authorization", "Bearer sk-other")).unwrap();
+        assert_eq!((unknown.source, unknown.tier.as_str()), (IdentitySource::ApiKey, "free"));
+        for empty in ["Bearer ", "bearer", "   "] {
+            let s = resolve(&cfg, &req().header("authorization", empty).peer("10.0.0.1")).unwrap();
+            assert_eq!(s.source, IdentitySource::ClientIp, "{empty:?}");
+        }
+        // Not a char boundary at 7: no panic, the whole value is the key.
+        let odd = resolve(&cfg, &req().header("authorization", "Bearé x")).unwrap();
+        assert_eq!(odd.key, subject_key(&format!("k:{}", hex(&Sha256::digest("Bearé x".as_bytes())))));
+    }
+
+    #[test]
+    fn tier_precedence_is_api_key_then_header_then_default() {
+        let cfg = parse(&full()).unwrap();
+        let keyed = req().header("authorization", format!("Bearer {PRO_KEY}"));
+        assert_eq!(
+            resolve(&cfg, &keyed.clone().header("x-tollgate-tier", "team")).unwrap().tier,
+            "pro",
+            "the key wins"
+        );
+        // The key decides the tier even when another source identified the user.
+        let signed_in = keyed.clone().header("x-tollgate-user", "bob");
+        let s = resolve(&cfg, &signed_in).unwrap();
+        assert_eq!((s.source, s.tier.as_str()), (IdentitySource::Header, "pro"));
+        let unlisted = req().header("authorization", "Bearer sk-x").header("x-tollgate-tier", " team ");
+        assert_eq!(resolve(&cfg, &unlisted).unwrap().tier, "team");
+        assert_eq!(resolve(&cfg, &req().header("x-tollgate-tier", "platinum")).unwrap().tier, "free", "unknown tier");
+        assert_eq!(resolve(&cfg, &req()).unwrap().tier, "free");
+    }
+
+    #[test]
+    fn xff_zero_hops_uses_the_peer() {
+        // Envoy's Example 1: use_remote_address = true, xff_num_trusted_hops = 0: XFF is ignored.
+        let r = req().header(FORWARDED_FOR, "203.0.113.128, 203.0.113.10, 203.0.113.1").peer("192.0.2.5:40000");
+        let s = resolve(&client_ip_config(0), &r).unwrap();
+        assert_eq!((s.source, &s.key), (IdentitySource::ClientIp, &ip("192.0.2.5")));
+    }
+
+    #[test]
+    fn xff_one_and_two_trusted_hops() {
+        let r = req().header(FORWARDED_FOR, "203.0.113.128, 203.0.113.10, 203.0.113.1").peer("192.0.2.5:40000");
+        assert_eq!(resolve(&client_ip_config(1), &r).unwrap().key, ip("203.0.113.1"));
+        // Envoy's Example 3: xff_num_trusted_hops = 2 → 203.0.113.10 (2nd to last address in XFF).
+        assert_eq!(resolve(&client_ip_config(2), &r).unwrap().key, ip("203.0.113.10"));
+        assert_eq!(resolve(&client_ip_config(3), &r).unwrap().key, ip("203.0.113.128"));
+        // Only the chosen entry has to parse.
+        let r = req().header(FORWARDED_FOR, "junk,203.0.113.10,\t203.0.113.1 ").peer("192.0.2.5");
+        assert_eq!(resolve(&client_ip_config(1), &r).unwrap().key, ip("203.0.113.1"));
+    }
+
+    #[test]
+    fn xff_with_too_few_entries_falls_back_to_the_peer() {
+        let r = req().header(FORWARDED_FOR, "203.0.113.10, 203.0.113.1").peer("192.0.2.5:1");
+        assert_eq!(resolve(&client_ip_config(3), &r).unwrap().key, ip("192.0.2.5"));
+        assert_eq!(resolve(&client_ip_config(u32::MAX), &r).unwrap().key, ip("192.0.2.5"));
+        let no_xff = req().peer("192.0.2.5:1");
+        assert_eq!(resolve(&client_ip_config(1), &no_xff).unwrap().key, ip("192.0.2.5"));
+        let neither = resolve(&client_ip_config(1), &req()).unwrap();
+        assert_eq!((neither.source, neither.ip_key), (IdentitySource::Unidentified, None));
+    }
+
+    #[test]
+    fn garbage_xff_entries_fall_back_to_the_peer() {
+        for xff in [
+            "",
+            ",",
+            "203.0.113.10,",
+            "203.0.113.10, unknown",
+            "203.0.113.10, 999.1.1.1",
+            "1.2.3.4, _hidden",
+            "fe80::1%eth0",
+        ] {
+            let r = req().header(FORWARDED_FOR, xff).peer("192.0.2.5");
+            assert_eq!(resolve(&client_ip_config(1), &r).unwrap().key, ip("192.0.2.5"), "{xff:?}");
+        }
+        // An entry with a port is accepted (Envoy would refuse it).
+        let r = req().header(FORWARDED_FOR, "203.0.113.10:5555").peer("192.0.2.5");
+        assert_eq!(resolve(&client_ip_config(1), &r).unwrap().key, ip("203.0.113.10"));
+    }
+
+    #[test]
+    fn xff_and_peers_in_ipv6() {
+        let r = req().header(FORWARDED_FOR, "2001:db8::1, [2001:DB8:0:0:0:0:0:2]:443").peer("[2001:db8::ff]:8443");
+        assert_eq!(resolve(&client_ip_config(1), &r).unwrap().key, ip("2001:db8::2"));
+        assert_eq!(resolve(&client_ip_config(2), &r).unwrap().key, ip("2001:db8::1"));
+        assert_eq!(resolve(&client_ip_config(0), &r).unwrap().key, ip("2001:db8::ff"));
+        // An IPv4-mapped peer is the IPv4 client it maps.
+        let mapped = resolve(&client_ip_config(0), &req().peer("[::ffff:192.0.2.5]:80")).unwrap();
+        assert_eq!(mapped.key, ip("192.0.2.5"));
+    }
+
+    #[test]
+    fn peer_port_and_brackets_are_stripped() {
+        let cfg = client_ip_config(0);
+        let key = |peer: &str| resolve(&cfg, &req().peer(peer)).unwrap();
+        assert_eq!(key("10.0.0.1:5555").key, key("10.0.0.1").key);
+        assert_eq!(key(" 10.0.0.1:6666 ").key, ip("10.0.0.1"));
+        assert_eq!(key("[::1]:443").key, key("::1").key);
+        assert_eq!(key("[::1]").key, ip("::1"));
+        for garbage in ["", "unix:/tmp/sock", "[::1", "10.0.0.1:1:2:x", "localhost:80"] {
+            let s = key(garbage);
+            assert_eq!((s.source, s.ip_key), (IdentitySource::Unidentified, None), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn prefixes_keep_buckets_apart() {
+        let cfg = parse(&full()).unwrap();
+        let same = "1.2.3.4";
+        let subjects = [
+            resolve(&cfg, &req().header("x-tollgate-user", same)).unwrap(),
+            resolve(&cfg, &req().user(same)).unwrap(),
+            resolve(&cfg, &req().header("authorization", same)).unwrap(),
+            resolve(&cfg, &req().header("x-tollgate-session", same)).unwrap(),
+            resolve(&cfg, &req().peer(same)).unwrap(),
+        ];
+        let keys: BTreeSet<&str> = subjects.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys.len(), subjects.len(), "{subjects:?}");
+        assert_eq!(subjects[4].key, ip(same));
+        assert_eq!(subjects[4].ip_key.as_deref(), Some(subjects[4].key.as_str()));
+    }
+
+    #[test]
+    fn raw_identity_never_appears_in_the_subject() {
+        let cfg = parse(&full()).unwrap();
+        let cases = [
+            ("alice-signed-id", req().header("x-tollgate-user-token", token("alice-signed-id", NOW_S + 5))),
+            ("bob-plain-id", req().header("x-tollgate-user", "bob-plain-id")),
+            ("carol-user-field", req().user("carol-user-field")),
+            (PRO_KEY, req().header("authorization", format!("Bearer {PRO_KEY}"))),
+            ("device-session-9", req().header("x-tollgate-session", "device-session-9")),
+            ("203.0.113.77", req().header(FORWARDED_FOR, "203.0.113.77").peer("192.0.2.1:9")),
+        ];
+        for (raw, r) in cases {
+            let s = resolve(&cfg, &r).unwrap();
+            let shown = format!("{s:?}");
+            assert!(!shown.contains(raw) && !s.key.contains(raw), "{raw} in {shown}");
+            assert!(s.key.starts_with("tg1:q:") && s.key.len() == 6 + 32, "{}", s.key);
+        }
+    }
+
+    #[test]
+    fn ip_key_is_kept_for_identified_users() {
+        let cfg = parse(&full()).unwrap();
+        let r = req()
+            .header("x-tollgate-user", "bob")
+            .header(FORWARDED_FOR, "198.51.100.9, 203.0.113.77")
+            .peer("192.0.2.1:9");
+        let s = resolve(&cfg, &r).unwrap();
+        assert_eq!(s.source, IdentitySource::Header);
+        assert_eq!(s.ip_key, Some(ip("203.0.113.77")), "the first client_ip source's XFF rule");
+        let no_client_ip = parse(&with_sources(r#"[{"header": "x-tollgate-user"}]"#)).unwrap();
+        assert_eq!(resolve(&no_client_ip, &r).unwrap().ip_key, Some(ip("192.0.2.1")), "the peer");
+    }
+
+    #[test]
+    fn keys_match_policy_subject() {
+        let policy = crate::Policy::from_json(
+            br#"{"identity": {"header": "x-tollgate-user"}, "tier": {"default": "free"}, "tiers": {"free": {"limits": []}}}"#,
+        )
+        .unwrap();
+        let cfg = parse(r#"{"identity": {"header": "x-tollgate-user"}, "tier": {"default": "free"}}"#).unwrap();
+        let by_header = resolve(&cfg, &req().header("x-tollgate-user", " alice ").peer("10.0.0.1:5")).unwrap();
+        assert_eq!(by_header, policy.subject(Some(" alice "), None, Some("10.0.0.1:5")));
+        let by_ip = resolve(&cfg, &req().peer("[::1]:443")).unwrap();
+        assert_eq!(by_ip, policy.subject(None, None, Some("[::1]:443")));
+        assert_eq!(resolve(&cfg, &req()).unwrap(), policy.subject(None, None, None));
+    }
+
+    proptest! {
+        #[test]
+        fn resolve_never_panics(
+            token in prop_oneof![any::<String>(), "[a-z.]{0,8}\\.[0-9+]{0,22}\\.[A-Za-z0-9_+/=-]{0,70}"],
+            user in any::<String>(),
+            api_key in any::<String>(),
+            session in any::<String>(),
+            tier in any::<String>(),
+            xff in prop_oneof![any::<String>(), "[0-9a-f:., \\[\\]%]{0,40}"],
+            peer in prop_oneof![any::<String>(), "[0-9a-f:.\\[\\]]{0,40}"],
+            now_ms in any::<u64>(),
+            hops in 0u32..5,
+        ) {
+            let sources = format!(
+                r#"[{{"signed_header": "x-tollgate-user-token", "secret": "{SECRET_NAME}"}}, {{"user_field": true}},
+                    {{"api_key_header": "authorization"}}, {{"session_header": "x-tollgate-session"}},
+                    {{"client_ip": {{"trusted_hops": {hops}}}}}]"#
+            );
+            let cfg = parse(&format!(
+                r#"{{"identity": {{"sources": {sources}}}, "tier": {{"header": "x-tollgate-tier", "default": "free",
+                     "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}}}}}"#
+            )).unwrap();
+            let r = Req {
+                headers: vec![
+                    ("x-tollgate-user-token", token),
+                    ("authorization", api_key),
+                    ("x-tollgate-session", session),
+                    ("x-tollgate-tier", tier),
+                    (FORWARDED_FOR, xff),
+                ],
+                user: Some(user),
+                peer: Some(peer),
+                now_ms,
+            };
+            if let Ok(s) = resolve(&cfg, &r) {
+                prop_assert!(s.key.starts_with("tg1:q:"));
+                prop_assert!(tier_names().contains(&s.tier));
+            }
+        }
+    }
+}

@@ -17,15 +17,19 @@
 //! Headers named here must be set by something the operator trusts (the app's backend, an
 //! authenticating proxy): a client that can set `identity.header` can pick its own bucket.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::quota::Quota;
+use crate::guard::{Guards, RawGuards};
+use crate::identity::{IdentityConfig, RawIdentity, RawTierSelect};
+use crate::limits::engine::{LimitSet, Price};
+use crate::limits::ledger::Settings;
+use crate::limits::{check_duplicates, usd_to_micros, Limit, Metric, RawLimit, Scope};
+use crate::message::{Messages, RawMessages};
 use crate::routing::{RawModel, RawProvider, Routes};
-use crate::window::Window;
+use crate::window::{Window, Zone};
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ConfigError {
@@ -55,29 +59,22 @@ pub enum FailureMode {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    time_zone: Option<String>,
     #[serde(default)]
     identity: RawIdentity,
     tier: RawTierSelect,
     #[serde(default)]
     store: RawStore,
     tiers: BTreeMap<String, RawTier>,
+    global: Option<RawGlobal>,
+    #[serde(default)]
+    prices: BTreeMap<String, RawPrice>,
+    notify: Option<RawNotify>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawIdentity {
-    header: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTierSelect {
-    header: Option<String>,
-    default: String,
 }
 
 #[derive(Deserialize)]
@@ -87,41 +84,131 @@ struct RawStore {
     max_retries: u32,
     #[serde(default)]
     on_failure: FailureMode,
+    #[serde(default = "default_slots")]
+    slots: u32,
+    #[serde(default = "default_members_per_slot")]
+    members_per_slot: u32,
+    #[serde(default = "default_lease_ttl")]
+    lease_ttl_seconds: u64,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore { max_retries: default_retries(), on_failure: FailureMode::Allow }
+        RawStore {
+            max_retries: default_retries(),
+            on_failure: FailureMode::Allow,
+            slots: default_slots(),
+            members_per_slot: default_members_per_slot(),
+            lease_ttl_seconds: default_lease_ttl(),
+        }
     }
 }
 
 fn default_retries() -> u32 {
     16
 }
+fn default_slots() -> u32 {
+    65_536
+}
+fn default_members_per_slot() -> u32 {
+    64
+}
+fn default_lease_ttl() -> u64 {
+    900
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTier {
-    limits: Vec<Quota>,
+    #[serde(default)]
+    limits: Vec<RawLimit>,
+    #[serde(default)]
+    guards: RawGuards,
+    messages: Option<RawMessages>,
+    /// Send `max_tokens` = the output reservation upstream, so a response can never use more
+    /// output tokens than were reserved for it.
+    #[serde(default)]
+    cap_output: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGlobal {
+    limits: Vec<RawLimit>,
+}
+
+/// US dollars per million tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    input: f64,
+    output: f64,
+    cached_input: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    /// Envoy: the cluster the webhook is reached through.
+    cluster: Option<String>,
+    /// The webhook URL (the worker fetches it; Envoy uses its path and host).
+    url: String,
+    #[serde(default = "default_notify_timeout")]
+    timeout_ms: u32,
+}
+
+fn default_notify_timeout() -> u32 {
+    5000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// Names the host secret holding the admin key (the worker's usage listing).
+    key_secret: String,
+}
+
+/// What a tier does besides its limits.
+#[derive(Debug, Clone, Default)]
+pub struct TierRules {
+    pub guards: Guards,
+    pub messages: Messages,
+    pub cap_output: bool,
+}
+
+/// Where threshold events are posted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify {
+    pub cluster: Option<String>,
+    pub url: String,
+    /// `host[:port]` of `url`.
+    pub authority: String,
+    /// Path and query of `url`.
+    pub path: String,
+    pub timeout_ms: u32,
 }
 
 /// A validated policy, shared read-only by every request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Policy {
-    identity_header: Option<String>,
-    tier_header: Option<String>,
-    default_tier: String,
-    tiers: BTreeMap<String, Vec<Quota>>,
-    tracked: Vec<Window>,
+    pub identity: IdentityConfig,
+    pub limits: LimitSet,
+    rules: BTreeMap<String, TierRules>,
     pub max_retries: u32,
     pub on_failure: FailureMode,
     /// Providers and the model map (empty: no translation).
     pub routes: Routes,
+    pub notify: Option<Notify>,
+    /// Secret name of the admin key (worker usage listing).
+    pub admin_key_secret: Option<String>,
 }
 
 pub use crate::identity::{IdentitySource, Subject};
 
 pub const MAX_RETRIES_LIMIT: u32 = 1000;
+pub const MAX_SLOTS: u32 = 1 << 24;
+pub const MAX_MEMBERS_PER_SLOT: u32 = 1024;
+pub const MAX_CONCURRENT: u64 = 65_535;
 
 impl Policy {
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
@@ -147,13 +234,10 @@ impl Policy {
     }
 
     fn validate(raw: RawConfig) -> Result<Policy, ConfigError> {
-        let identity_header = raw.identity.header.map(|h| header_name("identity.header", h)).transpose()?;
-        let tier_header = raw.tier.header.map(|h| header_name("tier.header", h)).transpose()?;
         if raw.tiers.is_empty() {
             return Err(invalid("tiers", "at least one tier is required"));
         }
-        let mut tracked = vec![];
-        for (name, tier) in &raw.tiers {
+        for name in raw.tiers.keys() {
             if name.is_empty()
                 || name.len() > 64
                 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
@@ -163,124 +247,189 @@ impl Policy {
                     "tier names are 1-64 characters of letters, digits, '_', '-' and '.'",
                 ));
             }
-            for (i, quota) in tier.limits.iter().enumerate() {
-                let path = format!("tiers.{name}.limits[{i}]");
-                if quota.requests == 0 {
-                    return Err(invalid(
-                        format!("{path}.requests"),
-                        "must be at least 1 (to block a tier entirely, remove it from the tiers its users can reach)",
-                    ));
-                }
-                if let Some(j) = tier.limits[..i].iter().position(|q| q.window == quota.window) {
-                    return Err(invalid(
-                        format!("{path}.window"),
-                        format!("duplicate window \"{}\" (already limited at limits[{j}])", quota.window.name()),
-                    ));
-                }
-                tracked.push(quota.window);
-            }
         }
-        if !raw.tiers.contains_key(&raw.tier.default) {
-            let known: Vec<&str> = raw.tiers.keys().map(String::as_str).collect();
-            return Err(invalid(
-                "tier.default",
-                format!("unknown tier \"{}\" (tiers are: {})", raw.tier.default, known.join(", ")),
-            ));
-        }
-        if raw.store.max_retries > MAX_RETRIES_LIMIT {
+        let tier_names: BTreeSet<String> = raw.tiers.keys().cloned().collect();
+        let identity = IdentityConfig::validate(raw.identity, raw.tier, &tier_names)?;
+        let zone = match &raw.time_zone {
+            None => Zone::utc(),
+            Some(name) => Zone::named(name).map_err(|e| invalid("time_zone", e))?,
+        };
+        let store = raw.store;
+        if store.max_retries > MAX_RETRIES_LIMIT {
             return Err(invalid("store.max_retries", format!("must be at most {MAX_RETRIES_LIMIT}")));
         }
-        tracked.sort();
-        tracked.dedup();
+        if store.slots > MAX_SLOTS {
+            return Err(invalid("store.slots", format!("must be at most {MAX_SLOTS} (0: one key per identity)")));
+        }
+        if store.members_per_slot == 0 || store.members_per_slot > MAX_MEMBERS_PER_SLOT {
+            return Err(invalid("store.members_per_slot", format!("must be from 1 to {MAX_MEMBERS_PER_SLOT}")));
+        }
+        if store.lease_ttl_seconds == 0 || store.lease_ttl_seconds > 86_400 {
+            return Err(invalid("store.lease_ttl_seconds", "must be from 1 to 86400"));
+        }
         let routes = Routes::validate(raw.providers, raw.models)?;
-        Ok(Policy {
-            routes,
-            identity_header,
-            tier_header,
-            default_tier: raw.tier.default,
-            tiers: raw.tiers.into_iter().map(|(k, v)| (k, v.limits)).collect(),
+        let model_known = |m: &str| routes.route(m).is_some();
+
+        let mut tiers = BTreeMap::new();
+        let mut rules = BTreeMap::new();
+        let mut tracked: BTreeMap<Scope, Vec<(Metric, Window)>> = BTreeMap::new();
+        let mut cost_limit: Option<String> = None;
+        for (name, tier) in raw.tiers {
+            let path = format!("tiers.{name}.limits");
+            let mut limits = Vec::with_capacity(tier.limits.len());
+            for (i, raw_limit) in tier.limits.into_iter().enumerate() {
+                limits.push(raw_limit.validate(&format!("{path}[{i}]"), false, &model_known)?);
+            }
+            check_duplicates(&path, &limits)?;
+            for (i, l) in limits.iter().enumerate() {
+                check_limit_range(&format!("{path}[{i}]"), l)?;
+                if let (Some(w), Scope::Identity | Scope::Ip) = (l.window(), l.scope) {
+                    tracked.entry(l.scope).or_default().push((l.metric, w));
+                }
+                if l.metric == Metric::CostMicros && cost_limit.is_none() {
+                    cost_limit = Some(format!("{path}[{i}]"));
+                }
+            }
+            let guards = Guards::validate(tier.guards, &format!("tiers.{name}.guards"))?;
+            if routes.is_enabled() {
+                for (i, m) in guards.models().unwrap_or_default().iter().enumerate() {
+                    if !model_known(m) {
+                        return Err(invalid(format!("tiers.{name}.guards.models[{i}]"), format!("unknown model \"{m}\" (models are configured in models)")));
+                    }
+                }
+            }
+            let messages = match tier.messages {
+                Some(m) => Messages::validate(m, &format!("tiers.{name}.messages"))?,
+                None => Messages::default(),
+            };
+            rules.insert(name.clone(), TierRules { guards, messages, cap_output: tier.cap_output });
+            tiers.insert(name, limits);
+        }
+        let mut global = Vec::new();
+        if let Some(g) = raw.global {
+            for (i, raw_limit) in g.limits.into_iter().enumerate() {
+                let l = raw_limit.validate(&format!("global.limits[{i}]"), true, &model_known)?;
+                check_limit_range(&format!("global.limits[{i}]"), &l)?;
+                if l.metric == Metric::CostMicros && cost_limit.is_none() {
+                    cost_limit = Some(format!("global.limits[{i}]"));
+                }
+                global.push(l);
+            }
+            check_duplicates("global.limits", &global)?;
+        }
+        for list in tracked.values_mut() {
+            list.sort();
+            list.dedup();
+        }
+
+        let mut prices = BTreeMap::new();
+        for (model, p) in raw.prices {
+            let path = format!("prices.{model}");
+            if routes.is_enabled() && !model_known(&model) {
+                return Err(invalid(path, format!("unknown model \"{model}\" (prices are per model in models)")));
+            }
+            let micros = |field: &str, usd: f64| -> Result<u64, ConfigError> {
+                if !(usd.is_finite() && (0.0..=1e6).contains(&usd)) {
+                    return Err(invalid(format!("{path}.{field}"), "must be US dollars per million tokens, from 0 to 1000000"));
+                }
+                Ok(usd_to_micros(usd))
+            };
+            let input = micros("input", p.input)?;
+            let output = micros("output", p.output)?;
+            let cached_input = match p.cached_input {
+                Some(c) => micros("cached_input", c)?,
+                None => input,
+            };
+            prices.insert(model, Price { input, output, cached_input });
+        }
+        if let Some(at) = &cost_limit {
+            if let Some(model) = routes.model_names().find(|m| !prices.contains_key(*m)) {
+                return Err(invalid(format!("prices.{model}"), format!("missing: {at} limits cost, so every model needs a price")));
+            }
+        }
+
+        let notify = raw.notify.map(validate_notify).transpose()?;
+        let admin_key_secret = match raw.admin {
+            Some(a) if !crate::routing::is_secret_name(&a.key_secret) => {
+                return Err(invalid("admin.key_secret", "must name a secret (letters, digits, '_'), never hold a key"))
+            }
+            Some(a) => Some(a.key_secret),
+            None => None,
+        };
+        let limits = LimitSet {
+            settings: Settings {
+                zone,
+                member_cap: store.members_per_slot as usize,
+                lease_ttl_ms: store.lease_ttl_seconds * 1000,
+            },
+            slots: store.slots,
+            tiers,
+            global,
+            prices,
             tracked,
-            max_retries: raw.store.max_retries,
-            on_failure: raw.store.on_failure,
+        };
+        Ok(Policy {
+            identity,
+            limits,
+            rules,
+            max_retries: store.max_retries,
+            on_failure: store.on_failure,
+            routes,
+            notify,
+            admin_key_secret,
         })
-    }
-
-    /// The header that carries the caller's identity, if one is configured.
-    pub fn identity_header(&self) -> Option<&str> {
-        self.identity_header.as_deref()
-    }
-
-    /// The header that carries the caller's tier, if one is configured.
-    pub fn tier_header(&self) -> Option<&str> {
-        self.tier_header.as_deref()
     }
 
     /// Request headers that are Tollgate's business only (who the user is, what they pay):
     /// adapters do not forward them to the provider.
     pub fn private_request_headers(&self) -> impl Iterator<Item = &str> {
-        [self.identity_header(), self.tier_header()].into_iter().flatten()
+        self.identity.private_headers()
     }
 
-    pub fn quotas(&self, tier: &str) -> &[Quota] {
-        self.tiers.get(tier).map_or(&[], Vec::as_slice)
+    /// A tier's guards, messages and output cap (the defaults for an unknown tier).
+    pub fn rules(&self, tier: &str) -> &TierRules {
+        static DEFAULT: std::sync::OnceLock<TierRules> = std::sync::OnceLock::new();
+        self.rules.get(tier).unwrap_or_else(|| DEFAULT.get_or_init(TierRules::default))
     }
 
-    /// Every window limited by some tier: all of them are counted for every subject.
-    pub fn tracked_windows(&self) -> &[Window] {
-        &self.tracked
+    pub fn limits_of(&self, tier: &str) -> &[Limit] {
+        self.limits.tiers.get(tier).map_or(&[], Vec::as_slice)
     }
 
-    /// Resolves the subject from the identity header's value, the tier header's value and the
-    /// client address (`ip`, `ip:port` or `[v6]:port`). Empty values count as absent; an
-    /// unknown tier name falls back to the default tier.
-    pub fn subject(&self, identity: Option<&str>, tier: Option<&str>, client_address: Option<&str>) -> Subject {
-        let address = present(client_address).map(strip_port);
-        let (source, material) = match (present(identity), address) {
-            (Some(id), _) => (IdentitySource::Header, format!("h:{id}")),
-            (None, Some(ip)) => (IdentitySource::ClientIp, format!("ip:{ip}")),
-            (None, None) => (IdentitySource::Unidentified, "unidentified".to_owned()),
-        };
-        let tier = present(tier)
-            .filter(|t| self.tiers.contains_key(*t))
-            .unwrap_or(&self.default_tier)
-            .to_owned();
-        let ip_key = address.map(|ip| subject_key(&format!("ip:{ip}")));
-        Subject { key: subject_key(&material), ip_key, tier, source }
+    pub fn tier_names(&self) -> impl Iterator<Item = &str> {
+        self.limits.tiers.keys().map(String::as_str)
     }
 }
 
-fn present(v: Option<&str>) -> Option<&str> {
-    v.map(str::trim).filter(|v| !v.is_empty())
+fn check_limit_range(path: &str, l: &Limit) -> Result<(), ConfigError> {
+    if l.metric == Metric::Concurrent && l.max > MAX_CONCURRENT {
+        return Err(invalid(format!("{path}.concurrent"), format!("must be at most {MAX_CONCURRENT}")));
+    }
+    if l.thresholds.iter().filter(|t| t.action == crate::limits::Action::Notify).count() > 8 {
+        return Err(invalid(format!("{path}.soft"), "at most 8 notify thresholds per limit"));
+    }
+    Ok(())
 }
 
-fn header_name(path: &str, name: String) -> Result<String, ConfigError> {
-    // RFC 9110 §5.1: field-name = token
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(token) {
-        return Err(invalid(path, format!("invalid header name {name:?}")));
+fn validate_notify(n: RawNotify) -> Result<Notify, ConfigError> {
+    let rest = n.url.strip_prefix("https://").or_else(|| n.url.strip_prefix("http://"));
+    let Some(rest) = rest.filter(|r| !r.is_empty() && !r.contains([' ', '#'])) else {
+        return Err(invalid("notify.url", format!("{:?} is not an http(s) URL", n.url)));
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let path = if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
+    if n.timeout_ms == 0 || n.timeout_ms > 60_000 {
+        return Err(invalid("notify.timeout_ms", "must be from 1 to 60000"));
     }
-    Ok(name.to_ascii_lowercase())
-}
-
-fn strip_port(addr: &str) -> &str {
-    if let Some(rest) = addr.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
+    if let Some(c) = &n.cluster {
+        if c.is_empty() {
+            return Err(invalid("notify.cluster", "must name an Envoy cluster"));
+        }
     }
-    match addr.split_once(':') {
-        Some((ip, port)) if !port.contains(':') => ip,
-        _ => addr,
-    }
-}
-
-fn subject_key(material: &str) -> String {
-    let digest = Sha256::digest(material.as_bytes());
-    let mut key = String::with_capacity(6 + 32);
-    key.push_str("tg1:q:");
-    for b in &digest[..16] {
-        key.push(char::from_digit((b >> 4) as u32, 16).unwrap_or('0'));
-        key.push(char::from_digit((b & 15) as u32, 16).unwrap_or('0'));
-    }
-    key
+    Ok(Notify { cluster: n.cluster, authority: authority.to_owned(), path, url: n.url, timeout_ms: n.timeout_ms })
 }
 
 #[cfg(test)]
@@ -308,18 +457,24 @@ mod tests {
     #[test]
     fn parses_the_documented_example() {
         let p = Policy::from_json(GOOD.as_bytes()).unwrap();
-        assert_eq!(p.identity_header(), Some("x-tollgate-user"));
-        assert_eq!(p.quotas("free").len(), 2);
-        assert_eq!(p.tracked_windows(), &[Window::Minute, Window::Hour, Window::Day]);
+        assert_eq!(p.private_request_headers().collect::<Vec<_>>(), vec!["x-tollgate-user", "x-tollgate-tier"]);
+        assert_eq!(p.limits_of("free").len(), 2);
+        assert_eq!(
+            p.limits.tracked[&Scope::Identity],
+            vec![(Metric::Requests, Window::Minute), (Metric::Requests, Window::Hour), (Metric::Requests, Window::Day)]
+        );
         assert_eq!(p.max_retries, 16);
         assert_eq!(p.on_failure, FailureMode::Allow);
+        assert_eq!(p.limits.slots, 65_536);
+        assert_eq!(p.limits.settings.member_cap, 64);
+        assert_eq!(p.limits.settings.lease_ttl_ms, 900_000);
     }
 
     #[test]
     fn unknown_window_names_its_path() {
         assert_eq!(
             err(&with_free_limits(r#"[{"window": "hour", "requests": 1}, {"window": "fortnight", "requests": 1}]"#)),
-            r#"tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, month)"#
+            r#"tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, week, month)"#
         );
     }
 
@@ -327,11 +482,11 @@ mod tests {
     fn unknown_field_names_its_path() {
         assert_eq!(
             err(&with_free_limits(r#"[{"window": "hour", "requests": 1, "burst": 2}]"#)),
-            "tiers.free.limits[0].burst: unknown field `burst`, expected `window` or `requests`"
+            "tiers.free.limits[0].burst: unknown field `burst`, expected one of `name`, `per`, `window`, `rate`, `requests`, `input_tokens`, `output_tokens`, `total_tokens`, `cost_usd`, `concurrent`, `soft`"
         );
         assert_eq!(
             err(r#"{"tier": {"default": "free"}, "tiers": {"free": {"limits": []}}, "upstream": 1}"#),
-            "upstream: unknown field `upstream`, expected one of `identity`, `tier`, `store`, `tiers`, `providers`, `models`"
+            "upstream: unknown field `upstream`, expected one of `time_zone`, `identity`, `tier`, `store`, `tiers`, `global`, `prices`, `notify`, `admin`, `providers`, `models`"
         );
     }
 
@@ -355,7 +510,7 @@ mod tests {
     fn duplicate_window_is_refused() {
         assert_eq!(
             err(&with_free_limits(r#"[{"window": "day", "requests": 5}, {"window": "day", "requests": 9}]"#)),
-            r#"tiers.free.limits[1].window: duplicate window "day" (already limited at limits[0])"#
+            r#"tiers.free.limits[1].window: duplicate limit: requests per identity over "day" (already limited at limits[0])"#
         );
     }
 
@@ -464,28 +619,60 @@ mod tests {
     }
 
     #[test]
-    fn subject_prefers_the_header_then_the_address() {
-        let p = Policy::from_json(GOOD.as_bytes()).unwrap();
-        let by_header = p.subject(Some("alice"), None, Some("10.0.0.1:5555"));
-        assert_eq!(by_header.source, IdentitySource::Header);
-        assert_eq!(by_header.key, p.subject(Some(" alice "), None, Some("10.9.9.9:1")).key);
-        let by_ip = p.subject(Some(""), None, Some("10.0.0.1:5555"));
-        assert_eq!(by_ip.source, IdentitySource::ClientIp);
-        assert_eq!(by_ip.key, p.subject(None, None, Some("10.0.0.1:6666")).key, "the port is not part of the identity");
-        assert_ne!(by_ip.key, by_header.key);
-        // a user literally named like an address does not share the address's bucket
-        assert_ne!(p.subject(Some("10.0.0.1"), None, None).key, by_ip.key);
-        assert_eq!(p.subject(None, None, Some("[::1]:443")).key, p.subject(None, None, Some("::1")).key);
-        assert_eq!(p.subject(None, None, None).source, IdentitySource::Unidentified);
-        assert!(!by_header.key.contains("alice"));
-        assert_eq!(by_header.key.len(), 6 + 32);
+    fn store_time_zone_prices_and_notify_are_checked() {
+        let base = |extra: &str| format!(r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {{"limits": []}}}}{extra}}}"#);
+        assert_eq!(err(&base(r#", "time_zone": "Mars/Olympus""#)), r#"time_zone: unknown time zone "Mars/Olympus""#);
+        assert_eq!(err(&base(r#", "store": {"slots": 99999999}"#)), "store.slots: must be at most 16777216 (0: one key per identity)");
+        assert_eq!(err(&base(r#", "store": {"members_per_slot": 0}"#)), "store.members_per_slot: must be from 1 to 1024");
+        assert_eq!(err(&base(r#", "store": {"lease_ttl_seconds": 0}"#)), "store.lease_ttl_seconds: must be from 1 to 86400");
+        assert_eq!(err(&base(r#", "notify": {"url": "ftp://x"}"#)), r#"notify.url: "ftp://x" is not an http(s) URL"#);
+        assert_eq!(err(&base(r#", "admin": {"key_secret": "sk-live"}"#)), "admin.key_secret: must name a secret (letters, digits, '_'), never hold a key");
+        let p = Policy::from_json(base(r#", "notify": {"cluster": "hooks", "url": "https://hooks.example.com/t/1?x=y"}, "time_zone": "Asia/Riyadh""#).as_bytes()).unwrap();
+        let n = p.notify.unwrap();
+        assert_eq!((n.authority.as_str(), n.path.as_str(), n.timeout_ms), ("hooks.example.com", "/t/1?x=y", 5000));
+        assert_eq!(p.limits.settings.zone.name(), "Asia/Riyadh");
     }
 
     #[test]
-    fn tier_header_picks_known_tiers_only() {
-        let p = Policy::from_json(GOOD.as_bytes()).unwrap();
-        assert_eq!(p.subject(Some("a"), Some("pro"), None).tier, "pro");
-        assert_eq!(p.subject(Some("a"), Some("platinum"), None).tier, "free");
-        assert_eq!(p.subject(Some("a"), None, None).tier, "free");
+    fn cost_limits_need_every_model_priced() {
+        let with = |prices: &str| {
+            with_routing(r#"{"x": {"kind": "openai"}}"#, r#"{"m1": {"provider": "x", "model": "a"}, "m2": {"provider": "x", "model": "b"}}"#)
+                .replace(r#""limits": []"#, r#""limits": [{"window": "day", "cost_usd": 1}]"#)
+                .replace(r#", "providers""#, &format!(r#", "prices": {prices}, "providers""#))
+        };
+        assert_eq!(err(&with(r#"{"m1": {"input": 0.15, "output": 0.6}}"#)), "prices.m2: missing: tiers.a.limits[0] limits cost, so every model needs a price");
+        assert_eq!(err(&with(r#"{"m1": {"input": -1, "output": 0.6}}"#)), "prices.m1.input: must be US dollars per million tokens, from 0 to 1000000");
+        assert_eq!(err(&with(r#"{"zz": {"input": 1, "output": 1}}"#)), r#"prices.zz: unknown model "zz" (prices are per model in models)"#);
+        let p = Policy::from_json(with(r#"{"m1": {"input": 0.15, "output": 0.6, "cached_input": 0.075}, "m2": {"input": 3, "output": 15}}"#).as_bytes()).unwrap();
+        assert_eq!(p.limits.prices["m1"].cached_input, 75_000);
+        assert_eq!(p.limits.prices["m2"].cached_input, 3_000_000, "cached input defaults to the input price");
+    }
+
+    #[test]
+    fn guard_models_and_downgrades_must_be_routed() {
+        let routed = |tier: &str| {
+            format!(
+                r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {tier}}}, "providers": {{"x": {{"kind": "openai"}}}}, "models": {{"big": {{"provider": "x", "model": "b"}}, "small": {{"provider": "x", "model": "s"}}}}}}"#
+            )
+        };
+        assert_eq!(
+            err(&routed(r#"{"guards": {"models": ["big", "huge"]}}"#)),
+            r#"tiers.a.guards.models[1]: unknown model "huge" (models are configured in models)"#
+        );
+        assert_eq!(
+            err(&routed(r#"{"limits": [{"window": "day", "requests": 5, "soft": [{"at": 100, "action": "downgrade", "model": "tiny"}]}]}"#)),
+            r#"tiers.a.limits[0].soft[0].model: unknown model "tiny" (downgrade targets must be in models)"#
+        );
+        assert!(Policy::from_json(routed(r#"{"limits": [{"window": "day", "requests": 5, "soft": [{"at": 100, "action": "downgrade", "model": "small"}]}]}"#).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn global_limits_are_validated_in_place() {
+        let g = |limits: &str| format!(r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {{"limits": []}}}}, "global": {{"limits": {limits}}}}}"#);
+        assert_eq!(err(&g(r#"[{"concurrent": 100000}]"#)), "global.limits[0].concurrent: must be at most 65535");
+        assert_eq!(err(&g(r#"[{"concurrent": 5}, {"concurrent": 6}]"#)), "global.limits[1]: duplicate limit: concurrent per global (already limited at limits[0])");
+        let p = Policy::from_json(g(r#"[{"concurrent": 500}, {"window": "minute", "requests": 6000}]"#).as_bytes()).unwrap();
+        assert_eq!(p.limits.global.len(), 2);
+        assert!(p.limits.global.iter().all(|l| l.scope == Scope::Global));
     }
 }

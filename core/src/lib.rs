@@ -8,21 +8,25 @@
 //! 1. [`Policy::from_json`] parses and validates the one config schema both hosts share. Every
 //!    error names the JSON path it is about (`tiers.free.limits[1].window: unknown window
 //!    "fortnight"`).
-//! 2. [`Policy::subject`] resolves who is asking (configured header, else the client address)
-//!    and which tier applies; the identity is only ever kept as a SHA-256 digest.
-//! 3. [`quota::check_and_count`] reads the subject's counters through a [`store::CasStore`],
-//!    decides in a pure function, and writes back with compare-and-set, retrying a bounded
-//!    number of times. Time is an argument: epoch milliseconds from the host.
-//! 4. [`render`] turns the [`quota::Decision`] into response headers (allowed) or a complete
-//!    OpenAI-style 429 (denied).
+//! 2. [`gate`] runs the request through the policy: [`identity`] (who, which tier), [`guard`]
+//!    (abuse guards, the token estimate), [`limits::engine`] (reserve on every applicable
+//!    limit through a [`store::CasStore`]: compare-and-set, bounded retries), and returns the
+//!    local answer (OpenAI-style errors, a 429 with the tier's [`message`]) or the request to
+//!    forward with its response headers, warning and soft-limit actions.
+//! 3. [`translate`] turns the request into the provider's dialect and the answer back, and
+//!    reports the provider's [`usage::Usage`].
+//! 4. [`gate::finish`] settles the reservation with that usage when the request ends, however
+//!    it ends, and releases its concurrency lease.
+//!
+//! Time is always an argument: epoch milliseconds from the host.
 
 pub mod config;
 pub mod duration;
+pub mod gate;
 pub mod guard;
-pub mod message;
 pub mod identity;
+pub mod message;
 pub mod openai;
-pub mod quota;
 pub mod render;
 pub mod routing;
 pub mod store;
@@ -37,7 +41,6 @@ pub mod limits;
 pub mod sse;
 
 pub use config::{ConfigError, FailureMode, Policy, Subject};
-pub use quota::{check_and_count, Decision, Quota};
 pub use render::LocalResponse;
 pub use store::{CasStore, MemoryStore, StoreError, Version, Written};
 pub use window::{Timestamp, Window};

@@ -94,6 +94,11 @@ fn invalid(path: String, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { path, message: message.into() }
 }
 
+/// A host secret's name: letters, digits and '_' — never something that looks like a key.
+pub(crate) fn is_secret_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 impl Routes {
     pub(crate) fn validate(
         providers: BTreeMap<String, RawProvider>,
@@ -112,9 +117,7 @@ impl Routes {
                 }
             }
             if let Some(key) = &p.api_key {
-                let ok = !key.secret.is_empty()
-                    && key.secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                if !ok || key.secret.starts_with("sk-") {
+                if !is_secret_name(&key.secret) {
                     return Err(invalid(
                         format!("{path}.api_key.secret"),
                         "must name a secret (letters, digits, '_'), never hold a key",

@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::limits::ledger::{self, Actual, Demand, KeyPlan, LimitStatus, Reached, Receipt, Reserved, Settings, Verdict};
@@ -58,7 +59,7 @@ pub struct LimitSet {
 }
 
 /// Who a request is counted for (hashed keys only).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Who {
     pub identity_key: String,
     pub ip_key: Option<String>,
@@ -66,7 +67,7 @@ pub struct Who {
 }
 
 /// The estimate a request is admitted with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Estimate {
     /// The model the client asked for (the price-table key); `None` when unknown.
     pub model: Option<String>,
@@ -75,7 +76,7 @@ pub struct Estimate {
 }
 
 /// Everything the adapter keeps between admission and the end of the request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
     pub who: Who,
     /// The model the request is served by (after a downgrade), for the price at settlement.
@@ -90,7 +91,7 @@ impl Ticket {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admission {
     pub verdict: Verdict,
     /// Every limit that applied, after this request when it was admitted.
@@ -216,6 +217,135 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// One admission, step by step, for hosts whose store calls are asynchronous (the worker's
+/// Durable Objects): for each [`AdmitRun::next_key`], run [`AdmitRun::reserve`] atomically on
+/// that key's stored bytes, hand the result to [`AdmitRun::record`]; when it says
+/// [`Flow::Release`], settle every part of [`AdmitRun::ticket`] with [`Actual::nothing`] via
+/// [`release_step`]. [`admit`] is this loop over a [`CasStore`].
+pub struct AdmitRun<'a> {
+    set: &'a LimitSet,
+    plans: Vec<KeyPlan<'a>>,
+    estimate: Estimate,
+    lease_id: u64,
+    now: Timestamp,
+    next: usize,
+    admission: Admission,
+}
+
+/// What to do after a key's reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Reserve the next key (or finish when there is none).
+    Next,
+    /// A key refused: release the ticket's parts, then finish.
+    Release,
+}
+
+impl<'a> AdmitRun<'a> {
+    pub fn new(set: &'a LimitSet, who: &Who, estimate: &Estimate, lease_id: u64, now: Timestamp) -> Self {
+        AdmitRun {
+            set,
+            plans: set.plans(who),
+            estimate: estimate.clone(),
+            lease_id,
+            now,
+            next: 0,
+            admission: Admission {
+                verdict: Verdict::Allowed,
+                statuses: Vec::new(),
+                downgrade: None,
+                warnings: Vec::new(),
+                notify: Vec::new(),
+                ticket: Ticket { who: who.clone(), model: estimate.model.clone(), parts: Vec::new() },
+                evicted: 0,
+                release_failures: 0,
+            },
+        }
+    }
+
+    /// The next key to reserve on.
+    pub fn next_key(&self) -> Option<&KeyPlan<'a>> {
+        if self.admission.verdict != Verdict::Allowed {
+            return None;
+        }
+        self.plans.get(self.next)
+    }
+
+    /// The pure reservation step for the current key (may run several times under CAS).
+    pub fn reserve(&self, bytes: Option<&[u8]>) -> (Reserved, Option<Vec<u8>>) {
+        let Some(plan) = self.plans.get(self.next) else {
+            return (
+                Reserved { verdict: Verdict::Allowed, statuses: vec![], downgrade: None, warnings: vec![], notify: vec![], receipt: Receipt::default(), evicted: 0 },
+                None,
+            );
+        };
+        let demand_for = |model: Option<&str>| self.set.demand(&self.estimate, model);
+        ledger::reserve(bytes, plan, &demand_for, self.admission.downgrade.as_deref(), self.lease_id, self.now, &self.set.settings)
+    }
+
+    /// Takes the current key's result.
+    pub fn record(&mut self, reserved: Reserved) -> Flow {
+        let Some(plan) = self.plans.get(self.next) else { return Flow::Next };
+        self.next += 1;
+        let a = &mut self.admission;
+        a.statuses.extend(reserved.statuses);
+        a.evicted += reserved.evicted;
+        if reserved.verdict != Verdict::Allowed {
+            a.verdict = reserved.verdict;
+            a.warnings.clear();
+            a.notify.clear();
+            a.downgrade = None;
+            return Flow::Release;
+        }
+        if a.downgrade.is_none() {
+            a.downgrade = reserved.downgrade;
+        }
+        a.warnings.extend(reserved.warnings);
+        a.notify.extend(reserved.notify);
+        a.ticket.parts.push((plan.key.clone(), plan.tag, plan.scope, reserved.receipt));
+        Flow::Next
+    }
+
+    /// The ticket so far (what to release after a refusal).
+    pub fn ticket(&self) -> &Ticket {
+        &self.admission.ticket
+    }
+
+    /// The admission; a refused one carries no ticket parts (`release_failures` says how
+    /// many releases failed).
+    pub fn finish(mut self, release_failures: u32) -> Admission {
+        if self.admission.verdict != Verdict::Allowed {
+            self.admission.ticket.parts.clear();
+            self.admission.release_failures = release_failures;
+        } else if let Some(model) = &self.admission.downgrade {
+            self.admission.ticket.model = Some(model.clone());
+        }
+        self.admission
+    }
+}
+
+/// The keys of a ticket and their receipts.
+impl Ticket {
+    pub fn parts(&self) -> impl Iterator<Item = (&str, Scope, &Receipt)> {
+        self.parts.iter().map(|(k, _, s, r)| (k.as_str(), *s, r))
+    }
+}
+
+/// The pure settle step for one part of a ticket (`key`), for hosts that drive it themselves.
+pub fn settle_step(set: &LimitSet, ticket: &Ticket, key: &str, actual: &Actual, bytes: Option<&[u8]>, now: Timestamp) -> (Vec<Reached>, Option<Vec<u8>>) {
+    let plans = set.plans(&ticket.who);
+    let part = ticket.parts.iter().find(|(k, ..)| k == key);
+    match (plans.iter().find(|p| p.key == key), part) {
+        (Some(plan), Some((_, _, _, receipt))) => ledger::settle(bytes, plan, receipt, actual, now, &set.settings),
+        _ => (vec![], None),
+    }
+}
+
+/// The pure release step (a refused admission's earlier keys).
+pub fn release_step(set: &LimitSet, ticket: &Ticket, key: &str, bytes: Option<&[u8]>, now: Timestamp) -> Option<Vec<u8>> {
+    settle_step(set, ticket, key, &Actual::nothing(), bytes, now).1
+}
+
 /// Admits (reserving everything) or refuses (changing nothing) a request.
 pub fn admit<S: CasStore + ?Sized>(
     store: &mut S,
@@ -226,64 +356,34 @@ pub fn admit<S: CasStore + ?Sized>(
     now: Timestamp,
     max_retries: u32,
 ) -> Result<Admission, StoreError> {
-    let plans = set.plans(who);
-    let demand_for = |model: Option<&str>| set.demand(estimate, model);
-    let mut admission = Admission {
-        verdict: Verdict::Allowed,
-        statuses: Vec::new(),
-        downgrade: None,
-        warnings: Vec::new(),
-        notify: Vec::new(),
-        ticket: Ticket { who: who.clone(), model: estimate.model.clone(), parts: Vec::new() },
-        evicted: 0,
-        release_failures: 0,
-    };
-    for plan in &plans {
-        let downgraded = admission.downgrade.clone();
-        let step = update(store, &plan.key, max_retries, |bytes| {
-            let (reserved, write) = ledger::reserve(bytes, plan, &demand_for, downgraded.as_deref(), lease_id, now, &set.settings);
+    let mut run = AdmitRun::new(set, who, estimate, lease_id, now);
+    while let Some(plan) = run.next_key() {
+        let key = plan.key.clone();
+        let step = update(store, &key, max_retries, |bytes| {
+            let (reserved, write) = run.reserve(bytes);
             Step { result: reserved, write }
         });
-        let reserved: Reserved = match step {
-            Ok(r) => r,
+        match step {
+            Ok(reserved) => {
+                if run.record(reserved) == Flow::Release {
+                    let failures = release(store, set, run.ticket(), now, max_retries);
+                    return Ok(run.finish(failures));
+                }
+            }
             Err(e) => {
-                release(store, set, &plans, &admission.ticket, now, max_retries);
+                release(store, set, run.ticket(), now, max_retries);
                 return Err(e);
             }
-        };
-        admission.statuses.extend(reserved.statuses);
-        admission.evicted += reserved.evicted;
-        if reserved.verdict != Verdict::Allowed {
-            admission.verdict = reserved.verdict;
-            admission.release_failures = release(store, set, &plans, &admission.ticket, now, max_retries);
-            admission.ticket.parts.clear();
-            admission.warnings.clear();
-            admission.notify.clear();
-            admission.downgrade = None;
-            return Ok(admission);
         }
-        if admission.downgrade.is_none() {
-            admission.downgrade = reserved.downgrade;
-        }
-        admission.warnings.extend(reserved.warnings);
-        admission.notify.extend(reserved.notify);
-        admission.ticket.parts.push((plan.key.clone(), plan.tag, plan.scope, reserved.receipt));
     }
-    if let Some(model) = &admission.downgrade {
-        admission.ticket.model = Some(model.clone());
-    }
-    Ok(admission)
+    Ok(run.finish(0))
 }
 
 /// Undoes the reservations of a ticket; returns how many keys could not be updated.
-fn release<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, plans: &[KeyPlan], ticket: &Ticket, now: Timestamp, max_retries: u32) -> u32 {
+fn release<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, ticket: &Ticket, now: Timestamp, max_retries: u32) -> u32 {
     let mut failures = 0;
-    for (key, _, _, receipt) in &ticket.parts {
-        let Some(plan) = plans.iter().find(|p| &p.key == key) else { continue };
-        let r = update(store, key, max_retries, |bytes| {
-            let (_, write) = ledger::settle(bytes, plan, receipt, &Actual::nothing(), now, &set.settings);
-            Step { result: (), write }
-        });
+    for (key, ..) in &ticket.parts {
+        let r = update(store, key, max_retries, |bytes| Step { result: (), write: release_step(set, ticket, key, bytes, now) });
         failures += u32::from(r.is_err());
     }
     failures

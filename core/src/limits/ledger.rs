@@ -10,6 +10,8 @@
 //!   usage is never lost, counts never go below zero.
 //! - An unknown actual amount (`None`) keeps the reservation as the charge.
 
+use serde::{Deserialize, Serialize};
+
 use crate::limits::record::{start_minute, Counter, Lease, Member, Rate, Record};
 use crate::limits::{percent_of, Action, Limit, Metric, Scope, Span};
 use crate::window::{Timestamp, Window, Zone};
@@ -78,7 +80,7 @@ pub struct Settings {
 }
 
 /// Where one limit stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitStatus {
     pub name: String,
     pub scope: Scope,
@@ -101,7 +103,7 @@ impl LimitStatus {
 }
 
 /// A soft threshold reached: a warning for the client, or a webhook event.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reached {
     pub status: LimitStatus,
     pub threshold: u32,
@@ -109,7 +111,7 @@ pub struct Reached {
     pub window_start: Timestamp,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
     Allowed,
     /// Over a limit now; `retry_after_ms` is when every refusing limit has room again.
@@ -119,14 +121,14 @@ pub enum Verdict {
 }
 
 /// What a reservation charged, kept by the adapter until the request ends.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
     pub counters: Vec<(Metric, Window, u32, u64)>,
     pub rates: Vec<(Metric, u32, u64, u64)>,
     pub lease: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reserved {
     pub verdict: Verdict,
     pub statuses: Vec<LimitStatus>,

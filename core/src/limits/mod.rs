@@ -28,19 +28,21 @@ pub mod engine;
 pub mod ledger;
 pub mod record;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{invalid, ConfigError};
 use crate::window::Window;
 
 /// What a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Metric {
     Requests,
     InputTokens,
     OutputTokens,
     TotalTokens,
     /// Integer micro-dollars from the policy's price table.
+    #[serde(rename = "cost_usd")]
     CostMicros,
     /// Requests in flight.
     Concurrent,
@@ -90,7 +92,7 @@ impl Metric {
 }
 
 /// Whose usage a limit counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
     /// Each identity on its own (the default).

@@ -1,0 +1,439 @@
+//! The gate: everything that happens to a request before it is forwarded, and the accounting
+//! when it ends — one sans-IO flow every host (the filter, the worker, the simulator) drives.
+//!
+//! A chat completion (`POST /v1/chat/completions`), once its body is complete:
+//! 1. parse the body (400), route its model (404) when the policy maps models;
+//! 2. resolve who is asking ([`crate::identity`]: signed header, header, `user`, API key,
+//!    session, client IP) and the tier (401 for a bad signed token);
+//! 3. the tier's abuse guards ([`crate::guard`]: 413 body size, 400 model/messages/max_tokens/
+//!    prompt length);
+//! 4. estimate: prompt tokens from the body, output = the request's max tokens (capped by the
+//!    tier) or a default — and reserve them with every applicable limit
+//!    ([`crate::limits::engine::admit`]): 429 with the tier's localized message when a limit
+//!    refuses;
+//! 5. apply soft-limit actions: a downgrade model, `max_tokens` capped to the reservation when
+//!    the tier has `cap_output`, the warning header and body object, webhook events.
+//!
+//! Other requests are admitted from their headers with a zero token estimate (requests and
+//! concurrency limits only). `GET /v1/tollgate/usage` answers the caller's own usage.
+//! [`finish`] settles a request when it ends, however it ends.
+
+use serde_json::{json, Value};
+
+use crate::config::{FailureMode, Policy, TierRules};
+use crate::guard::{estimate_prompt_tokens, output_reservation};
+use crate::identity::{RequestFacts, Subject};
+use crate::limits::engine::{self, binding, Admission, Estimate, Ticket, Who};
+use crate::limits::ledger::{LimitStatus, Reached, Verdict};
+use crate::limits::Metric;
+use crate::message::{self, LimitFacts, MessageKind};
+use crate::openai::ChatRequest;
+use crate::render::{self, LocalResponse};
+use crate::routing::Route;
+use crate::store::{CasStore, StoreError};
+use crate::translate::TranslateError;
+use crate::usage::Usage;
+
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+pub const USAGE_PATH: &str = "/v1/tollgate/usage";
+/// Names the model a downgrade served the request with.
+pub const DOWNGRADE_HEADER: &str = "x-tollgate-downgraded-to";
+pub const UPGRADE_HEADER: &str = "x-tollgate-upgrade-url";
+
+/// What kind of request this is, from its method and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A chat completion: admitted once its body is read.
+    Chat,
+    /// The usage endpoint: answered locally.
+    Usage,
+    /// Anything else: admitted from its headers.
+    Other,
+}
+
+pub fn classify(method: Option<&str>, path: Option<&str>) -> Kind {
+    let path = path.map(|p| p.split(['?', '#']).next().unwrap_or(p));
+    match (method, path) {
+        (Some("POST"), Some(CHAT_PATH)) => Kind::Chat,
+        (Some("GET"), Some(USAGE_PATH)) => Kind::Usage,
+        _ => Kind::Other,
+    }
+}
+
+/// What the host knows about a request.
+pub struct Facts<'a> {
+    /// A request header's value (lower-case name).
+    pub header: &'a dyn Fn(&str) -> Option<String>,
+    /// Envoy's `source.address`; the worker's `cf-connecting-ip`.
+    pub peer_address: Option<&'a str>,
+    pub now_ms: u64,
+    /// A host secret's bytes by name (signed identity tokens).
+    pub secrets: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+}
+
+/// The warning a soft limit asks the response to carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning {
+    /// `x-tollgate-warning` (ASCII).
+    pub header: String,
+    /// The `tollgate` object for JSON bodies / the SSE comment, when the tier opts in.
+    pub object: Option<Value>,
+}
+
+/// A request that goes on to the provider.
+#[derive(Debug)]
+pub struct Admitted<'p> {
+    /// The chat request as it must be forwarded (model after a downgrade, capped max tokens).
+    pub request: Option<ChatRequest>,
+    /// Whether `request` differs from the client's body (hosts that do not translate must
+    /// then replace the body).
+    pub rewritten: bool,
+    /// Where it goes, when the policy maps models.
+    pub route: Option<Route<'p>>,
+    /// What to settle when the request ends (empty when the store failed and the policy
+    /// allowed the request anyway).
+    pub ticket: Option<Ticket>,
+    /// Headers for the client's response.
+    pub headers: Vec<(&'static str, String)>,
+    pub warning: Option<Warning>,
+    /// Webhook event bodies to post.
+    pub events: Vec<Vec<u8>>,
+    pub tier: String,
+    /// Members evicted from full slots, and releases that failed.
+    pub evicted: u32,
+}
+
+/// Why a request was answered locally (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Bad body, unknown model, guards, identity token.
+    Invalid,
+    /// A limit said no.
+    Limited,
+    /// The counter store failed and the policy denies.
+    StoreFailed,
+}
+
+#[derive(Debug)]
+pub enum Gate<'p> {
+    Forward(Box<Admitted<'p>>),
+    Reply { response: LocalResponse, why: Refused, store_error: Option<StoreError> },
+}
+
+fn reply(response: LocalResponse, why: Refused) -> Gate<'static> {
+    Gate::Reply { response, why, store_error: None }
+}
+
+fn resolve(policy: &Policy, facts: &Facts, user: Option<&str>) -> Result<Subject, LocalResponse> {
+    let req = RequestFacts { header: facts.header, user_field: user, peer_address: facts.peer_address, now_ms: facts.now_ms };
+    policy.identity.resolve(&req, facts.secrets).map_err(|e| e.response())
+}
+
+fn who(subject: &Subject) -> Who {
+    Who { identity_key: subject.key.clone(), ip_key: subject.ip_key.clone(), tier: subject.tier.clone() }
+}
+
+/// Before the body is read: a declared body larger than the tier allows is refused at once.
+/// (The tier comes from headers only here; the check is repeated on the real body.)
+pub fn check_declared_length(policy: &Policy, facts: &Facts, content_length: Option<u64>) -> Option<LocalResponse> {
+    let len = content_length?;
+    let subject = resolve(policy, facts, None).ok()?;
+    policy.rules(&subject.tier).guards.check_body_size(len).err().map(|e| e.to_response())
+}
+
+/// A request ready for admission: who is counted, and for what.
+#[derive(Debug)]
+pub struct Pending<'p> {
+    pub who: Who,
+    pub estimate: Estimate,
+    request: Option<ChatRequest>,
+    route: Option<Route<'p>>,
+}
+
+/// The outcome of preparing a request: admit it, or answer it now.
+#[derive(Debug)]
+pub enum Prepared<'p> {
+    Admit(Box<Pending<'p>>),
+    /// Bad body, unknown model, a guard, a bad identity token ([`Refused::Invalid`]).
+    Reply(LocalResponse),
+}
+
+/// Prepares a complete chat completion body: parse, route, identify, guard, estimate.
+pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepared<'p> {
+    let request: ChatRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return Prepared::Reply(TranslateError::unreadable_body(&e).to_response()),
+    };
+    let mut route = None;
+    if policy.routes.is_enabled() {
+        match policy.routes.route(&request.model) {
+            Some(r) => route = Some(r),
+            None => return Prepared::Reply(TranslateError::model_not_found(&request.model).to_response()),
+        }
+    }
+    let subject = match resolve(policy, facts, request.user.as_deref()) {
+        Ok(s) => s,
+        Err(r) => return Prepared::Reply(r),
+    };
+    let rules = policy.rules(&subject.tier);
+    let prompt = estimate_prompt_tokens(&request);
+    if let Err(e) = rules.guards.check_body_size(body.len() as u64).and_then(|_| rules.guards.check(&request, prompt)) {
+        return Prepared::Reply(e.to_response());
+    }
+    let model_default = route.as_ref().and_then(|r| r.target.default_max_tokens);
+    let output = output_reservation(&request, &rules.guards, model_default);
+    let estimate = Estimate { model: Some(request.model.clone()), input_tokens: prompt, output_tokens: output };
+    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request: Some(request), route }))
+}
+
+/// Prepares a request that is not a chat completion, from its headers alone (a zero token
+/// estimate: requests and concurrency limits count it).
+pub fn prepare_other<'p>(policy: &'p Policy, facts: &Facts) -> Prepared<'p> {
+    match resolve(policy, facts, None) {
+        Ok(subject) => Prepared::Admit(Box::new(Pending {
+            who: who(&subject),
+            estimate: Estimate { model: None, input_tokens: 0, output_tokens: 0 },
+            request: None,
+            route: None,
+        })),
+        Err(r) => Prepared::Reply(r),
+    }
+}
+
+impl<'p> Pending<'p> {
+    /// Applies the admission's outcome: a 429 (localized), or the request to forward with its
+    /// soft-limit actions applied.
+    pub fn conclude(self, policy: &'p Policy, facts: &Facts, result: Result<Admission, StoreError>) -> Gate<'p> {
+        let Pending { who, estimate, request, mut route } = self;
+        let rules = policy.rules(&who.tier);
+        let admission = match result {
+            Ok(a) => a,
+            Err(e) => return store_failed(policy, e, request, route, who.tier),
+        };
+        if let Some(response) = refusal(&admission, rules, facts) {
+            return reply(response, Refused::Limited);
+        }
+        let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone());
+        let Some(mut request) = request else {
+            return Gate::Forward(Box::new(admitted));
+        };
+        let mut rewritten = false;
+        if let Some(model) = admitted.ticket.as_ref().and_then(|t| t.model.clone()).filter(|m| *m != request.model) {
+            // A downgrade: the ticket already prices the model that serves the request.
+            if let Some(r) = policy.routes.route(&model) {
+                route = Some(r);
+            }
+            admitted.headers.push((DOWNGRADE_HEADER, model.clone()));
+            request.model = model;
+            rewritten = true;
+        }
+        if rules.cap_output && request.max_completion_tokens.is_none() && request.max_tokens.is_none() {
+            let per_choice = estimate.output_tokens / crate::guard::choices(&request).max(1);
+            request.max_tokens = Some(per_choice.max(1));
+            rewritten = true;
+        }
+        admitted.request = Some(request);
+        admitted.rewritten = rewritten;
+        admitted.route = route;
+        Gate::Forward(Box::new(admitted))
+    }
+}
+
+/// Prepare, admit against a [`CasStore`], conclude: the whole gate for a chat body.
+pub fn admit_chat<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, body: &[u8], store: &mut S, lease_id: u64) -> Gate<'p> {
+    run(policy, facts, prepare_chat(policy, facts, body), store, lease_id)
+}
+
+/// Prepare, admit against a [`CasStore`], conclude: the whole gate for any other request.
+pub fn admit_other<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, store: &mut S, lease_id: u64) -> Gate<'p> {
+    run(policy, facts, prepare_other(policy, facts), store, lease_id)
+}
+
+fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Prepared<'p>, store: &mut S, lease_id: u64) -> Gate<'p> {
+    match prepared {
+        Prepared::Reply(r) => reply(r, Refused::Invalid),
+        Prepared::Admit(p) => {
+            let result = engine::admit(store, &policy.limits, &p.who, &p.estimate, lease_id, facts.now_ms, policy.max_retries);
+            p.conclude(policy, facts, result)
+        }
+    }
+}
+
+fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>, route: Option<Route<'p>>, tier: String) -> Gate<'p> {
+    match policy.on_failure {
+        FailureMode::Deny => Gate::Reply { response: render::store_unavailable(), why: Refused::StoreFailed, store_error: Some(e) },
+        FailureMode::Allow => Gate::Forward(Box::new(Admitted {
+            request,
+            rewritten: false,
+            route,
+            ticket: None,
+            headers: vec![],
+            warning: None,
+            events: vec![],
+            tier,
+            evicted: 0,
+        })),
+    }
+}
+
+fn facts_of<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
+    LimitFacts {
+        metric: s.metric.name(),
+        window: s.window.map_or("rate", |w| w.name()),
+        limit: s.limit,
+        used: s.used,
+        reset_at_ms: now_ms.saturating_add(s.reset_ms),
+        now_ms,
+    }
+}
+
+fn header(facts: &Facts, name: &str) -> Option<String> {
+    (facts.header)(name)
+}
+
+/// The 429 for a refused admission (`None` when it was admitted).
+fn refusal(admission: &Admission, rules: &TierRules, facts: &Facts) -> Option<LocalResponse> {
+    let (status, retry_after_ms, requested) = match &admission.verdict {
+        Verdict::Allowed => return None,
+        Verdict::Denied { status, retry_after_ms } => (status, Some(*retry_after_ms), None),
+        Verdict::TooLarge { status, requested } => (status, None, Some(*requested)),
+    };
+    let accept_language = header(facts, "accept-language");
+    let lf = facts_of(status, facts.now_ms);
+    let kind = match status.metric {
+        Metric::Requests | Metric::Concurrent => "requests",
+        Metric::CostMicros => "cost",
+        _ => "tokens",
+    };
+    let text = match requested {
+        Some(requested) => format!(
+            "Request too large for your plan's {} limit: Limit {}, Requested {}. Reduce the prompt or max_tokens.",
+            status.name, status.limit, requested
+        ),
+        None => rules.messages.render(MessageKind::Block, accept_language.as_deref(), &lf).text,
+    };
+    let mut response = render::openai_error(429, &text, kind, "rate_limit_exceeded");
+    if let Some(url) = rules.messages.upgrade_url() {
+        let rendered = message::Rendered { text: text.clone(), locale: String::new() };
+        let object = message::body_object(&lf, &rendered, Some(url));
+        if let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&response.body) {
+            body.insert(message::BODY_MEMBER.to_owned(), object);
+            response.body = serde_json::to_vec(&body).unwrap_or(response.body);
+        }
+        response.headers.push((UPGRADE_HEADER, url.to_owned()));
+    }
+    if let Some(ms) = retry_after_ms {
+        response.headers.push(("retry-after", crate::duration::retry_after_secs(ms).to_string()));
+    }
+    response.headers.extend(limit_headers(&admission.statuses));
+    Some(response)
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the most restrictive request limit and the most
+/// restrictive token limit.
+pub fn limit_headers(statuses: &[LimitStatus]) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(s) = binding(statuses, |m| m == Metric::Requests) {
+        out.extend(render::rate_limit_headers(s.limit, s.remaining, s.reset_ms));
+    }
+    if let Some(s) = binding(statuses, Metric::is_tokens) {
+        out.extend(render::token_limit_headers(s.limit, s.remaining, s.reset_ms));
+    }
+    out
+}
+
+fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts: &Facts, tier: String) -> Admitted<'p> {
+    let headers = limit_headers(&admission.statuses);
+    let warning = admission.warnings.iter().max_by_key(|w| (w.threshold, w.status.percent())).map(|w| {
+        let lf = facts_of(&w.status, facts.now_ms);
+        let object = rules.messages.body_object().then(|| {
+            let accept_language = header(facts, "accept-language");
+            let rendered = rules.messages.render(MessageKind::Warn, accept_language.as_deref(), &lf);
+            message::body_object(&lf, &rendered, rules.messages.upgrade_url())
+        });
+        Warning { header: message::warning_header(&lf, w.threshold), object }
+    });
+    let events = events(policy, &admission.ticket, &admission.notify, facts.now_ms);
+    Admitted {
+        request: None,
+        rewritten: false,
+        route: None,
+        ticket: Some(admission.ticket),
+        headers,
+        warning,
+        events,
+        tier,
+        evicted: admission.evicted,
+    }
+}
+
+/// Webhook bodies for thresholds reached: counts and hashes only, never request content.
+pub fn events(policy: &Policy, ticket: &Ticket, reached: &[Reached], now_ms: u64) -> Vec<Vec<u8>> {
+    if policy.notify.is_none() {
+        return vec![];
+    }
+    reached
+        .iter()
+        .map(|r| {
+            serde_json::to_vec(&json!({
+                "type": "tollgate.threshold_reached",
+                "identity": ticket.who.identity_key,
+                "tier": ticket.who.tier,
+                "limit": r.status.name,
+                "scope": r.status.scope.name(),
+                "metric": r.status.metric.name(),
+                "window": r.status.window.map(|w| w.name()),
+                "threshold_percent": r.threshold,
+                "limit_value": r.status.limit,
+                "used": r.status.used,
+                "window_start": message::rfc3339(r.window_start),
+                "at": message::rfc3339(now_ms),
+            }))
+            .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Settles a request that has ended — completed, cancelled, reset or timed out. `usage` is
+/// what the provider reported (`None`: nothing was reported, the reservation stays charged).
+/// Returns webhook event bodies for thresholds reached.
+pub fn finish<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Ticket, usage: Option<&Usage>, now_ms: u64) -> Result<Vec<Vec<u8>>, StoreError> {
+    let usage = usage.filter(|u| !u.is_empty());
+    let reached = engine::settle(store, &policy.limits, ticket, usage, now_ms, policy.max_retries)?;
+    Ok(events(policy, ticket, &reached, now_ms))
+}
+
+/// `GET /v1/tollgate/usage`: the caller's own limits — used, limit, remaining and reset for
+/// each. There is no prompt data to return.
+pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store: &mut S) -> LocalResponse {
+    let subject = match resolve(policy, facts, None) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let statuses = match engine::peek(store, &policy.limits, &who(&subject), facts.now_ms) {
+        Ok(s) => s,
+        Err(_) => return render::store_unavailable(),
+    };
+    let limits: Vec<Value> = statuses.iter().map(|s| status_json(s, facts.now_ms)).collect();
+    let body = json!({ "object": "tollgate.usage", "tier": subject.tier, "limits": limits });
+    LocalResponse {
+        status: 200,
+        headers: vec![("content-type", "application/json".to_owned()), ("cache-control", "no-store".to_owned())],
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+    }
+}
+
+/// One limit's state as JSON (usage endpoint, simulator).
+pub fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
+    json!({
+        "name": s.name,
+        "scope": s.scope.name(),
+        "metric": s.metric.name(),
+        "window": s.window.map(|w| w.name()),
+        "limit": s.limit,
+        "used": s.used,
+        "remaining": s.remaining,
+        "reset": message::rfc3339(now_ms.saturating_add(s.reset_ms)),
+        "reset_in_ms": s.reset_ms,
+    })
+}

@@ -403,6 +403,12 @@ pub fn finish<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Tic
     Ok(events(policy, ticket, &reached, now_ms))
 }
 
+/// Undoes an admitted request that was never forwarded (the host could not rewrite it, the
+/// backend cannot serve it): nothing stays counted. Returns how many keys failed to update.
+pub fn cancel<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Ticket, now_ms: u64) -> u32 {
+    engine::release(store, &policy.limits, ticket, now_ms, policy.max_retries)
+}
+
 /// `GET /v1/tollgate/usage`: the caller's own limits — used, limit, remaining and reset for
 /// each. There is no prompt data to return.
 pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store: &mut S) -> LocalResponse {

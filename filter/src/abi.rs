@@ -97,6 +97,18 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Status> {
@@ -236,6 +248,30 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -
     check(unsafe {
         proxy_send_local_response(status, null(), 0, body.as_ptr(), body.len(), map.as_ptr(), map.len(), -1)
     })
+}
+
+/// Dispatches an HTTP request to an Envoy cluster; the answer (ignored by Tollgate) arrives on
+/// the calling context. Returns the call's token.
+pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u32) -> Result<u32, Status> {
+    let map = serialize_map(headers);
+    let trailers = serialize_map(&[]);
+    let mut token = 0u32;
+    // SAFETY: pointers and lengths of live buffers, out-pointer to a live local.
+    check(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            map.as_ptr(),
+            map.len(),
+            body.as_ptr(),
+            body.len(),
+            trailers.as_ptr(),
+            trailers.len(),
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 pub fn define_counter(name: &str) -> Result<u32, Status> {

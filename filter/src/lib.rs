@@ -4,35 +4,37 @@
 //! Proxy-Wasm ABI 0.2.1 hosts). It turns host callbacks into `tollgate-core` calls and applies
 //! the returned decision through host calls; all logic is in core.
 //!
-//! What each hook does:
+//! What each hook does (all decisions are `tollgate_core::gate`'s; this crate moves data):
 //! - `on_configure`: reads the plugin configuration (the JSON policy), validates it with
 //!   [`Policy::from_json`]; on error logs the path-naming message and returns false, which makes
 //!   the host refuse the plugin. Defines the metrics.
-//! - `on_http_request_headers`: resolves the subject (identity header, else `source.address`),
-//!   removes the identity and tier headers from the upstream request, checks and counts its
-//!   request quotas in shared data ([`SharedData`]), then either lets the
-//!   request continue or sends the OpenAI-style 429 itself, so a denied request never reaches
-//!   the upstream. If the counter store fails, `store.on_failure` decides (default: allow).
-//! - `on_http_response_headers`: replaces the upstream's `x-ratelimit-*` headers (a provider's
-//!   organisation-wide limits are none of the client's business) with the client's own.
+//! - `on_http_request_headers`: keeps the request headers for the gate, removes the headers
+//!   Tollgate consumes (identity, tier, a client's own `x-tollgate-cluster`), then by kind:
+//!   `GET /v1/tollgate/usage` is answered locally with the caller's usage; a
+//!   `POST /v1/chat/completions` pauses until its body is complete (a declared body over the
+//!   tier's limit is refused at once with 413); anything else is admitted now (requests and
+//!   concurrency limits).
+//! - `on_http_request_body`: at the end of a chat body, runs the gate — identity, guards,
+//!   token estimate, reservation on every limit in shared data ([`SharedData`]) — and either
+//!   answers locally (400/401/404/413/429, or 503 when the store fails and
+//!   `store.on_failure` is `deny`) or forwards: translated to the model's provider when the
+//!   policy maps models, with a downgrade's model and a capped `max_tokens` applied.
+//! - `on_http_response_headers` / `on_http_response_body`: the client's own `x-ratelimit-*`
+//!   headers (requests and tokens) replace the provider's, plus `x-tollgate-warning` past a
+//!   warn threshold; translation back (streams chunk by chunk, other answers whole), the
+//!   tier's `tollgate` object in a JSON body or as an SSE comment before `[DONE]`. When the
+//!   answer is complete the reservation is settled with the provider's usage.
+//! - `on_log` (every stream ends here: completion, client cancel, upstream reset, timeout):
+//!   settles what is not settled yet, which releases the concurrency lease.
 //!
-//! When the policy maps models (`policy.routes.is_enabled()`), `POST /v1/chat/completions` is
-//! also translated to the model's provider ([`translation`] has the whole story):
-//! - `on_http_request_headers`: after admission (a denied request is answered without its body
-//!   ever being read), pauses; a client's own `x-tollgate-cluster` is removed from every request.
-//! - `on_http_request_body`: buffers until the end, then translates and rewrites the request
-//!   (body, `:path`, headers, cluster) or answers 400/404 itself in OpenAI's error format.
-//! - `on_http_response_headers` / `on_http_response_body`: a 2xx stream is translated chunk by
-//!   chunk as it arrives; any other answer is buffered whole and replaced (status, headers,
-//!   body). Token usage goes to the metrics; no body byte is ever logged or stored.
-//!
-//! Without a `models` map every request passes through as it is (the hooks above only count
-//! and replace rate-limit headers).
+//! Threshold events (`notify`) are posted with `dispatch_http_call` to the configured cluster.
 //!
 //! Metrics (Envoy prefixes them with `wasmcustom.`): `tollgate_requests_allowed`,
-//! `tollgate_requests_denied`, `tollgate_store_failures`, `tollgate_host_errors`, and for
-//! translation `tollgate_requests_translated`, `tollgate_translation_refused` (answered locally:
-//! bad body, unknown model, unsupported parameter), `tollgate_upstream_errors` (provider error
+//! `tollgate_requests_denied`, `tollgate_requests_invalid`, `tollgate_store_failures`,
+//! `tollgate_host_errors`, `tollgate_warnings`, `tollgate_downgrades`, `tollgate_evictions`,
+//! `tollgate_settle_failures`, `tollgate_notify_sent`, `tollgate_notify_failed`, and for
+//! translation `tollgate_requests_translated`, `tollgate_translation_refused` (answered
+//! locally after admission: unsupported parameter), `tollgate_upstream_errors` (provider error
 //! statuses and streams ended by an error), `tollgate_tokens_input`, `tollgate_tokens_output`
 //! (only what providers reported: unknown is not added as zero).
 
@@ -44,9 +46,12 @@ use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use tollgate_core::gate::{self, Facts, Gate, Kind, Refused, Warning};
+use tollgate_core::limits::engine::Ticket;
+use tollgate_core::message;
+use tollgate_core::translate::exchange::Routed;
 use tollgate_core::translate::{Fault, TranslateError};
-use tollgate_core::translate::exchange::route_request;
-use tollgate_core::{check_and_count, render, Decision, FailureMode, Policy};
+use tollgate_core::{render, Policy};
 
 use translation::{Answer, Forwarded};
 
@@ -61,8 +66,15 @@ proxy_wasm::main! {{
 struct Metrics {
     allowed: u32,
     denied: u32,
+    invalid: u32,
     store_failures: u32,
     host_errors: u32,
+    warnings: u32,
+    downgrades: u32,
+    evictions: u32,
+    settle_failures: u32,
+    notify_sent: u32,
+    notify_failed: u32,
     translated: u32,
     refused: u32,
     upstream_errors: u32,
@@ -94,8 +106,15 @@ impl RootContext for Root {
                 self.metrics = Metrics {
                     allowed: counter("tollgate_requests_allowed"),
                     denied: counter("tollgate_requests_denied"),
+                    invalid: counter("tollgate_requests_invalid"),
                     store_failures: counter("tollgate_store_failures"),
                     host_errors: counter("tollgate_host_errors"),
+                    warnings: counter("tollgate_warnings"),
+                    downgrades: counter("tollgate_downgrades"),
+                    evictions: counter("tollgate_evictions"),
+                    settle_failures: counter("tollgate_settle_failures"),
+                    notify_sent: counter("tollgate_notify_sent"),
+                    notify_failed: counter("tollgate_notify_failed"),
                     translated: counter("tollgate_requests_translated"),
                     refused: counter("tollgate_translation_refused"),
                     upstream_errors: counter("tollgate_upstream_errors"),
@@ -116,10 +135,15 @@ impl RootContext for Root {
         Some(Box::new(Request {
             policy: self.policy.clone(),
             metrics: self.metrics,
-            response_headers: Vec::new(),
-            replied_locally: false,
             context_id,
-            translation: Translation::None,
+            headers: Vec::new(),
+            peer: None,
+            reading_body: false,
+            response_headers: Vec::new(),
+            warning: None,
+            ticket: None,
+            replied_locally: false,
+            translation: None,
         }))
     }
 
@@ -133,45 +157,34 @@ struct Request {
     /// request passes through untouched.
     policy: Option<Rc<Policy>>,
     metrics: Metrics,
-    response_headers: Vec<(&'static str, String)>,
-    replied_locally: bool,
     context_id: u32,
-    translation: Translation,
-}
-
-/// Where a request is in translation.
-enum Translation {
-    /// Not translated: passes through.
-    None,
-    /// Admitted `POST /v1/chat/completions`: the body is being buffered.
-    Reading,
+    /// The client's request headers as they arrived (the gate reads identity, tier, API key,
+    /// session, `x-forwarded-for`, `accept-language` from them).
+    headers: Vec<(String, String)>,
+    peer: Option<String>,
+    /// A chat body is being buffered.
+    reading_body: bool,
+    response_headers: Vec<(&'static str, String)>,
+    warning: Option<Warning>,
+    /// What to settle when the request ends; `None` once settled (or never admitted).
+    ticket: Option<Ticket>,
+    replied_locally: bool,
     /// Sent upstream translated; the answer is translated back.
-    Forwarded(Box<Forwarded>),
+    translation: Option<Box<Forwarded>>,
 }
 
 impl Context for Request {}
 
-fn header_text(name: Option<&str>) -> Option<String> {
-    let name = name?;
-    match abi::header(abi::HTTP_REQUEST_HEADERS, name) {
-        Ok(v) => v.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()),
-        Err(_) => None,
-    }
-}
-
 impl Request {
-    /// Answers a translated request locally with an OpenAI error (the request was admitted and
-    /// counted, so the client's rate-limit headers go with it).
-    fn refuse(&mut self, error: &TranslateError) -> Action {
-        let counter = match error.fault {
-            Fault::Client => self.metrics.refused,
-            Fault::Provider | Fault::Gateway => self.metrics.host_errors,
-        };
-        abi::increment(counter);
-        self.translation = Translation::None;
-        let mut response = error.to_response();
-        response.headers.extend(self.response_headers.iter().cloned());
-        self.reply(response)
+    fn header_value(&self, name: &str) -> Option<String> {
+        let mut values = self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        let rest: Vec<&str> = values.collect();
+        if rest.is_empty() {
+            Some(first.to_owned())
+        } else {
+            Some(std::iter::once(first).chain(rest).collect::<Vec<_>>().join(", "))
+        }
     }
 
     fn reply(&mut self, response: render::LocalResponse) -> Action {
@@ -189,6 +202,147 @@ impl Request {
             }
         }
     }
+
+    /// Answers locally after admission with an OpenAI error, releasing what was reserved
+    /// (nothing was forwarded, so nothing stays counted).
+    fn refuse(&mut self, error: &TranslateError) -> Action {
+        let counter = match error.fault {
+            Fault::Client => self.metrics.refused,
+            Fault::Provider | Fault::Gateway => self.metrics.host_errors,
+        };
+        abi::increment(counter);
+        self.translation = None;
+        if let (Some(policy), Some(ticket)) = (self.policy.clone(), self.ticket.take()) {
+            let now = abi::now_ms().unwrap_or(0);
+            let failed = gate::cancel(&policy, &mut SharedData, &ticket, now);
+            abi::increment_by(self.metrics.settle_failures, u64::from(failed));
+        }
+        let mut response = error.to_response();
+        response.headers.extend(self.response_headers.iter().cloned());
+        self.reply(response)
+    }
+
+    /// Runs the gate for this request: `body` for a chat completion, `None` for any other.
+    fn admit(&mut self, policy: &Rc<Policy>, body: Option<&[u8]>, body_size: usize) -> Action {
+        let now = match abi::now_ms() {
+            Ok(t) => t,
+            Err(_) => {
+                abi::increment(self.metrics.host_errors);
+                return Action::Continue;
+            }
+        };
+        let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
+        let connection = translation::connection_id();
+        let lease_id = translation::request_token(now_ns, connection, self.context_id);
+        let lookup = |name: &str| self.header_value(name);
+        let no_secrets = |_: &str| None;
+        let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+        let outcome = match body {
+            Some(b) => gate::admit_chat(policy, &facts, b, &mut SharedData, lease_id),
+            None => gate::admit_other(policy, &facts, &mut SharedData, lease_id),
+        };
+        let admitted = match outcome {
+            Gate::Reply { response, why, store_error } => {
+                let counter = match why {
+                    Refused::Invalid => self.metrics.invalid,
+                    Refused::Limited => self.metrics.denied,
+                    Refused::StoreFailed => self.metrics.store_failures,
+                };
+                abi::increment(counter);
+                if let Some(e) = store_error {
+                    abi::log(abi::LOG_WARN, &format!("tollgate: counter store failed ({}); policy denies", e.kind()));
+                }
+                return self.reply(response);
+            }
+            Gate::Forward(a) => a,
+        };
+        let mut admitted = *admitted;
+        if admitted.ticket.is_none() {
+            abi::increment(self.metrics.store_failures);
+            abi::log(abi::LOG_WARN, "tollgate: counter store failed; policy allows the request uncounted");
+        } else {
+            abi::increment(self.metrics.allowed);
+        }
+        abi::increment_by(self.metrics.evictions, u64::from(admitted.evicted));
+        if admitted.warning.is_some() {
+            abi::increment(self.metrics.warnings);
+        }
+        if admitted.headers.iter().any(|(k, _)| *k == gate::DOWNGRADE_HEADER) {
+            abi::increment(self.metrics.downgrades);
+        }
+        self.notify(policy, &admitted.events);
+        self.response_headers = std::mem::take(&mut admitted.headers);
+        self.warning = admitted.warning.take();
+        self.ticket = admitted.ticket.take();
+        let Some(request) = admitted.request.take() else {
+            return Action::Continue;
+        };
+        match admitted.route.take() {
+            Some(route) => {
+                let id = translation::response_id(now_ns, connection, self.context_id);
+                let cluster = route.provider.cluster.clone();
+                let routed = Routed { request, route };
+                let (mut exchange, up) = match routed.start(id, now_ns / 1_000_000_000) {
+                    Ok(t) => t,
+                    Err(e) => return self.refuse(&e),
+                };
+                if let Some(object) = self.warning.as_ref().and_then(|w| w.object.as_ref()) {
+                    exchange.set_closing_comment(message::sse_comment(object));
+                }
+                if let Err(s) = translation::apply_request(&up, body_size, &cluster) {
+                    return self.host_failure("rewriting the request", s);
+                }
+                abi::increment(self.metrics.translated);
+                self.translation = Some(Box::new(Forwarded { exchange, stream: up.stream, answer: Answer::Waiting }));
+            }
+            None if admitted.rewritten => {
+                // Not translated, but a downgrade or an output cap changed the request.
+                let bytes = serde_json::to_vec(&request).unwrap_or_default();
+                let ok = abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &bytes).is_ok()
+                    && abi::set_header(abi::HTTP_REQUEST_HEADERS, "content-length", &bytes.len().to_string()).is_ok();
+                if !ok {
+                    return self.host_failure("rewriting the request", abi::Status(0));
+                }
+            }
+            None => {}
+        }
+        Action::Continue
+    }
+
+    /// Posts threshold events to the policy's webhook cluster.
+    fn notify(&self, policy: &Policy, events: &[Vec<u8>]) {
+        let Some(target) = policy.notify.as_ref() else { return };
+        let Some(cluster) = target.cluster.as_deref() else { return };
+        for body in events {
+            let headers = [
+                (":method", "POST"),
+                (":path", target.path.as_str()),
+                (":authority", target.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            match abi::http_call(cluster, &headers, body, target.timeout_ms) {
+                Ok(_) => abi::increment(self.metrics.notify_sent),
+                Err(s) => {
+                    abi::increment(self.metrics.notify_failed);
+                    abi::log(abi::LOG_WARN, &format!("tollgate: webhook dispatch failed (status {})", s.0));
+                }
+            }
+        }
+    }
+
+    /// Settles the reservation with what the provider reported (once; later calls do nothing).
+    fn settle(&mut self) {
+        let (Some(policy), Some(ticket)) = (self.policy.clone(), self.ticket.take()) else { return };
+        let usage = self.translation.as_ref().map(|f| f.exchange.usage());
+        let now = abi::now_ms().unwrap_or(0);
+        match gate::finish(&policy, &mut SharedData, &ticket, usage.as_ref(), now) {
+            Ok(events) => self.notify(&policy, &events),
+            Err(e) => {
+                abi::increment(self.metrics.settle_failures);
+                abi::log(abi::LOG_WARN, &format!("tollgate: settling usage failed ({}); the reservation stays counted", e.kind()));
+            }
+        }
+    }
 }
 
 impl HttpContext for Request {
@@ -196,37 +350,84 @@ impl HttpContext for Request {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        let translate = policy.routes.is_enabled() && self.prepare_routing();
-        let action = self.admit(&policy);
-        if !translate || action != Action::Continue {
-            return action;
+        let map = abi::HTTP_REQUEST_HEADERS;
+        self.headers = match abi::headers(map) {
+            Ok(pairs) => pairs.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect(),
+            Err(_) => {
+                abi::increment(self.metrics.host_errors);
+                Vec::new()
+            }
+        };
+        self.peer = abi::property(&["source", "address"]).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned());
+        // Who the user is and what they pay is between the app and Tollgate: the provider does
+        // not get these headers. Only the filter picks clusters: a client's own is dropped
+        // (which also clears Envoy's route cache, see `translation::apply_request`).
+        for name in policy.private_request_headers().chain([translation::CLUSTER_HEADER]) {
+            if self.headers.iter().any(|(k, _)| k == name) && abi::remove_header(map, name).is_err() {
+                abi::increment(self.metrics.host_errors);
+            }
         }
-        if end_of_stream {
-            return self.refuse(&TranslateError::invalid(None, "The request has no body: send a chat completion request as JSON."));
+        let method = self.header_value(":method");
+        let path = self.header_value(":path");
+        match gate::classify(method.as_deref(), path.as_deref()) {
+            Kind::Usage => {
+                let now = abi::now_ms().unwrap_or(0);
+                let lookup = |name: &str| self.header_value(name);
+                let no_secrets = |_: &str| None;
+                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+                let response = gate::usage_report(&policy, &facts, &mut SharedData);
+                self.reply(response)
+            }
+            Kind::Other => self.admit(&policy, None, 0),
+            Kind::Chat => {
+                let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                let now = abi::now_ms().unwrap_or(0);
+                let lookup = |name: &str| self.header_value(name);
+                let no_secrets = |_: &str| None;
+                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+                if let Some(response) = gate::check_declared_length(&policy, &facts, declared) {
+                    abi::increment(self.metrics.invalid);
+                    return self.reply(response);
+                }
+                if end_of_stream {
+                    return self.admit(&policy, Some(b""), 0);
+                }
+                // Keep the headers (they change once the body is read) while the body flows
+                // in; Envoy needs `allow_on_headers_stop_iteration: true` for this pause to stop
+                // only the headers.
+                self.reading_body = true;
+                Action::Pause
+            }
         }
-        // Keep the headers (they change once the body is read) while the body flows in; Envoy
-        // needs `allow_on_headers_stop_iteration: true` for this pause to stop only the headers.
-        self.translation = Translation::Reading;
-        Action::Pause
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !matches!(self.translation, Translation::Reading) {
+        if !self.reading_body {
             return Action::Continue;
         }
         if !end_of_stream {
             // Buffered: the next call sees the whole body so far.
             return Action::Pause;
         }
-        self.translate_request(body_size)
+        self.reading_body = false;
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        let body = match abi::buffer(abi::HTTP_REQUEST_BODY, 0, body_size) {
+            Ok(b) => b,
+            Err(s) => return self.host_failure("reading the request body", s),
+        };
+        self.admit(&policy, Some(&body), body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if !matches!(self.translation, Translation::Reading) {
+        if !self.reading_body {
             return Action::Continue;
         }
         // The body ended without end_of_stream: OpenAI clients never send trailers.
-        self.refuse(&TranslateError::invalid(None, "Request trailers are not supported."))
+        self.reading_body = false;
+        abi::increment(self.metrics.invalid);
+        self.reply(TranslateError::invalid(None, "Request trailers are not supported.").to_response())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -236,132 +437,49 @@ impl HttpContext for Request {
         for name in render::PROVIDER_RATE_LIMIT_HEADERS {
             let _ = abi::remove_header(abi::HTTP_RESPONSE_HEADERS, name);
         }
-        for (name, value) in &self.response_headers {
+        let warning = self.warning.as_ref().map(|w| (message::WARNING_HEADER, w.header.clone()));
+        for (name, value) in self.response_headers.iter().chain(warning.iter()) {
             if abi::set_header(abi::HTTP_RESPONSE_HEADERS, name, value).is_err() {
                 abi::increment(self.metrics.host_errors);
             }
         }
-        match &self.translation {
-            Translation::Forwarded(_) => self.translate_response_headers(end_of_stream),
-            _ => Action::Continue,
+        if self.translation.is_some() {
+            return self.translate_response_headers(end_of_stream);
         }
+        if end_of_stream {
+            self.settle();
+        }
+        Action::Continue
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.replied_locally {
             return Action::Continue;
         }
-        match &self.translation {
-            Translation::Forwarded(_) => self.translate_response_body(body_size, end_of_stream),
-            _ => Action::Continue,
+        if self.translation.is_some() {
+            return self.translate_response_body(body_size, end_of_stream);
         }
+        if end_of_stream {
+            self.settle();
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        // However the stream ended (completion, client cancel, upstream reset, timeout): what is
+        // not settled yet is settled now, which releases the concurrency lease.
+        self.settle();
     }
 }
 
 impl Request {
-    /// The request-limit check; Continue when the request may go on.
-    fn admit(&mut self, policy: &Policy) -> Action {
-        let now = match abi::now_ms() {
-            Ok(t) => t,
-            Err(_) => {
-                abi::increment(self.metrics.host_errors);
-                return self.on_store_failure(policy, "clock unavailable");
-            }
-        };
-        let identity = header_text(policy.identity_header());
-        let tier = header_text(policy.tier_header());
-        // Who the user is and what they pay is between the app and Tollgate: the provider
-        // does not get these headers.
-        for name in policy.private_request_headers() {
-            let _ = abi::remove_header(abi::HTTP_REQUEST_HEADERS, name);
-        }
-        let address = abi::property(&["source", "address"])
-            .ok()
-            .flatten()
-            .map(|b| String::from_utf8_lossy(&b).into_owned());
-        let subject = policy.subject(identity.as_deref(), tier.as_deref(), address.as_deref());
-        let quotas = policy.quotas(&subject.tier);
-        let outcome = check_and_count(
-            &mut SharedData,
-            &subject.key,
-            quotas,
-            policy.tracked_windows(),
-            now,
-            policy.max_retries,
-        );
-        match outcome {
-            Ok(decision @ Decision::Allowed { .. }) => {
-                abi::increment(self.metrics.allowed);
-                self.response_headers = render::allowed_headers(&decision);
-                Action::Continue
-            }
-            Ok(decision @ Decision::Denied { .. }) => {
-                abi::increment(self.metrics.denied);
-                match render::rejection(&decision) {
-                    Some(response) => self.reply(response),
-                    None => Action::Continue,
-                }
-            }
-            Err(e) => self.on_store_failure(policy, e.kind()),
-        }
-    }
-
-    fn on_store_failure(&mut self, policy: &Policy, why: &str) -> Action {
-        abi::increment(self.metrics.store_failures);
-        abi::log(abi::LOG_WARN, &format!("tollgate: counter store failed ({why}); policy says {:?}", policy.on_failure));
-        match policy.on_failure {
-            FailureMode::Allow => Action::Continue,
-            FailureMode::Deny => self.reply(render::store_unavailable()),
-        }
-    }
-
-    /// Translation only: drops a client's own cluster header (only the filter picks clusters)
-    /// and says whether this request is a chat completion to translate.
-    fn prepare_routing(&mut self) -> bool {
-        let map = abi::HTTP_REQUEST_HEADERS;
-        if let Ok(Some(_)) = abi::header(map, translation::CLUSTER_HEADER) {
-            // Removing it also clears Envoy's route cache (see `translation::apply_request`).
-            if abi::remove_header(map, translation::CLUSTER_HEADER).is_err() {
-                abi::increment(self.metrics.host_errors);
-            }
-        }
-        let method = abi::header(map, ":method").ok().flatten();
-        let path = abi::header(map, ":path").ok().flatten();
-        translation::is_chat_request(method.as_deref(), path.as_deref())
-    }
-
-    /// The whole client body is buffered: translate it and rewrite the request, or answer.
-    fn translate_request(&mut self, body_size: usize) -> Action {
-        let Some(policy) = self.policy.clone() else {
-            return Action::Continue;
-        };
-        let body = match abi::buffer(abi::HTTP_REQUEST_BODY, 0, body_size) {
-            Ok(b) => b,
-            Err(s) => return self.host_failure("reading the request body", s),
-        };
-        let now_ns = abi::now_ns().unwrap_or(0);
-        let id = translation::response_id(now_ns, translation::connection_id(), self.context_id);
-        let started = route_request(&policy.routes, &body)
-            .and_then(|routed| Ok((routed.start(id, now_ns / 1_000_000_000)?, routed.provider().cluster.clone())));
-        let ((exchange, up), cluster) = match started {
-            Ok(t) => t,
-            Err(e) => return self.refuse(&e),
-        };
-        if let Err(s) = translation::apply_request(&up, body_size, &cluster) {
-            return self.host_failure("rewriting the request", s);
-        }
-        abi::increment(self.metrics.translated);
-        self.translation = Translation::Forwarded(Box::new(Forwarded { exchange, stream: up.stream, answer: Answer::Waiting }));
-        Action::Continue
-    }
-
     fn host_failure(&mut self, what: &str, status: abi::Status) -> Action {
         abi::log(abi::LOG_ERROR, &format!("tollgate: {what} failed (status {})", status.0));
         self.refuse(&translation::gateway_error())
     }
 
     fn translate_response_headers(&mut self, end_of_stream: bool) -> Action {
-        let Translation::Forwarded(f) = &mut self.translation else {
+        let Some(f) = self.translation.as_deref_mut() else {
             return Action::Continue;
         };
         let map = abi::HTTP_RESPONSE_HEADERS;
@@ -393,7 +511,7 @@ impl Request {
     }
 
     fn translate_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let Translation::Forwarded(f) = &mut self.translation else {
+        let Some(f) = self.translation.as_deref_mut() else {
             return Action::Continue;
         };
         match f.answer {
@@ -417,6 +535,7 @@ impl Request {
                     f.answer = Answer::Done;
                     let failed = f.exchange.stream_error().is_some();
                     self.record(failed);
+                    self.settle();
                 }
                 Action::Continue
             }
@@ -432,9 +551,9 @@ impl Request {
     }
 
     /// Replaces a buffered answer (status, headers and, when `with_body`, the body) with its
-    /// translation.
+    /// translation, then settles.
     fn finish_buffered(&mut self, body_size: usize, with_body: bool) {
-        let Translation::Forwarded(f) = &mut self.translation else {
+        let Some(f) = self.translation.as_deref_mut() else {
             return;
         };
         let Answer::Buffering { status, retry_after } = std::mem::replace(&mut f.answer, Answer::Done) else {
@@ -442,7 +561,14 @@ impl Request {
         };
         let body = if with_body { abi::buffer(abi::HTTP_RESPONSE_BODY, 0, body_size) } else { Ok(Vec::new()) };
         let mut ok = body.is_ok();
-        let response = f.exchange.response(status, retry_after.as_deref(), &body.unwrap_or_default());
+        let mut response = f.exchange.response(status, retry_after.as_deref(), &body.unwrap_or_default());
+        if response.status == 200 {
+            if let Some(object) = self.warning.as_ref().and_then(|w| w.object.as_ref()) {
+                if let Some(b) = message::inject_into_completion(&response.body, object) {
+                    response.body = b;
+                }
+            }
+        }
         let map = abi::HTTP_RESPONSE_HEADERS;
         if with_body {
             ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
@@ -460,6 +586,7 @@ impl Request {
             abi::increment(self.metrics.host_errors);
         }
         self.record(status >= 400 || response.status >= 400);
+        self.settle();
     }
 
     /// Counts a translated answer's outcome and the tokens its provider reported.
@@ -467,7 +594,7 @@ impl Request {
         if upstream_failed {
             abi::increment(self.metrics.upstream_errors);
         }
-        if let Translation::Forwarded(f) = &self.translation {
+        if let Some(f) = &self.translation {
             let usage = f.exchange.usage();
             abi::increment_by(self.metrics.tokens_input, usage.input.unwrap_or(0));
             abi::increment_by(self.metrics.tokens_output, usage.output.unwrap_or(0));

@@ -24,9 +24,6 @@ use crate::abi::{self, Status};
 /// Only the filter sets it: a client's own is removed before routing.
 pub const CLUSTER_HEADER: &str = "x-tollgate-cluster";
 
-/// The chat completions endpoint the front door translates.
-pub const CHAT_PATH: &str = "/v1/chat/completions";
-
 /// Client request headers that must not reach a provider: credentials meant for Tollgate's
 /// operator (the provider key is added by the host, per cluster), OpenAI account selectors that
 /// would apply to the operator's key, and transport headers the new body invalidates
@@ -66,13 +63,6 @@ pub struct Forwarded {
     pub answer: Answer,
 }
 
-/// Whether this request is one the front door translates.
-pub fn is_chat_request(method: Option<&[u8]>, path: Option<&[u8]>) -> bool {
-    let path = path.unwrap_or_default();
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    method == Some(b"POST".as_slice()) && path == CHAT_PATH.as_bytes()
-}
-
 /// A 500 when the host would not let the filter rewrite the request: nothing half-translated
 /// is ever forwarded.
 pub fn gateway_error() -> TranslateError {
@@ -94,6 +84,12 @@ pub fn response_id(now_ns: u64, connection_id: u64, context_id: u32) -> String {
     let a = mix(now_ns ^ connection_id.rotate_left(29));
     let b = mix(a ^ connection_id ^ (u64::from(context_id) << 17));
     format!("chatcmpl-tg{a:016x}{:08x}", b >> 32)
+}
+
+/// A number unique per request (the concurrency lease id), from the same parts as
+/// [`response_id`].
+pub fn request_token(now_ns: u64, connection_id: u64, context_id: u32) -> u64 {
+    mix(mix(now_ns ^ connection_id.rotate_left(29)) ^ connection_id ^ (u64::from(context_id) << 17))
 }
 
 /// splitmix64's finaliser.
@@ -148,17 +144,6 @@ pub fn remove_provider_account_headers() -> Result<(), Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_post_to_chat_completions_is_translated() {
-        let post = Some(b"POST".as_slice());
-        assert!(is_chat_request(post, Some(b"/v1/chat/completions")));
-        assert!(is_chat_request(post, Some(b"/v1/chat/completions?x=1")));
-        assert!(!is_chat_request(Some(b"GET".as_slice()), Some(b"/v1/chat/completions")));
-        assert!(!is_chat_request(post, Some(b"/v1/chat/completionsx")));
-        assert!(!is_chat_request(post, Some(b"/v1/models")));
-        assert!(!is_chat_request(None, None));
-    }
 
     #[test]
     fn response_ids_differ_per_request_and_look_like_openais() {

@@ -167,6 +167,11 @@ impl LimitSet {
         plans
     }
 
+    /// The plan of one of `who`'s keys (`None`: no limit of `who` is stored under `key`).
+    pub fn plan_for(&self, who: &Who, key: &str) -> Option<KeyPlan<'_>> {
+        self.plans(who).into_iter().find(|p| p.key == key)
+    }
+
     pub fn price(&self, model: Option<&str>) -> Option<&Price> {
         self.prices.get(model?)
     }
@@ -306,6 +311,12 @@ impl<'a> AdmitRun<'a> {
         Flow::Next
     }
 
+    /// The downgrade an earlier key decided (hosts that run [`ledger::reserve`] elsewhere,
+    /// e.g. in a Durable Object, pass it as `downgraded`).
+    pub fn downgraded(&self) -> Option<&str> {
+        self.admission.downgrade.as_deref()
+    }
+
     /// The ticket so far (what to release after a refusal).
     pub fn ticket(&self) -> &Ticket {
         &self.admission.ticket
@@ -380,7 +391,7 @@ pub fn admit<S: CasStore + ?Sized>(
 }
 
 /// Undoes the reservations of a ticket; returns how many keys could not be updated.
-fn release<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, ticket: &Ticket, now: Timestamp, max_retries: u32) -> u32 {
+pub fn release<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, ticket: &Ticket, now: Timestamp, max_retries: u32) -> u32 {
     let mut failures = 0;
     for (key, ..) in &ticket.parts {
         let r = update(store, key, max_retries, |bytes| Step { result: (), write: release_step(set, ticket, key, bytes, now) });
@@ -432,4 +443,73 @@ pub fn peek<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, who: &Who, now:
         out.extend(ledger::peek(current.as_ref().map(|(b, _)| b.as_slice()), &plan, now, &set.settings));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use crate::store::MemoryStore;
+
+    fn policy() -> Policy {
+        Policy::from_json(
+            br#"{"tier":{"default":"d"},"store":{"slots":0},
+                 "tiers":{"d":{"limits":[{"window":"day","requests":5},{"per":"tier","window":"day","requests":9}]}}}"#,
+        )
+        .unwrap()
+    }
+
+    fn who(id: &str) -> Who {
+        Who { identity_key: id.to_owned(), ip_key: None, tier: "d".to_owned() }
+    }
+
+    #[test]
+    fn plan_for_finds_each_of_the_plans_keys_and_nothing_else() {
+        let p = policy();
+        let plans = p.limits.plans(&who("a"));
+        assert_eq!(plans.len(), 2);
+        for plan in &plans {
+            let found = p.limits.plan_for(&who("a"), &plan.key).unwrap();
+            assert_eq!((found.key, found.scope, found.tag), (plan.key.clone(), plan.scope, plan.tag));
+        }
+        assert!(p.limits.plan_for(&who("a"), "tg2:t:other").is_none());
+        assert!(p.limits.plan_for(&who("a"), &p.limits.plans(&who("b"))[0].key).is_none());
+    }
+
+    /// A host that runs each key's step elsewhere (the worker's Durable Objects) and hands
+    /// the results to `record` gets the same admission as [`admit`].
+    #[test]
+    fn an_externally_run_admission_matches_admit() {
+        let p = policy();
+        let estimate = Estimate { model: None, input_tokens: 0, output_tokens: 0 };
+        let mut a = MemoryStore::new();
+        let mut b = MemoryStore::new();
+        for _ in 0..6 {
+            let expected = admit(&mut a, &p.limits, &who("a"), &estimate, 7, 1_000, 0).unwrap();
+            let mut run = AdmitRun::new(&p.limits, &who("a"), &estimate, 7, 1_000);
+            while let Some(plan) = run.next_key() {
+                let plan = plan.clone();
+                assert_eq!(run.downgraded(), None);
+                let bytes = b.get(&plan.key).map(<[u8]>::to_vec);
+                let demand = |m: Option<&str>| p.limits.demand(&estimate, m);
+                let (reserved, write) = ledger::reserve(bytes.as_deref(), &plan, &demand, run.downgraded(), 7, 1_000, &p.limits.settings);
+                if let Some(w) = write {
+                    let version = b.load(&plan.key).unwrap().map(|(_, v)| v);
+                    b.store(&plan.key, &w, version).unwrap();
+                }
+                if run.record(reserved) == Flow::Release {
+                    let keys: Vec<String> = run.ticket().parts().map(|(k, ..)| k.to_owned()).collect();
+                    for key in keys {
+                        let bytes = b.get(&key).map(<[u8]>::to_vec);
+                        if let Some(w) = release_step(&p.limits, run.ticket(), &key, bytes.as_deref(), 1_000) {
+                            let version = b.load(&key).unwrap().map(|(_, v)| v);
+                            b.store(&key, &w, version).unwrap();
+                        }
+                    }
+                    break;
+                }
+            }
+            assert_eq!(run.finish(0), expected);
+        }
+    }
 }

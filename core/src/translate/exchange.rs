@@ -72,11 +72,13 @@ pub struct Exchange {
     stream_error: Option<TranslateError>,
     /// Bytes written to the client so far (a fallback is only possible before the first one).
     written: u64,
+    /// Written just before `[DONE]` (a soft-limit warning as an SSE comment).
+    closing_comment: Option<Vec<u8>>,
 }
 
 impl Exchange {
     pub fn new(pair: Box<dyn Pair>, meta: ResponseMeta) -> Self {
-        Exchange { pair, meta, client_wants_usage: false, framing: None, closed: false, stream_error: None, written: 0 }
+        Exchange { pair, meta, client_wants_usage: false, framing: None, closed: false, stream_error: None, written: 0, closing_comment: None }
     }
 
     /// The exchange for a backend kind: the one place that picks a pair translator.
@@ -182,6 +184,9 @@ impl Exchange {
                     };
                     write_event(&mut text, None, &serde_json::to_string(&chunk).unwrap_or_default(), None);
                 }
+                if let Some(comment) = self.closing_comment.take() {
+                    text.push_str(&String::from_utf8_lossy(&comment));
+                }
                 write_event(&mut text, None, "[DONE]", None);
                 self.closed = true;
             }
@@ -192,6 +197,12 @@ impl Exchange {
         }
         self.written += text.len() as u64;
         out.extend_from_slice(text.as_bytes());
+    }
+
+    /// Bytes (whole SSE lines, e.g. `message::sse_comment`) to write just before a successful
+    /// stream's `[DONE]`; nothing is written when the stream ends in an error.
+    pub fn set_closing_comment(&mut self, comment: Vec<u8>) {
+        self.closing_comment = Some(comment);
     }
 
     /// Usage the provider reported so far.
@@ -358,6 +369,19 @@ mod tests {
             x.framing = Some(Framing::JsonArray(JsonArrayDecoder::new()));
         }
         x
+    }
+
+    /// A soft-limit warning rides as an SSE comment just before `[DONE]`, after the usage chunk.
+    #[test]
+    fn closing_comment_comes_right_before_done() {
+        let path = raw_sse_fixtures().into_iter().find(|p| p.to_string_lossy().contains("include_usage")).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let mut x = stream_exchange(ProviderKind::OpenAi, false);
+        x.set_closing_comment(b": tollgate {\"percent\":81}\n\n".to_vec());
+        let (out, _) = feed(x, &bytes, &[]);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with(": tollgate {\"percent\":81}\n\ndata: [DONE]\n\n"), "{text}");
+        assert_eq!(text.matches(": tollgate").count(), 1);
     }
 
     fn run_kind(kind: ProviderKind, array: bool, bytes: &[u8], cuts: &[usize]) -> (Vec<u8>, Usage) {

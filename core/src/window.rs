@@ -10,17 +10,19 @@
 //! binary (no file system, no system time zone: the same answers natively and in
 //! `wasm32-unknown-unknown`). In a zone:
 //! - **days, weeks (ISO: Monday to Sunday) and months** are dates of the local calendar. Each
-//!   starts at the first instant whose local time reaches its first midnight: local midnight,
-//!   or, when the clocks jump over midnight, the instant they jump. So the days of DST changes
-//!   last 23 or 25 hours, and a date the zone skipped altogether is an empty window.
+//!   starts at the first instant the local clock reads 00:00 of its first date or later: local
+//!   midnight (the first one when midnight happens twice), or the instant the clocks jump when
+//!   they skip midnight. So the days of DST changes last 23 or 25 hours, an hour read twice
+//!   belongs to the date that had begun, and a date the zone skipped is an empty window.
 //! - **hours and minutes** are readings of the clock at its current UTC offset, cut where the
 //!   offset changes. They never outlast their nominal length: hours start at :30 UTC in
 //!   Asia/Kolkata (+05:30); the hour repeated when clocks go back is two windows of one hour;
-//!   the hour of a 30-minute shift (Australia/Lord_Howe) is cut in two.
+//!   around a 30-minute shift (Australia/Lord_Howe) an hour window lasts 30 minutes.
 //!
 //! In both, windows tile time: each ends where the next starts. Timestamps are `u64`, so a
-//! window that would start before 1970 starts at 0. Instants `jiff` cannot place (beyond its
-//! range, a few hours before the end of year 9999) get their UTC window.
+//! window that would start before 1970 starts at 0. A window `jiff` cannot compute (it ends
+//! after year 9999 in local time, or `now` is past its range) is answered with the UTC window,
+//! which need not meet its zoned neighbours.
 
 use jiff::civil::{Date, DateTime, Time};
 use jiff::tz::{AmbiguousOffset, Offset, TimeZone};
@@ -145,7 +147,8 @@ impl Window {
 
     /// `[start, end)` of the window containing `now` in the calendar of `zone`, in epoch
     /// milliseconds (see the module docs for what a day or an hour is around DST changes).
-    /// Always `start <= now < end`; UTC takes [`Window::bounds`]' arithmetic.
+    /// `start <= now < end` for every `now` up to the end of year 9999; a UTC zone takes
+    /// [`Window::bounds`]' arithmetic.
     pub fn bounds_in(self, now: Timestamp, zone: &Zone) -> (Timestamp, Timestamp) {
         if zone.utc {
             return self.bounds(now);
@@ -153,7 +156,7 @@ impl Window {
         self.zoned_bounds(now, &zone.tz).unwrap_or_else(|| self.bounds(now))
     }
 
-    /// `None` where `jiff` cannot place an instant (near the ends of its range).
+    /// `None` where `jiff` cannot compute the window (near the ends of its range).
     fn zoned_bounds(self, now: Timestamp, tz: &TimeZone) -> Option<(Timestamp, Timestamp)> {
         let now_ms = i64::try_from(now).ok()?;
         let t = jiff::Timestamp::from_millisecond(now_ms).ok()?;
@@ -438,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn unknown_window_names_lists_the_known_ones() {
+    fn unknown_window_name_lists_the_known_ones() {
         let err = serde_json::from_str::<Window>(r#""fortnight""#).unwrap_err().to_string();
         assert!(
             err.starts_with(r#"unknown window "fortnight" (expected one of: minute, hour, day, week, month)"#),
@@ -527,16 +530,38 @@ mod tests {
     }
 
     #[test]
+    fn hour_repeated_before_midnight_belongs_to_the_day_it_reads() {
+        // America/Santiago 2024-04-07: 24:00 -03 -> 23:00 -04. The clocks never read Sunday
+        // 00:00 -03; they read 23:00-24:00 twice, so Saturday lasts 25 hours.
+        let saturday = (at("2024-04-06T00:00-03:00"), at("2024-04-07T00:00-04:00"));
+        assert_eq!(window(Window::Day, "2024-04-06T23:30-03:00", "America/Santiago"), saturday);
+        assert_eq!(window(Window::Day, "2024-04-06T23:30-04:00", "America/Santiago"), saturday);
+        assert_eq!(saturday.1 - saturday.0, 25 * HOUR_MS);
+    }
+
+    #[test]
     fn day_whose_midnight_happens_twice_starts_at_the_first() {
-        // America/Santiago 2024-04-07: 24:00 -03 -> 23:00 -04 on Saturday, so Sunday 00:00
-        // comes twice; Sunday starts at the first and lasts 25 hours.
-        let saturday = window(Window::Day, "2024-04-06T12:00-03:00", "America/Santiago");
-        assert_eq!(saturday, (at("2024-04-06T00:00-03:00"), at("2024-04-07T00:00-03:00")));
-        let sunday = (at("2024-04-07T00:00-03:00"), at("2024-04-08T00:00-04:00"));
-        assert_eq!(window(Window::Day, "2024-04-07T00:30-03:00", "America/Santiago"), sunday);
+        // America/Havana 2024-11-03: 01:00 -04 -> 00:00 -05, so Sunday 00:00 comes twice.
+        let sunday = (at("2024-11-03T00:00-04:00"), at("2024-11-04T00:00-05:00"));
+        assert_eq!(window(Window::Day, "2024-11-03T00:30-04:00", "America/Havana"), sunday);
+        assert_eq!(window(Window::Day, "2024-11-03T00:30-05:00", "America/Havana"), sunday);
         assert_eq!(sunday.1 - sunday.0, 25 * HOUR_MS);
-        // Saturday 23:30 the second time round is after Sunday began: it counts for Sunday.
-        assert_eq!(window(Window::Day, "2024-04-06T23:30-04:00", "America/Santiago"), sunday);
+        assert_eq!(window(Window::Day, "2024-11-02T23:59:59.999-04:00", "America/Havana").1, sunday.0);
+    }
+
+    #[test]
+    fn hour_repeated_across_midnight_counts_for_the_day_that_began() {
+        // America/St_Johns 2010-11-07: 00:01 -02:30 -> 23:01 -03:30 on Saturday. Sunday began at
+        // its first midnight, so Saturday 23:30 read the second time is already Sunday.
+        let sunday = (at("2010-11-07T00:00-02:30"), at("2010-11-08T00:00-03:30"));
+        assert_eq!(window(Window::Day, "2010-11-06T23:30-03:30", "America/St_Johns"), sunday);
+        assert_eq!(window(Window::Day, "2010-11-07T00:00:30-02:30", "America/St_Johns"), sunday);
+        let saturday = window(Window::Day, "2010-11-06T23:30-02:30", "America/St_Johns");
+        assert_eq!(saturday, (at("2010-11-06T00:00-02:30"), sunday.0));
+        // Both Saturdays 23:30 are in the week of Monday 2010-11-01.
+        let week = (at("2010-11-01T00:00-02:30"), at("2010-11-08T00:00-03:30"));
+        assert_eq!(window(Window::Week, "2010-11-06T23:30-02:30", "America/St_Johns"), week);
+        assert_eq!(window(Window::Week, "2010-11-06T23:30-03:30", "America/St_Johns"), week);
     }
 
     #[test]
@@ -579,7 +604,7 @@ mod tests {
     }
 
     #[test]
-    fn lord_howe_half_hour_shift_cuts_hours_in_two() {
+    fn lord_howe_half_hour_shift_leaves_half_hour_windows() {
         let lh = "Australia/Lord_Howe";
         // 2024-04-07 02:00 +11 -> 01:30 +10:30: 01:30-02:00 happens twice.
         assert_eq!(
@@ -632,8 +657,7 @@ mod tests {
         for (year, days) in [(2024, 29), (2100, 28), (2000, 29), (2023, 28)] {
             let first = at(&format!("{year}-02-01T00:00+09:00"));
             assert_eq!(Window::Month.bounds_in(first + 1, &tokyo), (first, first + days * DAY_MS), "February {year}");
-            // the UTC day of February 1st is still January in... no: it is the last hours of
-            // January 31st before 15:00Z
+            // one millisecond earlier is January
             assert_eq!(Window::Month.bounds_in(first - 1, &tokyo).1, first);
         }
         // March 2024 in New York loses the hour of the DST change.
@@ -664,6 +688,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn windows_tile_around_every_transition_of_every_zone_1970_to_2040() {
+        let until = at("2040-01-01T00:00Z") as i64;
+        let mut checked = 0;
+        for name in jiff::tz::db().available() {
+            let z = zone(name.as_str());
+            let tz = z.tz.clone();
+            for tr in tz.following(jiff::Timestamp::UNIX_EPOCH) {
+                let t = tr.timestamp().as_millisecond();
+                if t >= until {
+                    break;
+                }
+                for delta in [-2 * HOUR_MS as i64, -1, 0, 1, 30 * MINUTE_MS as i64, 2 * HOUR_MS as i64] {
+                    let Ok(now) = u64::try_from(t + delta) else { continue };
+                    for w in Window::ALL {
+                        let (s, e) = w.bounds_in(now, &z);
+                        assert!(s <= now && now < e, "{name} {w:?} at {now}: {s}..{e}");
+                        if s > 0 {
+                            assert_eq!(w.bounds_in(s - 1, &z).1, s, "{name} {w:?} before {s}");
+                        }
+                        assert_eq!(w.bounds_in(e, &z).0, e, "{name} {w:?} after {e}");
+                        if matches!(w, Window::Minute | Window::Hour) {
+                            let len = if w == Window::Hour { HOUR_MS } else { MINUTE_MS };
+                            assert!(e - s <= len, "{name} {w:?} at {now}: {s}..{e}");
+                        }
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
+
     /// Zones with something to test: DST in either hemisphere, midnight skipped or repeated,
     /// half-hour and 45-minute offsets, a 30-minute DST shift, a skipped date, always-UTC.
     const ZONES: [&str; 12] = [
@@ -681,9 +738,9 @@ mod tests {
         "Etc/UTC",
     ];
 
-    /// Far enough from the end of year 9999 that every window's end is still a date jiff can
-    /// place in every zone (beyond it, `bounds_in` answers with the UTC window).
-    const ZONED_TILING_LIMIT: u64 = 253_399_622_400_000; // 9999-12-01T00:00Z
+    /// Far enough from the end of year 9999 that the window after `now`'s still ends within
+    /// it in every zone (later, `bounds_in` answers with UTC windows, which need not meet).
+    const ZONED_TILING_LIMIT: u64 = 253_394_352_000_000; // 9999-10-01T00:00Z
 
     proptest! {
         #[test]
@@ -749,11 +806,13 @@ mod tests {
             let z = Zone { tz: tz.clone(), utc: false };
             for w in [Window::Day, Window::Week, Window::Month] {
                 let (s, e) = w.bounds_in(now, &z);
-                for edge in [s, e] {
+                // (the window of the epoch starts at 0, whatever the local time then)
+                for edge in [s, e].into_iter().filter(|&edge| edge > 0) {
                     let local = tz.to_datetime(jiff::Timestamp::from_millisecond(edge as i64).unwrap());
                     prop_assert_eq!(local.time(), Time::midnight());
                 }
                 let local_start = tz.to_datetime(jiff::Timestamp::from_millisecond(s as i64).unwrap()).date();
+                if s == 0 { continue; }
                 match w {
                     Window::Week => prop_assert_eq!(local_start.weekday(), jiff::civil::Weekday::Monday),
                     Window::Month => prop_assert_eq!(local_start.day(), 1),

@@ -1,0 +1,118 @@
+//! The `tollgate` binary: exit codes and what it prints.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tollgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate")).args(args).current_dir(root()).output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const POLICIES: [&str; 6] = [
+    "policies/templates/free.json",
+    "policies/templates/free-downgrade.json",
+    "policies/templates/pro.json",
+    "policies/templates/image-generation.json",
+    "policies/templates/enterprise.json",
+    "examples/policies/scalix.json",
+];
+
+#[test]
+fn check_accepts_every_template_and_the_scalix_example() {
+    for policy in POLICIES {
+        let out = tollgate(&["check", policy]);
+        assert_eq!(out.status.code(), Some(0), "{policy}: {}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        assert!(stdout.starts_with(&format!("{policy}: valid\n")), "{stdout}");
+        for part in ["time zone: ", "store: ", "identity (sources in order", "tiers:", "notify: "] {
+            assert!(stdout.contains(part), "{policy}: no {part:?} in\n{stdout}");
+        }
+    }
+}
+
+#[test]
+fn check_prints_the_effective_limits_with_their_thresholds() {
+    let out = tollgate(&["check", "examples/policies/scalix.json"]);
+    let stdout = text(&out.stdout);
+    for line in [
+        "  1. header x-scalix-user\n  2. user_field (the body's \"user\")\n  3. client_ip (trusted_hops 0)\n",
+        "tier: api_keys 0 listed, header x-scalix-tier, default free\n",
+        "      - total_tokens/day: per identity, total_tokens per calendar day, max 2000\n          warn at 80% (1600); downgrade to scalix-small at 100% (2000); block at 150% (3000)\n",
+        "      - requests/minute: per identity, requests per calendar minute, max 30\n          block at 100% (30, the default)\n",
+        "      - concurrent: per identity, concurrent in flight at once, max 4\n",
+        "    messages: block in [ar, en], warn in [ar, en], default locale en, upgrade_url https://scalix.example.com/upgrade, body object yes\n",
+        "  enterprise:\n    limits: none (unlimited)\n",
+        "global limits:\n  - global:concurrent: per global, concurrent in flight at once, max 64\n",
+        "  mock: kind openai, cluster mock, base_url http://127.0.0.1:8081, api key secret none\n",
+        "  scalix-free -> mock/mock-free\n",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in\n{stdout}");
+    }
+    let pro = text(&tollgate(&["check", "policies/templates/pro.json"]).stdout);
+    assert!(pro.contains("max $20\n          notify at 80% ($16); warn at 95% ($19); block at 100% ($20, the default)\n"), "{pro}");
+    assert!(pro.contains("  large: input 30, cached input 30, output 120\n  small: input 0.15, cached input 0.075, output 0.6\n"), "{pro}");
+}
+
+#[test]
+fn check_refuses_a_broken_policy_naming_the_path() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("broken.json");
+    let scalix = std::fs::read_to_string(root().join("examples/policies/scalix.json")).unwrap();
+    std::fs::write(&bad, scalix.replace(r#""at": 150, "action": "block""#, r#""at": 150, "action": "explode""#)).unwrap();
+    let out = tollgate(&["check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: {}: tiers.free.limits[0].soft[2].action: unknown variant `explode`, expected one of `warn`, `downgrade`, `block`, `notify`\n",
+            bad.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn simulate_prints_json_lines_and_text() {
+    let out = tollgate(&["simulate", "--json", "examples/policies/scalix.json", "cli/tests/traces/scalix.jsonl"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let decisions: Vec<&serde_json::Value> = lines.iter().filter(|l| l["type"] == "decision").collect();
+    assert_eq!(decisions.len(), 14);
+    assert_eq!(lines.iter().filter(|l| l["type"] == "settlement").count(), 12);
+    let blocked = decisions.iter().find(|d| d["outcome"] == "denied").unwrap();
+    assert_eq!(blocked["line"], 13);
+    assert!(blocked["message"].as_str().unwrap().starts_with("لقد استخدمت 3000 من أصل 2000"));
+    assert!(!text(&out.stdout).contains("xxxx"), "the request text is never printed");
+
+    let out = tollgate(&["simulate", "examples/policies/scalix.json", "cli/tests/traces/scalix.jsonl"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("2026-11-22T10:03:30Z  #10   alice      free       ALLOWED     model scalix-free -> scalix-small (downgraded)\n"), "{stdout}");
+    assert!(stdout.contains("2026-11-22T10:05:00Z  #13   alice      free       DENIED 429  rate_limit_exceeded: لقد استخدمت"), "{stdout}");
+    assert!(stdout.contains("      x-tollgate-warning: metric=\"total_tokens\", window=\"day\", limit=2000, used=1800"), "{stdout}");
+}
+
+#[test]
+fn simulate_refuses_a_bad_trace_line_by_number() {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-trace-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let trace = dir.join("bad.jsonl");
+    std::fs::write(&trace, "{\"at\": \"2026-11-22T10:00:00Z\", \"identity\": \"a\"}\n\n{\"at\": \"2026-11-22T10:00:01Z\", \"input_tokens\": \"many\"}\n").unwrap();
+    let out = tollgate(&["simulate", "examples/policies/scalix.json", trace.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "nothing is replayed");
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with(&format!("error: {}: line 3: invalid type: string \"many\", expected u64", trace.display())), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = tollgate(&["simulate", "examples/policies/scalix.json"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}

@@ -176,15 +176,15 @@ struct Request {
 impl Context for Request {}
 
 impl Request {
+    /// A request header as Envoy's `get_header_map_value` gives it (the first of repeated
+    /// headers), except `x-forwarded-for`, whose repeated lines form one list.
     fn header_value(&self, name: &str) -> Option<String> {
         let mut values = self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let first = values.next()?;
-        let rest: Vec<&str> = values.collect();
-        if rest.is_empty() {
-            Some(first.to_owned())
-        } else {
-            Some(std::iter::once(first).chain(rest).collect::<Vec<_>>().join(", "))
+        if name != "x-forwarded-for" {
+            return Some(first.to_owned());
         }
+        Some(std::iter::once(first).chain(values).collect::<Vec<_>>().join(", "))
     }
 
     fn reply(&mut self, response: render::LocalResponse) -> Action {

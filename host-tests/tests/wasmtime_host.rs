@@ -116,7 +116,7 @@ fn requests_are_counted_per_identity_with_openai_headers_and_a_429_past_the_limi
     let ex = send(&mut vm, chat(Some("alice")));
     assert_rate_limited(
         &ex,
-        "Rate limit reached for requests per minute: Limit 3, Used 3, Requested 1. Please try again in 29.75s.",
+        "Usage limit reached for requests (minute): Limit 3, Used 3. Please try again in 29.75s.",
         "30",
     );
     assert_eq!(ex.header("x-ratelimit-remaining-requests").as_deref(), Some("0"));
@@ -133,7 +133,7 @@ fn requests_are_counted_per_identity_with_openai_headers_and_a_429_past_the_limi
     assert_allowed(&send(&mut vm, chat(Some("alice"))), "5", "0", "10h13m55s");
     assert_rate_limited(
         &send(&mut vm, chat(Some("alice"))),
-        "Rate limit reached for requests per day: Limit 5, Used 5, Requested 1. Please try again in 10h13m55s.",
+        "Usage limit reached for requests (day): Limit 5, Used 5. Please try again in 10h13m55s.",
         "36835",
     );
     // bob's earlier request was in the previous minute.
@@ -145,7 +145,7 @@ fn requests_are_counted_per_identity_with_openai_headers_and_a_429_past_the_limi
     }
     assert_rate_limited(
         &send(&mut vm, chat(None).from("10.1.2.3:8888")),
-        "Rate limit reached for requests per minute: Limit 3, Used 3, Requested 1. Please try again in 55s.",
+        "Usage limit reached for requests (minute): Limit 3, Used 3. Please try again in 55s.",
         "55",
     );
     assert_allowed(&send(&mut vm, chat(None).from("10.9.9.9:5555")), "3", "2", "55s");
@@ -169,7 +169,7 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
             r#"{"tier": {"default": "free"},
                 "tiers": {"free": {"limits": [{"window": "hour", "requests": 1}, {"window": "fortnight", "requests": 1}]}}}"#
                 .to_owned(),
-            r#"tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, month)"#,
+            r#"tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, week, month)"#,
         ),
         (String::new(), "configuration is empty: the plugin needs a JSON policy"),
         (" \n".to_owned(), "configuration is empty: the plugin needs a JSON policy"),
@@ -178,7 +178,7 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
         ("[]".to_owned(), "config: must be a JSON object"),
         (
             policy(r#"[{"window": "day", "requests": 5, "burst": 2}]"#, "{}"),
-            "tiers.default.limits[0].burst: unknown field `burst`, expected `window` or `requests`",
+            "tiers.default.limits[0].burst: unknown field `burst`, expected one of `name`, `per`, `window`, `rate`, `requests`, `input_tokens`, `output_tokens`, `total_tokens`, `cost_usd`, `concurrent`, `soft`",
         ),
         (policy("[]", r#"{"on_failure": "retry"}"#), "store.on_failure: unknown variant `retry`, expected `allow` or `deny`"),
     ];
@@ -201,22 +201,28 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
 // ---------------------------------------------------------------------------------------------
 // 3. Several VMs, one shared-data store
 
-/// The one counter record in the store, decoded (core/src/quota.rs `Record::encode`:
-/// `[version][n]` then n × `[window id][start u64 LE][count u64 LE]`): `(window id, start, count)`.
+/// The one counter record in the store, decoded (core/src/limits/record.rs, format 2:
+/// `[2][members u16]`, per member `[tag u64][counters u8][rates u8][leases u16]`, counters ×
+/// `[metric u8][window u8][start minute u32][count u64][notified u8]`): the request counters as
+/// `(window id, start ms, count)`.
 fn stored_counts(host: &Host) -> Vec<(u8, u64, u64)> {
     let keys: Vec<Vec<u8>> =
-        host.shared().keys(host.vm_id()).into_iter().filter(|k| k.starts_with(b"tg1:q:")).collect();
+        host.shared().keys(host.vm_id()).into_iter().filter(|k| k.starts_with(b"tg2:i:")).collect();
     assert_eq!(keys.len(), 1, "expected exactly one subject's record");
     let (record, _) = host.shared().peek(host.vm_id(), &keys[0]).unwrap();
-    assert_eq!(record[0], 1, "record version");
-    let entries: Vec<(u8, u64, u64)> = record[2..]
-        .chunks_exact(17)
+    assert_eq!(record[0], 2, "record version");
+    assert_eq!(u16::from_le_bytes([record[1], record[2]]), 1, "one member");
+    let member = &record[3..];
+    let counters = member[8] as usize;
+    assert_eq!((member[9], u16::from_le_bytes([member[10], member[11]])), (0, 0), "no rates, no leases");
+    member[12..12 + counters * 15]
+        .chunks_exact(15)
+        .filter(|e| e[0] == 1)
         .map(|e| {
-            (e[0], u64::from_le_bytes(e[1..9].try_into().unwrap()), u64::from_le_bytes(e[9..17].try_into().unwrap()))
+            let start_min = u32::from_le_bytes(e[2..6].try_into().unwrap()) as u64;
+            (e[1], start_min * 60_000, u64::from_le_bytes(e[6..14].try_into().unwrap()))
         })
-        .collect();
-    assert_eq!(entries.len(), record[1] as usize);
-    entries
+        .collect()
 }
 
 const THREADS: usize = 4;
@@ -310,7 +316,7 @@ fn interleaved_writes_are_never_lost(semantics: CasSemantics) {
         let b = b.clone();
         let mut fired = false;
         a.on_shared_data_set(move |key, _cas| {
-            if key.starts_with(b"tg1:q:") && !fired {
+            if key.starts_with(b"tg2:i:") && !fired {
                 fired = true;
                 let ex = b.lock().unwrap().request(chat(Some("carol"))).unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(ex.status, 200, "{}", ex.body_text());
@@ -423,9 +429,10 @@ fn odd_input_neither_traps_nor_escapes_counting() {
     // No source.address and no identity: everyone unidentified shares one bucket.
     check(chat(None).without_source_address(), "999");
     check(chat(None).without_source_address(), "998");
-    // An address that is no address, and one with only a port.
-    check(chat(None).from("not an address"), "999");
-    check(chat(None).from(":443"), "999");
+    // An address that is no address, and one with only a port: no client IP, so they count
+    // with the unidentified.
+    check(chat(None).from("not an address"), "997");
+    check(chat(None).from(":443"), "996");
     // Control characters and NULs in the identity.
     check(chat(Some("a\0b\r\n")), "999");
 
@@ -862,3 +869,4 @@ fn counters_only_go_up_and_metrics_are_readable_by_name() {
     assert_eq!(vm.global_i32("counter_id"), Some(4), "Envoy's first counter id");
     assert_eq!((host.metric("c"), host.metric("g")), (Some(5), Some(-3)));
 }
+

@@ -765,8 +765,13 @@ impl Vm {
         self.stream().request_access = Access::ReadWrite;
         let action =
             self.invoke("proxy_on_request_headers", ctx, cb.on_request_headers, (ctx, count, body.is_empty() as u32))?;
+        // Envoy with `allow_on_headers_stop_iteration: true` (what the filter's configuration
+        // asks for): headers paused by the filter are held — and stay modifiable — while the
+        // body still flows to the filter; the first body callback that continues releases them.
+        let mut headers_held = false;
         match self.settle(action, Side::Request) {
             Next::Proceed => self.stream().request_access = Access::None,
+            Next::Paused if !body.is_empty() => headers_held = true,
             Next::Paused => return self.stalled(ctx, "proxy_on_request_headers"),
             Next::LocalReply => return self.reply_locally(ctx, None),
             Next::Reset => return self.reset(ctx, None),
@@ -798,6 +803,10 @@ impl Vm {
                 Next::Proceed => {
                     forwarded.append(&mut self.stream().request_body);
                     buffering = false;
+                    if headers_held {
+                        headers_held = false;
+                        self.stream().request_access = Access::None;
+                    }
                 }
                 Next::Paused if !end_of_stream => buffering = true,
                 Next::Paused => return self.stalled(ctx, "proxy_on_request_body"),

@@ -71,7 +71,7 @@ fn assert_denied(r: &Reply, limit: u64) {
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert!(body["error"]["param"].is_null());
     let message = body["error"]["message"].as_str().unwrap();
-    let expected = format!("Rate limit reached for requests per hour: Limit {limit}, Used {limit}, Requested 1. Please try again in ");
+    let expected = format!("Usage limit reached for requests (hour): Limit {limit}, Used {limit}. Please try again in ");
     assert!(message.starts_with(&expected), "{message}");
     let wait = message.strip_prefix(&expected).unwrap().strip_suffix('.').unwrap();
     assert!(is_openai_duration(wait), "{wait}");
@@ -176,7 +176,7 @@ fn invalid_policy_is_refused_at_configure_time() {
     let rendered = render("envoy.yaml", None, Some(bad));
     let (ok, output) = envoy::validate(&rendered);
     assert!(!ok, "Envoy accepted an invalid policy:\n{output}");
-    let message = r#"tollgate: invalid configuration: tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, month)"#;
+    let message = r#"tollgate: invalid configuration: tiers.free.limits[1].window: unknown window "fortnight" (expected one of: minute, hour, day, week, month)"#;
     assert!(output.contains(message), "missing {message:?} in:\n{output}");
 
     // and the valid repository config passes the same check

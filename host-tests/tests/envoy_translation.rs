@@ -250,7 +250,8 @@ fn openai_sdk_reaches_anthropic_gemini_and_openai_through_envoy() {
     // Tollgate's own answers: unknown model 404, a parameter Anthropic cannot honour 400.
     let r = by_name(&results, "unknown_model");
     assert_eq!((r["error"].as_str(), r["status"].as_u64(), r["code"].as_str()), (Some("NotFoundError"), Some(404), Some("model_not_found")), "{r}");
-    assert_eq!(r["remaining"], "2", "{r}");
+    // Refused before admission: not counted, so no rate-limit headers.
+    assert_eq!(r["remaining"], Value::Null, "{r}");
     let r = by_name(&results, "anthropic_n2");
     assert_eq!((r["error"].as_str(), r["status"].as_u64()), (Some("BadRequestError"), Some(400)), "{r}");
     assert_eq!(r["code"], "unsupported_parameter", "{r}");
@@ -334,7 +335,8 @@ fn openai_sdk_reaches_anthropic_gemini_and_openai_through_envoy() {
     let output: u64 = reported.iter().map(|r| r["usage"]["completion_tokens"].as_u64().unwrap()).sum::<u64>() + 22;
     assert_eq!((stat("tokens_input"), stat("tokens_output")), (input, output));
     assert_eq!(stat("requests_translated"), 13, "11 upstream from the SDK + 2 raw");
-    assert_eq!(stat("translation_refused"), 2);
+    assert_eq!(stat("translation_refused"), 1, "n=2 to Anthropic, after admission");
+    assert_eq!(stat("requests_invalid"), 1, "the unknown model, before admission");
     assert_eq!(stat("upstream_errors"), 4);
     assert_eq!(stat("requests_denied"), 1);
     assert_eq!(stat("host_errors"), 0);

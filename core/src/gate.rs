@@ -279,7 +279,11 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>
 fn facts_of<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
     LimitFacts {
         metric: s.metric.name(),
-        window: s.window.map_or("rate", |w| w.name()),
+        window: match (s.window, s.metric) {
+            (Some(w), _) => w.name(),
+            (None, Metric::Concurrent) => "at once",
+            (None, _) => "rate",
+        },
         limit: s.limit,
         used: s.used,
         reset_at_ms: now_ms.saturating_add(s.reset_ms),

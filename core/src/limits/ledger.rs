@@ -165,26 +165,30 @@ pub fn rate_id(limit: &Limit) -> u32 {
 }
 
 fn status(limit: &Limit, member: &Member, now: Timestamp, s: &Settings) -> LimitStatus {
-    let (used, reset_ms) = match limit.span {
-        Span::Window(w) => (member.used(limit.metric, w, now, &s.zone), w.bounds_in(now, &s.zone).1 - now),
+    // A rate limit is described by its bucket: `limit` = the burst, `used` = units whose
+    // emission interval has not passed yet, `reset_ms` = until the next unit frees up.
+    let (cap, used, reset_ms) = match limit.span {
+        Span::Window(w) => (limit.max, member.used(limit.metric, w, now, &s.zone), w.bounds_in(now, &s.zone).1 - now),
         Span::Rate { .. } => {
             let (t, burst, _) = gcra(limit).unwrap_or((1, 1, 1));
             let backlog = member.rate(limit.metric, rate_id(limit)).map_or(0, |r| r.tat_ns.saturating_sub(ns(now)));
-            // units "in use" = backlog / t, scaled to the limit
             let in_use = backlog.div_ceil(t).min(burst);
-            let scaled = (in_use as u128 * limit.max as u128 / burst.max(1) as u128) as u64;
-            (scaled, (backlog % t.max(1)) / NS_PER_MS as u64)
+            let next_free = match backlog % t {
+                0 if backlog > 0 => t,
+                r => r,
+            };
+            (burst, in_use, (next_free as u128).div_ceil(NS_PER_MS) as u64)
         }
-        Span::Now => (member.live_leases(now) as u64, 0),
+        Span::Now => (limit.max, member.live_leases(now) as u64, 0),
     };
     LimitStatus {
         name: limit.name.clone(),
         scope: limit.scope,
         metric: limit.metric,
         window: limit.window(),
-        limit: limit.max,
+        limit: cap,
         used,
-        remaining: limit.max.saturating_sub(used),
+        remaining: cap.saturating_sub(used),
         reset_ms,
     }
 }
@@ -529,8 +533,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(c.reserve(&p, Demand::request(1, 1, 0), T0).verdict, Verdict::Allowed);
         }
-        let Verdict::Denied { retry_after_ms, .. } = c.reserve(&p, Demand::request(1, 1, 0), T0).verdict else { panic!() };
+        let Verdict::Denied { retry_after_ms, status } = c.reserve(&p, Demand::request(1, 1, 0), T0).verdict else { panic!() };
         assert_eq!(retry_after_ms, 1000);
+        // described as its bucket: 3 of a burst of 3 in use, the next frees in 1 s
+        assert_eq!((status.limit, status.used, status.remaining, status.reset_ms), (3, 3, 0, 1000));
         assert_eq!(c.reserve(&p, Demand::request(1, 1, 0), T0 + 1000).verdict, Verdict::Allowed);
         assert!(matches!(c.reserve(&p, Demand::request(1, 1, 0), T0 + 1000).verdict, Verdict::Denied { .. }));
     }

@@ -103,11 +103,20 @@ pub struct UpstreamResponse {
     /// Without `:status` (the host adds it from `status`).
     pub headers: HeaderList,
     pub body: Vec<u8>,
+    /// The stream dies after the headers and `body` (which then never ends): an upstream reset
+    /// or a client that went away — either way Envoy stops calling the filter and logs.
+    pub cut: bool,
 }
 
 impl UpstreamResponse {
     pub fn new(status: u16) -> UpstreamResponse {
-        UpstreamResponse { status, headers: vec![], body: vec![] }
+        UpstreamResponse { status, headers: vec![], body: vec![], cut: false }
+    }
+
+    /// See [`UpstreamResponse::cut`].
+    pub fn cut(mut self) -> UpstreamResponse {
+        self.cut = true;
+        self
     }
 
     pub fn header(mut self, name: &str, value: impl AsRef<[u8]>) -> UpstreamResponse {

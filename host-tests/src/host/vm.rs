@@ -821,6 +821,9 @@ impl Vm {
         let response = (self.upstream)(&upstream_request);
         let mut headers: HeaderList = vec![(":status".into(), response.status.to_string().into_bytes())];
         headers.extend(response.headers.into_iter().map(|(k, v)| (lower(k.as_bytes()), v)));
+        if response.cut {
+            return self.cut_response(ctx, headers, response.body, upstream_request);
+        }
         self.encode_response(ctx, headers, response.body, Some(upstream_request))
     }
 
@@ -848,8 +851,11 @@ impl Vm {
             cb.on_response_headers,
             (ctx, count, body.is_empty() as u32),
         )?;
+        // As on the request side (`allow_on_headers_stop_iteration: true`): paused response
+        // headers are held, and stay modifiable, while the body flows to the filter.
         match self.settle(action, Side::Response) {
             Next::Proceed => self.stream().response_access = Access::None,
+            Next::Paused if !body.is_empty() => {}
             Next::Paused => return self.stalled(ctx, "proxy_on_response_headers"),
             // The response has not gone downstream yet: Envoy replaces it with the local reply.
             Next::LocalReply => return self.reply_locally(ctx, upstream_request),
@@ -866,7 +872,10 @@ impl Vm {
             };
             let action = self.invoke("proxy_on_response_body", ctx, cb.on_response_body, (ctx, size, 1))?;
             match self.settle(action, Side::Response) {
-                Next::Proceed => sent_body = std::mem::take(&mut self.stream().response_body),
+                Next::Proceed => {
+                    sent_body = std::mem::take(&mut self.stream().response_body);
+                    self.stream().response_access = Access::None;
+                }
                 Next::Paused => return self.stalled(ctx, "proxy_on_response_body"),
                 Next::LocalReply => return self.reply_locally(ctx, upstream_request),
                 Next::Reset => return self.reset(ctx, upstream_request),
@@ -922,6 +931,34 @@ impl Vm {
             }
         }
         self.encode_response(ctx, headers, reply.body.clone(), upstream_request)
+    }
+
+    /// A response that dies mid-way: headers (not the end), the body so far (not the end), then
+    /// the stream is reset — Envoy calls no more body callbacks, then logs and destroys the
+    /// filter (`proxy_on_log`, `proxy_on_done`, `proxy_on_delete`).
+    fn cut_response(&mut self, ctx: u32, headers: HeaderList, body: Vec<u8>, upstream_request: UpstreamRequest) -> Result<Exchange, HostError> {
+        let cb = self.callbacks.clone();
+        let count = headers.len() as u32;
+        {
+            let s = self.stream();
+            s.response_code = headers.first().and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+            s.response_headers = headers;
+            s.response_access = Access::ReadWrite;
+        }
+        let action = self.invoke("proxy_on_response_headers", ctx, cb.on_response_headers, (ctx, count, 0))?;
+        let _ = self.settle(action, Side::Response);
+        self.stream().response_access = Access::None;
+        if !body.is_empty() {
+            let size = {
+                let s = self.stream();
+                s.response_body = body;
+                s.response_body_open = true;
+                s.response_body.len() as u32
+            };
+            let action = self.invoke("proxy_on_response_body", ctx, cb.on_response_body.clone(), (ctx, size, 0))?;
+            let _ = self.settle(action, Side::Response);
+        }
+        self.reset(ctx, Some(upstream_request))
     }
 
     /// Envoy would hold the paused stream until a timeout or the client gave up, then log and

@@ -4,7 +4,9 @@
 //! - else the var `TOLLGATE_POLICY` (a JSON string, or a TOML table wrangler passes as an object).
 //!
 //! The text is parsed by `Policy::from_json`; the last parsed policy is kept per isolate and
-//! reused while the text is unchanged.
+//! reused while the text is unchanged. The worker (and its counter objects, which load the
+//! policy the same way) always runs with `store.slots = 0` ([`for_worker`]): one store key,
+//! hence one Durable Object, per identity.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -77,7 +79,14 @@ fn parse_cached(text: String) -> Result<Rc<Policy>, PolicyError> {
     if let Some(hit) = LAST.with_borrow(|last| last.as_ref().filter(|(t, _)| *t == text).map(|(_, p)| p.clone())) {
         return Ok(hit);
     }
-    let policy = Rc::new(Policy::from_json(text.as_bytes()).map_err(PolicyError::Invalid)?);
+    let policy = Rc::new(for_worker(Policy::from_json(text.as_bytes()).map_err(PolicyError::Invalid)?));
     LAST.set(Some((text, policy.clone())));
     Ok(policy)
+}
+
+/// The policy as the worker runs it: `slots = 0`, one key per identity (and per client IP),
+/// whatever `store.slots` says (that setting sizes Envoy's shared data).
+pub fn for_worker(mut policy: Policy) -> Policy {
+    policy.limits.slots = 0;
+    policy
 }

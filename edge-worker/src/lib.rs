@@ -1,41 +1,77 @@
 //! # tollgate-edge-worker
 //!
 //! Tollgate as a Cloudflare Worker (workers-rs). A thin adapter: every decision is made by
-//! `tollgate-core`; this crate reads host data, calls core, and applies the result.
+//! `tollgate-core`'s gate; this crate reads host data, calls core, and applies the result.
 //!
 //! For each request, `fetch`:
 //! 1. loads the policy ([`config`]: KV `TOLLGATE_CONFIG`/`policy`, else the var
-//!    `TOLLGATE_POLICY`). Missing or invalid → 503 in OpenAI's error shape with code
-//!    `invalid_configuration` (the message names the JSON path), logged with `console_error!`;
-//! 2. resolves the subject: the policy's identity header, else `cf-connecting-ip`;
-//! 3. asks the subject's own Durable Object (`QUOTA_COUNTER`, `id_from_name(subject key)`, class
-//!    [`counter::QuotaCounter`]) to check and count, passing the worker's `Date.now()`;
-//! 4. allowed → forwards method, path+query, headers minus hop-by-hop ones and the policy's
-//!    identity/tier headers, and the streamed body to the var `UPSTREAM_URL`, and returns the
-//!    upstream's response with the provider's `x-ratelimit-*` headers replaced by the client's; denied → core's 429 (the upstream is never called);
-//! 5. when the counter object cannot be reached, applies `store.on_failure`: `allow` forwards
-//!    uncounted, `deny` answers core's retryable 503. Either way it is logged.
+//!    `TOLLGATE_POLICY`), always with `store.slots = 0`. Missing or invalid → 503 in OpenAI's
+//!    error shape with code `invalid_configuration` (the message names the JSON path), logged;
+//! 2. gathers the request's facts for core: its headers, the client address from
+//!    `cf-connecting-ip`, the worker's `Date.now()`, and the Worker secrets the identity
+//!    sources name (signed identity tokens);
+//! 3. by kind (`gate::classify`): `GET /v1/tollgate/usage` answers the caller's own limits
+//!    (peeked from the counter objects); `POST /v1/chat/completions` checks a declared
+//!    `content-length` against the tier's size guard, reads the body and runs
+//!    `gate::prepare_chat` (400 bad body, 404 unknown model, 401 bad identity token, the
+//!    tier's guards); anything else runs `gate::prepare_other` (zero token estimate);
+//! 4. admits the request over the counter objects ([`admission::admit`], one Durable Object
+//!    per identity, sharded tier and global aggregates: [`counter`]) and lets core conclude:
+//!    core's 429 (localized, `retry-after`, `x-ratelimit-*`), or `store.on_failure` when an
+//!    object cannot be reached (`deny`: core's retryable 503; `allow`: forwarded uncounted);
+//! 5. forwards what core admitted: translated to the model's provider when the policy maps
+//!    models ([`translation`]), else to the var `UPSTREAM_URL` (method, path+query, headers
+//!    minus hop-by-hop ones and the policy's private identity/tier headers; a chat body as read,
+//!    or re-serialised when core rewrote it — a downgrade, a capped `max_tokens`);
+//! 6. answers with the upstream's response minus the provider's `x-ratelimit-*` headers, plus
+//!    the client's, `x-tollgate-downgraded-to` after a downgrade, and `x-tollgate-warning`
+//!    near a soft limit (with the tier's warning object in a JSON completion, or as an SSE
+//!    comment before `data: [DONE]`);
+//! 7. settles the request when it ends, in `ctx.wait_until` (the client is not delayed): a
+//!    non-stream answer when its body has been read, a stream when it ends — or when the
+//!    client goes away: the runtime cancels the response stream, which drops it, and the
+//!    [`forward::Finish`] guard inside hands the usage seen so far to the waiting settlement.
+//!    (Measured under `wrangler dev`: the runtime notices the client has gone when the worker
+//!    next has a chunk to write, so a silent upstream holds the request's lease until it sends
+//!    more, ends, or the lease's TTL passes.)
+//!    Settling replaces token reservations with the provider's reported usage (none reported:
+//!    the reservation stays the charge) and releases the concurrency lease; leases not
+//!    released (a settlement that could not reach an object) expire after
+//!    `store.lease_ttl_seconds`;
+//! 8. posts webhook events (`policy.notify`) with `fetch` in `ctx.wait_until`: admission's
+//!    threshold events at once, settlement's after it. Events carry hashes and counts only.
 //!
-//! When the policy maps models (`providers` + `models`), an admitted `POST /v1/chat/completions`
-//! is not forwarded to `UPSTREAM_URL` but translated to the model's provider ([`translation`]:
-//! Anthropic, Gemini or OpenAI-compatible, streaming included, provider keys from Worker
-//! secrets). Admission comes first: a denied request's body is never read. Other requests are
-//! forwarded as above.
+//! `GET /v1/tollgate/admin/usage?identity=<identity key>[&tier=<tier>]` answers one identity's
+//! limits (the identity key is the hashed one webhook events carry; the tier defaults to the
+//! policy's default tier) to `Authorization: Bearer <key>`, the key being the Worker secret
+//! `admin.key_secret` names (compared in constant time; 401 otherwise, 404 when the policy has
+//! no `admin`). Listing *all* identities would need an index object and is not implemented.
 //!
 //! Never logs request or response bodies, and returns no `Err` for a client request (which
 //! workers-rs would turn into a bare 500).
 
+pub mod admission;
 pub mod config;
 pub mod counter;
 pub mod forward;
 pub mod translation;
 
-use tollgate_core::render::{self, openai_error};
-use tollgate_core::{Decision, FailureMode, LocalResponse};
-use worker::{console_error, console_warn, event, Context, Date, Env, Request, Response};
+use std::rc::Rc;
+
+use futures_util::stream;
+use tollgate_core::gate::{self, Facts, Gate, Kind, Prepared, Refused};
+use tollgate_core::identity::RequestFacts;
+use tollgate_core::message;
+use tollgate_core::render::openai_error;
+use tollgate_core::translate::exchange::Routed;
+use tollgate_core::{LocalResponse, Policy};
+use worker::js_sys::Math;
+use worker::wasm_bindgen::JsValue;
+use worker::{console_error, console_warn, event, web_sys, Context, Date, Env, Fetch, Headers, Method, Request, Response};
 
 use crate::config::PolicyError;
-use crate::counter::{check_remote, CountRequest};
+use crate::counter::{Objects, SHARDS_VAR};
+use crate::forward::{Finish, Passthrough, SseTap};
 
 pub use counter::QuotaCounter;
 
@@ -45,9 +81,11 @@ pub const COUNTER_BINDING: &str = "QUOTA_COUNTER";
 pub const UPSTREAM_VAR: &str = "UPSTREAM_URL";
 /// The header Cloudflare sets to the client's address.
 pub const CLIENT_ADDRESS_HEADER: &str = "cf-connecting-ip";
+/// The admin lookup of one identity's limits.
+pub const ADMIN_USAGE_PATH: &str = "/v1/tollgate/admin/usage";
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response> {
+async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
     let policy = match config::load(&env).await {
         Ok(p) => p,
         Err(e) => {
@@ -55,86 +93,267 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> worker::Result<Response
             return forward::local(&config_error(&e));
         }
     };
-    // A translated request goes to its provider's base URL, not to UPSTREAM_URL.
-    let translated = translation::applies(&policy, &req.method(), &req.path());
-    let upstream = if translated {
-        None
-    } else {
-        let parsed = match env.var(UPSTREAM_VAR).map(|v| v.to_string()) {
-            Ok(text) => forward::parse_base(&text),
-            Err(_) => Err(format!("the var {UPSTREAM_VAR} is not set")),
-        };
-        match parsed {
-            Ok(url) => Some(url),
-            Err(e) => {
-                console_error!("tollgate: {e}");
-                return forward::local(&invalid_configuration(&e));
+    let now = Date::now().as_millis();
+    let shards = counter::parse_shards(env.var(SHARDS_VAR).ok().map(|v| v.to_string()).as_deref());
+    let objects = Objects(env.durable_object(COUNTER_BINDING).map_err(|e| e.to_string()));
+    let method = req.method();
+    let path = req.path();
+    if method == Method::Get && path == ADMIN_USAGE_PATH {
+        return admin_usage(&req, &env, &policy, &objects, shards, now).await;
+    }
+
+    let headers = req.headers().clone();
+    let header = move |name: &str| headers.get(name).ok().flatten();
+    let secrets: Vec<(String, Vec<u8>)> = policy
+        .identity
+        .secret_names()
+        .filter_map(|name| env.secret(name).ok().map(|s| (name.to_owned(), s.to_string().into_bytes())))
+        .collect();
+    let secret = |name: &str| secrets.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let peer = req.headers().get(CLIENT_ADDRESS_HEADER).ok().flatten();
+    let facts = Facts { header: &header, peer_address: peer.as_deref(), now_ms: now, secrets: &secret };
+
+    let kind = gate::classify(Some(method.as_ref()), Some(&path));
+    let (prepared, body) = match kind {
+        Kind::Usage => return forward::local(&admission::usage_report(&objects, shards, &policy, &facts).await),
+        Kind::Chat => {
+            let declared = header("content-length").and_then(|v| v.trim().parse().ok());
+            if let Some(r) = gate::check_declared_length(&policy, &facts, declared) {
+                return forward::local(&r);
             }
+            let body = match req.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    console_warn!("tollgate: request body unreadable: {e}");
+                    let r = openai_error(400, "The request body could not be read.", "invalid_request_error", "invalid_body");
+                    return forward::local(&r);
+                }
+            };
+            (gate::prepare_chat(&policy, &facts, &body), Some(body))
+        }
+        Kind::Other => (gate::prepare_other(&policy, &facts), None),
+    };
+    let pending = match prepared {
+        Prepared::Reply(r) => return forward::local(&r),
+        Prepared::Admit(p) => p,
+    };
+    let lease_id = (Math::random() * (1u64 << 53) as f64) as u64;
+    let result = admission::admit(&objects, shards, &policy.limits, &pending.who, &pending.estimate, lease_id, now).await;
+    let store_failed = result.as_ref().err().cloned();
+    let mut admitted = match (*pending).conclude(&policy, &facts, result) {
+        Gate::Reply { response, why, store_error } => {
+            if why == Refused::StoreFailed {
+                let e = store_error.map(|e| e.to_string()).unwrap_or_default();
+                console_error!("tollgate: counting failed, refusing: {e}");
+            }
+            return forward::local(&response);
+        }
+        Gate::Forward(a) => a,
+    };
+    if let Some(e) = store_failed {
+        console_warn!("tollgate: counting failed, forwarding uncounted: {e}");
+    }
+
+    let notify_url = policy.notify.as_ref().map(|n| n.url.clone());
+    let events = std::mem::take(&mut admitted.events);
+    if let (Some(url), false) = (&notify_url, events.is_empty()) {
+        let url = url.clone();
+        ctx.wait_until(async move { post_events(&url, events).await });
+    }
+    let finish = match admitted.ticket.take().filter(|t| !t.is_empty()) {
+        Some(ticket) => {
+            let (finish, done) = Finish::new();
+            let policy = Rc::clone(&policy);
+            let objects = Objects(objects.0.clone());
+            ctx.wait_until(async move {
+                // The sender is dropped with the response body, whatever ends it.
+                let usage = done.await.ok().flatten();
+                let now = Date::now().as_millis();
+                let events = match admission::settle(&objects, shards, &policy, &ticket, usage.as_ref(), now).await {
+                    Ok(events) => events,
+                    Err((e, events)) => {
+                        console_error!("tollgate: settling failed ({}): {e}; leases expire by TTL", e.kind());
+                        events
+                    }
+                };
+                if let (Some(url), false) = (notify_url, events.is_empty()) {
+                    post_events(&url, events).await;
+                }
+            });
+            finish
+        }
+        None => Finish::none(),
+    };
+
+    let mut extra = admitted.headers.clone();
+    if let Some(w) = &admitted.warning {
+        extra.push((message::WARNING_HEADER, w.header.clone()));
+    }
+    let warning = admitted.warning.as_ref().and_then(|w| w.object.clone());
+
+    if let (Some(route), Some(request)) = (admitted.route.take(), admitted.request.as_ref()) {
+        let routed = Routed { request: request.clone(), route };
+        return translation::handle(&req, &env, &policy, routed, &extra, finish, warning.as_ref()).await;
+    }
+    forward_upstream(req, &env, &policy, kind, body, &admitted, extra, finish, warning.as_ref()).await
+}
+
+/// Forwards an admitted request to `UPSTREAM_URL` and relays the answer (see the crate docs).
+#[allow(clippy::too_many_arguments)]
+async fn forward_upstream(
+    req: Request,
+    env: &Env,
+    policy: &Policy,
+    kind: Kind,
+    body: Option<Vec<u8>>,
+    admitted: &gate::Admitted<'_>,
+    extra: Vec<(&'static str, String)>,
+    mut finish: Finish,
+    warning: Option<&serde_json::Value>,
+) -> worker::Result<Response> {
+    finish.unreached();
+    let parsed = match env.var(UPSTREAM_VAR).map(|v| v.to_string()) {
+        Ok(text) => forward::parse_base(&text),
+        Err(_) => Err(format!("the var {UPSTREAM_VAR} is not set")),
+    };
+    let upstream = match parsed {
+        Ok(url) => url,
+        Err(e) => {
+            console_error!("tollgate: {e}");
+            return forward::local(&invalid_configuration(&e));
         }
     };
-
-    let header = |name: Option<&str>| name.and_then(|n| req.headers().get(n).ok().flatten());
-    let identity = header(policy.identity_header());
-    let tier = header(policy.tier_header());
-    let client_address = header(Some(CLIENT_ADDRESS_HEADER));
-    let subject = policy.subject(identity.as_deref(), tier.as_deref(), client_address.as_deref());
-
-    let count = CountRequest {
-        key: subject.key,
-        quotas: policy.quotas(&subject.tier).to_vec(),
-        tracked: policy.tracked_windows().to_vec(),
-        now_ms: Date::now().as_millis(),
-        max_retries: policy.max_retries,
-    };
-    let decision = match env.durable_object(COUNTER_BINDING) {
-        Ok(ns) => check_remote(&ns, &count).await,
-        Err(e) => Err(counter::CounterError::Setup(e)),
-    };
-    let decision = match decision {
-        Ok(d) => d,
-        Err(e) => match policy.on_failure {
-            FailureMode::Allow => {
-                console_warn!("tollgate: counting failed ({}), forwarding uncounted: {e}", e.kind());
-                Decision::Allowed { binding: None }
-            }
-            FailureMode::Deny => {
-                console_error!("tollgate: counting failed ({}), refusing: {e}", e.kind());
-                return forward::local(&render::store_unavailable());
-            }
-        },
-    };
-    if let Some(rejection) = render::rejection(&decision) {
-        return forward::local(&rejection);
-    }
-    let Some(upstream) = upstream else {
-        return translation::handle(req, &env, &policy, &render::allowed_headers(&decision)).await;
-    };
-
     let target = match req.url() {
         Ok(url) => forward::upstream_url(&upstream, &url),
         Err(e) => {
             console_error!("tollgate: request URL unreadable: {e}");
-            return forward::local(&openai_error(
-                400,
-                "Malformed request URL.",
-                "invalid_request_error",
-                "invalid_url",
-            ));
+            return forward::local(&openai_error(400, "Malformed request URL.", "invalid_request_error", "invalid_url"));
         }
     };
+    let body = body.map(|b| match (admitted.rewritten, &admitted.request) {
+        (true, Some(r)) => serde_json::to_vec(r).unwrap_or(b),
+        _ => b,
+    });
     let private: Vec<&str> = policy.private_request_headers().collect();
-    match forward::send(&req, &target, &private).await {
-        Ok(resp) => forward::with_headers(resp, &render::allowed_headers(&decision)),
+    let sent = forward::send(&req, &target, &private, body.as_deref()).await;
+    let mut finish = finish.reported_by();
+    let mut resp = match sent {
+        Ok(r) => r,
         Err(e) => {
             console_error!("tollgate: upstream request failed: {e}");
-            forward::local(&openai_error(
-                502,
-                "The upstream API could not be reached.",
-                "server_error",
-                "upstream_unavailable",
-            ))
+            finish.unreached();
+            return forward::local(&openai_error(502, "The upstream API could not be reached.", "server_error", "upstream_unavailable"));
+        }
+    };
+    let status = resp.status_code();
+    if matches!(status, 101 | 204 | 205 | 304) {
+        return forward::with_headers(resp, &extra);
+    }
+    let content_type = resp.headers().get("content-type").ok().flatten().unwrap_or_default();
+    let event_stream = content_type.to_ascii_lowercase().starts_with("text/event-stream");
+    if kind == Kind::Chat && !event_stream {
+        // A completion (or an error): read whole for its usage and the warning object.
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                console_error!("tollgate: upstream answer unreadable: {e}");
+                return forward::local(&openai_error(502, "The upstream API could not be reached.", "server_error", "upstream_unavailable"));
+            }
+        };
+        if let Some(u) = forward::completion_usage(&bytes) {
+            finish.report(u);
+        }
+        let bytes = if status == 200 { forward::with_warning_object(bytes, warning) } else { bytes };
+        let headers = forward::reserved_headers(&resp, &extra)?;
+        drop(finish);
+        return Ok(Response::builder().with_status(status).with_headers(headers).fixed(bytes));
+    }
+    let chunks = match resp.stream() {
+        Ok(s) => s,
+        // No body (HEAD, or an empty answer): nothing to pump; the request ends here.
+        Err(_) => return forward::with_headers(resp, &extra),
+    };
+    let tap = (kind == Kind::Chat).then(|| SseTap::new(warning.map(message::sse_comment)));
+    let headers = forward::reserved_headers(&resp, &extra)?;
+    let pump = Passthrough { upstream: chunks, tap, finish, done: false };
+    Response::builder().with_status(status).with_headers(headers).from_stream(stream::unfold(pump, Passthrough::next))
+}
+
+/// POSTs each webhook event body to `url` (JSON). Failures are logged, never retried: events
+/// are notices, and the counts they describe are in the objects.
+async fn post_events(url: &str, events: Vec<Vec<u8>>) {
+    for body in events {
+        let sent = async {
+            let headers = Headers::new();
+            headers.set("content-type", "application/json")?;
+            let init = web_sys::RequestInit::new();
+            init.set_method("POST");
+            init.set_headers(&headers.0);
+            init.set_body(&JsValue::from(worker::js_sys::Uint8Array::from(body.as_slice())));
+            let request = web_sys::Request::new_with_str_and_init(url, &init)?;
+            Fetch::Request(Request::from(request)).send().await
+        };
+        match sent.await {
+            Ok(r) if (200..300).contains(&r.status_code()) => {}
+            Ok(r) => console_warn!("tollgate: webhook answered {}", r.status_code()),
+            Err(e) => console_warn!("tollgate: webhook failed: {e}"),
         }
     }
+}
+
+/// `a == b` without an early exit on the first difference (the lengths may leak).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer token of an `Authorization` header value.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let v = value?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+/// A query parameter's value (percent-decoded).
+fn query_param(req: &Request, name: &str) -> Option<String> {
+    let url = req.url().ok()?;
+    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// `GET /v1/tollgate/admin/usage?identity=<identity key>[&tier=<tier>]` (see the crate docs).
+async fn admin_usage(req: &Request, env: &Env, policy: &Policy, objects: &Objects, shards: u32, now: u64) -> worker::Result<Response> {
+    let Some(secret_name) = policy.admin_key_secret.as_deref() else {
+        return forward::local(&openai_error(404, "Not found.", "invalid_request_error", "unknown_url"));
+    };
+    let expected = env.secret(secret_name).map(|s| s.to_string()).unwrap_or_default();
+    let auth = req.headers().get("authorization").ok().flatten();
+    let given = bearer(auth.as_deref()).unwrap_or("");
+    if expected.is_empty() || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if expected.is_empty() {
+            console_error!("tollgate: the admin key secret {secret_name} is not set");
+        }
+        let mut r = openai_error(401, "Invalid admin key.", "invalid_request_error", "invalid_api_key");
+        r.headers.push(("www-authenticate", "Bearer".to_owned()));
+        return forward::local(&r);
+    }
+    let Some(identity) = query_param(req, "identity").filter(|i| !i.is_empty()) else {
+        return forward::local(&openai_error(400, "The identity query parameter is required.", "invalid_request_error", "missing_identity"));
+    };
+    let tier = match query_param(req, "tier") {
+        Some(t) if policy.tier_names().any(|n| n == t) => t,
+        Some(_) => return forward::local(&openai_error(400, "Unknown tier.", "invalid_request_error", "unknown_tier")),
+        None => default_tier(policy, now),
+    };
+    forward::local(&admission::identity_report(objects, shards, policy, &identity, &tier, now).await)
+}
+
+/// The tier a request with no tier header and no API key gets.
+fn default_tier(policy: &Policy, now: u64) -> String {
+    let none = |_: &str| None;
+    let facts = RequestFacts { header: &none, user_field: None, peer_address: None, now_ms: now };
+    policy.identity.resolve(&facts, &|_| None).map(|s| s.tier).unwrap_or_default()
 }
 
 pub(crate) fn invalid_configuration(message: &str) -> LocalResponse {
@@ -154,5 +373,28 @@ fn config_error(e: &PolicyError) -> LocalResponse {
             r
         }
         PolicyError::Missing | PolicyError::Invalid(_) => invalid_configuration(&e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_keys_compare_whole_and_bearer_tokens_parse() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn the_default_tier_is_the_one_an_anonymous_request_gets() {
+        let p = Policy::from_json(br#"{"tier":{"default":"free","header":"x-tier"},"tiers":{"free":{"limits":[]},"pro":{"limits":[]}}}"#).unwrap();
+        assert_eq!(default_tier(&p, 0), "free");
     }
 }

@@ -2,34 +2,41 @@
 //! OpenAI-compatible).
 //!
 //! Applies when the policy has a model map (`policy.routes.is_enabled()`) and the request is
-//! `POST /v1/chat/completions`; [`crate::fetch`] has already admitted (counted) it. All the
-//! translating is core's [`Exchange`]; this module only moves bytes between it and the host:
-//! 1. reads the body and parses a [`ChatRequest`] (not JSON → 400 in OpenAI's shape);
-//! 2. routes the model (unknown → 404 `model_not_found`);
-//! 3. `exchange.request` (a request the backend cannot serve → core's 400);
-//! 4. fetches `provider.base_url + path` with the translated body and headers, the provider key
+//! `POST /v1/chat/completions`; [`crate::fetch`] has already read, parsed, routed and admitted
+//! it through core's gate, which hands over the request to send (the model after a downgrade,
+//! `max_tokens` capped) and its route. All the translating is core's [`Exchange`]; this module
+//! only moves bytes between it and the host:
+//! 1. `exchange.request` (a request the backend cannot serve → core's 400);
+//! 2. fetches `provider.base_url + path` with the translated body and headers, the provider key
 //!    from the Worker secret the policy names (`x-api-key` for Anthropic, `x-goog-api-key` for
 //!    Gemini, `Authorization: Bearer` otherwise), and the client headers listed in the var
 //!    [`PASS_HEADERS_VAR`]. The client's `authorization` never goes upstream; the key is never
 //!    logged or returned. A secret that is named but not set → 503 `provider_key_missing`;
-//! 5. a non-stream answer, or any non-2xx answer, is read whole and rendered by
-//!    `exchange.response`; a 2xx stream is translated as it arrives: each upstream chunk goes
-//!    through `exchange.stream` and out to the client before the next one is read, and
-//!    `exchange.finish` writes the end (`[DONE]`, or an error event).
+//! 3. a non-stream answer, or any non-2xx answer, is read whole and rendered by
+//!    `exchange.response` (a soft-limit warning object is added to a 200 completion); a 2xx
+//!    stream is translated as it arrives: each upstream chunk goes through `exchange.stream`
+//!    and out to the client before the next one is read, and `exchange.finish` writes the end
+//!    (`[DONE]` with the warning's SSE comment just before it, or an error event).
 //!
-//! Every response carries the client's rate-limit headers from the admission decision.
+//! The usage the exchange saw goes to the request's [`Finish`], which settles the request when
+//! the answer has been read, the stream has ended, or the client went away (the runtime then
+//! drops the stream, and with it the guard). A request that never reached the provider
+//! settles as zero tokens.
+//!
+//! Every response carries the client's rate-limit headers from the admission.
 
 use futures_util::stream::{self, StreamExt};
 use tollgate_core::render::openai_error;
 use tollgate_core::routing::Provider;
 use tollgate_core::sse::write_event;
-use tollgate_core::translate::exchange::{route_request, Exchange};
+use tollgate_core::message;
+use tollgate_core::translate::exchange::{Exchange, Routed};
 use tollgate_core::translate::TranslateError;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::{Math, Uint8Array};
 use worker::{console_error, console_warn, web_sys, ByteStream, Date, Env, Fetch, Headers, Method, Request, Response};
 
-use crate::forward;
+use crate::forward::{self, Finish};
 
 /// The path Tollgate translates.
 pub const CHAT_PATH: &str = "/v1/chat/completions";
@@ -79,26 +86,21 @@ fn upstream_unavailable() -> LocalResponse {
     openai_error(502, "The upstream API could not be reached.", "server_error", "upstream_unavailable")
 }
 
-/// Translates one admitted request. `extra` are the client's rate-limit headers.
+/// Translates one admitted request. `extra` are the client's headers from the admission
+/// (rate limits, warning); `warning` the warning object for the body, if the tier has one.
 pub async fn handle(
-    mut req: Request,
+    req: &Request,
     env: &Env,
     policy: &Policy,
+    routed: Routed<'_>,
     extra: &[(&'static str, String)],
+    mut finish: Finish,
+    warning: Option<&serde_json::Value>,
 ) -> worker::Result<Response> {
     let respond = |r: &LocalResponse| forward::local_with(r, extra);
+    // Until the provider is called, nothing was used.
+    finish.unreached();
 
-    let body = match req.bytes().await {
-        Ok(b) => b,
-        Err(e) => {
-            console_warn!("tollgate: request body unreadable: {e}");
-            return respond(&TranslateError::invalid(None, "The request body could not be read.").to_response());
-        }
-    };
-    let routed = match route_request(&policy.routes, &body) {
-        Ok(r) => r,
-        Err(e) => return respond(&e.to_response()),
-    };
     let provider: &Provider = routed.provider();
     let Some(base_url) = provider.base_url.as_deref() else {
         let message = format!("providers.{}.base_url is not set; the worker needs it", provider.name);
@@ -115,7 +117,6 @@ pub async fn handle(
             }
         },
     };
-
 
     let now_ms = Date::now().as_millis();
     let (mut exchange, up) = match routed.start(response_id(now_ms), now_ms / 1000) {
@@ -143,7 +144,10 @@ pub async fn handle(
     };
 
     let url = format!("{base_url}{}", up.path);
-    let mut upstream = match send(&url, &headers, &up.body).await {
+    let sent = send(&url, &headers, &up.body).await;
+    // From here on the provider may have used tokens: only what it reports is known.
+    finish = Finish::reported_by(finish);
+    let mut upstream = match sent {
         Ok(r) => r,
         Err(e) => {
             console_error!("tollgate: provider {} unreachable: {e}", provider.name);
@@ -164,7 +168,12 @@ pub async fn handle(
                 return respond(&upstream_unavailable());
             }
         };
-        return respond(&exchange.response(status, retry_after.as_deref(), &body));
+        let mut answer = exchange.response(status, retry_after.as_deref(), &body);
+        finish.report(exchange.usage());
+        if answer.status == 200 {
+            answer.body = forward::with_warning_object(answer.body, warning);
+        }
+        return respond(&answer);
     }
 
     let chunks = match upstream.stream() {
@@ -180,7 +189,10 @@ pub async fn handle(
     for (name, value) in extra {
         headers.set(name, value)?;
     }
-    let pump = Pump { upstream: chunks, exchange, provider: provider.name.clone(), done: false };
+    if let Some(w) = warning {
+        exchange.set_closing_comment(message::sse_comment(w));
+    }
+    let pump = Pump { upstream: chunks, exchange, provider: provider.name.clone(), done: false, finish };
     Response::builder().with_status(200).with_headers(headers).from_stream(stream::unfold(pump, Pump::next))
 }
 
@@ -222,6 +234,8 @@ struct Pump {
     exchange: Exchange,
     provider: String,
     done: bool,
+    /// Dropped with the pump: at the end of the stream, or when the client goes away.
+    finish: Finish,
 }
 
 impl Pump {
@@ -248,6 +262,7 @@ impl Pump {
                     self.done = true;
                 }
             }
+            self.finish.report(self.exchange.usage());
             if self.done {
                 if let Some(e) = self.exchange.stream_error() {
                     // The status and whose fault, never the message: a provider's message may

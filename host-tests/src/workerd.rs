@@ -126,3 +126,155 @@ pub fn start_wrangler(scratch: &Path, vars: &[(&str, &str)], env_file: Option<&P
     eprintln!("wrangler dev ready in {:?}", started.elapsed());
     wrangler
 }
+
+/// GETs `url` with extra headers; 4xx/5xx are answers, not errors.
+pub fn get_with(url: &str, headers: &[(&str, &str)]) -> crate::proc::Reply {
+    let mut req = crate::proc::agent().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    crate::proc::Reply { status, headers, body }
+}
+
+/// A small upstream the test controls, on a free loopback port:
+/// - `POST /v1/chat/completions` answers an OpenAI SSE stream: its first chunk at once, the
+///   rest (usage chunk, `data: [DONE]`) only once [`SlowUpstream::release`] is called (or after
+///   30 s), so a request stays in flight as long as the test wants;
+/// - `POST /hook` records the body (webhook events) and answers 200;
+/// - anything else: 404.
+pub struct SlowUpstream {
+    pub url: String,
+    released: std::sync::Arc<(std::sync::Mutex<u64>, std::sync::Condvar)>,
+    pub hooks: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    pub streams_started: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowUpstream {
+    pub fn start() -> SlowUpstream {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Condvar, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind slow upstream");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let released = Arc::new((Mutex::new(0u64), Condvar::new()));
+        let hooks = Arc::new(Mutex::new(Vec::new()));
+        let streams_started = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (r, h, s) = (released.clone(), hooks.clone(), streams_started.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (released, hooks, started) = (r.clone(), h.clone(), s.clone());
+                std::thread::spawn(move || {
+                    let mut conn = conn;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + length {
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    if path == "/hook" {
+                        hooks.lock().unwrap().push(body);
+                        let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        return;
+                    }
+                    if path != "/v1/chat/completions" {
+                        let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                        return;
+                    }
+                    let generation = *released.0.lock().unwrap();
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let event = |data: &str| {
+                        let e = format!("data: {data}\n\n");
+                        format!("{:x}\r\n{e}\r\n", e.len())
+                    };
+                    let first = event(r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"},"finish_reason":null}]}"#);
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+                    if conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(first.as_bytes())).is_err() {
+                        return;
+                    }
+                    let _ = conn.flush();
+                    let (lock, cv) = &*released;
+                    let guard = lock.lock().unwrap();
+                    let _ = cv.wait_timeout_while(guard, Duration::from_secs(30), |g| *g == generation);
+                    let rest = event(r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}"#)
+                        + &event("[DONE]")
+                        + "0\r\n\r\n";
+                    let _ = conn.write_all(rest.as_bytes());
+                });
+            }
+        });
+        SlowUpstream { url, released, hooks, streams_started }
+    }
+
+    /// Lets every stream started so far finish.
+    pub fn release(&self) {
+        let (lock, cv) = &*self.released;
+        *lock.lock().unwrap() += 1;
+        cv.notify_all();
+    }
+}
+
+/// A streaming chat request over a raw connection: returns once the response head and the
+/// first bytes of the body have arrived, with the connection still open (drop it to go away
+/// mid-stream, as a client that gives up does). The status line is the first line of `.1`.
+pub fn open_stream(base: &str, headers: &[(&str, &str)], body: &str) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let authority = base.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(authority).expect("connect to the worker");
+    conn.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(body.as_bytes())).expect("send");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !(String::from_utf8_lossy(&got).contains("\r\n\r\n") && String::from_utf8_lossy(&got).contains("data:")) {
+        match conn.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+        if String::from_utf8_lossy(&got).starts_with("HTTP/1.1 4") && String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            break;
+        }
+    }
+    (conn, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Reads the rest of an [`open_stream`] response until the server closes it.
+pub fn read_rest(mut conn: std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    String::from_utf8_lossy(&rest).into_owned()
+}

@@ -342,14 +342,17 @@ fn the_openai_sdk_reaches_anthropic_gemini_and_openai_compatible_providers_throu
 
     // ---- raw HTTP: what the SDK cannot show ----
 
-    // Admission first: a denied request's body is never read (invalid JSON still gets the 429).
-    let r = post_json(&http, &format!("{url}/v1/chat/completions"), &[("x-tollgate-user", "limited")], "{not json");
-    assert_eq!(r.status, 429, "{r:?}");
-    // An admitted one with invalid JSON: OpenAI's 400, nothing sent upstream.
-    let r = post_json(&http, &format!("{url}/v1/chat/completions"), &[("x-tollgate-user", "bad-json")], "{not json");
-    assert_eq!(r.status, 400, "{r:?}");
-    assert_eq!(r.json()["error"]["type"], "invalid_request_error", "{r:?}");
+    // The body is read and checked before anything is counted (core's gate: parse, route,
+    // identify, guard, then admit): invalid JSON is OpenAI's 400, even for a user at the limit,
+    // nothing sent upstream and nothing counted.
+    for user in ["limited", "bad-json"] {
+        let r = post_json(&http, &format!("{url}/v1/chat/completions"), &[("x-tollgate-user", user)], "{not json");
+        assert_eq!(r.status, 400, "{r:?}");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error", "{r:?}");
+    }
     assert_eq!(mock_request_count(&http, &mock_url), base + upstream_calls);
+    let usage = tollgate_host_tests::workerd::get_with(&format!("{url}/v1/tollgate/usage"), &[("x-tollgate-user", "bad-json")]);
+    assert_eq!(usage.json()["limits"][0]["used"], 0, "{usage:?}");
 
     // Each provider got its own key header, never the client's authorization or identity, at
     // its own API's path with the upstream model name.

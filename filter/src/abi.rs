@@ -37,6 +37,14 @@ pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
 pub const LOG_ERROR: u32 = 4;
 
+// WASI's environment, which proxy-wasm hosts serve from their VM configuration (Envoy:
+// `vm_config.environment_variables`; proxy-wasm-cpp-host `exports.cc` `wasi_unstable_environ_get`).
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+extern "C" {
+    fn environ_sizes_get(count: *mut usize, buf_size: *mut usize) -> u16;
+    fn environ_get(environ: *mut *mut u8, environ_buf: *mut u8) -> u16;
+}
+
 #[link(wasm_import_module = "env")]
 extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
@@ -272,6 +280,31 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_m
         )
     })?;
     Ok(token)
+}
+
+/// The VM's environment variables (`KEY=VALUE` pairs); empty when the host gives none.
+pub fn environment() -> Vec<(String, Vec<u8>)> {
+    let (mut count, mut size) = (0usize, 0usize);
+    // SAFETY: out-pointers to live locals.
+    if unsafe { environ_sizes_get(&mut count, &mut size) } != 0 || count == 0 || count > 4096 || size > 1 << 20 {
+        return Vec::new();
+    }
+    let mut pointers: Vec<*mut u8> = vec![null_mut(); count];
+    let mut buf = vec![0u8; size];
+    // SAFETY: `pointers` has room for `count` pointers and `buf` for `size` bytes, as the host
+    // just said it needs.
+    if unsafe { environ_get(pointers.as_mut_ptr(), buf.as_mut_ptr()) } != 0 {
+        return Vec::new();
+    }
+    // The entries are NUL-terminated and lie in `buf` in order; read them from `buf` itself
+    // rather than through the pointers.
+    buf.split(|&b| b == 0)
+        .take(count)
+        .filter_map(|entry| {
+            let i = entry.iter().position(|&b| b == b'=')?;
+            Some((String::from_utf8_lossy(&entry[..i]).into_owned(), entry[i + 1..].to_vec()))
+        })
+        .collect()
 }
 
 pub fn define_counter(name: &str) -> Result<u32, Status> {

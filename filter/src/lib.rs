@@ -85,6 +85,8 @@ struct Metrics {
 #[derive(Default)]
 struct Root {
     policy: Option<Rc<Policy>>,
+    /// The identity secrets the policy names, read from the VM's environment at configure time.
+    secrets: Rc<Vec<(String, Vec<u8>)>>,
     metrics: Metrics,
 }
 
@@ -101,6 +103,20 @@ impl RootContext for Root {
         };
         match Policy::from_json(&bytes) {
             Ok(policy) => {
+                let names: Vec<&str> = policy.identity.secret_names().collect();
+                let secrets: Vec<(String, Vec<u8>)> = if names.is_empty() {
+                    Vec::new()
+                } else {
+                    abi::environment().into_iter().filter(|(k, _)| names.contains(&k.as_str())).collect()
+                };
+                for name in &names {
+                    if !secrets.iter().any(|(k, v)| k == name && !v.is_empty()) {
+                        // Not fatal (requests without a signed token still work), but every signed
+                        // token will be refused: say so once, loudly.
+                        abi::log(abi::LOG_ERROR, &format!("tollgate: the identity secret {name} is not in the VM environment (vm_config.environment_variables); signed identity tokens will be refused"));
+                    }
+                }
+                self.secrets = Rc::new(secrets);
                 self.policy = Some(Rc::new(policy));
                 let counter = |name| abi::define_counter(name).unwrap_or(0);
                 self.metrics = Metrics {
@@ -134,6 +150,7 @@ impl RootContext for Root {
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Request {
             policy: self.policy.clone(),
+            secrets: self.secrets.clone(),
             metrics: self.metrics,
             context_id,
             headers: Vec::new(),
@@ -156,6 +173,7 @@ struct Request {
     /// `None` only if the host created a stream without a successful `on_configure`; such a
     /// request passes through untouched.
     policy: Option<Rc<Policy>>,
+    secrets: Rc<Vec<(String, Vec<u8>)>>,
     metrics: Metrics,
     context_id: u32,
     /// The client's request headers as they arrived (the gate reads identity, tier, API key,
@@ -176,6 +194,10 @@ struct Request {
 impl Context for Request {}
 
 impl Request {
+    fn secret(&self, name: &str) -> Option<Vec<u8>> {
+        self.secrets.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
     /// A request header as Envoy's `get_header_map_value` gives it (the first of repeated
     /// headers), except `x-forwarded-for`, whose repeated lines form one list.
     fn header_value(&self, name: &str) -> Option<String> {
@@ -235,8 +257,8 @@ impl Request {
         let connection = translation::connection_id();
         let lease_id = translation::request_token(now_ns, connection, self.context_id);
         let lookup = |name: &str| self.header_value(name);
-        let no_secrets = |_: &str| None;
-        let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+        let secrets = |name: &str| self.secret(name);
+        let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
         let outcome = match body {
             Some(b) => gate::admit_chat(policy, &facts, b, &mut SharedData, lease_id),
             None => gate::admit_other(policy, &facts, &mut SharedData, lease_id),
@@ -373,8 +395,8 @@ impl HttpContext for Request {
             Kind::Usage => {
                 let now = abi::now_ms().unwrap_or(0);
                 let lookup = |name: &str| self.header_value(name);
-                let no_secrets = |_: &str| None;
-                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+                let secrets = |name: &str| self.secret(name);
+                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
                 let response = gate::usage_report(&policy, &facts, &mut SharedData);
                 self.reply(response)
             }
@@ -383,8 +405,8 @@ impl HttpContext for Request {
                 let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
                 let now = abi::now_ms().unwrap_or(0);
                 let lookup = |name: &str| self.header_value(name);
-                let no_secrets = |_: &str| None;
-                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &no_secrets };
+                let secrets = |name: &str| self.secret(name);
+                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
                 if let Some(response) = gate::check_declared_length(&policy, &facts, declared) {
                     abi::increment(self.metrics.invalid);
                     return self.reply(response);

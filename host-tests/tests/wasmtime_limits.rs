@@ -270,3 +270,34 @@ fn leases_come_back_when_the_upstream_resets_or_the_client_leaves() {
     assert_eq!(used, 3 * RESERVED_TOKENS + 17);
     assert_eq!(live_leases(&host), 0);
 }
+
+/// Signed identity tokens: the secret comes from the VM's environment (Envoy:
+/// `vm_config.environment_variables`), a valid token counts for its id, a forged one is 401.
+#[test]
+fn signed_identity_tokens_are_verified_with_the_secret_from_the_vm_environment() {
+    // Tokens made with Python's hmac: HMAC-SHA256("s3cret-key-bytes", "<id>.1709300000"),
+    // base64url without padding; 1709300000 is a day after MIDDAY.
+    const ALICE: &str = "alice.1709300000.7vb5bD6bm1CUDG0EfB3TvqsYQfkMKWbARSS3LasCimY";
+    // mallory's signature on alice's id: a forgery.
+    const FORGED: &str = "alice.1709300000.3NpAYN61T6pTKiYSrX_P0y4kXcaYC098zSoLbu9QOG0";
+    let config = r#"{"identity": {"sources": [{"signed_header": "x-user-token", "secret": "TOLLGATE_IDENTITY_SECRET"}, {"client_ip": {}}]},
+        "tier": {"default": "t"}, "tiers": {"t": {"limits": [{"window": "day", "requests": 5}]}}}"#;
+    let host = Host::new(SharedStore::new(CasSemantics::Envoy));
+    host.clock().set_epoch_ms(MIDDAY);
+    let send = |vm: &mut Vm, token: &str| {
+        let ex = vm
+            .request(HttpRequest::post("/v1/chat/completions").header("x-user-token", token).body(r#"{"model":"m","messages":[]}"#))
+            .unwrap();
+        (ex.status, ex.header("x-ratelimit-remaining-requests"), ex.upstream_request.map(|u| u.header("x-user-token").is_some()))
+    };
+    let mut vm = Vm::load_with_env(&host, FilterModule::release_filter(), config.as_bytes(), &[("TOLLGATE_IDENTITY_SECRET", "s3cret-key-bytes"), ("OTHER", "x")]).unwrap();
+    assert_eq!(send(&mut vm, ALICE), (200, Some("4".to_owned()), Some(false)), "counted for alice; the token is not forwarded");
+    assert_eq!(send(&mut vm, ALICE), (200, Some("3".to_owned()), Some(false)));
+    let (status, _, upstream) = send(&mut vm, FORGED);
+    assert_eq!((status, upstream), (401, None), "a forged token never reaches the provider");
+    // Without the secret in the environment every token is refused, and the log says why once.
+    let mut bare = Vm::load(&host, FilterModule::release_filter(), config.as_bytes()).unwrap();
+    assert_eq!(send(&mut bare, ALICE).0, 401);
+    assert_eq!(host.logs_containing("TOLLGATE_IDENTITY_SECRET is not in the VM environment").len(), 1);
+    assert!(host.logs().iter().all(|l| !format!("{l:?}").contains("s3cret")), "the secret is never logged");
+}

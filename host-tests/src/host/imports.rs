@@ -718,14 +718,36 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
         Ok(if write_u32(&mut c, count_ptr, 0)? && write_u32(&mut c, size_ptr, 0)? { WASI_SUCCESS } else { WASI_FAULT })
     };
     let nothing_to_copy = |_: C, _: u32, _: u32| -> R { Ok(WASI_SUCCESS) };
+    // WASI environ: `KEY=VALUE\0` strings in one buffer, and a pointer to each.
+    let environ_sizes_get = |mut c: C, count_ptr: u32, size_ptr: u32| -> R {
+        let env = c.data().env.clone();
+        let size: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        Ok(if write_u32(&mut c, count_ptr, env.len() as u32)? && write_u32(&mut c, size_ptr, size as u32)? {
+            WASI_SUCCESS
+        } else {
+            WASI_FAULT
+        })
+    };
+    let environ_get = |mut c: C, environ_ptr: u32, buf_ptr: u32| -> R {
+        let env = c.data().env.clone();
+        let mut at = buf_ptr;
+        for (i, (k, v)) in env.iter().enumerate() {
+            let entry = format!("{k}={v}\0");
+            if !write_u32(&mut c, environ_ptr + 4 * i as u32, at)? || !write(&mut c, at, entry.as_bytes())? {
+                return Ok(WASI_FAULT);
+            }
+            at += entry.len() as u32;
+        }
+        Ok(WASI_SUCCESS)
+    };
     let proc_exit =
         |_: C, code: u32| -> wasmtime::Result<()> { Err(wasmtime::Error::msg(format!("proc_exit({code})"))) };
     for module in ["wasi_snapshot_preview1", "wasi_unstable"] {
         linker.func_wrap(module, "fd_write", fd_write)?;
         linker.func_wrap(module, "clock_time_get", clock_time_get)?;
         linker.func_wrap(module, "random_get", random_get)?;
-        linker.func_wrap(module, "environ_sizes_get", zero_sizes)?;
-        linker.func_wrap(module, "environ_get", nothing_to_copy)?;
+        linker.func_wrap(module, "environ_sizes_get", environ_sizes_get)?;
+        linker.func_wrap(module, "environ_get", environ_get)?;
         linker.func_wrap(module, "args_sizes_get", zero_sizes)?;
         linker.func_wrap(module, "args_get", nothing_to_copy)?;
         linker.func_wrap(module, "proc_exit", proc_exit)?;

@@ -412,6 +412,8 @@ pub(crate) struct VmState {
     pub tick_period_ms: u32,
     pub shared_set_hook: Option<SharedSetHook>,
     pub random_state: u64,
+    /// What WASI `environ_get` serves: Envoy's `vm_config.environment_variables`.
+    pub env: Vec<(String, String)>,
 }
 
 impl VmState {
@@ -554,11 +556,27 @@ impl Vm {
         Vm::load_with_vm_config(host, module, plugin_config, b"")
     }
 
+    /// As [`Vm::load`], with environment variables the VM reads through WASI `environ_get`
+    /// (Envoy: `vm_config.environment_variables`, `host_env_keys` or `key_values`).
+    pub fn load_with_env(host: &Host, module: &FilterModule, plugin_config: &[u8], env: &[(&str, &str)]) -> Result<Vm, ConfigureError> {
+        Vm::load_full(host, module, plugin_config, b"", env)
+    }
+
     pub fn load_with_vm_config(
         host: &Host,
         module: &FilterModule,
         plugin_config: &[u8],
         vm_config: &[u8],
+    ) -> Result<Vm, ConfigureError> {
+        Vm::load_full(host, module, plugin_config, vm_config, &[])
+    }
+
+    fn load_full(
+        host: &Host,
+        module: &FilterModule,
+        plugin_config: &[u8],
+        vm_config: &[u8],
+        env: &[(&str, &str)],
     ) -> Result<Vm, ConfigureError> {
         let setup = |what: &str, e: wasmtime::Error| HostError::Setup(format!("{what} {}: {e:#}", module.name));
         let engine = module.module.engine();
@@ -581,6 +599,7 @@ impl Vm {
             tick_period_ms: 0,
             shared_set_hook: None,
             random_state: 0x9e37_79b9_7f4a_7c15 ^ index as u64,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         let mut store = Store::new(engine, state);
         let instance = linker.instantiate(&mut store, &module.module).map_err(|e| setup("cannot instantiate", e))?;

@@ -35,6 +35,8 @@ seed() {
         translate_anthropic) seed_translate "$dir" anthropic ;;
         translate_gemini) seed_translate "$dir" gemini ;;
         translate_openai) seed_translate "$dir" openai openai-compatible ;;
+        policy) cp -n policies/templates/*.json examples/policies/*.json "$dir/" 2>/dev/null || true ;;
+        gate) find "$fixtures" -name 'request_*.json' -exec sh -c 'for f; do { printf "alice|free|ar-SA,ar;q=0.9"; cat "$f"; } > "$0/seed-$(basename "$f")"; done' "$dir" {} + ;;
     esac
 }
 

@@ -278,7 +278,8 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>
 
 fn facts_of<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
     LimitFacts {
-        metric: s.metric.name(),
+        // Cost is counted in integer micro-dollars: say so wherever the numbers are shown.
+        metric: if s.metric == Metric::CostMicros { "cost (micro-USD)" } else { s.metric.name() },
         window: match (s.window, s.metric) {
             (Some(w), _) => w.name(),
             (None, Metric::Concurrent) => "at once",
@@ -386,6 +387,7 @@ pub fn events(policy: &Policy, ticket: &Ticket, reached: &[Reached], now_ms: u64
                 "limit": r.status.name,
                 "scope": r.status.scope.name(),
                 "metric": r.status.metric.name(),
+                "unit": unit(r.status.metric),
                 "window": r.status.window.map(|w| w.name()),
                 "threshold_percent": r.threshold,
                 "limit_value": r.status.limit,
@@ -433,12 +435,23 @@ pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store:
     }
 }
 
+/// What a limit's numbers count.
+pub fn unit(metric: Metric) -> &'static str {
+    match metric {
+        Metric::Requests => "requests",
+        Metric::Concurrent => "requests in flight",
+        Metric::CostMicros => "usd_micros",
+        _ => "tokens",
+    }
+}
+
 /// One limit's state as JSON (usage endpoint, simulator).
 pub fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
     json!({
         "name": s.name,
         "scope": s.scope.name(),
         "metric": s.metric.name(),
+        "unit": unit(s.metric),
         "window": s.window.map(|w| w.name()),
         "limit": s.limit,
         "used": s.used,
@@ -446,4 +459,159 @@ pub fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
         "reset": message::rfc3339(now_ms.saturating_add(s.reset_ms)),
         "reset_in_ms": s.reset_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const T0: u64 = 1_709_208_000_000; // 2024-02-29T12:00:00Z
+
+    fn policy() -> Policy {
+        Policy::from_json(
+            r#"{
+            "identity": {"header": "x-user"}, "tier": {"header": "x-tier", "default": "free"},
+            "tiers": {
+              "free": {
+                "limits": [{"window": "day", "total_tokens": 100, "soft": [
+                    {"at": 50, "action": "warn"}, {"at": 50, "action": "notify"},
+                    {"at": 80, "action": "downgrade", "model": "small"}, {"at": 120, "action": "block"}]},
+                  {"concurrent": 1}],
+                "guards": {"max_tokens": 40, "default_max_tokens": 20},
+                "messages": {"body_object": true, "upgrade_url": "https://x.example/up",
+                  "block": {"en": "Used {used} of {limit}.", "ar": "استخدمت {used} من {limit}."}},
+                "cap_output": true
+              },
+              "pro": {"limits": []}
+            },
+            "notify": {"url": "https://hooks.example/t"},
+            "providers": {"p": {"kind": "openai"}},
+            "models": {"big": {"provider": "p", "model": "b"}, "small": {"provider": "p", "model": "s"}}
+        }"#
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn run(p: &Policy, store: &mut MemoryStore, user: &str, lang: Option<&str>, body: &str, lease: u64) -> Gate<'static> {
+        let user = user.to_owned();
+        let lang = lang.map(str::to_owned);
+        let header = move |name: &str| match name {
+            "x-user" => Some(user.clone()),
+            "accept-language" => lang.clone(),
+            _ => None,
+        };
+        let none = |_: &str| None;
+        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none };
+        // SAFETY of the 'static: the gate borrows the policy; tests leak it to keep signatures simple.
+        let p: &'static Policy = Box::leak(Box::new(p.clone()));
+        admit_chat(p, &facts, body.as_bytes(), store, lease)
+    }
+
+    const BODY: &str = r#"{"model":"big","messages":[{"role":"user","content":"hi"}]}"#;
+
+    fn settle(p: &Policy, store: &mut MemoryStore, g: &Gate, input: u64, output: u64) -> Vec<Vec<u8>> {
+        let Gate::Forward(a) = g else { panic!("{g:?}") };
+        let usage = Usage { input: Some(input), output: Some(output), ..Usage::default() };
+        finish(p, store, a.ticket.as_ref().unwrap(), Some(&usage), T0 + 1).unwrap()
+    }
+
+    #[test]
+    fn classify_by_method_and_path() {
+        assert_eq!(classify(Some("POST"), Some("/v1/chat/completions?x=1")), Kind::Chat);
+        assert_eq!(classify(Some("GET"), Some("/v1/tollgate/usage")), Kind::Usage);
+        assert_eq!(classify(Some("GET"), Some("/v1/chat/completions")), Kind::Other);
+        assert_eq!(classify(None, None), Kind::Other);
+    }
+
+    #[test]
+    fn reservation_then_settlement_then_warning_downgrade_and_localized_block() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        // 16 prompt + 20 output reserved; cap_output sends max_tokens 20 upstream.
+        let g = run(&p, &mut store, "u", None, BODY, 1);
+        let Gate::Forward(a) = &g else { panic!("{g:?}") };
+        assert_eq!(a.request.as_ref().unwrap().max_tokens, Some(20));
+        assert!(a.rewritten && a.warning.is_none());
+        assert!(a.headers.contains(&("x-ratelimit-remaining-tokens", "64".to_owned())), "{:?}", a.headers);
+        // settle to 30 + 25 = 55: past the 50 % notify, once
+        let events = settle(&p, &mut store, &g, 30, 25);
+        assert_eq!(events.len(), 1);
+        let e: Value = serde_json::from_slice(&events[0]).unwrap();
+        assert_eq!((e["threshold_percent"].as_u64(), e["used"].as_u64(), e["tier"].as_str()), (Some(50), Some(55), Some("free")));
+        // 55 + 36 = 91 ≥ 50 %: a warning with the body object; 55 < 80 %: no downgrade yet
+        let g = run(&p, &mut store, "u", None, BODY, 2);
+        let Gate::Forward(a) = &g else { panic!() };
+        let w = a.warning.as_ref().unwrap();
+        assert!(w.header.contains("percent=91") && w.header.contains("threshold=50"), "{}", w.header);
+        assert_eq!(w.object.as_ref().unwrap()["upgrade_url"], "https://x.example/up");
+        assert_eq!(a.request.as_ref().unwrap().model, "big");
+        settle(&p, &mut store, &g, 15, 10); // 80: at 80 %
+        let g = run(&p, &mut store, "u", None, BODY, 3);
+        let Gate::Forward(a) = &g else { panic!() };
+        assert_eq!(a.request.as_ref().unwrap().model, "small");
+        assert_eq!(a.route.as_ref().unwrap().target.upstream_model, "s");
+        assert!(a.headers.contains(&(DOWNGRADE_HEADER, "small".to_owned())));
+        settle(&p, &mut store, &g, 10, 10); // 100
+        // 100 + 36 > 120: blocked, in Arabic when asked
+        let Gate::Reply { response, why, .. } = run(&p, &mut store, "u", Some("ar-SA, en;q=0.5"), BODY, 4) else { panic!() };
+        assert_eq!((response.status, why), (429, Refused::Limited));
+        let body: Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(body["error"]["message"], "استخدمت 100 من 100.");
+        assert_eq!(body["error"]["type"], "tokens");
+        assert_eq!(body["tollgate"]["upgrade_url"], "https://x.example/up");
+        assert!(response.headers.contains(&(UPGRADE_HEADER, "https://x.example/up".to_owned())));
+        assert!(response.headers.iter().any(|(k, _)| *k == "retry-after"));
+        let Gate::Reply { response, .. } = run(&p, &mut store, "u", None, BODY, 5) else { panic!() };
+        let body: Value = serde_json::from_slice(&response.body).unwrap();
+        assert_eq!(body["error"]["message"], "Used 100 of 100.");
+    }
+
+    #[test]
+    fn concurrency_lease_is_held_until_finish_and_cancel_releases_everything() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        let g = run(&p, &mut store, "c", None, BODY, 1);
+        let Gate::Reply { response, .. } = run(&p, &mut store, "c", None, BODY, 2) else { panic!("second in flight must wait") };
+        assert_eq!(response.status, 429);
+        let Gate::Forward(a) = &g else { panic!() };
+        assert_eq!(cancel(&p, &mut store, a.ticket.as_ref().unwrap(), T0), 0);
+        // nothing stays counted: a fresh request sees the whole budget
+        let Gate::Forward(b) = run(&p, &mut store, "c", None, BODY, 3) else { panic!() };
+        assert!(b.headers.contains(&("x-ratelimit-remaining-tokens", "64".to_owned())), "{:?}", b.headers);
+    }
+
+    #[test]
+    fn refusals_before_admission_count_nothing() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        for (body, status) in [
+            ("{not json", 400),
+            (r#"{"model":"gpt-9","messages":[]}"#, 404),
+            (r#"{"model":"big","messages":[],"max_tokens":41}"#, 400),
+        ] {
+            let Gate::Reply { response, why, .. } = run(&p, &mut store, "r", None, body, 1) else { panic!("{body}") };
+            assert_eq!((response.status, why), (status, Refused::Invalid), "{body}");
+        }
+        assert!(store.is_empty(), "nothing was written");
+    }
+
+    #[test]
+    fn usage_report_shows_the_callers_limits() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        let g = run(&p, &mut store, "v", None, BODY, 1);
+        settle(&p, &mut store, &g, 5, 5);
+        let header = |name: &str| (name == "x-user").then(|| "v".to_owned());
+        let none = |_: &str| None;
+        let facts = Facts { header: &header, peer_address: None, now_ms: T0 + 2, secrets: &none };
+        let r = usage_report(&p, &facts, &mut store);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["tier"], "free");
+        let tokens = &v["limits"][0];
+        assert_eq!((tokens["metric"].as_str(), tokens["used"].as_u64(), tokens["remaining"].as_u64()), (Some("total_tokens"), Some(10), Some(90)));
+        assert_eq!(tokens["reset"], "2024-03-01T00:00:00Z");
+        assert_eq!((v["limits"][1]["metric"].as_str(), v["limits"][1]["used"].as_u64()), (Some("concurrent"), Some(0)));
+    }
 }

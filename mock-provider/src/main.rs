@@ -14,7 +14,18 @@
 //! - `GET /__mock/last-path`: `{"path": "...", "model": ...}`, the path with its query and the
 //!   body's `model` (or null) of the last `/v1/` request, so tests can prove where a translated
 //!   request went.
+//! - `POST /__mock/webhook…` (any path under it): records the request's path and body (a
+//!   webhook receiver for threshold events) and answers 200 `{}`.
+//! - `GET /__mock/webhooks`: `{"count": N, "hooks": [{"path": "...", "body": "..."}]}`, every
+//!   recorded webhook in arrival order.
 //! - anything else: 404 in OpenAI's error format.
+//!
+//! Test knobs on `POST /v1/chat/completions` (request headers; without them nothing changes):
+//! - `x-mock-usage: P,C`: report `P` prompt and `C` completion tokens (default 9 and 8); on a
+//!   stream, a usage-only chunk (`"choices": []`) is sent before `data: [DONE]`.
+//! - `x-mock-delay-ms: N`: a stream waits N ms before each event after the first.
+//! - `x-mock-reset-after: K`: a stream closes the connection after its first K events, without
+//!   ending the chunked body (an upstream reset mid-stream).
 //!
 //! With `--require-key KEY`, API requests without the key (`Authorization: Bearer KEY`,
 //! `x-api-key: KEY` or `x-goog-api-key: KEY`, whichever the provider uses) get a 401, as the
@@ -44,6 +55,7 @@ struct Shared {
     fixtures: std::path::PathBuf,
     last_header_names: std::sync::Mutex<Vec<String>>,
     last_path: std::sync::Mutex<Value>,
+    webhooks: std::sync::Mutex<Vec<Value>>,
     required_authorization: Option<String>,
 }
 
@@ -83,6 +95,7 @@ fn main() {
         fixtures,
         last_header_names: Default::default(),
         last_path: std::sync::Mutex::new(json!({"path": null, "model": null})),
+        webhooks: Default::default(),
         required_authorization,
     });
     for stream in listener.incoming().flatten() {
@@ -116,6 +129,10 @@ struct Response {
     /// Send as chunked transfer encoding, one chunk per element (SSE events).
     chunks: Option<Vec<String>>,
     extra_headers: Vec<(&'static str, String)>,
+    /// Pause before each chunk after the first.
+    delay_ms: u64,
+    /// Close the connection after this many chunks, leaving the body unfinished.
+    reset_after: Option<usize>,
 }
 
 fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -128,6 +145,11 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let response = handle(&request, shared);
         write_response(&mut writer, &response, close)?;
+        if response.reset_after.is_some() {
+            // The body was left unfinished on purpose: drop the connection.
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+            return Ok(());
+        }
         if close {
             return Ok(());
         }
@@ -240,9 +262,18 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
         Some(chunks) => {
             head.push_str("transfer-encoding: chunked\r\n\r\n");
             w.write_all(head.as_bytes())?;
-            for chunk in chunks {
+            for (i, chunk) in chunks.iter().enumerate() {
+                if r.reset_after == Some(i) {
+                    return w.flush();
+                }
+                if i > 0 && r.delay_ms > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(r.delay_ms));
+                }
                 w.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())?;
                 w.flush()?;
+            }
+            if r.reset_after.is_some_and(|k| k >= chunks.len()) {
+                return w.flush();
             }
             w.write_all(b"0\r\n\r\n")?;
         }
@@ -251,7 +282,15 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
 }
 
 fn json_response(status: u16, body: &Value) -> Response {
-    Response { status, content_type: "application/json", body: body.to_string().into_bytes(), chunks: None, extra_headers: vec![] }
+    Response {
+        status,
+        content_type: "application/json",
+        body: body.to_string().into_bytes(),
+        chunks: None,
+        extra_headers: vec![],
+        delay_ms: 0,
+        reset_after: None,
+    }
 }
 
 fn error(status: u16, message: &str, code: &str) -> Response {
@@ -292,9 +331,26 @@ fn handle(request: &Request, shared: &Shared) -> Response {
         }
         ("GET", "/__mock/last-path") => json_response(200, &shared.last_path.lock().map(|p| p.clone()).unwrap_or(Value::Null)),
         ("GET", "/__mock/requests") => json_response(200, &json!({"count": shared.served.load(Ordering::SeqCst)})),
+        ("GET", "/__mock/webhooks") => {
+            let hooks = shared.webhooks.lock().map(|h| h.clone()).unwrap_or_default();
+            json_response(200, &json!({"count": hooks.len(), "hooks": hooks}))
+        }
+        ("POST", p) if p.starts_with("/__mock/webhook") => {
+            let hook = json!({"path": request.target, "body": String::from_utf8_lossy(&request.body)});
+            if let Ok(mut hooks) = shared.webhooks.lock() {
+                hooks.push(hook);
+            }
+            json_response(200, &json!({}))
+        }
         ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
-            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => stream_response(&req),
-            Ok(req) => json_response(200, &completion(&req)),
+            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => {
+                let knobs = Knobs::of(request);
+                let mut response = stream_response(&req, knobs.usage);
+                response.delay_ms = knobs.delay_ms;
+                response.reset_after = knobs.reset_after;
+                response
+            }
+            Ok(req) => json_response(200, &completion(&req, Knobs::of(request).usage)),
             Err(e) => error(400, &format!("invalid JSON body: {e}"), "invalid_json"),
         },
         (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
@@ -334,31 +390,73 @@ fn replay(request: &Request, dir: &std::path::Path, name: &str) -> Response {
             chunks.push(rest[..end].to_owned());
             rest = &rest[end..];
         }
-        return Response { status, content_type: "text/event-stream", body: vec![], chunks: Some(chunks), extra_headers };
+        return Response {
+            status,
+            content_type: "text/event-stream",
+            body: vec![],
+            chunks: Some(chunks),
+            extra_headers,
+            delay_ms: 0,
+            reset_after: None,
+        };
     }
     if file.starts_with("stream_array_") {
         let chunks = text.split_inclusive("\n,").map(str::to_owned).collect();
-        return Response { status, content_type: "application/json", body: vec![], chunks: Some(chunks), extra_headers };
+        return Response {
+            status,
+            content_type: "application/json",
+            body: vec![],
+            chunks: Some(chunks),
+            extra_headers,
+            delay_ms: 0,
+            reset_after: None,
+        };
     }
-    Response { status, content_type: "application/json", body: bytes, chunks: None, extra_headers }
+    Response { status, content_type: "application/json", body: bytes, chunks: None, extra_headers, delay_ms: 0, reset_after: None }
+}
+
+/// The test knobs a chat request carries (see the module docs).
+struct Knobs {
+    /// (prompt, completion) tokens to report; `None`: the defaults, and no usage chunk.
+    usage: Option<(u64, u64)>,
+    delay_ms: u64,
+    reset_after: Option<usize>,
+}
+
+impl Knobs {
+    fn of(request: &Request) -> Knobs {
+        let usage = request.header("x-mock-usage").and_then(|v| {
+            let (p, c) = v.split_once(',')?;
+            Some((p.trim().parse().ok()?, c.trim().parse().ok()?))
+        });
+        Knobs {
+            usage,
+            delay_ms: request.header("x-mock-delay-ms").and_then(|v| v.trim().parse().ok()).unwrap_or(0),
+            reset_after: request.header("x-mock-reset-after").and_then(|v| v.trim().parse().ok()),
+        }
+    }
+}
+
+fn usage_json((prompt, completion): (u64, u64)) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
 fn model(req: &Value) -> String {
     req.get("model").and_then(Value::as_str).unwrap_or("mock-model").to_owned()
 }
 
-fn completion(req: &Value) -> Value {
+fn completion(req: &Value, usage: Option<(u64, u64)>) -> Value {
     json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
         "created": 1_700_000_000,
         "model": model(req),
         "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}
+        "usage": usage_json(usage.unwrap_or((9, 8)))
     })
 }
 
-fn stream_response(req: &Value) -> Response {
+fn stream_response(req: &Value, usage: Option<(u64, u64)>) -> Response {
     let model = model(req);
     let chunk = |delta: Value, finish: Value| {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
@@ -369,7 +467,19 @@ fn stream_response(req: &Value) -> Response {
         events.push(chunk(json!({"content": word}), Value::Null));
     }
     events.push(chunk(json!({}), json!("stop")));
+    if let Some(usage) = usage {
+        events.push(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                           "model": model, "choices": [], "usage": usage_json(usage)}));
+    }
     let mut chunks: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
     chunks.push("data: [DONE]\n\n".to_owned());
-    Response { status: 200, content_type: "text/event-stream", body: Vec::new(), chunks: Some(chunks), extra_headers: vec![] }
+    Response {
+        status: 200,
+        content_type: "text/event-stream",
+        body: Vec::new(),
+        chunks: Some(chunks),
+        extra_headers: vec![],
+        delay_ms: 0,
+        reset_after: None,
+    }
 }

@@ -27,6 +27,9 @@
 
 use std::hint::black_box;
 
+/// Admission and settlement with six limits, and the shared-data key space (`bench-limits`).
+pub mod limits;
+
 use tollgate_core::openai::{ChatRequest, StreamOptions};
 use tollgate_core::sse::{SseDecoder, SseEvent};
 use tollgate_core::translate::exchange::Exchange;

@@ -1,0 +1,656 @@
+//! The Scalix example policy (examples/policies/scalix.json) end to end in real workerd
+//! (`wrangler dev`, local mode, offline) in front of the mock provider: the same core gate as
+//! Envoy — token reservations settled to the provider's usage, the warning header and body
+//! object past 80 %, the downgrade to scalix-small past 100 %, the 429 in the caller's language
+//! past 150 %, pro's 95 % warning, enterprise without limits, and `GET /v1/tollgate/usage`.
+//!
+//! Needs `scripts/build-worker.sh`, `npm install` and the release mock provider, then
+//! `cargo test --release -p tollgate-host-tests --test workerd_limits`. The recorded answers the
+//! mock replays (`x-mock-fixture`, passed on by the worker's `PROVIDER_PASS_HEADERS`) are
+//! `../shared/fixtures` from the workspace root, or `$TOLLGATE_FIXTURES`.
+//!
+//! The policy is scalix.json as it is, except the `mock` provider's `base_url`, which points at
+//! the mock's real port.
+//!
+//! Token arithmetic (core/src/guard.rs, core/src/limits/ledger.rs): a request reserves its
+//! estimated prompt tokens (4 per message + ceil(UTF-8 bytes / 4) + 3, at least 16) plus its
+//! `max_tokens` (else the free tier's `default_max_tokens`, 256). A response says
+//! `remaining = limit − (settled before it + reservation)`, never below 0. When the answer is
+//! complete the reservation is replaced by the usage the mock reported: 9 + 8 = 17 for its own
+//! answer, the recording's `usage` for a replayed one (read from the recording, never written
+//! out here). Warnings compare the usage including the reservation with the threshold; the
+//! downgrade compares the usage before the request; the block refuses a request whose
+//! reservation would take the usage past 150 %.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tollgate_host_tests::proc::{
+    agent, fixtures_dir, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Reply, Server,
+};
+use tollgate_host_tests::workerd::{get_with, seed_policy, start_wrangler, Scratch, Wrangler};
+
+const DAY_LIMIT: u64 = 2000;
+const PRO_DAY_LIMIT: u64 = 100_000;
+const UPGRADE_URL: &str = "https://scalix.example.com/upgrade";
+/// What the mock reports for its own answer: 9 prompt + 8 completion tokens.
+const MOCK_TOTAL: u64 = 17;
+const MOCK_CONTENT: &str = "Hello from the Tollgate mock provider.";
+/// A recorded OpenAI answer with a large usage (1220 + 100 tokens).
+const BIG_ANSWER: &str = "openai/chat_nonstream_cached_tokens.json";
+/// A recorded OpenAI answer with a middling usage (162 + 219 tokens).
+const MIDDLE_ANSWER: &str = "openai/chat_nonstream_parallel_tools.json";
+
+// ---------------------------------------------------------------------------------------------
+// Running wrangler + mock
+
+struct Stack {
+    // Dropped in this order: the worker, then the mock, then the scratch directory.
+    wrangler: Wrangler,
+    mock_url: String,
+    _mock: Server,
+    _scratch: Scratch,
+}
+
+fn scalix_policy() -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("examples/policies/scalix.json")).expect("read scalix.json");
+    serde_json::from_str(&text).expect("scalix.json is JSON")
+}
+
+/// wrangler dev with scalix.json (the mock provider's base_url rewritten to the mock's port) in
+/// KV, the default 4 aggregate shards, and `x-mock-fixture` passed on to the provider.
+fn start_scalix(name: &str) -> Stack {
+    let scratch = Scratch::new(name);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().expect("UTF-8 path")]);
+    let mut policy = scalix_policy();
+    assert!(policy["providers"]["mock"].is_object(), "scalix.json has a mock provider");
+    policy["providers"]["mock"]["base_url"] = json!(mock_url);
+    seed_policy(&scratch.0, &policy.to_string());
+    let wrangler = start_wrangler(
+        &scratch.0,
+        &[("UPSTREAM_URL", &mock_url), ("PROVIDER_PASS_HEADERS", "x-mock-fixture")],
+        None,
+    );
+    Stack { wrangler, mock_url, _mock: mock, _scratch: scratch }
+}
+
+/// The total tokens a recording reports (`usage.prompt_tokens + usage.completion_tokens`).
+fn recorded_total(fixture: &str) -> u64 {
+    let path = fixtures_dir().join(fixture);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: Value = serde_json::from_str(&text).expect("recording is JSON");
+    v["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens") + v["usage"]["completion_tokens"].as_u64().expect("completion_tokens")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests
+
+/// `bytes` bytes of ASCII prose (one byte a character).
+fn prose(bytes: usize) -> String {
+    "The quick brown fox jumps over the lazy dog. ".chars().cycle().take(bytes).collect()
+}
+
+/// A one-message chat body.
+fn body(model: &str, content: &str, max_tokens: Option<u64>) -> String {
+    let mut b = json!({"model": model, "messages": [{"role": "user", "content": content}]});
+    if let Some(m) = max_tokens {
+        b["max_tokens"] = json!(m);
+    }
+    b.to_string()
+}
+
+/// The reservation core makes for a one-message request of `bytes` ASCII bytes with
+/// `max_tokens` (else `default_max_tokens`).
+fn reservation(bytes: u64, output: u64) -> u64 {
+    (4 + bytes.div_ceil(4) + 3).max(16) + output
+}
+
+fn chat(stack: &Stack, headers: &[(&str, &str)], body: &str) -> Reply {
+    post_json(&agent(), &format!("{}/v1/chat/completions", stack.wrangler.url), headers, body)
+}
+
+fn usage_of(stack: &Stack, headers: &[(&str, &str)]) -> Value {
+    let r = get_with(&format!("{}/v1/tollgate/usage", stack.wrangler.url), headers);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("cache-control"), Some("no-store"), "{r:?}");
+    r.json()
+}
+
+/// One limit of a usage report, by name.
+fn limit<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["limits"]
+        .as_array()
+        .expect("limits")
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no limit {name} in {report}"))
+}
+
+/// Waits (settlement runs in `ctx.wait_until`, after the response) until the caller's
+/// `total_tokens/day` shows `want`, then checks the rest of that limit's report.
+#[track_caller]
+fn settled_to(stack: &Stack, headers: &[(&str, &str)], want: u64, day_limit: u64) {
+    let started = Instant::now();
+    loop {
+        let report = usage_of(stack, headers);
+        let tokens = limit(&report, "total_tokens/day");
+        if tokens["used"].as_u64() == Some(want) {
+            assert_eq!(
+                (tokens["limit"].as_u64(), tokens["remaining"].as_u64(), &tokens["metric"], &tokens["window"], &tokens["scope"]),
+                (Some(day_limit), Some(day_limit.saturating_sub(want)), &json!("total_tokens"), &json!("day"), &json!("identity")),
+                "{report}"
+            );
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "total_tokens/day never settled to {want}: {report}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
+}
+
+/// Waits out the last 90 s of a UTC day, so the day's token counter cannot reset mid-test.
+fn away_from_day_end() {
+    let left = 86_400_000 - now_ms() % 86_400_000;
+    if left < 90_000 {
+        eprintln!("waiting {left} ms for the next day window");
+        std::thread::sleep(Duration::from_millis(left + 250));
+    }
+}
+
+/// Epoch ms of the next UTC midnight.
+fn next_midnight_ms() -> u64 {
+    (now_ms() / 86_400_000 + 1) * 86_400_000
+}
+
+/// RFC 3339 UTC to the second (`2026-11-23T00:00:00Z`), from epoch ms.
+fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Milliseconds in an OpenAI duration (`15h53m59.783s`, `59.7s`, `12ms`).
+fn duration_ms(s: &str) -> u64 {
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().unwrap_or_else(|_| panic!("bad duration {s:?}"));
+    }
+    let mut rest = s.strip_suffix('s').unwrap_or_else(|| panic!("bad duration {s:?}"));
+    let mut total = 0f64;
+    for (unit, ms) in [('h', 3_600_000f64), ('m', 60_000f64)] {
+        if let Some((n, r)) = rest.split_once(unit) {
+            total += n.parse::<f64>().unwrap_or_else(|_| panic!("bad duration {s:?}")) * ms;
+            rest = r;
+        }
+    }
+    (total + rest.parse::<f64>().unwrap_or_else(|_| panic!("bad duration {s:?}")) * 1000.0).round() as u64
+}
+
+// ---------------------------------------------------------------------------------------------
+// RFC 8941 dictionary (the warning header)
+
+#[derive(Debug, Clone, PartialEq)]
+enum Item {
+    Int(i64),
+    Str(String),
+}
+
+/// Parses an RFC 8941 dictionary of bare integers and strings (§4.2.2), strictly: anything else
+/// fails the test.
+fn sf_dictionary(text: &str) -> Vec<(String, Item)> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let mut out = vec![];
+    loop {
+        let start = i;
+        while i < b.len() && (b[i].is_ascii_lowercase() || b[i].is_ascii_digit() || b"_-.*".contains(&b[i])) {
+            i += 1;
+        }
+        assert!(i > start && b[start].is_ascii_lowercase(), "bad key at {start} in {text:?}");
+        let key = text[start..i].to_owned();
+        assert_eq!(b.get(i), Some(&b'='), "every member has a value: {text:?}");
+        i += 1;
+        let item = if b.get(i) == Some(&b'"') {
+            i += 1;
+            let mut s = String::new();
+            loop {
+                match b.get(i) {
+                    Some(b'\\') => {
+                        let c = b[i + 1];
+                        assert!(c == b'"' || c == b'\\', "bad escape in {text:?}");
+                        s.push(c as char);
+                        i += 2;
+                    }
+                    Some(b'"') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(&c) if (0x20..=0x7e).contains(&c) => {
+                        s.push(c as char);
+                        i += 1;
+                    }
+                    _ => panic!("bad string in {text:?}"),
+                }
+            }
+            Item::Str(s)
+        } else {
+            let start = i;
+            if b.get(i) == Some(&b'-') {
+                i += 1;
+            }
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            assert!(i - start <= 15 && i > start, "bad integer in {text:?}");
+            Item::Int(text[start..i].parse().expect("integer"))
+        };
+        assert!(!out.iter().any(|(k, _)| *k == key), "duplicate key {key} in {text:?}");
+        out.push((key, item));
+        if i == b.len() {
+            return out;
+        }
+        assert_eq!(&text[i..i + 1], ",", "members are separated by commas: {text:?}");
+        i += 1;
+        while b.get(i) == Some(&b' ') {
+            i += 1;
+        }
+    }
+}
+
+/// The warning header, member by member, in its order.
+fn warning(r: &Reply) -> Option<Vec<(String, Item)>> {
+    r.header("x-tollgate-warning").map(sf_dictionary)
+}
+
+/// The warning header a total_tokens/day limit of `limit` sends at `used` past `threshold`.
+fn expected_warning(limit: u64, used: u64, threshold: u64) -> Vec<(String, Item)> {
+    let int = |k: &str, v: u64| (k.to_owned(), Item::Int(v as i64));
+    vec![
+        ("metric".to_owned(), Item::Str("total_tokens".into())),
+        ("window".to_owned(), Item::Str("day".into())),
+        int("limit", limit),
+        int("used", used),
+        int("remaining", limit.saturating_sub(used)),
+        int("percent", used * 100 / limit),
+        int("threshold", threshold),
+        int("reset", next_midnight_ms() / 1000),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Assertions
+
+/// A served chat: 200, the mock's answer for `upstream_model` (or a replayed recording), the
+/// day's token headers with `remaining_tokens`.
+#[track_caller]
+fn assert_served(r: &Reply, upstream_model: Option<&str>, token_limit: u64, remaining_tokens: u64) {
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), Some(token_limit.to_string().as_str()), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some(remaining_tokens.to_string().as_str()), "{r:?}");
+    let reset = duration_ms(r.header("x-ratelimit-reset-tokens").expect("x-ratelimit-reset-tokens"));
+    let to_midnight = next_midnight_ms() - now_ms();
+    assert!(reset.abs_diff(to_midnight) < 5_000, "reset-tokens {reset} ms, midnight in {to_midnight} ms: {r:?}");
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some(if token_limit == DAY_LIMIT { "30" } else { "120" }), "{r:?}");
+    if let Some(model) = upstream_model {
+        let b = r.json();
+        assert_eq!(b["model"], model, "{}", r.body);
+        assert_eq!(b["choices"][0]["message"]["content"], MOCK_CONTENT, "{}", r.body);
+    }
+}
+
+#[track_caller]
+fn assert_no_warning(r: &Reply) {
+    assert!(r.header("x-tollgate-warning").is_none(), "unexpected warning: {r:?}");
+    assert!(r.json().get("tollgate").is_none(), "unexpected tollgate object: {}", r.body);
+}
+
+/// The free tier's warning at `used` (reservation included): the header, and the body object
+/// with the English text of scalix.json.
+#[track_caller]
+fn assert_free_warning(r: &Reply, used: u64) {
+    assert_eq!(warning(r), Some(expected_warning(DAY_LIMIT, used, 80)), "{r:?}");
+    let percent = used * 100 / DAY_LIMIT;
+    assert!(percent >= 80);
+    let expected = json!({
+        "metric": "total_tokens", "window": "day", "limit": DAY_LIMIT, "used": used,
+        "remaining": DAY_LIMIT.saturating_sub(used), "percent": percent, "reset": rfc3339(next_midnight_ms()),
+        "message": format!("You have used {percent}% of your total_tokens this day ({used} of {DAY_LIMIT})."),
+        "locale": "en", "upgrade_url": UPGRADE_URL,
+    });
+    assert_eq!(r.json()["tollgate"], expected, "{}", r.body);
+}
+
+/// The model the mock was last asked for.
+fn mock_saw_model(stack: &Stack) -> Value {
+    get(&agent(), &format!("{}/__mock/last-path", stack.mock_url)).json()["model"].clone()
+}
+
+/// scalix.json's free-tier block template in `locale`, filled in.
+fn block_text(locale: &str, used: u64) -> String {
+    let policy = scalix_policy();
+    let template = policy["tiers"]["free"]["messages"]["block"][locale].as_str().expect("block template").to_owned();
+    template
+        .replace("{used}", &used.to_string())
+        .replace("{limit}", &DAY_LIMIT.to_string())
+        .replace("{metric}", "total_tokens")
+        .replace("{window}", "day")
+        .replace("{reset}", &rfc3339(next_midnight_ms()))
+        .replace("{upgrade_url}", UPGRADE_URL)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// Free tier, one caller, exact arithmetic all the way: no warning at 6 %, a warning from 80 %
+/// (reservation included; header + body object), none again once settlement brought the usage
+/// down, no downgrade while the usage before the request is under 100 %, scalix-small (the
+/// mock's `mock-small`) from 100 %, and past 150 % the 429 in Arabic for `ar`, in English
+/// without `Accept-Language` — never reaching the mock, counting nothing.
+#[test]
+fn free_tier_warns_past_80_downgrades_past_100_and_blocks_past_150_percent_localized() {
+    away_from_day_end();
+    let stack = start_scalix("workerd-limits-free");
+    let user = [("x-scalix-user", "farah")];
+    let big = recorded_total(BIG_ANSWER);
+    let middle = recorded_total(MIDDLE_ANSWER);
+    let small_prompt = reservation(2, 100); // "Hi", max_tokens 100: the 16-token floor + 100
+    assert_eq!(small_prompt, 116);
+    let large = prose(6000);
+    let mut settled = 0u64;
+
+    // Before anything: zero used, the whole day's tokens left.
+    settled_to(&stack, &user, 0, DAY_LIMIT);
+
+    // 1. 116 reserved (6 %): served as asked, no warning; settles to the mock's 17.
+    let r = chat(&stack, &user, &body("scalix-free", "Hi", Some(100)));
+    assert_served(&r, Some("mock-free"), DAY_LIMIT, DAY_LIMIT - small_prompt);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("29"), "{r:?}");
+    assert_no_warning(&r);
+    assert!(r.header("x-tollgate-downgraded-to").is_none(), "{r:?}");
+    assert_eq!(mock_saw_model(&stack), "mock-free");
+    settled += MOCK_TOTAL;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+
+    // 2. A 6000-byte prompt without max_tokens: 1507 estimated + the tier's default 256 = 1763
+    // reserved; 17 + 1763 = 1780 (89 %): warned, in the header and the body.
+    let reserve = reservation(6000, 256);
+    assert_eq!(reserve, 1763);
+    let r = chat(&stack, &user, &body("scalix-free", &large, None));
+    assert_served(&r, Some("mock-free"), DAY_LIMIT, DAY_LIMIT - settled - reserve);
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("220"), "{r:?}");
+    assert_free_warning(&r, settled + reserve);
+    assert!(r.header("x-tollgate-downgraded-to").is_none(), "{r:?}");
+    settled += MOCK_TOTAL;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+    // The response said 220 remaining with the reservation; settled, the reservation became the
+    // reported 17: the endpoint now says 2000 − 34.
+    assert_eq!(DAY_LIMIT - settled, 220 + reserve - MOCK_TOTAL);
+
+    // 3. 34 + 116 = 150 (7 %): the warning is gone again. The recording reports `big` (1320).
+    let r = chat(&stack, &[user[0], ("x-mock-fixture", BIG_ANSWER)], &body("scalix-free", "Hi", Some(100)));
+    assert_served(&r, None, DAY_LIMIT, DAY_LIMIT - settled - small_prompt);
+    assert_no_warning(&r);
+    settled += big;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+
+    // 4. 1354 settled (67 %) + a 6000-byte prompt with max_tokens 100 (1607) = 2961 (148 %):
+    // admitted (≤ 150 %), warned, remaining 0, and still the requested model — the downgrade
+    // looks at the usage before the request. The recording reports `big` again.
+    let reserve = reservation(6000, 100);
+    assert_eq!((settled, reserve), (1354, 1607));
+    let r = chat(&stack, &[user[0], ("x-mock-fixture", BIG_ANSWER)], &body("scalix-free", &large, Some(100)));
+    assert_served(&r, None, DAY_LIMIT, 0);
+    assert_free_warning(&r, settled + reserve);
+    assert!(r.header("x-tollgate-downgraded-to").is_none(), "{r:?}");
+    assert_eq!(mock_saw_model(&stack), "mock-free");
+    settled += big;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+    assert_eq!(settled, 2674);
+
+    // 5. 2674 settled (≥ 100 %): served by scalix-small — the header, and the mock was asked
+    // for (and echoed) mock-small. 2674 + 116 = 2790 (139 %): warned.
+    let r = chat(&stack, &user, &body("scalix-free", "Hi", Some(100)));
+    assert_served(&r, Some("mock-small"), DAY_LIMIT, 0);
+    assert_eq!(r.header("x-tollgate-downgraded-to"), Some("scalix-small"), "{r:?}");
+    assert_free_warning(&r, settled + small_prompt);
+    assert_eq!(mock_saw_model(&stack), "mock-small");
+    settled += MOCK_TOTAL;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+
+    // 6. Downgraded again (2691 + 116 = 2807 ≤ 150 %); the recording reports `middle` (381),
+    // which settles the usage past 150 %: 3072.
+    let r = chat(&stack, &[user[0], ("x-mock-fixture", MIDDLE_ANSWER)], &body("scalix-free", "Hi", Some(100)));
+    assert_served(&r, None, DAY_LIMIT, 0);
+    assert_eq!(r.header("x-tollgate-downgraded-to"), Some("scalix-small"), "{r:?}");
+    assert_free_warning(&r, settled + small_prompt);
+    assert_eq!(mock_saw_model(&stack), "mock-small");
+    settled += middle;
+    settled_to(&stack, &user, settled, DAY_LIMIT);
+    assert_eq!(settled, 3072);
+
+    // 7. Past 150 %: refused — in Arabic for `ar`, English otherwise — with the upgrade link,
+    // retry-after at the day's end, and never forwarded or counted.
+    let served = mock_request_count(&agent(), &stack.mock_url);
+    for (lang, locale) in [(Some("ar"), "ar"), (Some("fr-CA, ar;q=0.5"), "ar"), (None, "en")] {
+        let mut headers = vec![user[0]];
+        if let Some(l) = lang {
+            headers.push(("accept-language", l));
+        }
+        let r = chat(&stack, &headers, &body("scalix-free", "Hi", Some(100)));
+        assert_eq!(r.status, 429, "Accept-Language {lang:?}: {r:?}");
+        let text = block_text(locale, settled);
+        let b = r.json();
+        assert_eq!(b["error"]["message"], text.as_str(), "Accept-Language {lang:?}: {}", r.body);
+        if locale == "ar" {
+            assert!(text.starts_with("لقد استخدمت 3072 من أصل 2000 من رصيدك اليومي."), "{text}");
+        } else {
+            assert!(text.starts_with("You have used 3072 of your 2000 total_tokens this day."), "{text}");
+        }
+        assert_eq!((&b["error"]["type"], &b["error"]["code"]), (&json!("tokens"), &json!("rate_limit_exceeded")), "{}", r.body);
+        assert!(b["error"]["param"].is_null(), "{}", r.body);
+        let object = &b["tollgate"];
+        assert_eq!(object["message"], text.as_str(), "{}", r.body);
+        assert_eq!(
+            (object["used"].as_u64(), object["limit"].as_u64(), object["remaining"].as_u64(), object["percent"].as_u64()),
+            (Some(3072), Some(DAY_LIMIT), Some(0), Some(153)),
+            "{}",
+            r.body
+        );
+        assert_eq!((&object["metric"], &object["window"], &object["upgrade_url"]), (&json!("total_tokens"), &json!("day"), &json!(UPGRADE_URL)));
+        assert_eq!(object["reset"], rfc3339(next_midnight_ms()).as_str(), "{}", r.body);
+        assert_eq!(r.header("x-tollgate-upgrade-url"), Some(UPGRADE_URL), "{r:?}");
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), Some("2000"), "{r:?}");
+        assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("0"), "{r:?}");
+        let retry: u64 = r.header("retry-after").expect("retry-after").parse().expect("integer retry-after");
+        let to_midnight = (next_midnight_ms() - now_ms()).div_ceil(1000);
+        assert!(retry.abs_diff(to_midnight) <= 2, "retry-after {retry} s, the day ends in {to_midnight} s");
+        assert!(r.header("x-tollgate-warning").is_none() && r.header("x-tollgate-downgraded-to").is_none(), "{r:?}");
+    }
+    assert_eq!(mock_request_count(&agent(), &stack.mock_url), served, "a refused request reached the mock");
+    settled_to(&stack, &user, 3072, DAY_LIMIT);
+
+    // Another free caller is untouched.
+    let r = chat(&stack, &[("x-scalix-user", "omar")], &body("scalix-free", "Hi", Some(100)));
+    assert_served(&r, Some("mock-free"), DAY_LIMIT, DAY_LIMIT - small_prompt);
+    assert_no_warning(&r);
+}
+
+/// Pro warns only at 95 % (94 % is quiet, where free would have warned since 80 %), never
+/// downgrades; enterprise has no limit but the global concurrency one: no token or request
+/// headers, never refused, whatever it asks.
+#[test]
+fn pro_warns_only_at_95_percent_and_enterprise_is_never_limited() {
+    away_from_day_end();
+    let stack = start_scalix("workerd-limits-pro");
+    let pro = [("x-scalix-user", "paula"), ("x-scalix-tier", "pro")];
+    let mut settled = 0u64;
+    settled_to(&stack, &pro, 0, PRO_DAY_LIMIT);
+
+    // 16 + 93984 = 94000 reserved (94 %): no warning.
+    let r = chat(&stack, &pro, &body("scalix-pro", "Hi", Some(93_984)));
+    assert_served(&r, Some("mock-pro"), PRO_DAY_LIMIT, PRO_DAY_LIMIT - 94_000);
+    assert_no_warning(&r);
+    settled += MOCK_TOTAL;
+    settled_to(&stack, &pro, settled, PRO_DAY_LIMIT);
+
+    // 17 + 16 + 94983 = 95016 (95 %): warned (threshold 95), no downgrade, the body object in
+    // the built-in English text (pro has no templates and no upgrade link).
+    let r = chat(&stack, &pro, &body("scalix-pro", "Hi", Some(94_983)));
+    assert_served(&r, Some("mock-pro"), PRO_DAY_LIMIT, 4_984);
+    assert_eq!(warning(&r), Some(expected_warning(PRO_DAY_LIMIT, 95_016, 95)), "{r:?}");
+    assert!(r.header("x-tollgate-downgraded-to").is_none(), "{r:?}");
+    let object = &r.json()["tollgate"];
+    assert_eq!(
+        (object["used"].as_u64(), object["remaining"].as_u64(), object["percent"].as_u64(), object["limit"].as_u64()),
+        (Some(95_016), Some(4_984), Some(95), Some(PRO_DAY_LIMIT)),
+        "{object}"
+    );
+    assert!(object["upgrade_url"].is_null(), "{object}");
+    let message = object["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("You have used 95% of your total_tokens limit (day): Limit 100000, Used 95016, Remaining 4984."),
+        "{message}"
+    );
+    settled += MOCK_TOTAL;
+    settled_to(&stack, &pro, settled, PRO_DAY_LIMIT);
+    assert_eq!(usage_of(&stack, &pro)["tier"], "pro");
+
+    // Enterprise: reservations far beyond any free or pro limit (a 6000-byte prompt and a
+    // million output tokens), recordings with large usage: all served, no rate-limit headers.
+    let ent = [("x-scalix-user", "erin"), ("x-scalix-tier", "enterprise")];
+    let large = prose(6000);
+    for i in 0..4 {
+        let mut headers = ent.to_vec();
+        if i % 2 == 1 {
+            headers.push(("x-mock-fixture", BIG_ANSWER));
+        }
+        let r = chat(&stack, &headers, &body("scalix-pro", &large, Some(1_000_000)));
+        assert_eq!(r.status, 200, "{r:?}");
+        for h in [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-tollgate-warning",
+            "x-tollgate-downgraded-to",
+        ] {
+            assert!(r.header(h).is_none(), "enterprise response has {h}: {r:?}");
+        }
+        assert!(r.json().get("tollgate").is_none(), "{}", r.body);
+        if i % 2 == 0 {
+            assert_eq!(r.json()["model"], "mock-pro", "{}", r.body);
+        }
+    }
+    let report = usage_of(&stack, &ent);
+    assert_eq!(report["tier"], "enterprise", "{report}");
+    let names: Vec<&str> = report["limits"].as_array().expect("limits").iter().map(|l| l["name"].as_str().expect("name")).collect();
+    assert_eq!(names, ["global:concurrent"], "{report}");
+}
+
+/// A caller never seen: every count zero, `remaining == limit`, and the limits of the caller's
+/// tier (free by default, pro and enterprise by `x-scalix-tier`); asking is not counted.
+#[test]
+fn usage_endpoint_shows_zeros_and_the_tier_limits_for_a_fresh_caller() {
+    away_from_day_end();
+    let stack = start_scalix("workerd-limits-usage");
+    // The global concurrency limit is a sharded aggregate: each of the default 4 shards
+    // enforces (and reports) a quarter of scalix.json's 64.
+    let global_share = 64 / 4;
+    let cases: [(&[(&str, &str)], &str, Vec<(&str, u64)>); 3] = [
+        (
+            &[("x-scalix-user", "new-free")],
+            "free",
+            vec![("total_tokens/day", DAY_LIMIT), ("requests/minute", 30), ("concurrent", 4), ("global:concurrent", global_share)],
+        ),
+        (
+            &[("x-scalix-user", "new-pro"), ("x-scalix-tier", "pro")],
+            "pro",
+            vec![("total_tokens/day", PRO_DAY_LIMIT), ("requests/minute", 120), ("concurrent", 16), ("global:concurrent", global_share)],
+        ),
+        (&[("x-scalix-user", "new-ent"), ("x-scalix-tier", "enterprise")], "enterprise", vec![("global:concurrent", global_share)]),
+    ];
+    for (headers, tier, expected) in cases {
+        for _ in 0..2 {
+            let report = usage_of(&stack, headers);
+            assert_eq!(report["object"], "tollgate.usage", "{report}");
+            assert_eq!(report["tier"], tier, "{report}");
+            let got: Vec<(&str, u64)> = report["limits"]
+                .as_array()
+                .expect("limits")
+                .iter()
+                .map(|l| (l["name"].as_str().expect("name"), l["limit"].as_u64().expect("limit")))
+                .collect();
+            assert_eq!(got, expected, "{report}");
+            for l in report["limits"].as_array().expect("limits") {
+                assert_eq!(l["used"], 0, "{tier}: {l}");
+                assert_eq!(l["remaining"], l["limit"], "{tier}: {l}");
+            }
+            if tier != "enterprise" {
+                let tokens = limit(&report, "total_tokens/day");
+                assert_eq!((&tokens["scope"], &tokens["metric"], &tokens["window"]), (&json!("identity"), &json!("total_tokens"), &json!("day")));
+                assert_eq!(tokens["reset"], rfc3339(next_midnight_ms()).as_str(), "{tokens}");
+                let reset_in = tokens["reset_in_ms"].as_u64().expect("reset_in_ms");
+                assert!(reset_in.abs_diff(next_midnight_ms() - now_ms()) < 5_000, "{tokens}");
+                let requests = limit(&report, "requests/minute");
+                assert_eq!(requests["window"], "minute", "{requests}");
+                assert!(requests["reset_in_ms"].as_u64().is_some_and(|ms| ms <= 60_000), "{requests}");
+                assert!(limit(&report, "concurrent")["window"].is_null());
+            }
+            assert_eq!(limit(&report, "global:concurrent")["scope"], "global", "{report}");
+        }
+    }
+    // Nothing was forwarded for asking.
+    assert_eq!(mock_request_count(&agent(), &stack.mock_url), 0, "a usage request reached the mock");
+}
+
+/// The 429's `tollgate` object names the locale its message is in, as the warning's object
+/// does (`"locale": "en"` above).
+///
+/// BUG (core/src/gate.rs `refusal`, shared with Envoy): the object is built from
+/// `message::Rendered { text, locale: String::new() }`, dropping the locale
+/// `Messages::render` chose. Past 150 % on the free tier, `POST /v1/chat/completions` with
+/// `x-scalix-user: lina`, `Accept-Language: ar` answers 429 with the Arabic message and
+/// `"tollgate": {..., "locale": ""}` (no `Accept-Language`: the English message, `"locale": ""`).
+/// Expected `"ar"` and `"en"`.
+#[test]
+#[ignore = "BUG: the 429's tollgate object has an empty locale (core/src/gate.rs refusal); see the doc comment"]
+fn block_object_names_the_locale_of_its_message() {
+    away_from_day_end();
+    let stack = start_scalix("workerd-limits-locale");
+    let user = [("x-scalix-user", "lina")];
+    let mut settled = 0;
+    // 1320 + 1320 + 381 = 3021 (> 150 %), each admitted with 116 reserved.
+    for fixture in [BIG_ANSWER, BIG_ANSWER, MIDDLE_ANSWER] {
+        let r = chat(&stack, &[user[0], ("x-mock-fixture", fixture)], &body("scalix-free", "Hi", Some(100)));
+        assert_eq!(r.status, 200, "{r:?}");
+        settled += recorded_total(fixture);
+        settled_to(&stack, &user, settled, DAY_LIMIT);
+    }
+    for (lang, locale) in [(Some("ar-SA"), "ar"), (Some("en-GB"), "en"), (None, "en")] {
+        let mut headers = vec![user[0]];
+        if let Some(l) = lang {
+            headers.push(("accept-language", l));
+        }
+        let r = chat(&stack, &headers, &body("scalix-free", "Hi", Some(100)));
+        assert_eq!(r.status, 429, "{r:?}");
+        assert_eq!(r.json()["tollgate"]["message"], block_text(locale, settled).as_str(), "{}", r.body);
+        assert_eq!(r.json()["tollgate"]["locale"], locale, "Accept-Language {lang:?}: {}", r.body);
+    }
+}

@@ -310,21 +310,28 @@ fn refusal(admission: &Admission, rules: &TierRules, facts: &Facts) -> Option<Lo
         Metric::CostMicros => "cost",
         _ => "tokens",
     };
-    let text = match requested {
-        Some(requested) => format!(
-            "Request too large for your plan's {} limit: Limit {}, Requested {}. Reduce the prompt or max_tokens.",
-            status.name, status.limit, requested
-        ),
-        None => rules.messages.render(MessageKind::Block, accept_language.as_deref(), &lf).text,
+    let rendered = match requested {
+        Some(requested) => message::Rendered {
+            text: format!(
+                "Request too large for your plan's {} limit: Limit {}, Requested {}. Reduce the prompt or max_tokens.",
+                status.name, status.limit, requested
+            ),
+            locale: "en".to_owned(),
+        },
+        None => rules.messages.render(MessageKind::Block, accept_language.as_deref(), &lf),
     };
+    let text = rendered.text.clone();
     let mut response = render::openai_error(429, &text, kind, "rate_limit_exceeded");
-    if let Some(url) = rules.messages.upgrade_url() {
-        let rendered = message::Rendered { text: text.clone(), locale: String::new() };
-        let object = message::body_object(&lf, &rendered, Some(url));
+    // The `tollgate` object rides along when the tier opts in or has an upgrade link to give.
+    let upgrade_url = rules.messages.upgrade_url();
+    if rules.messages.body_object() || upgrade_url.is_some() {
+        let object = message::body_object(&lf, &rendered, upgrade_url);
         if let Ok(Value::Object(mut body)) = serde_json::from_slice::<Value>(&response.body) {
             body.insert(message::BODY_MEMBER.to_owned(), object);
             response.body = serde_json::to_vec(&body).unwrap_or(response.body);
         }
+    }
+    if let Some(url) = upgrade_url {
         response.headers.push((UPGRADE_HEADER, url.to_owned()));
     }
     if let Some(ms) = retry_after_ms {
@@ -561,6 +568,7 @@ mod tests {
         assert_eq!(body["error"]["message"], "استخدمت 100 من 100.");
         assert_eq!(body["error"]["type"], "tokens");
         assert_eq!(body["tollgate"]["upgrade_url"], "https://x.example/up");
+        assert_eq!(body["tollgate"]["locale"], "ar");
         assert!(response.headers.contains(&(UPGRADE_HEADER, "https://x.example/up".to_owned())));
         assert!(response.headers.iter().any(|(k, _)| *k == "retry-after"));
         let Gate::Reply { response, .. } = run(&p, &mut store, "u", None, BODY, 5) else { panic!() };

@@ -105,18 +105,6 @@ extern "C" {
     ) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
-    fn proxy_http_call(
-        upstream_data: *const u8,
-        upstream_size: usize,
-        headers_data: *const u8,
-        headers_size: usize,
-        body_data: *const u8,
-        body_size: usize,
-        trailers_data: *const u8,
-        trailers_size: usize,
-        timeout_ms: u32,
-        return_token: *mut u32,
-    ) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Status> {
@@ -259,27 +247,19 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -
 }
 
 /// Dispatches an HTTP request to an Envoy cluster; the answer (ignored by Tollgate) arrives on
-/// the calling context. Returns the call's token.
+/// the calling context. Through the SDK, not a raw `proxy_http_call`: the SDK's dispatcher must
+/// know the token, or it panics ("invalid token_id") when the answer arrives — which fails the
+/// VM. The SDK panics only on a status other than Ok/BadArgument/InternalFailure, which is all
+/// Envoy's `Context::httpCall` returns (`source/extensions/common/wasm/context.cc`).
 pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u32) -> Result<u32, Status> {
-    let map = serialize_map(headers);
-    let trailers = serialize_map(&[]);
-    let mut token = 0u32;
-    // SAFETY: pointers and lengths of live buffers, out-pointer to a live local.
-    check(unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            map.as_ptr(),
-            map.len(),
-            body.as_ptr(),
-            body.len(),
-            trailers.as_ptr(),
-            trailers.len(),
-            timeout_ms,
-            &mut token,
-        )
-    })?;
-    Ok(token)
+    proxy_wasm::hostcalls::dispatch_http_call(
+        cluster,
+        headers.to_vec(),
+        Some(body),
+        Vec::new(),
+        std::time::Duration::from_millis(u64::from(timeout_ms)),
+    )
+    .map_err(|s| Status(s as u32))
 }
 
 /// The VM's environment variables (`KEY=VALUE` pairs); empty when the host gives none.

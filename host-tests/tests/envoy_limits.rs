@@ -475,14 +475,8 @@ fn free_tier_warns_downgrades_and_blocks_with_exact_token_arithmetic() {
 }
 
 /// The 429's `tollgate` object says which locale its message is in, like the warning's does.
-///
-/// BUG (core/src/gate.rs `refusal`): the object is built from
-/// `message::Rendered { text, locale: String::new() }`, dropping the locale
-/// `Messages::render` chose: past 150 % on the free tier, `Accept-Language: ar` gets the Arabic
-/// message with `"locale": ""` (and no header gets the English one with `"locale": ""`), where
-/// the warning object of the same tier says `"locale": "en"`. Expected `"ar"` and `"en"`.
+/// (Regression: it once said `""`.)
 #[test]
-#[ignore = "BUG: the 429's tollgate object has an empty locale (core/src/gate.rs refusal); see the doc comment"]
 fn block_object_names_the_locale_of_its_message() {
     away_from_minute_end(10);
     let stack = start_scalix();
@@ -786,19 +780,11 @@ fn sha256_matches_the_rfc_6234_vectors() {
 /// A notify threshold fires one webhook per identity per window, however many requests go past
 /// it; the event carries counts and a hashed identity, never request content.
 ///
-/// BUG (filter/src/abi.rs `http_call`, used by `Request::notify` in filter/src/lib.rs): the
-/// webhook is dispatched with a raw `proxy_http_call`, bypassing the proxy-wasm SDK's
-/// `hostcalls::dispatch_http_call`, so the SDK never registers the call's token. When Envoy
-/// delivers the webhook's answer, the SDK's dispatcher panics (`proxy-wasm-0.2.5/src/
-/// dispatcher.rs:413: invalid token_id`), the VM traps in `proxy_on_http_call_response` and
-/// `failure_policy: FAIL_RELOAD` rebuilds it: the request in flight on that worker gets an empty
-/// 503 (seen here on a request right after the crossing: `503, content-length: 0`), and every
-/// reservation and concurrency lease held by streams on that VM is never settled or released.
-/// Expected: all 200 and no panic in Envoy's log. Fix: dispatch through
-/// `proxy_wasm::hostcalls::dispatch_http_call` (which registers the callout) or implement
-/// `on_http_call_response` without the SDK's dispatcher seeing an unknown token.
+/// Regression: the webhook was once dispatched with a raw `proxy_http_call` the SDK's
+/// dispatcher did not know, so the webhook's answer panicked the VM ("invalid token_id") and
+/// FAIL_RELOAD rebuilt it mid-traffic (an empty 503, leases never released). All 200 now, and no
+/// panic in Envoy's log.
 #[test]
-#[ignore = "BUG: the filter's webhook dispatch crashes the VM when the webhook answers (invalid token_id); see the doc comment"]
 fn webhook_fires_exactly_once_per_crossing() {
     away_from_minute_end(10);
     let mock = start_mock();

@@ -623,14 +623,8 @@ fn usage_endpoint_shows_zeros_and_the_tier_limits_for_a_fresh_caller() {
 /// The 429's `tollgate` object names the locale its message is in, as the warning's object
 /// does (`"locale": "en"` above).
 ///
-/// BUG (core/src/gate.rs `refusal`, shared with Envoy): the object is built from
-/// `message::Rendered { text, locale: String::new() }`, dropping the locale
-/// `Messages::render` chose. Past 150 % on the free tier, `POST /v1/chat/completions` with
-/// `x-scalix-user: lina`, `Accept-Language: ar` answers 429 with the Arabic message and
-/// `"tollgate": {..., "locale": ""}` (no `Accept-Language`: the English message, `"locale": ""`).
-/// Expected `"ar"` and `"en"`.
+/// (Regression: it once said `""`, in Envoy and the worker alike.)
 #[test]
-#[ignore = "BUG: the 429's tollgate object has an empty locale (core/src/gate.rs refusal); see the doc comment"]
 fn block_object_names_the_locale_of_its_message() {
     away_from_day_end();
     let stack = start_scalix("workerd-limits-locale");

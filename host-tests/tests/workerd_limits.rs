@@ -22,9 +22,10 @@
 //! downgrade compares the usage before the request; the block refuses a request whose
 //! reservation would take the usage past 150 %.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tollgate_host_tests::checks::{duration_ms, next_midnight_ms, now_ms, rfc3339, sf_dictionary, Item};
 use tollgate_host_tests::proc::{
     agent, fixtures_dir, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Reply, Server,
 };
@@ -151,9 +152,6 @@ fn settled_to(stack: &Stack, headers: &[(&str, &str)], want: u64, day_limit: u64
 // ---------------------------------------------------------------------------------------------
 // Time
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_millis() as u64
-}
 
 /// Waits out the last 90 s of a UTC day, so the day's token counter cannot reset mid-test.
 fn away_from_day_end() {
@@ -164,114 +162,6 @@ fn away_from_day_end() {
     }
 }
 
-/// Epoch ms of the next UTC midnight.
-fn next_midnight_ms() -> u64 {
-    (now_ms() / 86_400_000 + 1) * 86_400_000
-}
-
-/// RFC 3339 UTC to the second (`2026-11-23T00:00:00Z`), from epoch ms.
-fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// Milliseconds in an OpenAI duration (`15h53m59.783s`, `59.7s`, `12ms`).
-fn duration_ms(s: &str) -> u64 {
-    if let Some(ms) = s.strip_suffix("ms") {
-        return ms.parse().unwrap_or_else(|_| panic!("bad duration {s:?}"));
-    }
-    let mut rest = s.strip_suffix('s').unwrap_or_else(|| panic!("bad duration {s:?}"));
-    let mut total = 0f64;
-    for (unit, ms) in [('h', 3_600_000f64), ('m', 60_000f64)] {
-        if let Some((n, r)) = rest.split_once(unit) {
-            total += n.parse::<f64>().unwrap_or_else(|_| panic!("bad duration {s:?}")) * ms;
-            rest = r;
-        }
-    }
-    (total + rest.parse::<f64>().unwrap_or_else(|_| panic!("bad duration {s:?}")) * 1000.0).round() as u64
-}
-
-// ---------------------------------------------------------------------------------------------
-// RFC 8941 dictionary (the warning header)
-
-#[derive(Debug, Clone, PartialEq)]
-enum Item {
-    Int(i64),
-    Str(String),
-}
-
-/// Parses an RFC 8941 dictionary of bare integers and strings (§4.2.2), strictly: anything else
-/// fails the test.
-fn sf_dictionary(text: &str) -> Vec<(String, Item)> {
-    let b = text.as_bytes();
-    let mut i = 0;
-    let mut out = vec![];
-    loop {
-        let start = i;
-        while i < b.len() && (b[i].is_ascii_lowercase() || b[i].is_ascii_digit() || b"_-.*".contains(&b[i])) {
-            i += 1;
-        }
-        assert!(i > start && b[start].is_ascii_lowercase(), "bad key at {start} in {text:?}");
-        let key = text[start..i].to_owned();
-        assert_eq!(b.get(i), Some(&b'='), "every member has a value: {text:?}");
-        i += 1;
-        let item = if b.get(i) == Some(&b'"') {
-            i += 1;
-            let mut s = String::new();
-            loop {
-                match b.get(i) {
-                    Some(b'\\') => {
-                        let c = b[i + 1];
-                        assert!(c == b'"' || c == b'\\', "bad escape in {text:?}");
-                        s.push(c as char);
-                        i += 2;
-                    }
-                    Some(b'"') => {
-                        i += 1;
-                        break;
-                    }
-                    Some(&c) if (0x20..=0x7e).contains(&c) => {
-                        s.push(c as char);
-                        i += 1;
-                    }
-                    _ => panic!("bad string in {text:?}"),
-                }
-            }
-            Item::Str(s)
-        } else {
-            let start = i;
-            if b.get(i) == Some(&b'-') {
-                i += 1;
-            }
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            assert!(i - start <= 15 && i > start, "bad integer in {text:?}");
-            Item::Int(text[start..i].parse().expect("integer"))
-        };
-        assert!(!out.iter().any(|(k, _)| *k == key), "duplicate key {key} in {text:?}");
-        out.push((key, item));
-        if i == b.len() {
-            return out;
-        }
-        assert_eq!(&text[i..i + 1], ",", "members are separated by commas: {text:?}");
-        i += 1;
-        while b.get(i) == Some(&b' ') {
-            i += 1;
-        }
-    }
-}
 
 /// The warning header, member by member, in its order.
 fn warning(r: &Reply) -> Option<Vec<(String, Item)>> {

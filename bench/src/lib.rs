@@ -29,6 +29,8 @@ use std::hint::black_box;
 
 /// Admission and settlement with six limits, and the shared-data key space (`bench-limits`).
 pub mod limits;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod runner;
 
 use tollgate_core::openai::{ChatRequest, StreamOptions};
 use tollgate_core::sse::{SseDecoder, SseEvent};

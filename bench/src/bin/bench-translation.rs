@@ -22,6 +22,7 @@
 //! interleaved (every cell of round 1, then of round 2, …) so a burst of load spreads over
 //! cells instead of landing on one.
 
+use tollgate_bench::runner::{calibrate, count, loadavg, median, ns, runs, thread_cpu_ns};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -232,74 +233,13 @@ fn read_input(fixtures: &Path, case: &Case) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Iterations for one run of about `target_ns`: doubles until a run takes 10 ms (or the
-/// target, if shorter), then scales.
-fn calibrate(target_ns: u64, mut run: impl FnMut(u64) -> Result<u64, String>) -> Result<u64, String> {
-    let floor = (target_ns / 6).clamp(1, 10_000_000);
-    let mut n = 1u64;
-    loop {
-        let t = run(n)?.max(1);
-        if t >= floor || n >= 1 << 30 {
-            return Ok(((n as u128 * target_ns as u128 / t as u128) as u64).max(1));
-        }
-        n *= 2;
-    }
-}
 
-fn median(v: &[f64]) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    Some(if s.len() % 2 == 1 { s[m] } else { (s[m - 1] + s[m]) / 2.0 })
-}
 
-fn ns(v: f64) -> String {
-    if v >= 100.0 {
-        group(v.round() as u64)
-    } else {
-        format!("{v:.1}")
-    }
-}
 
-fn count(v: f64) -> String {
-    group(v.round() as u64)
-}
 
-/// 12345 → "12,345".
-fn group(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
 
-fn runs(v: &[f64]) -> String {
-    v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ")
-}
 
-/// This thread's CPU time in nanoseconds.
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".to_owned())
-}
 
 // ---------------------------------------------------------------------------------------------
 // callgrind

@@ -276,10 +276,10 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>
     }
 }
 
+/// The facts about a limit for headers and JSON objects (machine names).
 fn facts_of<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
     LimitFacts {
-        // Cost is counted in integer micro-dollars: say so wherever the numbers are shown.
-        metric: if s.metric == Metric::CostMicros { "cost (micro-USD)" } else { s.metric.name() },
+        metric: s.metric.name(),
         window: match (s.window, s.metric) {
             (Some(w), _) => w.name(),
             (None, Metric::Concurrent) => "at once",
@@ -294,6 +294,16 @@ fn facts_of<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
 
 fn header(facts: &Facts, name: &str) -> Option<String> {
     (facts.header)(name)
+}
+
+/// The same facts for a message a person reads: cost is counted in integer micro-dollars, so
+/// the text says so.
+fn human_facts<'a>(s: &'a LimitStatus, now_ms: u64) -> LimitFacts<'a> {
+    let mut lf = facts_of(s, now_ms);
+    if s.metric == Metric::CostMicros {
+        lf.metric = "cost (micro-USD)";
+    }
+    lf
 }
 
 /// The 429 for a refused admission (`None` when it was admitted).
@@ -318,7 +328,7 @@ fn refusal(admission: &Admission, rules: &TierRules, facts: &Facts) -> Option<Lo
             ),
             locale: "en".to_owned(),
         },
-        None => rules.messages.render(MessageKind::Block, accept_language.as_deref(), &lf),
+        None => rules.messages.render(MessageKind::Block, accept_language.as_deref(), &human_facts(status, facts.now_ms)),
     };
     let text = rendered.text.clone();
     let mut response = render::openai_error(429, &text, kind, "rate_limit_exceeded");
@@ -360,7 +370,7 @@ fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts:
         let lf = facts_of(&w.status, facts.now_ms);
         let object = rules.messages.body_object().then(|| {
             let accept_language = header(facts, "accept-language");
-            let rendered = rules.messages.render(MessageKind::Warn, accept_language.as_deref(), &lf);
+            let rendered = rules.messages.render(MessageKind::Warn, accept_language.as_deref(), &human_facts(&w.status, facts.now_ms));
             message::body_object(&lf, &rendered, rules.messages.upgrade_url())
         });
         Warning { header: message::warning_header(&lf, w.threshold), object }

@@ -124,45 +124,53 @@ pub fn binding(statuses: &[LimitStatus], pick: impl Fn(Metric) -> bool) -> Optio
         .min_by(|a, b| a.remaining.cmp(&b.remaining).then(b.reset_ms.cmp(&a.reset_ms)))
 }
 
-fn digest(material: &[u8]) -> [u8; 32] {
-    Sha256::digest(material).into()
+/// 16 bytes identifying a hashed subject key. Subject keys (`tg1:q:` + 32 hex digits) already
+/// are SHA-256 digests: their bytes are used as they are; anything else is hashed.
+fn digest(id: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if let Some(hex) = id.strip_prefix("tg1:q:").filter(|h| h.len() == 32) {
+        let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        let ok = hex.as_bytes().chunks_exact(2).zip(out.iter_mut()).all(|(pair, o)| match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(a), Some(b)) => {
+                *o = a << 4 | b;
+                true
+            }
+            _ => false,
+        });
+        if ok {
+            return out;
+        }
+    }
+    let full: [u8; 32] = Sha256::digest(id.as_bytes()).into();
+    out.copy_from_slice(&full[..16]);
+    out
 }
 
 impl LimitSet {
     /// The keys `who` is counted under, in checking order, with their limits.
     pub fn plans(&self, who: &Who) -> Vec<KeyPlan<'_>> {
-        let tier: &[Limit] = self.tiers.get(&who.tier).map_or(&[], Vec::as_slice);
-        fn of(scope: Scope, limits: &[Limit]) -> Vec<&Limit> {
-            limits.iter().filter(|l| l.scope == scope).collect()
-        }
-        let tracked = |scope: Scope| self.tracked.get(&scope).cloned().unwrap_or_default();
         let mut plans = Vec::with_capacity(4);
-        let mut member_plan = |scope: Scope, prefix: &str, id: &str| {
-            let limits = of(scope, tier);
-            let tracked = tracked(scope);
-            if limits.is_empty() && tracked.is_empty() {
-                return;
-            }
-            let d = digest(id.as_bytes());
+        for (scope, id) in [(Scope::Identity, Some(&who.identity_key)), (Scope::Ip, who.ip_key.as_ref())] {
+            let Some(id) = id else { continue };
+            let d = digest(id);
             let tag = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+            let prefix = if scope == Scope::Identity { "i" } else { "p" };
             let key = if self.slots == 0 {
-                format!("tg2:{prefix}:{}", hex(&d[..16]))
+                format!("tg2:{prefix}:{}", hex(&d))
             } else {
                 let slot = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) % self.slots;
                 format!("tg2:{prefix}:{slot:x}")
             };
-            plans.push(KeyPlan { key, tag, scope, limits, tracked });
-        };
-        member_plan(Scope::Identity, "i", &who.identity_key);
-        if let Some(ip) = &who.ip_key {
-            member_plan(Scope::Ip, "p", ip);
+            let plan = self.part_plan(&who.tier, key, tag, scope);
+            if !plan.limits.is_empty() || !plan.tracked.is_empty() {
+                plans.push(plan);
+            }
         }
-        let tier_limits = of(Scope::Tier, tier);
-        if !tier_limits.is_empty() {
-            plans.push(KeyPlan { key: format!("tg2:t:{}", who.tier), tag: 0, scope: Scope::Tier, limits: tier_limits, tracked: vec![] });
-        }
-        if !self.global.is_empty() {
-            plans.push(KeyPlan { key: "tg2:g".to_owned(), tag: 0, scope: Scope::Global, limits: self.global.iter().collect(), tracked: vec![] });
+        for (scope, key) in [(Scope::Tier, format!("tg2:t:{}", who.tier)), (Scope::Global, "tg2:g".to_owned())] {
+            let plan = self.part_plan(&who.tier, key, 0, scope);
+            if !plan.limits.is_empty() {
+                plans.push(plan);
+            }
         }
         plans
     }
@@ -170,6 +178,19 @@ impl LimitSet {
     /// The plan of one of `who`'s keys (`None`: no limit of `who` is stored under `key`).
     pub fn plan_for(&self, who: &Who, key: &str) -> Option<KeyPlan<'_>> {
         self.plans(who).into_iter().find(|p| p.key == key)
+    }
+
+    /// The plan of one key whose name and tag are already known (a ticket's part): no hashing.
+    fn part_plan(&self, tier: &str, key: String, tag: u64, scope: Scope) -> KeyPlan<'_> {
+        let limits: Vec<&Limit> = match scope {
+            Scope::Global => self.global.iter().collect(),
+            _ => self.tiers.get(tier).map_or(vec![], |ls| ls.iter().filter(|l| l.scope == scope).collect()),
+        };
+        let tracked = match scope {
+            Scope::Identity | Scope::Ip => self.tracked.get(&scope).cloned().unwrap_or_default(),
+            _ => vec![],
+        };
+        KeyPlan { key, tag, scope, limits, tracked }
     }
 
     pub fn price(&self, model: Option<&str>) -> Option<&Price> {
@@ -344,11 +365,12 @@ impl Ticket {
 
 /// The pure settle step for one part of a ticket (`key`), for hosts that drive it themselves.
 pub fn settle_step(set: &LimitSet, ticket: &Ticket, key: &str, actual: &Actual, bytes: Option<&[u8]>, now: Timestamp) -> (Vec<Reached>, Option<Vec<u8>>) {
-    let plans = set.plans(&ticket.who);
-    let part = ticket.parts.iter().find(|(k, ..)| k == key);
-    match (plans.iter().find(|p| p.key == key), part) {
-        (Some(plan), Some((_, _, _, receipt))) => ledger::settle(bytes, plan, receipt, actual, now, &set.settings),
-        _ => (vec![], None),
+    match ticket.parts.iter().find(|(k, ..)| k == key) {
+        Some((key, tag, scope, receipt)) => {
+            let plan = set.part_plan(&ticket.who.tier, key.clone(), *tag, *scope);
+            ledger::settle(bytes, &plan, receipt, actual, now, &set.settings)
+        }
+        None => (vec![], None),
     }
 }
 
@@ -411,17 +433,16 @@ pub fn settle<S: CasStore + ?Sized>(
     now: Timestamp,
     max_retries: u32,
 ) -> Result<Vec<Reached>, StoreError> {
-    let plans = set.plans(&ticket.who);
     let actual = match usage {
         Some(u) => set.actual(ticket.model.as_deref(), u),
         None => Actual::used(None, None, None),
     };
     let mut notify = Vec::new();
     let mut first_error = None;
-    for (key, _, _, receipt) in &ticket.parts {
-        let Some(plan) = plans.iter().find(|p| &p.key == key) else { continue };
+    for (key, tag, scope, receipt) in &ticket.parts {
+        let plan = set.part_plan(&ticket.who.tier, key.clone(), *tag, *scope);
         let r = update(store, key, max_retries, |bytes| {
-            let (reached, write) = ledger::settle(bytes, plan, receipt, &actual, now, &set.settings);
+            let (reached, write) = ledger::settle(bytes, &plan, receipt, &actual, now, &set.settings);
             Step { result: reached, write }
         });
         match r {

@@ -135,7 +135,7 @@ fn pro_warns_at_95_percent_and_refuses_when_the_month_budget_is_spent() {
     assert_eq!(denied.at, "2026-11-14T12:00:00Z");
     assert_eq!(
         denied.message.as_deref(),
-        Some("Usage limit reached for cost_usd (month): Limit 20000000, Used 19500000. Please try again in 396h0m0s.")
+        Some("Usage limit reached for cost (micro-USD) (month): Limit 20000000, Used 19500000. Please try again in 396h0m0s.")
     );
     assert_eq!(header(denied, "retry-after"), Some("1425600"));
     assert_eq!(bob[14].at, "2026-11-30T23:59:00Z");

@@ -301,3 +301,19 @@ fn signed_identity_tokens_are_verified_with_the_secret_from_the_vm_environment()
     assert_eq!(host.logs_containing("TOLLGATE_IDENTITY_SECRET is not in the VM environment").len(), 1);
     assert!(host.logs().iter().all(|l| !format!("{l:?}").contains("s3cret")), "the secret is never logged");
 }
+
+/// A smoothed rate (GCRA) under contention: with the clock still, exactly the burst is admitted
+/// however the VMs interleave; one emission interval later, exactly one more.
+#[test]
+fn rate_limits_admit_exactly_the_burst_across_vms() {
+    let host = Host::new(SharedStore::new(CasSemantics::Envoy));
+    host.clock().set_epoch_ms(MIDDAY);
+    // 600 a minute: one every 100 ms, at most 50 at once.
+    let config = policy(r#"[{"rate": {"per": "minute", "burst": 50}, "requests": 600}]"#);
+    let allowed = hammer(&host, &config, 100, (9, 8));
+    assert_eq!(allowed, 50, "the burst, exactly");
+    host.clock().advance_ms(100);
+    let allowed = hammer(&host, &config, 10, (9, 8));
+    assert_eq!(allowed, 1, "one emission interval later: one more");
+    assert_eq!(host.metric("tollgate_store_failures"), Some(0));
+}

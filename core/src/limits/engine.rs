@@ -484,6 +484,25 @@ mod tests {
         Who { identity_key: id.to_owned(), ip_key: None, tier: "d".to_owned() }
     }
 
+    fn status(metric: Metric, remaining: u64, reset_ms: u64) -> LimitStatus {
+        LimitStatus { name: format!("{}-{remaining}-{reset_ms}", metric.name()), scope: Scope::Identity, metric, window: None, limit: 100, used: 100 - remaining, remaining, reset_ms }
+    }
+
+    /// The most restrictive limit of a kind: least remaining; on a tie, the one resetting last.
+    #[test]
+    fn binding_picks_least_remaining_then_latest_reset() {
+        let statuses = [
+            status(Metric::Requests, 5, 1_000),
+            status(Metric::Requests, 3, 500),
+            status(Metric::Requests, 3, 9_000),
+            status(Metric::TotalTokens, 1, 10),
+            status(Metric::Requests, 7, 100_000),
+        ];
+        assert_eq!(binding(&statuses, |m| m == Metric::Requests).unwrap().name, "requests-3-9000");
+        assert_eq!(binding(&statuses, Metric::is_tokens).unwrap().name, "total_tokens-1-10");
+        assert!(binding(&statuses, |m| m == Metric::CostMicros).is_none());
+    }
+
     #[test]
     fn plan_for_finds_each_of_the_plans_keys_and_nothing_else() {
         let p = policy();

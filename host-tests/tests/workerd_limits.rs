@@ -538,3 +538,194 @@ fn block_object_names_the_locale_of_its_message() {
         assert_eq!(r.json()["tollgate"]["locale"], locale, "Accept-Language {lang:?}: {}", r.body);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prompt privacy
+
+/// The marker every piece of request content in the privacy test carries.
+const CANARY: &str = "CANARY-5e1d7b";
+
+/// [`start_scalix`] with scalix.json's free tier also sending a webhook (a `notify` threshold
+/// at 10 % of its day's total_tokens) to the mock's `/__mock/webhook`.
+fn start_scalix_notifying(name: &str) -> Stack {
+    let scratch = Scratch::new(name);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().expect("UTF-8 path")]);
+    let mut policy = scalix_policy();
+    policy["providers"]["mock"]["base_url"] = json!(mock_url);
+    policy["notify"] = json!({"url": format!("{mock_url}/__mock/webhook")});
+    let day = &mut policy["tiers"]["free"]["limits"][0];
+    assert_eq!(day["total_tokens"], DAY_LIMIT, "the free tier's first limit is total_tokens/day: {day}");
+    day["soft"].as_array_mut().expect("soft thresholds").push(json!({"at": 10, "action": "notify"}));
+    seed_policy(&scratch.0, &policy.to_string());
+    let wrangler = start_wrangler(
+        &scratch.0,
+        &[("UPSTREAM_URL", &mock_url), ("PROVIDER_PASS_HEADERS", "x-mock-fixture")],
+        None,
+    );
+    Stack { wrangler, mock_url, _mock: mock, _scratch: scratch }
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(path),
+                Ok(t) if t.is_file() => out.push(path),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Whether `haystack` contains `needle`, ASCII case-insensitively, as bytes (binary files too).
+fn contains_ignoring_case(haystack: &[u8], needle: &str) -> bool {
+    let needle = needle.as_bytes();
+    haystack.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// `tg1:q:` + the first 16 bytes (hex) of SHA-256(`material`) — core's bucket key
+/// (core/src/identity.rs), computed here with `sha256sum`.
+fn identity_key(material: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child.stdin.take().expect("stdin").write_all(material.as_bytes()).expect("write to sha256sum");
+    let out = child.wait_with_output().expect("sha256sum output");
+    let hex = String::from_utf8(out.stdout).expect("hex");
+    format!("tg1:q:{}", &hex[..32])
+}
+
+/// Prompts, system messages and `user` fields carrying a canary — served, streamed, refused by
+/// a guard, and unparseable — leave no trace of it in wrangler/workerd's output, in anything
+/// persisted under the state directory (Durable Object SQLite storage, KV), or in the webhook
+/// events; the webhook names the caller only by its hashed identity.
+#[test]
+fn canary_prompt_never_reaches_durable_object_storage_logs_or_webhooks() {
+    away_from_day_end();
+    let mut stack = start_scalix_notifying("workerd-limits-canary");
+    let scratch = stack._scratch.0.clone();
+    // No x-scalix-user: the identity comes from the body's `user` field (scalix.json's second
+    // source), so the caller's name — the canary — is what gets hashed into the bucket key.
+    let user = format!("{CANARY}-user");
+    let chat_body = |model: &str, stream: bool| {
+        json!({
+            "model": model,
+            "stream": stream,
+            "user": user,
+            "messages": [
+                {"role": "system", "content": format!("You are a helper. Secret system marker {CANARY}.")},
+                {"role": "user", "content": format!("Please repeat {CANARY} and {} back to me.", CANARY.to_lowercase())},
+            ],
+        })
+        .to_string()
+    };
+
+    // 1. Served, not streamed: default max_tokens 256 + the prompt ≥ 272 reserved (> 10 % of
+    // 2000), so the notify threshold fires.
+    let r = chat(&stack, &[], &chat_body("scalix-free", false));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["model"], "mock-free", "{}", r.body);
+
+    // 2. Served, streamed.
+    let r = chat(&stack, &[], &chat_body("scalix-free", true));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains("data: [DONE]"), "{}", r.body);
+
+    // 3. Refused by a guard: the free tier may not use scalix-pro.
+    let served = mock_request_count(&agent(), &stack.mock_url);
+    let r = chat(&stack, &[], &chat_body("scalix-pro", false));
+    assert!((400..500).contains(&r.status), "a guard refuses scalix-pro for free: {r:?}");
+    assert_eq!(r.json()["error"]["code"], "model_not_allowed", "{}", r.body);
+
+    // 4. Not JSON at all, the canary inside.
+    let r = chat(&stack, &[], &format!(r#"{{"model": "scalix-free", "user": "{user}", "messages": [{{"role": "user", "content": "{CANARY} unterminated"#));
+    assert!((400..500).contains(&r.status), "invalid JSON is refused: {r:?}");
+    assert_eq!(mock_request_count(&agent(), &stack.mock_url), served, "a refused request reached the mock");
+
+    // The webhook is sent from `ctx.wait_until`, after the response: wait for it, then give the
+    // streamed request's settlement a moment to be written too.
+    let started = Instant::now();
+    loop {
+        let hooks = get(&agent(), &format!("{}/__mock/webhooks", stack.mock_url)).json();
+        if hooks["count"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "no webhook was recorded: {hooks}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+
+    // The webhook events: at least one, for the 10 % notify threshold, naming the caller by
+    // its hashed identity only, and no canary anywhere (body or path).
+    let hooks = get(&agent(), &format!("{}/__mock/webhooks", stack.mock_url)).json();
+    let list = hooks["hooks"].as_array().expect("hooks");
+    assert!(!list.is_empty(), "{hooks}");
+    let want_identity = identity_key(&format!("u:{user}"));
+    let mut saw_threshold = false;
+    for hook in list {
+        let raw = hook.to_string();
+        assert!(!contains_ignoring_case(raw.as_bytes(), CANARY), "a webhook carries the canary: {raw}");
+        let event: Value = serde_json::from_str(hook["body"].as_str().expect("body")).expect("webhook body is JSON");
+        assert_eq!(event["type"], "tollgate.threshold_reached", "{event}");
+        assert_eq!(event["identity"], want_identity.as_str(), "the hashed identity of u:{user}: {event}");
+        if event["limit"] == "total_tokens/day" && event["threshold_percent"] == 10 {
+            saw_threshold = true;
+        }
+    }
+    assert!(saw_threshold, "no event for the 10 % notify threshold: {hooks}");
+
+    // Stop wrangler/workerd so every write (SQLite WAL included) and log line is on disk.
+    let log = stack.wrangler.log.clone();
+    stack.wrangler.server.stop();
+
+    // wrangler/workerd's stdout+stderr (one file, both streams).
+    let output = std::fs::read(&log).expect("read the wrangler log");
+    assert!(
+        String::from_utf8_lossy(&output).matches("POST /v1/chat/completions").count() >= 4,
+        "the wrangler log does not show the four requests: {}",
+        String::from_utf8_lossy(&output)
+    );
+    assert!(
+        !contains_ignoring_case(&output, CANARY),
+        "wrangler/workerd output carries the canary:\n{}",
+        String::from_utf8_lossy(&output)
+    );
+
+    // Everything persisted: Durable Object storage, KV, caches — and anything else in the
+    // scratch directory (wrangler's own config/log dir under xdg/).
+    let state = scratch.join("state");
+    let do_files: Vec<_> = files_under(&state.join("v3/do"))
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).map(|m| m.len() > 0).unwrap_or(false))
+        .collect();
+    assert!(
+        do_files.iter().any(|p| p.extension().is_some_and(|e| e == "sqlite")),
+        "no non-empty Durable Object SQLite file under {}: {:?}",
+        state.join("v3/do").display(),
+        files_under(&state)
+    );
+    // The search reads what the requests wrote: the caller's counters, under its hashed
+    // identity, are in there.
+    let key_hex = want_identity.trim_start_matches("tg1:q:");
+    assert!(
+        do_files.iter().any(|p| contains_ignoring_case(&std::fs::read(p).unwrap_or_default(), key_hex)),
+        "the caller's hashed identity {want_identity} is in no Durable Object file: {do_files:?}"
+    );
+    let all = files_under(&scratch);
+    for path in &all {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        assert!(!contains_ignoring_case(&bytes, CANARY), "{} carries the canary", path.display());
+    }
+    eprintln!("checked {} files ({} non-empty Durable Object files): {do_files:?}", all.len(), do_files.len());
+}

@@ -165,7 +165,8 @@ pub fn get(agent: &ureq::Agent, url: &str) -> Reply {
     reply(agent.get(url).call().unwrap_or_else(|e| panic!("GET {url}: {e}")))
 }
 
-fn reply(mut resp: ureq::http::Response<ureq::Body>) -> Reply {
+/// An answer as a [`Reply`] (4xx/5xx included).
+pub(crate) fn reply(mut resp: ureq::http::Response<ureq::Body>) -> Reply {
     let status = resp.status().as_u16();
     let headers = resp
         .headers()

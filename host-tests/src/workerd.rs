@@ -133,15 +133,7 @@ pub fn get_with(url: &str, headers: &[(&str, &str)]) -> crate::proc::Reply {
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let mut resp = req.call().unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status().as_u16();
-    let headers = resp
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
-        .collect();
-    let body = resp.body_mut().read_to_string().unwrap_or_default();
-    crate::proc::Reply { status, headers, body }
+    crate::proc::reply(req.call().unwrap_or_else(|e| panic!("GET {url}: {e}")))
 }
 
 /// A small upstream the test controls, on a free loopback port:

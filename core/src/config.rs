@@ -392,6 +392,11 @@ impl Policy {
         self.rules.get(tier).unwrap_or_else(|| DEFAULT.get_or_init(TierRules::default))
     }
 
+    /// Does any tier limit the request body's size (`guards.max_body_bytes`)?
+    pub fn limits_body_size(&self) -> bool {
+        self.rules.values().any(|r| r.guards.max_body_bytes().is_some())
+    }
+
     pub fn limits_of(&self, tier: &str) -> &[Limit] {
         self.limits.tiers.get(tier).map_or(&[], Vec::as_slice)
     }

@@ -137,6 +137,10 @@ fn who(subject: &Subject) -> Who {
 /// (The tier comes from headers only here; the check is repeated on the real body.)
 pub fn check_declared_length(policy: &Policy, facts: &Facts, content_length: Option<u64>) -> Option<LocalResponse> {
     let len = content_length?;
+    if !policy.limits_body_size() {
+        // Nothing to check: spare resolving the identity (hashing, a signature) twice.
+        return None;
+    }
     let subject = resolve(policy, facts, None).ok()?;
     policy.rules(&subject.tier).guards.check_body_size(len).err().map(|e| e.to_response())
 }
@@ -532,6 +536,24 @@ mod tests {
         let Gate::Forward(a) = g else { panic!("{g:?}") };
         let usage = Usage { input: Some(input), output: Some(output), ..Usage::default() };
         finish(p, store, a.ticket.as_ref().unwrap(), Some(&usage), T0 + 1).unwrap()
+    }
+
+    #[test]
+    fn a_declared_body_over_the_tiers_limit_is_refused_before_it_is_read() {
+        let none = |_: &str| None;
+        let header = |_: &str| None;
+        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none };
+        let limited = Policy::from_json(
+            br#"{"tier": {"default": "a"}, "tiers": {"a": {"limits": [], "guards": {"max_body_bytes": 1000}}, "b": {"limits": []}}}"#,
+        )
+        .unwrap();
+        let r = check_declared_length(&limited, &facts, Some(1001)).expect("refused");
+        assert_eq!(r.status, 413);
+        assert!(check_declared_length(&limited, &facts, Some(1000)).is_none());
+        assert!(check_declared_length(&limited, &facts, None).is_none());
+        // no tier limits the body: nothing to check, whatever the length
+        assert!(!policy().limits_body_size());
+        assert!(check_declared_length(&policy(), &facts, Some(u64::MAX)).is_none());
     }
 
     #[test]

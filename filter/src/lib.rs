@@ -249,8 +249,14 @@ impl Request {
         let now = match abi::now_ms() {
             Ok(t) => t,
             Err(_) => {
+                // Without the time nothing can be counted: the store's failure mode decides.
                 abi::increment(self.metrics.host_errors);
-                return Action::Continue;
+                abi::increment(self.metrics.store_failures);
+                abi::log(abi::LOG_WARN, &format!("tollgate: clock unavailable; policy says {:?}", policy.on_failure));
+                return match policy.on_failure {
+                    tollgate_core::FailureMode::Allow => Action::Continue,
+                    tollgate_core::FailureMode::Deny => self.reply(render::store_unavailable()),
+                };
             }
         };
         let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));

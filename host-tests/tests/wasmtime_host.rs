@@ -348,6 +348,27 @@ fn interleaved_writes_are_never_lost_on_ngx_shared_data() {
 // ---------------------------------------------------------------------------------------------
 // 4. Store failures
 
+/// Without the time nothing can be counted: a failing clock follows `store.on_failure` too.
+#[test]
+fn a_failing_clock_follows_on_failure() {
+    let limits = r#"[{"window": "minute", "requests": 3}]"#;
+    for (mode, status) in [("allow", 200), ("deny", 503)] {
+        let host = Host::new(SharedStore::envoy());
+        host.clock().set_epoch_ms(T0);
+        let mut vm = load(&host, &policy(limits, &format!(r#"{{"on_failure": "{mode}"}}"#)));
+        let calls = Arc::new(AtomicUsize::new(0));
+        vm.set_upstream(openai_like(calls.clone()));
+        host.clock().break_it();
+        let ex = send(&mut vm, chat(Some("alice")));
+        assert_eq!(ex.status, status, "{mode}: {}", ex.body_text());
+        assert_eq!(calls.load(Ordering::SeqCst), usize::from(status == 200), "{mode}");
+        assert_eq!(host.metric("tollgate_store_failures"), Some(1), "{mode}");
+        // uncounted: with the clock back, the full limit is there
+        host.clock().set_epoch_ms(T0);
+        assert_allowed(&send(&mut vm, chat(Some("alice"))), "3", "2", "29.75s");
+    }
+}
+
 #[test]
 fn a_failing_store_follows_on_failure() {
     let limits = r#"[{"window": "minute", "requests": 3}]"#;

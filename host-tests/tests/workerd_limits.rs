@@ -61,12 +61,18 @@ fn scalix_policy() -> Value {
 /// wrangler dev with scalix.json (the mock provider's base_url rewritten to the mock's port) in
 /// KV, the default 4 aggregate shards, and `x-mock-fixture` passed on to the provider.
 fn start_scalix(name: &str) -> Stack {
+    start_scalix_with(name, |_, _| {})
+}
+
+/// As [`start_scalix`], with the policy copy changed by `adjust(policy, mock_url)` first.
+fn start_scalix_with(name: &str, adjust: impl FnOnce(&mut Value, &str)) -> Stack {
     let scratch = Scratch::new(name);
     let fixtures = fixtures_dir();
     let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().expect("UTF-8 path")]);
     let mut policy = scalix_policy();
     assert!(policy["providers"]["mock"].is_object(), "scalix.json has a mock provider");
     policy["providers"]["mock"]["base_url"] = json!(mock_url);
+    adjust(&mut policy, &mock_url);
     seed_policy(&scratch.0, &policy.to_string());
     let wrangler = start_wrangler(
         &scratch.0,
@@ -548,22 +554,12 @@ const CANARY: &str = "CANARY-5e1d7b";
 /// [`start_scalix`] with scalix.json's free tier also sending a webhook (a `notify` threshold
 /// at 10 % of its day's total_tokens) to the mock's `/__mock/webhook`.
 fn start_scalix_notifying(name: &str) -> Stack {
-    let scratch = Scratch::new(name);
-    let fixtures = fixtures_dir();
-    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().expect("UTF-8 path")]);
-    let mut policy = scalix_policy();
-    policy["providers"]["mock"]["base_url"] = json!(mock_url);
-    policy["notify"] = json!({"url": format!("{mock_url}/__mock/webhook")});
-    let day = &mut policy["tiers"]["free"]["limits"][0];
-    assert_eq!(day["total_tokens"], DAY_LIMIT, "the free tier's first limit is total_tokens/day: {day}");
-    day["soft"].as_array_mut().expect("soft thresholds").push(json!({"at": 10, "action": "notify"}));
-    seed_policy(&scratch.0, &policy.to_string());
-    let wrangler = start_wrangler(
-        &scratch.0,
-        &[("UPSTREAM_URL", &mock_url), ("PROVIDER_PASS_HEADERS", "x-mock-fixture")],
-        None,
-    );
-    Stack { wrangler, mock_url, _mock: mock, _scratch: scratch }
+    start_scalix_with(name, |policy, mock_url| {
+        policy["notify"] = json!({"url": format!("{mock_url}/__mock/webhook")});
+        let day = &mut policy["tiers"]["free"]["limits"][0];
+        assert_eq!(day["total_tokens"], DAY_LIMIT, "the free tier's first limit is total_tokens/day: {day}");
+        day["soft"].as_array_mut().expect("soft thresholds").push(json!({"at": 10, "action": "notify"}));
+    })
 }
 
 /// Every regular file under `dir`, recursively.

@@ -182,6 +182,9 @@ pub(crate) fn define(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     })?;
 
     linker.func_wrap("env", "proxy_get_current_time_nanoseconds", |mut c: C, ptr: u32| -> R {
+        if c.data().host.clock().is_broken() {
+            return Ok(Status::InternalFailure as u32);
+        }
         let now = c.data().host.clock().now_nanos();
         Ok(if write_u64(&mut c, ptr, now)? { OK } else { INVALID_MEMORY })
     })?;

@@ -100,6 +100,9 @@ pub struct Clock(Arc<AtomicU64>);
 
 /// `Clock` value meaning "read the system clock". (Epoch nanos would reach it in year 2554.)
 const REAL_TIME: u64 = 0;
+/// `Clock` value meaning "the host cannot tell the time" (`proxy_get_current_time_nanoseconds`
+/// answers InternalFailure).
+const BROKEN: u64 = u64::MAX;
 
 impl Clock {
     pub fn set_epoch_ms(&self, ms: u64) {
@@ -107,7 +110,7 @@ impl Clock {
     }
 
     pub fn set_epoch_nanos(&self, nanos: u64) {
-        self.0.store(nanos.max(1), Ordering::SeqCst);
+        self.0.store(nanos.clamp(1, BROKEN - 1), Ordering::SeqCst);
     }
 
     /// Moves a fixed clock forward (a real clock is fixed at "now" first).
@@ -118,6 +121,15 @@ impl Clock {
 
     pub fn use_real_time(&self) {
         self.0.store(REAL_TIME, Ordering::SeqCst);
+    }
+
+    /// From now on the guest's time calls fail (until a `set_*` or `use_real_time`).
+    pub fn break_it(&self) {
+        self.0.store(BROKEN, Ordering::SeqCst);
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == BROKEN
     }
 
     pub fn now_nanos(&self) -> u64 {

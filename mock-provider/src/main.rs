@@ -1,4 +1,4 @@
-//! `tollgate-mock-provider [--port P] [--require-key KEY]`
+//! `tollgate-mock-provider [--port P] [--require-key KEY] [--fixtures DIR] [failure mode flags]`
 //!
 //! An OpenAI-compatible provider for local runs and tests, listening on 127.0.0.1 only.
 //! Prints `listening on http://127.0.0.1:PORT` as its first line of output (port 0, the
@@ -7,8 +7,18 @@
 //!
 //! - `POST /v1/chat/completions`: a fixed chat completion (SSE chunks, sent chunked, when
 //!   `"stream": true`), echoing the requested model.
-//! - `GET /__mock/requests`: `{"count": N}`, how many `/v1/` requests it has received, so tests
-//!   can prove a denied request never reached the upstream.
+//! - `POST /v1/messages`: the same reply as a native Anthropic message (usage `input_tokens` /
+//!   `output_tokens`); with `"stream": true` the SSE events `message_start`,
+//!   `content_block_start`, one `content_block_delta` per word, `content_block_stop`,
+//!   `message_delta` (stop reason and usage) and `message_stop`. Echoes the body's model.
+//! - `POST /v1beta/models/{model}:generateContent`: the same reply as a native Gemini answer
+//!   (`candidates`, `usageMetadata`, `modelVersion` = the model in the path);
+//!   `:streamGenerateContent?alt=sse` sends it as `data:` chunks (CRLF framing, as Gemini does),
+//!   one per word, `finishReason` and `usageMetadata` in the last; without `alt=sse`, the same
+//!   chunks as one streamed JSON array.
+//! - `GET /__mock/requests`: `{"count": N}`, how many `/v1…` requests it has received (failed,
+//!   hung and reset ones included), so tests can prove a denied request never reached the
+//!   upstream.
 //! - `GET /__mock/last-headers`: `{"names": [...]}`, the header names (never values) of the
 //!   last `/v1/` request, so tests can prove which headers reached the provider.
 //! - `GET /__mock/last-path`: `{"path": "...", "model": ...}`, the path with its query and the
@@ -18,11 +28,38 @@
 //!   webhook receiver for threshold events) and answers 200 `{}`.
 //! - `GET /__mock/webhooks`: `{"count": N, "hooks": [{"path": "...", "body": "..."}]}`, every
 //!   recorded webhook in arrival order.
+//! - `POST /__mock/mode`: replaces the failure mode (below) at runtime; JSON body with the
+//!   knobs `fail_status`, `retry_after` (number or string), `hang` (bool), `reset_after`,
+//!   `fail_first`, `quota_remaining` (unknown keys: 400). `{}` = healthy. Answers the new mode;
+//!   the `fail_first` count starts again. `GET /__mock/mode` shows the current one.
 //! - anything else: 404 in OpenAI's error format.
 //!
-//! Test knobs on `POST /v1/chat/completions` (request headers; without them nothing changes):
+//! **Failure modes** (whole server, every API request `/v1…`; flags at start, or
+//! `POST /__mock/mode`):
+//! - `--fail-status S` [`--retry-after V`]: answer S with an error body in the dialect of the
+//!   path (OpenAI `{"error": {message, type, param, code}}` for `/v1/chat/completions` and other
+//!   `/v1` paths, Anthropic `{"type": "error", "error": {type, message}}` for `/v1/messages`,
+//!   Gemini `{"error": {code, message, status}}` for `/v1beta/…`), with `retry-after: V` when given.
+//! - `--hang`: read the request, then never answer; the connection stays open until the client
+//!   closes it (or 120 s pass, so no thread lives forever).
+//! - `--reset-after K`: every streamed answer closes the connection after its first K events
+//!   without ending the chunked body (like the `x-mock-reset-after` header, which wins).
+//! - `--fail-first N`: only the first N API requests (since start or the last `POST
+//!   /__mock/mode`) fail, with the mode's failure (`--fail-status`, `--hang` or `--reset-after`;
+//!   status 500 when none is given); later ones are answered normally.
+//! - `--quota-remaining N`: successful (200) answers carry `x-ratelimit-remaining-requests: N`,
+//!   `x-ratelimit-remaining-tokens: 100000`, `x-ratelimit-reset-requests: 2s`, and on
+//!   `/v1/messages` also `anthropic-ratelimit-requests-remaining: N` and
+//!   `anthropic-ratelimit-requests-reset: <RFC 3339 time, now + 2 s>`.
+//!
+//! The failure mode is checked after a request is counted and recorded and before the key check
+//! and fixture replay: a failing provider fails whatever the request carries.
+//!
+//! Test knobs on `POST /v1/chat/completions`, `/v1/messages` and Gemini's paths (request
+//! headers; without them nothing changes):
 //! - `x-mock-usage: P,C`: report `P` prompt and `C` completion tokens (default 9 and 8); on a
-//!   stream, a usage-only chunk (`"choices": []`) is sent before `data: [DONE]`.
+//!   stream, a usage-only chunk (`"choices": []`) is sent before `data: [DONE]` (OpenAI only;
+//!   Anthropic and Gemini streams always carry their usage).
 //! - `x-mock-delay-ms: N`: a stream waits N ms before each event after the first.
 //! - `x-mock-reset-after: K`: a stream closes the connection after its first K events, without
 //!   ending the chunked body (an upstream reset mid-stream).
@@ -42,13 +79,98 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 const REPLY: &str = "Hello from the Tollgate mock provider.";
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 16 * 1024 * 1024;
+/// A hanging answer gives up after this long, so no connection thread lives forever.
+const HANG_LIMIT: Duration = Duration::from_secs(120);
+
+/// The whole-server failure mode (see the module docs). `Default` = healthy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Mode {
+    fail_status: Option<u16>,
+    retry_after: Option<String>,
+    hang: bool,
+    reset_after: Option<usize>,
+    fail_first: Option<u64>,
+    quota_remaining: Option<u64>,
+}
+
+impl Mode {
+    /// From `POST /__mock/mode`'s JSON body.
+    fn from_json(body: &[u8]) -> Result<Mode, String> {
+        let value: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?
+        };
+        let Some(object) = value.as_object() else { return Err("the mode must be a JSON object".into()) };
+        let mut mode = Mode::default();
+        for (key, v) in object {
+            let number = || v.as_u64().ok_or_else(|| format!("{key} must be a non-negative integer"));
+            match key.as_str() {
+                "fail_status" => {
+                    mode.fail_status = Some(status_code(number()?).ok_or("fail_status must be 100..=999")?)
+                }
+                "retry_after" => {
+                    mode.retry_after = Some(match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        _ => return Err("retry_after must be a string or a number".into()),
+                    })
+                }
+                "hang" => mode.hang = v.as_bool().ok_or("hang must be true or false")?,
+                "reset_after" => mode.reset_after = Some(number()? as usize),
+                "fail_first" => mode.fail_first = Some(number()?),
+                "quota_remaining" => mode.quota_remaining = Some(number()?),
+                _ => return Err(format!("unknown mode key {key:?}")),
+            }
+        }
+        Ok(mode)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "fail_status": self.fail_status, "retry_after": self.retry_after, "hang": self.hang,
+            "reset_after": self.reset_after, "fail_first": self.fail_first,
+            "quota_remaining": self.quota_remaining,
+        })
+    }
+
+    /// The failure the `n`-th (0-based) API request since this mode was set gets, if any.
+    fn failure(&self, n: u64) -> Option<Failure> {
+        if self.fail_first.is_some_and(|first| n >= first) {
+            return None;
+        }
+        if self.hang {
+            return Some(Failure::Hang);
+        }
+        if let Some(status) = self.fail_status {
+            return Some(Failure::Status(status, self.retry_after.clone()));
+        }
+        if let Some(k) = self.reset_after {
+            return Some(Failure::ResetAfter(k));
+        }
+        self.fail_first.map(|_| Failure::Status(500, self.retry_after.clone()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    Hang,
+    Status(u16, Option<String>),
+    /// Streamed answers close after K events; others are answered normally.
+    ResetAfter(usize),
+}
+
+fn status_code(n: u64) -> Option<u16> {
+    u16::try_from(n).ok().filter(|s| (100..=999).contains(s))
+}
 
 struct Shared {
     served: AtomicU64,
@@ -57,6 +179,8 @@ struct Shared {
     last_path: std::sync::Mutex<Value>,
     webhooks: std::sync::Mutex<Vec<Value>>,
     required_authorization: Option<String>,
+    /// The failure mode and how many API requests it has seen.
+    mode: Mutex<(Mode, u64)>,
 }
 
 fn main() {
@@ -65,17 +189,35 @@ fn main() {
     let mut fixtures = std::env::var_os("TOLLGATE_FIXTURES")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::PathBuf::from("../shared/fixtures"));
+    let mut mode = Mode::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let value = args.next();
         let parsed = match arg.as_str() {
-            "--port" => value.and_then(|v| v.parse().ok()).map(|v| port = v),
-            "--require-key" => value.map(|v| required_authorization = Some(v)),
-            "--fixtures" => value.map(|v| fixtures = std::path::PathBuf::from(v)),
-            _ => None,
+            "--hang" => {
+                mode.hang = true;
+                Some(())
+            }
+            _ => {
+                let value = args.next();
+                let number = || value.as_deref().and_then(|v| v.parse::<u64>().ok());
+                match arg.as_str() {
+                    "--port" => value.as_deref().and_then(|v| v.parse().ok()).map(|v| port = v),
+                    "--require-key" => value.clone().map(|v| required_authorization = Some(v)),
+                    "--fixtures" => value.clone().map(|v| fixtures = std::path::PathBuf::from(v)),
+                    "--fail-status" => number().and_then(status_code).map(|v| mode.fail_status = Some(v)),
+                    "--retry-after" => value.clone().map(|v| mode.retry_after = Some(v)),
+                    "--reset-after" => number().map(|v| mode.reset_after = Some(v as usize)),
+                    "--fail-first" => number().map(|v| mode.fail_first = Some(v)),
+                    "--quota-remaining" => number().map(|v| mode.quota_remaining = Some(v)),
+                    _ => None,
+                }
+            }
         };
         if parsed.is_none() {
-            eprintln!("usage: tollgate-mock-provider [--port P] [--require-key KEY] [--fixtures DIR]");
+            eprintln!(
+                "usage: tollgate-mock-provider [--port P] [--require-key KEY] [--fixtures DIR] [--fail-status S] \
+                 [--retry-after V] [--hang] [--reset-after K] [--fail-first N] [--quota-remaining N]"
+            );
             std::process::exit(2);
         }
     }
@@ -97,6 +239,7 @@ fn main() {
         last_path: std::sync::Mutex::new(json!({"path": null, "model": null})),
         webhooks: Default::default(),
         required_authorization,
+        mode: Mutex::new((mode, 0)),
     });
     for stream in listener.incoming().flatten() {
         let shared = Arc::clone(&shared);
@@ -122,6 +265,7 @@ impl Request {
     }
 }
 
+#[derive(Default)]
 struct Response {
     status: u16,
     content_type: &'static str,
@@ -133,6 +277,8 @@ struct Response {
     delay_ms: u64,
     /// Close the connection after this many chunks, leaving the body unfinished.
     reset_after: Option<usize>,
+    /// Answer nothing: keep the connection open until the client goes away (or `HANG_LIMIT`).
+    hang: bool,
 }
 
 fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -144,6 +290,10 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         };
         let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
         let response = handle(&request, shared);
+        if response.hang {
+            hang(&mut writer);
+            return Ok(());
+        }
         write_response(&mut writer, &response, close)?;
         if response.reset_after.is_some() {
             // The body was left unfinished on purpose: drop the connection.
@@ -154,6 +304,25 @@ fn serve_connection(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// Waits, answering nothing, until the client closes the connection or `HANG_LIMIT` passes.
+fn hang(stream: &mut TcpStream) {
+    let deadline = Instant::now() + HANG_LIMIT;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
 fn bad_input(msg: &str) -> std::io::Error {
@@ -239,7 +408,9 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
         401 => "Unauthorized",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         529 => "Overloaded",
         404 => "Not Found",
         _ => "Status",
@@ -282,15 +453,107 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
 }
 
 fn json_response(status: u16, body: &Value) -> Response {
-    Response {
-        status,
-        content_type: "application/json",
-        body: body.to_string().into_bytes(),
-        chunks: None,
-        extra_headers: vec![],
-        delay_ms: 0,
-        reset_after: None,
+    Response { status, content_type: "application/json", body: body.to_string().into_bytes(), ..Default::default() }
+}
+
+/// A chunked `text/event-stream` answer, one chunk per event.
+fn sse_response(chunks: Vec<String>) -> Response {
+    Response { status: 200, content_type: "text/event-stream", chunks: Some(chunks), ..Default::default() }
+}
+
+/// The API dialect a path belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+fn dialect(path: &str) -> Dialect {
+    if path.starts_with("/v1beta/") {
+        Dialect::Gemini
+    } else if path == "/v1/messages" || path.starts_with("/v1/messages/") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
     }
+}
+
+/// A failure-mode error answer in the path's dialect.
+fn mode_error(path: &str, status: u16, retry_after: Option<&str>) -> Response {
+    let message = format!("The mock provider is set to fail with {status}.");
+    let body = match dialect(path) {
+        Dialect::OpenAi => {
+            let (kind, code) = match status {
+                429 => ("rate_limit_error", "rate_limit_exceeded"),
+                400..=499 => ("invalid_request_error", "mock_failure"),
+                _ => ("server_error", "mock_failure"),
+            };
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        }
+        Dialect::Anthropic => {
+            let kind = match status {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                _ => "api_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+        Dialect::Gemini => {
+            let kind = match status {
+                400 => "INVALID_ARGUMENT",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                404 => "NOT_FOUND",
+                429 => "RESOURCE_EXHAUSTED",
+                503 => "UNAVAILABLE",
+                504 => "DEADLINE_EXCEEDED",
+                _ => "INTERNAL",
+            };
+            json!({"error": {"code": status, "message": message, "status": kind}})
+        }
+    };
+    let mut response = json_response(status, &body);
+    if let Some(r) = retry_after {
+        response.extra_headers.push(("retry-after", r.to_owned()));
+    }
+    response
+}
+
+/// `--quota-remaining`'s headers (see the module docs).
+fn quota_headers(path: &str, remaining: u64, now: SystemTime) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        ("x-ratelimit-remaining-requests", remaining.to_string()),
+        ("x-ratelimit-remaining-tokens", "100000".to_owned()),
+        ("x-ratelimit-reset-requests", "2s".to_owned()),
+    ];
+    if dialect(path) == Dialect::Anthropic {
+        let reset = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 2;
+        headers.push(("anthropic-ratelimit-requests-remaining", remaining.to_string()));
+        headers.push(("anthropic-ratelimit-requests-reset", rfc3339(reset)));
+    }
+    headers
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the Unix epoch (H. Hinnant's civil-from-days).
+fn rfc3339(epoch_seconds: u64) -> String {
+    let days = (epoch_seconds / 86_400) as i64;
+    let secs = epoch_seconds % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 fn error(status: u16, message: &str, code: &str) -> Response {
@@ -311,20 +574,43 @@ fn handle(request: &Request, shared: &Shared) -> Response {
             let model = serde_json::from_slice::<Value>(&request.body).ok().and_then(|b| b.get("model").cloned());
             *last = json!({"path": request.target, "model": model});
         }
-        if let Some(key) = &shared.required_authorization {
-            let bearer = format!("Bearer {key}");
-            let ok = request.header("authorization") == Some(bearer.as_str())
-                || request.header("x-api-key") == Some(key.as_str())
-                || request.header("x-goog-api-key") == Some(key.as_str());
-            if !ok {
-                return error(401, "Incorrect API key provided.", "invalid_api_key");
+        let (mode, failure) = match shared.mode.lock() {
+            Ok(mut guard) => {
+                let n = guard.1;
+                guard.1 += 1;
+                (guard.0.clone(), guard.0.failure(n))
+            }
+            Err(_) => (Mode::default(), None),
+        };
+        let mut response = match failure {
+            Some(Failure::Hang) => return Response { hang: true, ..Default::default() },
+            Some(Failure::Status(status, retry_after)) => return mode_error(path, status, retry_after.as_deref()),
+            Some(Failure::ResetAfter(_)) | None => api(request, shared),
+        };
+        if let Some(Failure::ResetAfter(k)) = failure {
+            if response.chunks.is_some() && response.reset_after.is_none() {
+                response.reset_after = Some(k);
             }
         }
-        if let Some(fixture) = request.header("x-mock-fixture") {
-            return replay(request, &shared.fixtures, fixture);
+        if let (Some(remaining), 200) = (mode.quota_remaining, response.status) {
+            response.extra_headers.extend(quota_headers(path, remaining, SystemTime::now()));
         }
+        return response;
     }
     match (request.method.as_str(), path) {
+        ("GET", "/__mock/mode") => {
+            json_response(200, &shared.mode.lock().map(|m| m.0.to_json()).unwrap_or(Value::Null))
+        }
+        ("POST", "/__mock/mode") => match Mode::from_json(&request.body) {
+            Ok(mode) => {
+                let shown = mode.to_json();
+                if let Ok(mut guard) = shared.mode.lock() {
+                    *guard = (mode, 0);
+                }
+                json_response(200, &shown)
+            }
+            Err(e) => error(400, &e, "bad_mode"),
+        },
         ("GET", "/__mock/last-headers") => {
             let names = shared.last_header_names.lock().map(|n| n.clone()).unwrap_or_default();
             json_response(200, &json!({"names": names}))
@@ -342,19 +628,70 @@ fn handle(request: &Request, shared: &Shared) -> Response {
             }
             json_response(200, &json!({}))
         }
-        ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
-            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => {
-                let knobs = Knobs::of(request);
-                let mut response = stream_response(&req, knobs.usage);
-                response.delay_ms = knobs.delay_ms;
-                response.reset_after = knobs.reset_after;
-                response
-            }
-            Ok(req) => json_response(200, &completion(&req, Knobs::of(request).usage)),
-            Err(e) => error(400, &format!("invalid JSON body: {e}"), "invalid_json"),
-        },
         (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
     }
+}
+
+/// An API request (`/v1…`) that the failure mode lets through: key check, replay, or an answer.
+fn api(request: &Request, shared: &Shared) -> Response {
+    let path = request.path.as_str();
+    if let Some(key) = &shared.required_authorization {
+        let bearer = format!("Bearer {key}");
+        let ok = request.header("authorization") == Some(bearer.as_str())
+            || request.header("x-api-key") == Some(key.as_str())
+            || request.header("x-goog-api-key") == Some(key.as_str());
+        if !ok {
+            return error(401, "Incorrect API key provided.", "invalid_api_key");
+        }
+    }
+    if let Some(fixture) = request.header("x-mock-fixture") {
+        return replay(request, &shared.fixtures, fixture);
+    }
+    let knobs = Knobs::of(request);
+    let with_knobs = |mut response: Response| {
+        response.delay_ms = knobs.delay_ms;
+        response.reset_after = knobs.reset_after;
+        response
+    };
+    match (request.method.as_str(), path) {
+        ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
+            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => with_knobs(stream_response(&req, knobs.usage)),
+            Ok(req) => json_response(200, &completion(&req, knobs.usage)),
+            Err(e) => error(400, &format!("invalid JSON body: {e}"), "invalid_json"),
+        },
+        ("POST", "/v1/messages") => match serde_json::from_slice::<Value>(&request.body) {
+            Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => with_knobs(anthropic_stream(&req, knobs.usage)),
+            Ok(req) => json_response(200, &anthropic_message(&req, knobs.usage)),
+            Err(e) => mode_error_body(path, 400, &format!("invalid JSON body: {e}")),
+        },
+        ("POST", p) if p.starts_with("/v1beta/models/") => {
+            let rest = &p["/v1beta/models/".len()..];
+            let Some((model, method)) = rest.rsplit_once(':') else {
+                return mode_error_body(p, 404, &format!("the mock provider has no route {p}"));
+            };
+            if let Err(e) = serde_json::from_slice::<Value>(&request.body) {
+                return mode_error_body(p, 400, &format!("invalid JSON body: {e}"));
+            }
+            let sse = request.target.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv == "alt=sse"));
+            match method {
+                "generateContent" => json_response(200, &gemini_answer(model, knobs.usage)),
+                "streamGenerateContent" => with_knobs(gemini_stream(model, knobs.usage, sse)),
+                _ => mode_error_body(p, 404, &format!("the mock provider has no method {method}")),
+            }
+        }
+        (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
+    }
+}
+
+/// An error answer with `message` in the path's dialect (Anthropic and Gemini paths).
+fn mode_error_body(path: &str, status: u16, message: &str) -> Response {
+    let mut response = mode_error(path, status, None);
+    let mut body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+    if let Some(m) = body.pointer_mut("/error/message") {
+        *m = json!(message);
+    }
+    response.body = body.to_string().into_bytes();
+    response
 }
 
 /// Answers with a recorded fixture (see the module docs).
@@ -396,8 +733,7 @@ fn replay(request: &Request, dir: &std::path::Path, name: &str) -> Response {
             body: vec![],
             chunks: Some(chunks),
             extra_headers,
-            delay_ms: 0,
-            reset_after: None,
+            ..Default::default()
         };
     }
     if file.starts_with("stream_array_") {
@@ -408,11 +744,10 @@ fn replay(request: &Request, dir: &std::path::Path, name: &str) -> Response {
             body: vec![],
             chunks: Some(chunks),
             extra_headers,
-            delay_ms: 0,
-            reset_after: None,
+            ..Default::default()
         };
     }
-    Response { status, content_type: "application/json", body: bytes, chunks: None, extra_headers, delay_ms: 0, reset_after: None }
+    Response { status, content_type: "application/json", body: bytes, extra_headers, ..Default::default() }
 }
 
 /// The test knobs a chat request carries (see the module docs).
@@ -473,13 +808,152 @@ fn stream_response(req: &Value, usage: Option<(u64, u64)>) -> Response {
     }
     let mut chunks: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
     chunks.push("data: [DONE]\n\n".to_owned());
-    Response {
-        status: 200,
-        content_type: "text/event-stream",
-        body: Vec::new(),
-        chunks: Some(chunks),
-        extra_headers: vec![],
-        delay_ms: 0,
-        reset_after: None,
+    sse_response(chunks)
+}
+
+fn anthropic_message(req: &Value, usage: Option<(u64, u64)>) -> Value {
+    let (input, output) = usage.unwrap_or((9, 8));
+    json!({
+        "id": "msg_mock",
+        "type": "message",
+        "role": "assistant",
+        "model": model(req),
+        "content": [{"type": "text", "text": REPLY}],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {"input_tokens": input, "output_tokens": output}
+    })
+}
+
+fn anthropic_stream(req: &Value, usage: Option<(u64, u64)>) -> Response {
+    let (input, output) = usage.unwrap_or((9, 8));
+    let mut events = vec![(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
+               "model": model(req), "content": [], "stop_reason": null, "stop_sequence": null,
+               "usage": {"input_tokens": input, "output_tokens": 1}}}),
+    )];
+    events.push((
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
+    for word in REPLY.split_inclusive(' ') {
+        events.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}),
+        ));
+    }
+    events.push(("content_block_stop", json!({"type": "content_block_stop", "index": 0})));
+    events.push((
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+               "usage": {"input_tokens": input, "output_tokens": output}}),
+    ));
+    events.push(("message_stop", json!({"type": "message_stop"})));
+    sse_response(events.into_iter().map(|(name, data)| format!("event: {name}\ndata: {data}\n\n")).collect())
+}
+
+fn gemini_usage((prompt, candidates): (u64, u64)) -> Value {
+    json!({"promptTokenCount": prompt, "candidatesTokenCount": candidates, "totalTokenCount": prompt + candidates})
+}
+
+fn gemini_answer(model: &str, usage: Option<(u64, u64)>) -> Value {
+    json!({
+        "candidates": [{"content": {"parts": [{"text": REPLY}], "role": "model"}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": gemini_usage(usage.unwrap_or((9, 8))),
+        "modelVersion": model,
+        "responseId": "mock-response"
+    })
+}
+
+/// Gemini's stream: `data:` events with CRLF framing (`alt=sse`), else one streamed JSON array.
+fn gemini_stream(model: &str, usage: Option<(u64, u64)>, sse: bool) -> Response {
+    let words: Vec<&str> = REPLY.split_inclusive(' ').collect();
+    let last = words.len() - 1;
+    let events = words.iter().enumerate().map(|(i, word)| {
+        let mut candidate = json!({"content": {"parts": [{"text": word}], "role": "model"}, "index": 0});
+        let mut event = json!({"candidates": [], "modelVersion": model, "responseId": "mock-response"});
+        if i == last {
+            candidate["finishReason"] = json!("STOP");
+            event["usageMetadata"] = gemini_usage(usage.unwrap_or((9, 8)));
+        }
+        event["candidates"] = json!([candidate]);
+        event
+    });
+    if sse {
+        return sse_response(events.map(|e| format!("data: {e}\r\n\r\n")).collect());
+    }
+    let mut chunks: Vec<String> =
+        events.enumerate().map(|(i, e)| if i == 0 { format!("[{e}") } else { format!("\n,\r\n{e}") }).collect();
+    chunks.push("]".to_owned());
+    Response { status: 200, content_type: "application/json", chunks: Some(chunks), ..Default::default() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_json_knobs_and_empty_is_healthy() {
+        assert_eq!(Mode::from_json(b"{}").unwrap(), Mode::default());
+        assert_eq!(Mode::from_json(b"").unwrap(), Mode::default());
+        let mode = Mode::from_json(br#"{"fail_status": 429, "retry_after": 3, "fail_first": 2, "quota_remaining": 0}"#).unwrap();
+        assert_eq!(mode.fail_status, Some(429));
+        assert_eq!(mode.retry_after.as_deref(), Some("3"));
+        assert_eq!(mode.quota_remaining, Some(0));
+        assert_eq!(
+            [mode.failure(0), mode.failure(1), mode.failure(2)],
+            [Some(Failure::Status(429, Some("3".into()))), Some(Failure::Status(429, Some("3".into()))), None]
+        );
+        assert_eq!(Mode::from_json(br#"{"hang": true}"#).unwrap().failure(7), Some(Failure::Hang));
+        assert_eq!(Mode::from_json(br#"{"reset_after": 2}"#).unwrap().failure(0), Some(Failure::ResetAfter(2)));
+        assert_eq!(Mode::from_json(br#"{"fail_first": 1}"#).unwrap().failure(0), Some(Failure::Status(500, None)));
+        assert_eq!(Mode::default().failure(0), None);
+        assert_eq!(Mode::from_json(br#"{"fail": 1}"#).unwrap_err(), "unknown mode key \"fail\"");
+        assert!(Mode::from_json(br#"{"fail_status": 70000}"#).is_err());
+        assert!(Mode::from_json(b"[1]").is_err());
+    }
+
+    #[test]
+    fn errors_speak_the_dialect_of_the_path() {
+        let body = |r: Response| serde_json::from_slice::<Value>(&r.body).unwrap();
+        let r = mode_error("/v1/chat/completions", 500, None);
+        assert_eq!(body(r)["error"]["type"], "server_error");
+        let r = mode_error("/v1/messages", 429, Some("5"));
+        assert_eq!(r.extra_headers, vec![("retry-after", "5".to_owned())]);
+        assert_eq!(body(r)["error"]["type"], "rate_limit_error");
+        let r = mode_error("/v1beta/models/gemini-2.5-flash:generateContent", 503, None);
+        assert_eq!(body(r)["error"], json!({"code": 503, "message": "The mock provider is set to fail with 503.", "status": "UNAVAILABLE"}));
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn quota_headers_per_dialect() {
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(quota_headers("/v1/chat/completions", 4, at).len(), 3);
+        let h = quota_headers("/v1/messages", 0, at);
+        assert!(h.contains(&("anthropic-ratelimit-requests-remaining", "0".to_owned())));
+        assert!(h.contains(&("anthropic-ratelimit-requests-reset", "2023-11-14T22:13:22Z".to_owned())));
+    }
+
+    #[test]
+    fn native_answers_echo_the_model() {
+        let req = json!({"model": "claude-x"});
+        assert_eq!(anthropic_message(&req, Some((3, 4)))["usage"], json!({"input_tokens": 3, "output_tokens": 4}));
+        let chunks = anthropic_stream(&req, None).chunks.unwrap();
+        assert!(chunks[0].starts_with("event: message_start\ndata: "));
+        assert!(chunks.last().unwrap().starts_with("event: message_stop\n"));
+        assert_eq!(gemini_answer("gemini-x", None)["modelVersion"], "gemini-x");
+        let chunks = gemini_stream("gemini-x", None, true).chunks.unwrap();
+        assert!(chunks.iter().all(|c| c.starts_with("data: {") && c.ends_with("}\r\n\r\n")));
+        assert!(chunks.last().unwrap().contains("usageMetadata") && !chunks[0].contains("usageMetadata"));
+        let array: String = gemini_stream("gemini-x", None, false).chunks.unwrap().concat();
+        assert_eq!(serde_json::from_str::<Value>(&array).unwrap().as_array().unwrap().len(), chunks.len());
     }
 }

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::fallback::{FallbackSettings, HealthSettings, RawAlias, RawFallback, RawHealth};
 use crate::guard::{Guards, RawGuards};
 use crate::identity::{IdentityConfig, RawIdentity, RawTierSelect};
 use crate::limits::engine::{LimitSet, Price};
@@ -75,6 +76,10 @@ struct RawConfig {
     providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     models: BTreeMap<String, RawModel>,
+    #[serde(default)]
+    aliases: BTreeMap<String, RawAlias>,
+    fallback: Option<RawFallback>,
+    health: Option<RawHealth>,
 }
 
 #[derive(Deserialize)]
@@ -201,6 +206,10 @@ pub struct Policy {
     pub notify: Option<Notify>,
     /// Secret name of the admin key (worker usage listing).
     pub admin_key_secret: Option<String>,
+    /// When a request for an alias moves on to its next deployment.
+    pub fallback: FallbackSettings,
+    /// When a deployment is cooled down or steered away from.
+    pub health: HealthSettings,
 }
 
 pub use crate::identity::{IdentitySource, Subject};
@@ -267,8 +276,13 @@ impl Policy {
         if store.lease_ttl_seconds == 0 || store.lease_ttl_seconds > 86_400 {
             return Err(invalid("store.lease_ttl_seconds", "must be from 1 to 86400"));
         }
-        let routes = Routes::validate(raw.providers, raw.models)?;
-        let model_known = |m: &str| routes.route(m).is_some();
+        let fallback = raw.fallback.map(RawFallback::validate).transpose()?.unwrap_or_default();
+        let health = raw.health.map(RawHealth::validate).transpose()?.unwrap_or_default();
+        let mut routes = Routes::validate(raw.providers, raw.models)?;
+        routes.validate_aliases(raw.aliases, &fallback)?;
+        let routes = routes;
+        // Client-visible names (models and aliases): allowlists and downgrade targets.
+        let model_known = |m: &str| routes.knows(m);
 
         let mut tiers = BTreeMap::new();
         let mut rules = BTreeMap::new();
@@ -294,7 +308,7 @@ impl Policy {
             if routes.is_enabled() {
                 for (i, m) in guards.models().unwrap_or_default().iter().enumerate() {
                     if !model_known(m) {
-                        return Err(invalid(format!("tiers.{name}.guards.models[{i}]"), format!("unknown model \"{m}\" (models are configured in models)")));
+                        return Err(invalid(format!("tiers.{name}.guards.models[{i}]"), format!("unknown model \"{m}\" (models are configured in models, aliases in aliases)")));
                     }
                 }
             }
@@ -325,7 +339,10 @@ impl Policy {
         let mut prices = BTreeMap::new();
         for (model, p) in raw.prices {
             let path = format!("prices.{model}");
-            if routes.is_enabled() && !model_known(&model) {
+            if routes.alias(&model).is_some() {
+                return Err(invalid(path, format!("\"{model}\" is an alias: it is priced at the most expensive of its deployments")));
+            }
+            if routes.is_enabled() && routes.route(&model).is_none() {
                 return Err(invalid(path, format!("unknown model \"{model}\" (prices are per model in models)")));
             }
             let micros = |field: &str, usd: f64| -> Result<u64, ConfigError> {
@@ -346,6 +363,21 @@ impl Policy {
             if let Some(model) = routes.model_names().find(|m| !prices.contains_key(*m)) {
                 return Err(invalid(format!("prices.{model}"), format!("missing: {at} limits cost, so every model needs a price")));
             }
+        }
+
+        // An alias reserves at the component-wise maximum of its deployments' prices; settlement
+        // uses the serving deployment's own price (hosts set the ticket's model to it).
+        for alias in routes.aliases() {
+            let mut priced = alias.deployment_names().filter_map(|d| prices.get(d)).peekable();
+            if priced.peek().is_none() {
+                continue;
+            }
+            let max = priced.fold(Price::default(), |m, p| Price {
+                input: m.input.max(p.input),
+                output: m.output.max(p.output),
+                cached_input: m.cached_input.max(p.cached_input),
+            });
+            prices.insert(alias.name.clone(), max);
         }
 
         let notify = raw.notify.map(validate_notify).transpose()?;
@@ -377,13 +409,18 @@ impl Policy {
             routes,
             notify,
             admin_key_secret,
+            fallback,
+            health,
         })
     }
 
     /// Request headers that are Tollgate's business only (who the user is, what they pay):
     /// adapters do not forward them to the provider.
+    /// Tollgate's own internal headers ([`crate::fallback::INTERNAL_HEADERS`]: the plan, the
+    /// start time, the serving deployment, the retry mark) are among them: a client must never
+    /// set those.
     pub fn private_request_headers(&self) -> impl Iterator<Item = &str> {
-        self.identity.private_headers()
+        self.identity.private_headers().chain(crate::fallback::INTERNAL_HEADERS)
     }
 
     /// A tier's guards, messages and output cap (the defaults for an unknown tier).
@@ -462,7 +499,10 @@ mod tests {
     #[test]
     fn parses_the_documented_example() {
         let p = Policy::from_json(GOOD.as_bytes()).unwrap();
-        assert_eq!(p.private_request_headers().collect::<Vec<_>>(), vec!["x-tollgate-user", "x-tollgate-tier"]);
+        assert_eq!(
+            p.private_request_headers().collect::<Vec<_>>(),
+            vec!["x-tollgate-user", "x-tollgate-tier", "x-tollgate-plan", "x-tollgate-start", "x-tollgate-deployment", "x-tollgate-retry"]
+        );
         assert_eq!(p.limits_of("free").len(), 2);
         assert_eq!(
             p.limits.tracked[&Scope::Identity],
@@ -491,7 +531,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"tier": {"default": "free"}, "tiers": {"free": {"limits": []}}, "upstream": 1}"#),
-            "upstream: unknown field `upstream`, expected one of `time_zone`, `identity`, `tier`, `store`, `tiers`, `global`, `prices`, `notify`, `admin`, `providers`, `models`"
+            "upstream: unknown field `upstream`, expected one of `time_zone`, `identity`, `tier`, `store`, `tiers`, `global`, `prices`, `notify`, `admin`, `providers`, `models`, `aliases`, `fallback`, `health`"
         );
     }
 
@@ -662,13 +702,106 @@ mod tests {
         };
         assert_eq!(
             err(&routed(r#"{"guards": {"models": ["big", "huge"]}}"#)),
-            r#"tiers.a.guards.models[1]: unknown model "huge" (models are configured in models)"#
+            r#"tiers.a.guards.models[1]: unknown model "huge" (models are configured in models, aliases in aliases)"#
         );
         assert_eq!(
             err(&routed(r#"{"limits": [{"window": "day", "requests": 5, "soft": [{"at": 100, "action": "downgrade", "model": "tiny"}]}]}"#)),
             r#"tiers.a.limits[0].soft[0].model: unknown model "tiny" (downgrade targets must be in models)"#
         );
         assert!(Policy::from_json(routed(r#"{"limits": [{"window": "day", "requests": 5, "soft": [{"at": 100, "action": "downgrade", "model": "small"}]}]}"#).as_bytes()).is_ok());
+    }
+
+    fn with_aliases(extra: &str) -> String {
+        format!(
+            r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {{"limits": [], "guards": {{"models": ["free"]}}}}}},
+                "providers": {{"x": {{"kind": "openai"}}}},
+                "models": {{"flash": {{"provider": "x", "model": "f"}}, "pro": {{"provider": "x", "model": "p"}}}}{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn aliases_fallback_and_health_are_parsed() {
+        let p = Policy::from_json(
+            with_aliases(
+                r#", "aliases": {"free": {"deployments": ["flash", {"model": "pro", "weight": 3}], "strategy": "weighted"}},
+                    "fallback": {"on": ["timeout", "5xx"], "max_attempts": 2, "attempt_timeout_ms": 5000},
+                    "health": {"failures": 2, "cooldown_seconds": 10}"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let a = p.routes.alias("free").unwrap();
+        assert_eq!(a.deployment_names().collect::<Vec<_>>(), ["flash", "pro"]);
+        assert_eq!((a.strategy, a.max_attempts, a.deployments[1].weight), (crate::fallback::Strategy::Weighted, 2, 3));
+        assert_eq!(p.routes.aliases().count(), 1);
+        assert_eq!(p.routes.client_names().collect::<Vec<_>>(), ["flash", "pro", "free"]);
+        assert_eq!(p.routes.model_names().collect::<Vec<_>>(), ["flash", "pro"]);
+        assert!(p.routes.route("free").is_none() && p.routes.alias("flash").is_none());
+        assert_eq!((p.fallback.max_attempts, p.fallback.attempt_timeout_ms, p.fallback.total_timeout_ms), (2, 5000, 120_000));
+        assert!(p.fallback.falls_back(crate::fallback::Failure::Timeout));
+        assert!(!p.fallback.falls_back(crate::fallback::Failure::Status(429)));
+        assert_eq!((p.health.failures, p.health.cooldown_ms, p.health.window_ms), (2, 10_000, 60_000));
+        // without the keys: the defaults, and no aliases
+        let d = Policy::from_json(GOOD.as_bytes()).unwrap();
+        assert_eq!((d.fallback, d.health), (crate::fallback::FallbackSettings::default(), crate::fallback::HealthSettings::default()));
+        assert_eq!(d.routes.aliases().count(), 0);
+    }
+
+    #[test]
+    fn alias_mistakes_name_their_path() {
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash", "gpt-5"]}}"#)),
+            r#"aliases.free.deployments[1]: unknown model "gpt-5" (deployments are names in models)"#
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"]}, "pro": {"deployments": ["flash"]}}"#)),
+            r#"aliases.pro: "pro" is already a model in models (an alias needs a name of its own)"#
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"], "strategy": "random"}}"#)),
+            "aliases.free.strategy: unknown variant `random`, expected one of `priority`, `weighted`, `least_recently_failed`"
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"], "order": 1}}"#)),
+            "aliases.free.order: unknown field `order`, expected one of `deployments`, `strategy`, `max_attempts`"
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"]}}, "fallback": {"on": ["connect", "timeout", "6xx"]}"#)),
+            r#"fallback.on[2]: unknown failure "6xx" (use connect, timeout, reset, 429, 5xx, 4xx or a status 400..=599)"#
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"]}}, "fallback": {"retries": 2}"#)),
+            "fallback.retries: unknown field `retries`, expected one of `on`, `max_attempts`, `attempt_timeout_ms`, `total_timeout_ms`"
+        );
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"]}}, "health": {"failures": 0}"#)),
+            "health.failures: must be from 1 to 1000"
+        );
+        // a tier allowlist naming an alias that does not exist
+        assert_eq!(err(&with_aliases("")), r#"tiers.a.guards.models[0]: unknown model "free" (models are configured in models, aliases in aliases)"#);
+        // an alias cannot be priced on its own
+        assert_eq!(
+            err(&with_aliases(r#", "aliases": {"free": {"deployments": ["flash"]}}, "prices": {"free": {"input": 1, "output": 1}}"#)),
+            r#"prices.free: "free" is an alias: it is priced at the most expensive of its deployments"#
+        );
+    }
+
+    #[test]
+    fn alias_prices_are_the_maximum_of_their_deployments() {
+        let p = Policy::from_json(
+            with_aliases(
+                r#", "aliases": {"free": {"deployments": ["flash", "pro"]}},
+                    "prices": {"flash": {"input": 0.3, "output": 2.5, "cached_input": 0.03}, "pro": {"input": 1.25, "output": 10}}"#,
+            )
+            .replace(r#""limits": []"#, r#""limits": [{"window": "day", "cost_usd": 5, "soft": [{"at": 80, "action": "downgrade", "model": "free"}]}]"#)
+            .as_bytes(),
+        )
+        .unwrap();
+        let price = p.limits.prices["free"];
+        assert_eq!((price.input, price.output, price.cached_input), (1_250_000, 10_000_000, 1_250_000));
+        // unpriced deployments: no alias price either
+        let unpriced = Policy::from_json(with_aliases(r#", "aliases": {"free": {"deployments": ["flash", "pro"]}}"#).as_bytes()).unwrap();
+        assert!(!unpriced.limits.prices.contains_key("free"));
     }
 
     #[test]

@@ -21,6 +21,7 @@
 use serde_json::{json, Value};
 
 use crate::config::{FailureMode, Policy, TierRules};
+use crate::fallback::Alias;
 use crate::guard::{estimate_prompt_tokens, output_reservation};
 use crate::identity::{RequestFacts, Subject};
 use crate::limits::engine::{self, binding, Admission, Estimate, Ticket, Who};
@@ -39,6 +40,7 @@ pub const USAGE_PATH: &str = "/v1/tollgate/usage";
 /// Names the model a downgrade served the request with.
 pub const DOWNGRADE_HEADER: &str = "x-tollgate-downgraded-to";
 pub const UPGRADE_HEADER: &str = "x-tollgate-upgrade-url";
+pub use crate::fallback::{DEPLOYMENT_HEADER, PLAN_HEADER, RETRY_HEADER, START_HEADER};
 
 /// What kind of request this is, from its method and path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,8 +90,10 @@ pub struct Admitted<'p> {
     /// Whether `request` differs from the client's body (hosts that do not translate must
     /// then replace the body).
     pub rewritten: bool,
-    /// Where it goes, when the policy maps models.
+    /// Where it goes, when the policy maps models (`None` for an alias).
     pub route: Option<Route<'p>>,
+    /// The alias that serves it (its deployments are tried per [`crate::fallback::choose`]).
+    pub alias: Option<&'p Alias>,
     /// What to settle when the request ends (empty when the store failed and the policy
     /// allowed the request anyway).
     pub ticket: Option<Ticket>,
@@ -152,6 +156,8 @@ pub struct Pending<'p> {
     pub estimate: Estimate,
     request: Option<ChatRequest>,
     route: Option<Route<'p>>,
+    /// The alias asked for (`route` is then `None`).
+    pub alias: Option<&'p Alias>,
 }
 
 /// The outcome of preparing a request: admit it, or answer it now.
@@ -169,10 +175,12 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
         Err(e) => return Prepared::Reply(TranslateError::unreadable_body(&e).to_response()),
     };
     let mut route = None;
+    let mut alias = None;
     if policy.routes.is_enabled() {
-        match policy.routes.route(&request.model) {
-            Some(r) => route = Some(r),
-            None => return Prepared::Reply(TranslateError::model_not_found(&request.model).to_response()),
+        match (policy.routes.route(&request.model), policy.routes.alias(&request.model)) {
+            (Some(r), _) => route = Some(r),
+            (None, Some(a)) => alias = Some(a),
+            (None, None) => return Prepared::Reply(TranslateError::model_not_found(&request.model).to_response()),
         }
     }
     let subject = match resolve(policy, facts, request.user.as_deref()) {
@@ -184,10 +192,14 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
     if let Err(e) = rules.guards.check_body_size(body.len() as u64).and_then(|_| rules.guards.check(&request, prompt)) {
         return Prepared::Reply(e.to_response());
     }
-    let model_default = route.as_ref().and_then(|r| r.target.default_max_tokens);
+    let model_default = match (&route, alias) {
+        (Some(r), _) => r.target.default_max_tokens,
+        (None, Some(a)) => policy.routes.alias_default_max_tokens(a),
+        (None, None) => None,
+    };
     let output = output_reservation(&request, &rules.guards, model_default);
     let estimate = Estimate { model: Some(request.model.clone()), input_tokens: prompt, output_tokens: output };
-    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request: Some(request), route }))
+    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request: Some(request), route, alias }))
 }
 
 /// Prepares a request that is not a chat completion, from its headers alone (a zero token
@@ -199,6 +211,7 @@ pub fn prepare_other<'p>(policy: &'p Policy, facts: &Facts) -> Prepared<'p> {
             estimate: Estimate { model: None, input_tokens: 0, output_tokens: 0 },
             request: None,
             route: None,
+            alias: None,
         })),
         Err(r) => Prepared::Reply(r),
     }
@@ -208,11 +221,11 @@ impl<'p> Pending<'p> {
     /// Applies the admission's outcome: a 429 (localized), or the request to forward with its
     /// soft-limit actions applied.
     pub fn conclude(self, policy: &'p Policy, facts: &Facts, result: Result<Admission, StoreError>) -> Gate<'p> {
-        let Pending { who, estimate, request, mut route } = self;
+        let Pending { who, estimate, request, mut route, mut alias } = self;
         let rules = policy.rules(&who.tier);
         let admission = match result {
             Ok(a) => a,
-            Err(e) => return store_failed(policy, e, request, route, who.tier),
+            Err(e) => return store_failed(policy, e, request, route, alias, who.tier),
         };
         if let Some(response) = refusal(&admission, rules, facts) {
             return reply(response, Refused::Limited);
@@ -223,9 +236,14 @@ impl<'p> Pending<'p> {
         };
         let mut rewritten = false;
         if let Some(model) = admitted.ticket.as_ref().and_then(|t| t.model.clone()).filter(|m| *m != request.model) {
-            // A downgrade: the ticket already prices the model that serves the request.
+            // A downgrade: the ticket already prices the model that serves the request (an
+            // alias at its most expensive deployment).
             if let Some(r) = policy.routes.route(&model) {
                 route = Some(r);
+                alias = None;
+            } else if let Some(a) = policy.routes.alias(&model) {
+                alias = Some(a);
+                route = None;
             }
             admitted.headers.push((DOWNGRADE_HEADER, model.clone()));
             request.model = model;
@@ -239,6 +257,7 @@ impl<'p> Pending<'p> {
         admitted.request = Some(request);
         admitted.rewritten = rewritten;
         admitted.route = route;
+        admitted.alias = alias;
         Gate::Forward(Box::new(admitted))
     }
 }
@@ -263,13 +282,14 @@ fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Pr
     }
 }
 
-fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>, route: Option<Route<'p>>, tier: String) -> Gate<'p> {
+fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>, route: Option<Route<'p>>, alias: Option<&'p Alias>, tier: String) -> Gate<'p> {
     match policy.on_failure {
         FailureMode::Deny => Gate::Reply { response: render::store_unavailable(), why: Refused::StoreFailed, store_error: Some(e) },
         FailureMode::Allow => Gate::Forward(Box::new(Admitted {
             request,
             rewritten: false,
             route,
+            alias,
             ticket: None,
             headers: vec![],
             warning: None,
@@ -384,6 +404,7 @@ fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts:
         request: None,
         rewritten: false,
         route: None,
+        alias: None,
         ticket: Some(admission.ticket),
         headers,
         warning,
@@ -635,6 +656,119 @@ mod tests {
             assert_eq!((response.status, why), (status, Refused::Invalid), "{body}");
         }
         assert!(store.is_empty(), "nothing was written");
+    }
+
+    fn alias_policy() -> Policy {
+        Policy::from_json(
+            r#"{
+            "identity": {"header": "x-user"}, "tier": {"header": "x-tier", "default": "free"},
+            "tiers": {
+              "free": {"limits": [{"window": "day", "cost_usd": 1}], "guards": {"models": ["small"]}},
+              "pro": {"limits": [{"window": "day", "cost_usd": 1},
+                                 {"window": "day", "requests": 10, "soft": [{"at": 10, "action": "downgrade", "model": "auto"}]}],
+                      "guards": {"models": ["big", "auto"]}}
+            },
+            "providers": {"p": {"kind": "openai"}, "q": {"kind": "anthropic", "default_max_tokens": 300}},
+            "models": {"big": {"provider": "p", "model": "b", "default_max_tokens": 100}, "small": {"provider": "q", "model": "s"}},
+            "prices": {"big": {"input": 3, "output": 1}, "small": {"input": 1, "output": 2, "cached_input": 0.5}},
+            "aliases": {"auto": {"deployments": ["small", "big"], "strategy": "least_recently_failed"}}
+        }"#
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn facts_for<'a>(header: &'a dyn Fn(&str) -> Option<String>, none: &'a dyn Fn(&str) -> Option<Vec<u8>>) -> Facts<'a> {
+        Facts { header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: none }
+    }
+
+    fn user_in(user: &str, tier: &str) -> impl Fn(&str) -> Option<String> {
+        let (user, tier) = (user.to_owned(), tier.to_owned());
+        move |name: &str| match name {
+            "x-user" => Some(user.clone()),
+            "x-tier" => Some(tier.clone()),
+            _ => None,
+        }
+    }
+
+    fn cost_used(p: &Policy, store: &mut MemoryStore, user: &str, tier: &str) -> u64 {
+        let header = user_in(user, tier);
+        let none = |_: &str| None;
+        let r = usage_report(p, &facts_for(&header, &none), store);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        let cost = v["limits"].as_array().unwrap().iter().find(|l| l["metric"] == "cost_usd").unwrap_or_else(|| panic!("{v}"));
+        cost["used"].as_u64().unwrap()
+    }
+
+    #[test]
+    fn an_alias_is_admitted_priced_at_its_most_expensive_deployment() {
+        let p = alias_policy();
+        let alias_price = p.limits.prices["auto"];
+        assert_eq!((alias_price.input, alias_price.output, alias_price.cached_input), (3_000_000, 2_000_000, 3_000_000));
+        let mut store = MemoryStore::new();
+        let header = user_in("u1", "pro");
+        let none = |_: &str| None;
+        let facts = facts_for(&header, &none);
+        let body = br#"{"model":"auto","messages":[{"role":"user","content":"hi"}]}"#;
+        let Prepared::Admit(pending) = prepare_chat(&p, &facts, body) else { panic!("prepared") };
+        assert_eq!(pending.alias.map(|a| a.name.as_str()), Some("auto"));
+        // output reservation: the largest default_max_tokens of its deployments (small: 300 from its provider)
+        assert_eq!(pending.estimate.output_tokens, 300);
+        let input = pending.estimate.input_tokens;
+        let g = admit_chat(&p, &facts, body, &mut store, 1);
+        let Gate::Forward(a) = &g else { panic!("{g:?}") };
+        assert!(a.route.is_none());
+        let alias = a.alias.expect("alias");
+        assert_eq!((alias.name.as_str(), alias.strategy, alias.max_attempts), ("auto", crate::fallback::Strategy::LeastRecentlyFailed, 2));
+        assert_eq!(a.request.as_ref().unwrap().model, "auto");
+        let ticket = a.ticket.clone().unwrap();
+        assert_eq!(ticket.model.as_deref(), Some("auto"));
+        assert_eq!(cost_used(&p, &mut store, "u1", "pro"), 3 * input + 2 * 300, "reserved at the maximum price");
+        // settlement with the serving deployment's price
+        let mut served = ticket;
+        served.model = Some("big".to_owned());
+        let usage = Usage { input: Some(10), output: Some(10), ..Usage::default() };
+        finish(&p, &mut store, &served, Some(&usage), T0 + 1).unwrap();
+        assert_eq!(cost_used(&p, &mut store, "u1", "pro"), 3 * 10 + 10);
+    }
+
+    #[test]
+    fn aliases_follow_the_tier_allowlist_and_unknown_names_are_404() {
+        let p = alias_policy();
+        let mut store = MemoryStore::new();
+        let none = |_: &str| None;
+        let free = user_in("f", "free");
+        for (body, status, code) in [
+            (r#"{"model":"auto","messages":[]}"#, 400, "model_not_allowed"),
+            (r#"{"model":"nope","messages":[]}"#, 404, "model_not_found"),
+        ] {
+            let Gate::Reply { response, why, .. } = admit_chat(&p, &facts_for(&free, &none), body.as_bytes(), &mut store, 1) else { panic!("{body}") };
+            assert_eq!((response.status, why), (status, Refused::Invalid), "{body}");
+            let v: Value = serde_json::from_slice(&response.body).unwrap();
+            assert_eq!(v["error"]["code"], code);
+        }
+        assert!(store.is_empty());
+        let Gate::Forward(a) = admit_chat(&p, &facts_for(&free, &none), br#"{"model":"small","messages":[]}"#, &mut store, 2) else { panic!() };
+        assert!(a.alias.is_none() && a.route.is_some());
+    }
+
+    #[test]
+    fn a_downgrade_may_name_an_alias() {
+        let p = alias_policy();
+        let mut store = MemoryStore::new();
+        let none = |_: &str| None;
+        let pro = user_in("d", "pro");
+        let body = br#"{"model":"big","messages":[],"max_tokens":5}"#;
+        let Gate::Forward(a) = admit_chat(&p, &facts_for(&pro, &none), body, &mut store, 1) else { panic!() };
+        assert_eq!((a.route.as_ref().map(|r| r.target.upstream_model.as_str()), a.alias), (Some("b"), None));
+        // 1 of 10 requests = the 10 % downgrade
+        let Gate::Forward(a) = admit_chat(&p, &facts_for(&pro, &none), body, &mut store, 2) else { panic!() };
+        assert!(a.route.is_none());
+        assert_eq!(a.alias.map(|x| x.name.as_str()), Some("auto"));
+        assert_eq!(a.request.as_ref().unwrap().model, "auto");
+        assert!(a.rewritten);
+        assert!(a.headers.contains(&(DOWNGRADE_HEADER, "auto".to_owned())));
+        assert_eq!(a.ticket.as_ref().unwrap().model.as_deref(), Some("auto"));
     }
 
     #[test]

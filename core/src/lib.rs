@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod duration;
+pub mod fallback;
 pub mod gate;
 pub mod guard;
 pub mod identity;

@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use crate::config::ConfigError;
+use crate::fallback::{self, Alias, FallbackSettings, RawAlias};
 use crate::translate::{ProviderKind, Target};
 
 #[derive(Deserialize)]
@@ -88,6 +89,8 @@ pub struct Route<'a> {
 pub struct Routes {
     providers: BTreeMap<String, (Provider, Option<u64>)>,
     models: BTreeMap<String, (String, String, Option<u64>)>,
+    /// Client-visible names served by several deployments (names in `models`).
+    aliases: BTreeMap<String, Alias>,
 }
 
 fn invalid(path: String, message: impl Into<String>) -> ConfigError {
@@ -161,6 +164,13 @@ impl Routes {
         Ok(routes)
     }
 
+    /// Validates `aliases` against the models already validated.
+    pub(crate) fn validate_aliases(&mut self, aliases: BTreeMap<String, RawAlias>, fallback: &FallbackSettings) -> Result<(), ConfigError> {
+        let models = &self.models;
+        self.aliases = fallback::validate_aliases(aliases, &|m| models.contains_key(m), fallback)?;
+        Ok(())
+    }
+
     /// Whether the policy maps models (and so translates requests).
     pub fn is_enabled(&self) -> bool {
         !self.models.is_empty()
@@ -180,9 +190,35 @@ impl Routes {
         })
     }
 
-    /// Client-visible model names, sorted.
+    /// Model names (not aliases), sorted.
     pub fn model_names(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
+    }
+
+    /// The alias named `name`, if the policy has one.
+    pub fn alias(&self, name: &str) -> Option<&Alias> {
+        self.aliases.get(name)
+    }
+
+    /// Every alias, sorted by name.
+    pub fn aliases(&self) -> impl Iterator<Item = &Alias> {
+        self.aliases.values()
+    }
+
+    /// Every client-visible name: the models, then the aliases (each sorted).
+    pub fn client_names(&self) -> impl Iterator<Item = &str> {
+        self.model_names().chain(self.aliases.keys().map(String::as_str))
+    }
+
+    /// Whether a client may ask for `name` (a model or an alias).
+    pub fn knows(&self, name: &str) -> bool {
+        self.models.contains_key(name) || self.aliases.contains_key(name)
+    }
+
+    /// The output reservation default for an alias: the largest of its deployments'
+    /// `default_max_tokens` (`None` when none has one).
+    pub fn alias_default_max_tokens(&self, alias: &Alias) -> Option<u64> {
+        alias.deployment_names().filter_map(|d| self.route(d).and_then(|r| r.target.default_max_tokens)).max()
     }
 
     pub fn providers(&self) -> impl Iterator<Item = &Provider> {

@@ -39,14 +39,18 @@
 //! (only what providers reported: unknown is not added as zero).
 
 mod abi;
+pub mod handoff;
 mod shared_data;
 pub mod translation;
+pub mod upstream;
 
 use std::rc::Rc;
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
+use tollgate_core::fallback::{self, Alias, Choice, Health};
 use tollgate_core::gate::{self, Facts, Gate, Kind, Refused, Warning};
+use tollgate_core::openai::ChatRequest;
 use tollgate_core::limits::engine::Ticket;
 use tollgate_core::message;
 use tollgate_core::translate::exchange::Routed;
@@ -80,6 +84,11 @@ struct Metrics {
     upstream_errors: u32,
     tokens_input: u32,
     tokens_output: u32,
+    attempts: u32,
+    attempt_failures: u32,
+    fallbacks: u32,
+    unavailable: u32,
+    exhausted: u32,
 }
 
 #[derive(Default)]
@@ -88,7 +97,13 @@ struct Root {
     /// The identity secrets the policy names, read from the VM's environment at configure time.
     secrets: Rc<Vec<(String, Vec<u8>)>>,
     metrics: Metrics,
+    /// Runs as an upstream HTTP filter on an alias's aggregate cluster (root id
+    /// `tollgate-upstream`): translates each attempt for its deployment ([`upstream`]).
+    upstream: bool,
 }
+
+/// The plugin root id that selects the upstream role.
+pub const UPSTREAM_ROOT_ID: &str = "tollgate-upstream";
 
 impl Context for Root {}
 
@@ -103,7 +118,13 @@ impl RootContext for Root {
         };
         match Policy::from_json(&bytes) {
             Ok(policy) => {
-                let names: Vec<&str> = policy.identity.secret_names().collect();
+                self.upstream = abi::property(&["plugin_root_id"]).ok().flatten().is_some_and(|id| id == UPSTREAM_ROOT_ID.as_bytes());
+                let mut names: Vec<&str> = policy.identity.secret_names().collect();
+                if self.upstream {
+                    // Provider keys: an aggregate cluster's attempts go to several providers, so
+                    // the key is added per attempt by the upstream filter (never logged).
+                    names.extend(policy.routes.providers().filter_map(|p| p.api_key_secret.as_deref()));
+                }
                 let secrets: Vec<(String, Vec<u8>)> = if names.is_empty() {
                     Vec::new()
                 } else {
@@ -136,8 +157,13 @@ impl RootContext for Root {
                     upstream_errors: counter("tollgate_upstream_errors"),
                     tokens_input: counter("tollgate_tokens_input"),
                     tokens_output: counter("tollgate_tokens_output"),
+                    attempts: counter("tollgate_attempts"),
+                    attempt_failures: counter("tollgate_attempt_failures"),
+                    fallbacks: counter("tollgate_fallbacks"),
+                    unavailable: counter("tollgate_deployments_unavailable"),
+                    exhausted: counter("tollgate_attempts_exhausted"),
                 };
-                abi::log(abi::LOG_INFO, "tollgate: policy loaded");
+                abi::log(abi::LOG_INFO, if self.upstream { "tollgate: policy loaded (upstream role)" } else { "tollgate: policy loaded" });
                 true
             }
             Err(e) => {
@@ -161,6 +187,10 @@ impl RootContext for Root {
             ticket: None,
             replied_locally: false,
             translation: None,
+            upstream: self.upstream,
+            alias_key: None,
+            alias_failed: false,
+            attempt: None,
         }))
     }
 
@@ -189,9 +219,24 @@ struct Request {
     replied_locally: bool,
     /// Sent upstream translated; the answer is translated back.
     translation: Option<Box<Forwarded>>,
+    /// The upstream role (see [`Root::upstream`]).
+    upstream: bool,
+    /// Downstream: an alias request's [`handoff`] key.
+    alias_key: Option<String>,
+    /// Downstream: every attempt failed; the answer is being replaced.
+    alias_failed: bool,
+    /// Upstream role: this attempt.
+    attempt: Option<upstream::Attempt>,
 }
 
-impl Context for Request {}
+impl Context for Request {
+    fn on_done(&mut self) -> bool {
+        if self.upstream {
+            self.attempt_done();
+        }
+        true
+    }
+}
 
 impl Request {
     fn secret(&self, name: &str) -> Option<Vec<u8>> {
@@ -234,6 +279,9 @@ impl Request {
         };
         abi::increment(counter);
         self.translation = None;
+        if let Some(key) = self.alias_key.take() {
+            handoff::take(&key);
+        }
         if let (Some(policy), Some(ticket)) = (self.policy.clone(), self.ticket.take()) {
             let now = abi::now_ms().unwrap_or(0);
             let failed = gate::cancel(&policy, &mut SharedData, &ticket, now);
@@ -305,6 +353,9 @@ impl Request {
         let Some(request) = admitted.request.take() else {
             return Action::Continue;
         };
+        if let Some(alias) = admitted.alias.take() {
+            return self.forward_alias(policy, alias, &request, admitted.rewritten, body_size, now, lease_id ^ now_ns);
+        }
         match admitted.route.take() {
             Some(route) => {
                 let id = translation::response_id(now_ns, connection, self.context_id);
@@ -337,6 +388,145 @@ impl Request {
         Action::Continue
     }
 
+    /// Forwards an admitted request for a model alias: picks the deployments' order from the
+    /// shared health records, routes to the aggregate cluster that tries them in that order
+    /// (`x-tollgate-cluster: <alias>/<first>`) and leaves the plan in the [`handoff`] table for
+    /// the upstream filter, which translates each attempt. The body stays in OpenAI's format.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_alias(&mut self, policy: &Policy, alias: &Alias, request: &ChatRequest, rewritten: bool, body_size: usize, now: u64, seed: u64) -> Action {
+        let mut read_failed = false;
+        let healths: Vec<(&str, Health)> = alias
+            .deployments
+            .iter()
+            .map(|d| {
+                let h = fallback::read(&mut SharedData, &d.model).unwrap_or_else(|_| {
+                    read_failed = true;
+                    Health::default()
+                });
+                (d.model.as_str(), h)
+            })
+            .collect();
+        if read_failed {
+            // Unreadable health counts as healthy: fallback still protects the request.
+            abi::increment(self.metrics.host_errors);
+        }
+        let lookup = |name: &str| healths.iter().find(|(n, _)| *n == name).map(|(_, h)| *h).unwrap_or_default();
+        let plan = match fallback::choose(alias, &lookup, now, seed) {
+            Choice::Plan(p) => p,
+            Choice::Unavailable { retry_after_ms } => {
+                abi::increment(self.metrics.unavailable);
+                if let Some(ticket) = self.ticket.take() {
+                    let failed = gate::cancel(policy, &mut SharedData, &ticket, now);
+                    abi::increment_by(self.metrics.settle_failures, u64::from(failed));
+                }
+                let mut response = render::unavailable_model(&alias.name, retry_after_ms);
+                response.headers.extend(self.response_headers.iter().cloned());
+                return self.reply(response);
+            }
+        };
+        let map = abi::HTTP_REQUEST_HEADERS;
+        let mut ok = true;
+        // The key both filters find the plan under: the request id, unless another request on
+        // this thread already uses it (a client may send any x-request-id).
+        let key = match self.header_value("x-request-id").filter(|k| !k.is_empty() && k.len() <= 128 && !handoff::contains(k)) {
+            Some(k) => k,
+            None => {
+                let k = format!("tg-{seed:016x}");
+                ok &= abi::set_header(map, "x-request-id", &k).is_ok();
+                k
+            }
+        };
+        if rewritten {
+            let bytes = serde_json::to_vec(request).unwrap_or_default();
+            ok &= abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &bytes).is_ok()
+                && abi::set_header(map, "content-length", &bytes.len().to_string()).is_ok();
+        }
+        for name in translation::CLIENT_ONLY_HEADERS {
+            ok &= abi::remove_header(map, name).is_ok();
+        }
+        // Changing a request header makes Envoy match the routes again (see
+        // `translation::apply_request`).
+        ok &= abi::set_header(map, translation::CLUSTER_HEADER, &plan.route_value()).is_ok();
+        if !ok {
+            return self.host_failure("routing the request to its deployments", abi::Status(0));
+        }
+        handoff::insert(
+            key.clone(),
+            handoff::Entry {
+                alias: plan.alias.clone(),
+                max_attempts: plan.max_attempts,
+                order: plan.order,
+                start_ms: now,
+                warning: self.warning.clone(),
+                ..handoff::Entry::default()
+            },
+        );
+        self.alias_key = Some(key);
+        Action::Continue
+    }
+
+    /// The answer to an alias request. A deployment's answer (the upstream filter names it in
+    /// `x-tollgate-deployment`) goes to the client as it is; an answer no deployment gave
+    /// (Envoy's own reply after the last attempt failed to connect or timed out) or a failure
+    /// Envoy did not retry (attempts used up) is replaced by one OpenAI error naming every
+    /// failed attempt.
+    fn alias_response_headers(&mut self, end_of_stream: bool) -> Action {
+        let map = abi::HTTP_RESPONSE_HEADERS;
+        let served = abi::header(map, upstream::DEPLOYMENT_HEADER).ok().flatten();
+        let retry = abi::header(map, upstream::RETRY_HEADER).ok().flatten().is_some();
+        if retry && abi::remove_header(map, upstream::RETRY_HEADER).is_err() {
+            abi::increment(self.metrics.host_errors);
+        }
+        if served.is_some() && !retry {
+            if end_of_stream {
+                self.settle();
+            }
+            return Action::Continue;
+        }
+        abi::increment(self.metrics.exhausted);
+        self.alias_failed = true;
+        if end_of_stream {
+            self.replace_failed_answer(0, false);
+            return Action::Continue;
+        }
+        Action::Pause
+    }
+
+    fn alias_failed_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        self.replace_failed_answer(body_size, true);
+        Action::Continue
+    }
+
+    fn replace_failed_answer(&mut self, body_size: usize, with_body: bool) {
+        self.alias_failed = false;
+        let (alias, failed) = self
+            .alias_key
+            .as_deref()
+            .and_then(|k| handoff::with(k, |e| (e.alias.clone(), e.failed.clone())))
+            .unwrap_or_default();
+        let response = render::attempts_exhausted(&alias, &failed);
+        let map = abi::HTTP_RESPONSE_HEADERS;
+        let mut ok = true;
+        if with_body {
+            ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
+        }
+        ok &= abi::set_header(map, ":status", &response.status.to_string()).is_ok();
+        for name in ["content-length", "content-type", "content-encoding", "retry-after", upstream::DEPLOYMENT_HEADER] {
+            ok &= abi::remove_header(map, name).is_ok();
+        }
+        for (name, value) in &response.headers {
+            ok &= abi::set_header(map, name, value).is_ok();
+        }
+        ok &= abi::set_header(map, "content-length", &(if with_body { response.body.len() } else { 0 }).to_string()).is_ok();
+        if !ok {
+            abi::increment(self.metrics.host_errors);
+        }
+        self.settle();
+    }
+
     /// Posts threshold events to the policy's webhook cluster.
     fn notify(&self, policy: &Policy, events: &[Vec<u8>]) {
         let Some(target) = policy.notify.as_ref() else { return };
@@ -360,8 +550,29 @@ impl Request {
 
     /// Settles the reservation with what the provider reported (once; later calls do nothing).
     fn settle(&mut self) {
-        let (Some(policy), Some(ticket)) = (self.policy.clone(), self.ticket.take()) else { return };
-        let usage = self.translation.as_ref().map(|f| f.exchange.usage());
+        if self.upstream {
+            // An attempt's usage is the downstream filter's to settle.
+            self.attempt_usage();
+            return;
+        }
+        let (Some(policy), Some(mut ticket)) = (self.policy.clone(), self.ticket.take()) else { return };
+        let usage = match &self.alias_key {
+            Some(key) => {
+                // Charged at the price of the deployment that served, never of a failed attempt;
+                // when none served (every attempt failed, or the client left first), the
+                // reservation is released: the user got nothing.
+                let (served, usage) = handoff::with(key, |e| (e.served.clone(), e.usage)).unwrap_or_default();
+                let Some(served) = served else {
+                    let now = abi::now_ms().unwrap_or(0);
+                    let failed = gate::cancel(&policy, &mut SharedData, &ticket, now);
+                    abi::increment_by(self.metrics.settle_failures, u64::from(failed));
+                    return;
+                };
+                ticket.model = Some(served);
+                usage
+            }
+            None => self.translation.as_ref().map(|f| f.exchange.usage()),
+        };
         let now = abi::now_ms().unwrap_or(0);
         match gate::finish(&policy, &mut SharedData, &ticket, usage.as_ref(), now) {
             Ok(events) => self.notify(&policy, &events),
@@ -378,6 +589,9 @@ impl HttpContext for Request {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
+        if self.upstream {
+            return self.attempt_headers(end_of_stream);
+        }
         let map = abi::HTTP_REQUEST_HEADERS;
         self.headers = match abi::headers(map) {
             Ok(pairs) => pairs.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect(),
@@ -445,6 +659,9 @@ impl HttpContext for Request {
             Ok(b) => b,
             Err(s) => return self.host_failure("reading the request body", s),
         };
+        if self.upstream {
+            return self.attempt_body(&policy, &body, body_size);
+        }
         self.admit(&policy, Some(&body), body_size)
     }
 
@@ -462,6 +679,9 @@ impl HttpContext for Request {
         if self.replied_locally || self.policy.is_none() {
             return Action::Continue;
         }
+        if self.upstream {
+            return self.attempt_response_headers(end_of_stream);
+        }
         for name in render::PROVIDER_RATE_LIMIT_HEADERS {
             let _ = abi::remove_header(abi::HTTP_RESPONSE_HEADERS, name);
         }
@@ -473,6 +693,9 @@ impl HttpContext for Request {
         }
         if self.translation.is_some() {
             return self.translate_response_headers(end_of_stream);
+        }
+        if self.alias_key.is_some() {
+            return self.alias_response_headers(end_of_stream);
         }
         if end_of_stream {
             self.settle();
@@ -487,6 +710,9 @@ impl HttpContext for Request {
         if self.translation.is_some() {
             return self.translate_response_body(body_size, end_of_stream);
         }
+        if self.alias_failed {
+            return self.alias_failed_body(body_size, end_of_stream);
+        }
         if end_of_stream {
             self.settle();
         }
@@ -494,9 +720,16 @@ impl HttpContext for Request {
     }
 
     fn on_log(&mut self) {
+        if self.upstream {
+            self.attempt_done();
+            return;
+        }
         // However the stream ended (completion, client cancel, upstream reset, timeout): what is
         // not settled yet is settled now, which releases the concurrency lease.
         self.settle();
+        if let Some(key) = self.alias_key.take() {
+            handoff::take(&key);
+        }
     }
 }
 

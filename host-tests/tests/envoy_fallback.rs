@@ -1,0 +1,307 @@
+//! Model aliases with fallback across providers in a real Envoy 1.40 (V8, `--concurrency 2`),
+//! from `examples/envoy/fallback.yaml`: alias `scalix-free` → deployments `m1` (OpenAI-kind
+//! mock), `m2` (Anthropic-kind mock, so a fallback is re-translated), `m3` (OpenAI-kind mock),
+//! each mock made to fail in one way (500, 429 + retry-after, connection refused, hang past the
+//! per-try timeout, reset mid-stream, quota exhausted). A fresh Envoy per scenario: the
+//! deployments' health lives in its shared data.
+//!
+//! Needs `scripts/build-wasm.sh`, the release mock provider and Envoy (`scripts/test.sh`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tollgate_host_tests::envoy::{self, render, Envoy, Rendered};
+use tollgate_host_tests::proc::{agent, free_port, get, mock_request_count, post_json, start_mock_provider_with, Server};
+use tollgate_host_tests::workerd::{open_stream, read_rest};
+
+const TEMPLATE: &str = "examples/envoy/fallback.yaml";
+const NON_STREAM: &str = r#"{"model":"scalix-free","messages":[{"role":"user","content":"hi"}],"max_tokens":50}"#;
+const STREAM: &str = r#"{"model":"scalix-free","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"stream":true,"stream_options":{"include_usage":true}}"#;
+
+struct Mock {
+    server: Server,
+    url: String,
+    port: u16,
+}
+
+fn mock(args: &[&str]) -> Mock {
+    let (server, url) = start_mock_provider_with(args);
+    let port = url.rsplit(':').next().unwrap().parse().unwrap();
+    Mock { server, url, port }
+}
+
+impl Mock {
+    fn count(&self) -> u64 {
+        mock_request_count(&agent(), &self.url)
+    }
+    fn last(&self) -> Value {
+        get(&agent(), &format!("{}/__mock/last-path", self.url)).json()
+    }
+    fn set_mode(&self, mode: &str) {
+        let r = post_json(&agent(), &format!("{}/__mock/mode", self.url), &[], mode);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+/// fallback.yaml with the three deployment clusters on `ports` and `edit` applied to the text.
+fn rendered(ports: [u16; 3], edit: &dyn Fn(String) -> String) -> Rendered {
+    let mut r = render(TEMPLATE, None, None);
+    for (i, port) in ports.iter().enumerate() {
+        let from = format!("port_value: {}", 8081 + i);
+        assert!(r.yaml.contains(&from), "{from}");
+        r.yaml = r.yaml.replace(&from, &format!("port_value: {port}"));
+    }
+    r.yaml = edit(r.yaml);
+    r
+}
+
+fn start(ports: [u16; 3], edit: &dyn Fn(String) -> String) -> Envoy {
+    envoy::start(&rendered(ports, edit), &[])
+}
+
+fn chat(envoy: &Envoy, user: &str, body: &str) -> tollgate_host_tests::proc::Reply {
+    post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", user)], body)
+}
+
+fn usage(envoy: &Envoy, user: &str) -> Value {
+    let r = agent().get(&format!("{}/v1/tollgate/usage", envoy.url)).header("x-tollgate-user", user).call().expect("usage");
+    let mut r = r;
+    serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+}
+
+fn used(usage: &Value, name: &str) -> u64 {
+    usage["limits"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap_or_else(|| panic!("{name} in {usage}"))["used"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The `data:` payloads of an SSE body.
+fn events(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data:")).map(|d| d.trim().to_owned()).collect()
+}
+
+fn stat(envoy: &Envoy, name: &str) -> u64 {
+    envoy.stat(&format!("wasmcustom.{name}")).unwrap_or(0)
+}
+
+#[test]
+fn a_500_falls_back_to_the_next_provider_translated_and_is_charged_once() {
+    let (m1, m2, m3) = (mock(&["--fail-status", "500"]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+
+    let r = chat(&envoy, "ann", NON_STREAM);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tollgate-deployment"), Some("m2"));
+    assert!(r.header("x-tollgate-retry").is_none());
+    let body = r.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "claude-mock", "the model field names the deployment's model");
+    assert!(body["choices"][0]["message"]["content"].as_str().is_some_and(|c| !c.is_empty()), "{body}");
+    let first_tokens = body["usage"]["total_tokens"].as_u64().expect("usage");
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 0));
+    // Re-translated for Anthropic: its path, its model.
+    let last = m2.last();
+    assert_eq!((last["path"].as_str(), last["model"].as_str()), (Some("/v1/messages"), Some("claude-mock")));
+
+    // A stream falls back the same way (nothing reached the client before m1 failed).
+    let r = chat(&envoy, "ann", STREAM);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-tollgate-deployment"), Some("m2"));
+    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")));
+    let data = events(&r.body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    let chunks: Vec<Value> = data.iter().filter(|d| *d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "claude-mock"), "{}", r.body);
+    let stream_tokens = chunks.iter().find_map(|c| c["usage"]["total_tokens"].as_u64()).expect("usage chunk");
+    assert_eq!((m1.count(), m2.count(), m3.count()), (2, 2, 0));
+
+    // Charged once per request, with the serving deployment's tokens only.
+    let u = usage(&envoy, "ann");
+    assert_eq!(used(&u, "requests/day"), 2, "{u}");
+    assert_eq!(used(&u, "total_tokens/day"), first_tokens + stream_tokens, "{u}");
+    assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 2);
+    assert_eq!(stat(&envoy, "tollgate_fallbacks"), 2);
+    assert_eq!(stat(&envoy, "tollgate_attempts"), 4);
+
+    // Two failures in the window cool m1 down (health.failures = 2): it gets no more traffic.
+    for _ in 0..4 {
+        let r = chat(&envoy, "bob", NON_STREAM);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    }
+    assert_eq!(m1.count(), 2, "a cooled-down deployment is not tried first");
+    drop(m3);
+    drop(m1);
+}
+
+#[test]
+fn a_429_retry_after_cools_the_deployment_down_for_every_worker_thread() {
+    let (m1, m2, m3) = (mock(&["--fail-status", "429", "--retry-after", "3"]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let r = chat(&envoy, "cat", NON_STREAM);
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    assert_eq!(m1.count(), 1);
+    // m1 is well again, but said to wait 3 s: every request on every connection (both worker
+    // threads, each with its own VM) goes to m2 meanwhile.
+    m1.set_mode("{}");
+    let listener = format!("listener.127.0.0.1_{}", envoy.url.rsplit(':').next().unwrap());
+    let before: Vec<u64> = (0..2).map(|w| envoy.stat(&format!("{listener}.worker_{w}.downstream_cx_total")).unwrap_or(0)).collect();
+    let started = Instant::now();
+    let mut served = 0;
+    while served < 24 && started.elapsed() < Duration::from_millis(2_000) {
+        // A new connection each time: the kernel spreads them over the worker threads.
+        let r = post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", "cat"), ("connection", "close")], NON_STREAM);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+        served += 1;
+    }
+    assert!(served >= 10, "only {served} requests within the cooldown");
+    assert_eq!(m1.count(), 1, "no worker thread tried m1 during its retry-after");
+    let after: Vec<u64> = (0..2).map(|w| envoy.stat(&format!("{listener}.worker_{w}.downstream_cx_total")).unwrap_or(0)).collect();
+    assert!(after[0] > before[0] && after[1] > before[1], "both worker threads served requests: {before:?} → {after:?}");
+    // After the retry-after, m1 is first again.
+    std::thread::sleep(Duration::from_millis(3_100u64.saturating_sub(started.elapsed().as_millis() as u64)));
+    let r = chat(&envoy, "cat", NON_STREAM);
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m1")), "{}", r.body);
+    assert_eq!(r.json()["model"], "mock-one");
+    assert_eq!(m1.count(), 2);
+    drop(m3);
+}
+
+#[test]
+fn a_refused_connection_falls_back_for_streams_and_answers() {
+    let closed = free_port();
+    let (m2, m3) = (mock(&[]), mock(&[]));
+    let envoy = start([closed, m2.port, m3.port], &|y| y);
+    let t = Instant::now();
+    let r = chat(&envoy, "dan", NON_STREAM);
+    let first = t.elapsed();
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    let r = chat(&envoy, "dan", STREAM);
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    assert_eq!(events(&r.body).last().map(String::as_str), Some("[DONE]"));
+    assert_eq!((m2.count(), m3.count()), (2, 0));
+    assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 2);
+    let u = usage(&envoy, "dan");
+    assert_eq!(used(&u, "requests/day"), 2, "{u}");
+    eprintln!("refused connection: first request answered in {first:?}");
+}
+
+#[test]
+fn an_attempt_that_hangs_past_the_per_try_timeout_falls_back() {
+    let (m1, m2, m3) = (mock(&["--hang"]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let t = Instant::now();
+    let r = chat(&envoy, "eve", STREAM);
+    let took = t.elapsed();
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    assert_eq!(events(&r.body).last().map(String::as_str), Some("[DONE]"));
+    assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(4), "per_try_timeout is 1 s: took {took:?}");
+    assert_eq!((m1.count(), m2.count()), (1, 1));
+    assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 1);
+}
+
+#[test]
+fn a_stream_cut_after_its_first_bytes_ends_without_falling_back() {
+    let (m1, m2, m3) = (mock(&["--reset-after", "2"]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let t = Instant::now();
+    let (conn, head) = open_stream(&envoy.url, &[("x-tollgate-user", "fay")], STREAM);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-tollgate-deployment: m1"), "{head}");
+    let all = format!("{head}{}", read_rest(conn));
+    assert!(t.elapsed() < Duration::from_secs(5), "the cut stream must end, not hang");
+    assert!(all.contains("\"model\":\"mock-one\""), "the client got m1's first events: {all}");
+    // Envoy resets the client's stream (the chunked body never gets its last chunk): no
+    // `[DONE]`, so no client mistakes it for a complete answer, and no second provider's
+    // answer is spliced into it.
+    assert!(!all.contains("[DONE]") && !all.ends_with("0\r\n\r\n"), "{all}");
+    assert_eq!(m2.count(), 0, "no fallback after the first byte");
+    assert_eq!(m1.count(), 1);
+    // The failure is in the deployment's health and the metrics.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 1);
+    drop(m3);
+}
+
+#[test]
+fn attempts_are_capped_and_all_failures_are_one_openai_error_charged_nothing() {
+    let (m1, m2, m3) = (mock(&["--fail-status", "503"]), mock(&["--fail-status", "500"]), mock(&["--fail-status", "502"]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y.replace(r#""max_attempts": 3"#, r#""max_attempts": 2"#));
+    let r = chat(&envoy, "gus", NON_STREAM);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "all_deployments_failed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("m1") && message.contains("503") && message.contains("m2") && message.contains("500"), "{message}");
+    assert!(!message.contains("m3"), "{message}");
+    assert!(r.header("x-tollgate-retry").is_none() && r.header("x-tollgate-deployment").is_none());
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 0), "max_attempts 2");
+    // Same for a stream: an OpenAI error, not a stream.
+    let r = chat(&envoy, "gus", STREAM);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "all_deployments_failed");
+    assert_eq!((m1.count(), m2.count(), m3.count()), (2, 2, 0));
+    // Nothing served, nothing charged.
+    let u = usage(&envoy, "gus");
+    assert_eq!((used(&u, "requests/day"), used(&u, "total_tokens/day")), (0, 0), "{u}");
+    assert_eq!(stat(&envoy, "tollgate_attempts_exhausted"), 2);
+}
+
+#[test]
+fn every_deployment_cooling_down_is_a_503_with_retry_after() {
+    let (m1, m2, m3) = (mock(&["--fail-status", "429", "--retry-after", "30"]), mock(&["--fail-status", "429", "--retry-after", "20"]), mock(&["--fail-status", "429", "--retry-after", "40"]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let r = chat(&envoy, "hal", NON_STREAM);
+    assert_eq!(r.status, 502, "{}", r.body);
+    let r = chat(&envoy, "hal", NON_STREAM);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "deployments_unavailable");
+    let retry: u64 = r.header("retry-after").expect("retry-after").parse().unwrap();
+    assert!((18..=20).contains(&retry), "the soonest deployment is back in ~20 s: {retry}");
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 1));
+    assert_eq!(used(&usage(&envoy, "hal"), "requests/day"), 0);
+}
+
+#[test]
+fn a_provider_saying_its_quota_is_exhausted_is_steered_away_from_before_a_429() {
+    let (m1, m2, m3) = (mock(&["--quota-remaining", "0"]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let r = chat(&envoy, "ivy", NON_STREAM);
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m1")), "{}", r.body);
+    assert!(r.header("x-ratelimit-remaining-requests").is_none_or(|v| v != "0"), "the provider's account headers are not the client's");
+    for _ in 0..3 {
+        let r = chat(&envoy, "ivy", NON_STREAM);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    }
+    assert_eq!(m1.count(), 1, "steered away until the provider's reset (2 s)");
+    assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 0, "no 429 was needed");
+    drop(m3);
+}
+
+/// The latency one failed attempt adds (printed; recorded in BENCHMARKS.md): median of 25
+/// requests whose first deployment answers 500 at once vs 25 served by it directly. Health
+/// `failures` is raised so the failing deployment is never cooled down.
+#[test]
+fn measure_latency_added_by_one_failed_attempt() {
+    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y.replace(r#""failures": 2"#, r#""failures": 1000"#));
+    let time = |n: usize| {
+        let mut t: Vec<Duration> = (0..n)
+            .map(|_| {
+                let s = Instant::now();
+                let r = chat(&envoy, "lat", NON_STREAM);
+                assert_eq!(r.status, 200, "{}", r.body);
+                s.elapsed()
+            })
+            .collect();
+        t.sort();
+        t[n / 2]
+    };
+    time(5);
+    let direct = time(25);
+    m1.set_mode(r#"{"fail_status": 500}"#);
+    let with_failure = time(25);
+    assert_eq!(chat(&envoy, "lat", NON_STREAM).header("x-tollgate-deployment"), Some("m2"));
+    eprintln!("median latency: direct {direct:?}, one failed attempt first {with_failure:?}, added {:?}", with_failure.saturating_sub(direct));
+    drop((m2, m3));
+    let _ = &m1.server;
+}

@@ -55,8 +55,13 @@ fn rendered(ports: [u16; 3], edit: &dyn Fn(String) -> String) -> Rendered {
     r
 }
 
+/// The example with a 1 s attempt timeout (Envoy's `per_try_timeout` and the policy's).
 fn start(ports: [u16; 3], edit: &dyn Fn(String) -> String) -> Envoy {
-    envoy::start(&rendered(ports, edit), &[])
+    let short = |y: String| {
+        assert!(y.contains("per_try_timeout: 30s") && y.contains(r#""attempt_timeout_ms": 30000"#));
+        edit(y.replace("per_try_timeout: 30s", "per_try_timeout: 1s").replace(r#""attempt_timeout_ms": 30000"#, r#""attempt_timeout_ms": 1000"#))
+    };
+    envoy::start(&rendered(ports, &short), &[])
 }
 
 fn chat(envoy: &Envoy, user: &str, body: &str) -> tollgate_host_tests::proc::Reply {
@@ -197,6 +202,19 @@ fn an_attempt_that_hangs_past_the_per_try_timeout_falls_back() {
     assert!(took >= Duration::from_millis(950) && took < Duration::from_secs(4), "per_try_timeout is 1 s: took {took:?}");
     assert_eq!((m1.count(), m2.count()), (1, 1));
     assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 1);
+}
+
+#[test]
+fn a_stream_that_outlasts_the_attempt_timeout_is_not_cut() {
+    // per_try_timeout bounds the wait for response headers, not a stream that has begun.
+    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let t = Instant::now();
+    let r = post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", "kim"), ("x-mock-delay-ms", "300")], STREAM);
+    assert!(t.elapsed() > Duration::from_millis(1_500), "the stream took {:?}", t.elapsed());
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m1")), "{}", r.body);
+    assert_eq!(events(&r.body).last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 0, 0));
 }
 
 #[test]

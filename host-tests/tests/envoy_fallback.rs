@@ -295,6 +295,45 @@ fn a_provider_saying_its_quota_is_exhausted_is_steered_away_from_before_a_429() 
     drop(m3);
 }
 
+#[test]
+fn weighted_strategy_spreads_first_choices_over_every_aggregate() {
+    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| {
+        y.replace(r#""deployments": [ "m1", "m2", "m3" ], "strategy": "priority""#, r#""deployments": [ "m1", "m2", { "model": "m3", "weight": 2 } ], "strategy": "weighted""#)
+    });
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    for _ in 0..60 {
+        let r = chat(&envoy, "wes", NON_STREAM);
+        assert_eq!(r.status, 200, "{}", r.body);
+        *by.entry(r.header("x-tollgate-deployment").unwrap().to_owned()).or_default() += 1;
+    }
+    // Every route/aggregate pair works, each deployment answering its own requests once.
+    assert_eq!((m1.count(), m2.count(), m3.count()), (by["m1"], by["m2"], by["m3"]), "{by:?}");
+    assert!(by["m1"] >= 3 && by["m2"] >= 3 && by["m3"] >= 12, "weights 1:1:2 over 60 requests (expected 15:15:30; a miss here is p < 1e-4): {by:?}");
+    assert_eq!(stat(&envoy, "tollgate_attempts"), 60);
+}
+
+#[test]
+fn least_recently_failed_strategy_avoids_a_deployment_that_just_failed() {
+    let (m1, m2, m3) = (mock(&["--fail-first", "1"]), mock(&[]), mock(&[]));
+    let lrf = |y: String| y.replace(r#""strategy": "priority""#, r#""strategy": "least_recently_failed""#);
+    let envoy = start([m1.port, m2.port, m3.port], &lrf);
+    let r = chat(&envoy, "lou", NON_STREAM);
+    assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    // m1 is healthy again and not cooling down (one failure of two), but failed most recently.
+    for _ in 0..3 {
+        let r = chat(&envoy, "lou", NON_STREAM);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m2")), "{}", r.body);
+    }
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 4, 0));
+    // With the priority strategy the same history sends the next request to m1 again.
+    let (p1, p2, p3) = (mock(&["--fail-first", "1"]), mock(&[]), mock(&[]));
+    let envoy = start([p1.port, p2.port, p3.port], &|y| y);
+    assert_eq!(chat(&envoy, "lou", NON_STREAM).header("x-tollgate-deployment"), Some("m2"));
+    assert_eq!(chat(&envoy, "lou", NON_STREAM).header("x-tollgate-deployment"), Some("m1"));
+    assert_eq!((p1.count(), p2.count(), p3.count()), (2, 1, 0));
+}
+
 /// The latency one failed attempt adds (printed; recorded in BENCHMARKS.md): median of 25
 /// requests whose first deployment answers 500 at once vs 25 served by it directly. Health
 /// `failures` is raised so the failing deployment is never cooled down.

@@ -698,15 +698,16 @@ fn nanos_to_ms(nanos: u128) -> u64 {
     u64::try_from(nanos.div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
+/// An RFC 3339 UTC time (`2026-11-22T10:00:00Z`, fractions allowed: what Anthropic sends).
+/// humantime/httpdate rather than jiff's parsers: those cost ~150 KB of filter.wasm.
 fn rfc3339_after_ms(v: &str, now_ms: u64) -> Option<u64> {
-    let ts: jiff::Timestamp = v.parse().ok()?;
-    Some(ms_after(ts, now_ms))
+    Some(ms_after(humantime::parse_rfc3339(v.trim()).ok()?, now_ms))
 }
 
-fn ms_after(ts: jiff::Timestamp, now_ms: u64) -> u64 {
-    let at = ts.as_millisecond();
-    let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
-    u64::try_from(at.saturating_sub(now)).unwrap_or(0)
+fn ms_after(t: std::time::SystemTime, now_ms: u64) -> u64 {
+    // Only arithmetic on SystemTime (never `now()`, which wasm32-unknown-unknown lacks).
+    let at = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    u64::try_from(at.saturating_sub(u128::from(now_ms))).unwrap_or(u64::MAX)
 }
 
 /// `retry-after`: delta-seconds or an HTTP-date; milliseconds from now (0 for a date in the
@@ -719,8 +720,7 @@ pub fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
     if v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         return parse_decimal_nanos(v, 1_000_000_000).map(nanos_to_ms);
     }
-    let ts = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(v).ok()?;
-    Some(ms_after(ts, now_ms))
+    Some(ms_after(httpdate::parse_http_date(v).ok()?, now_ms))
 }
 
 /// What happened to one attempt.

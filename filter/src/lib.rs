@@ -36,7 +36,18 @@
 //! translation `tollgate_requests_translated`, `tollgate_translation_refused` (answered
 //! locally after admission: unsupported parameter), `tollgate_upstream_errors` (provider error
 //! statuses and streams ended by an error), `tollgate_tokens_input`, `tollgate_tokens_output`
-//! (only what providers reported: unknown is not added as zero).
+//! (only what providers reported: unknown is not added as zero); for model aliases
+//! `tollgate_attempts` (attempts started), `tollgate_attempt_failures` (attempts that failed in
+//! a way the policy falls back on), `tollgate_fallbacks` (attempts after the first),
+//! `tollgate_attempts_exhausted` (answered `all_deployments_failed`) and
+//! `tollgate_deployments_unavailable` (every deployment cooling down: 503).
+//!
+//! **Two roles.** With root id `tollgate` the filter is the downstream HTTP filter described
+//! above; for a model alias it picks the first deployment from the shared health records and
+//! routes to the alias's aggregate cluster. With root id [`UPSTREAM_ROOT_ID`] it is the upstream
+//! HTTP filter on those aggregate clusters and translates each attempt for its deployment
+//! ([`upstream`]); the two meet in the VM they share ([`handoff`]). Design:
+//! docs/adr/0001-envoy-fallback.md.
 
 mod abi;
 pub mod handoff;

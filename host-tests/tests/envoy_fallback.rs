@@ -334,31 +334,41 @@ fn least_recently_failed_strategy_avoids_a_deployment_that_just_failed() {
     assert_eq!((p1.count(), p2.count(), p3.count()), (2, 1, 0));
 }
 
-/// The latency one failed attempt adds (printed; recorded in BENCHMARKS.md): median of 25
-/// requests whose first deployment answers 500 at once vs 25 served by it directly. Health
-/// `failures` is raised so the failing deployment is never cooled down.
+/// The latency one failed attempt adds (printed; recorded in BENCHMARKS.md): medians of 25
+/// sequential non-stream requests served by the first deployment, then with the first
+/// deployment answering 500 at once, then with its port refusing connections. Health
+/// `failures` is raised so the failing deployment is never cooled down (each request pays the
+/// failed attempt). Rerun: `cargo test --release -p tollgate-host-tests --test envoy_fallback
+/// -- --nocapture measure`.
 #[test]
 fn measure_latency_added_by_one_failed_attempt() {
-    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
-    let envoy = start([m1.port, m2.port, m3.port], &|y| y.replace(r#""failures": 2"#, r#""failures": 1000"#));
-    let time = |n: usize| {
+    let no_cooldown = |y: String| y.replace(r#""failures": 2"#, r#""failures": 1000"#);
+    let median = |envoy: &Envoy, n: usize, expect: &str| {
         let mut t: Vec<Duration> = (0..n)
             .map(|_| {
                 let s = Instant::now();
-                let r = chat(&envoy, "lat", NON_STREAM);
-                assert_eq!(r.status, 200, "{}", r.body);
+                let r = chat(envoy, "lat", NON_STREAM);
+                assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some(expect)), "{}", r.body);
                 s.elapsed()
             })
             .collect();
         t.sort();
         t[n / 2]
     };
-    time(5);
-    let direct = time(25);
+    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &no_cooldown);
+    median(&envoy, 5, "m1");
+    let direct = median(&envoy, 25, "m1");
     m1.set_mode(r#"{"fail_status": 500}"#);
-    let with_failure = time(25);
-    assert_eq!(chat(&envoy, "lat", NON_STREAM).header("x-tollgate-deployment"), Some("m2"));
-    eprintln!("median latency: direct {direct:?}, one failed attempt first {with_failure:?}, added {:?}", with_failure.saturating_sub(direct));
-    drop((m2, m3));
-    let _ = &m1.server;
+    let after_500 = median(&envoy, 25, "m2");
+    drop(envoy);
+    let refused = start([free_port(), m2.port, m3.port], &no_cooldown);
+    median(&refused, 5, "m2");
+    let after_refused = median(&refused, 25, "m2");
+    eprintln!(
+        "median latency: direct {direct:?}; first attempt 500 {after_500:?} (+{:?}); first attempt refused {after_refused:?} (+{:?})",
+        after_500.saturating_sub(direct),
+        after_refused.saturating_sub(direct)
+    );
+    assert_eq!(m3.count(), 0);
 }

@@ -168,7 +168,12 @@ impl Request {
         if (200..300).contains(&status) {
             let quota = fallback::quota_from_headers(&headers, now);
             self.report(&policy, &deployment, &Outcome::Served { quota }, now);
-            handoff::with(&key, |e| e.served = Some(deployment.clone()));
+            if self.translation.as_ref().is_some_and(|f| f.stream) {
+                // A stream is the client's from its first byte on (a cut one is charged); a
+                // buffered answer only once it is complete ([`Self::attempt_usage`]): one cut
+                // before that is retried by Envoy (it never saw the headers).
+                handoff::with(&key, |e| e.served = Some(deployment.clone()));
+            }
             return self.translate_response_headers(end_of_stream);
         }
         let failure = Failure::Status(status);
@@ -197,8 +202,10 @@ impl Request {
         let Some(policy) = self.policy.clone() else { return };
         let Some(attempt) = self.attempt.as_mut() else { return };
         let Some(deployment) = attempt.deployment.clone() else { return };
-        let cut_stream = matches!(self.translation.as_ref().map(|f| &f.answer), Some(Answer::Streaming));
-        if attempt.recorded && !cut_stream {
+        // An answer whose body was still flowing (a stream, or a buffered answer Envoy has not
+        // seen yet) was cut: the provider reset.
+        let cut = matches!(self.translation.as_ref().map(|f| &f.answer), Some(Answer::Streaming | Answer::Buffering { .. }));
+        if attempt.recorded && !cut {
             return;
         }
         let now = abi::now_ms().unwrap_or(0);
@@ -223,11 +230,16 @@ impl Request {
         handoff::with(&key, |e| e.failed.push((deployment, failure.label())));
     }
 
-    /// The answer ended: what the provider reported goes to the downstream filter.
+    /// The answer ended: the deployment served, and what its provider reported goes to the
+    /// downstream filter.
     pub(crate) fn attempt_usage(&mut self) {
         let (Some(attempt), Some(f)) = (self.attempt.as_ref(), self.translation.as_ref()) else { return };
         let usage = f.exchange.usage();
-        handoff::with(&attempt.key, |e| e.usage = Some(usage));
+        let deployment = attempt.deployment.clone();
+        handoff::with(&attempt.key, |e| {
+            e.usage = Some(usage);
+            e.served = deployment;
+        });
     }
 
     /// Answers an attempt locally with the client's error, naming the deployment so that the

@@ -237,6 +237,11 @@ fn a_stream_cut_after_its_first_bytes_ends_without_falling_back() {
     // The failure is in the deployment's health and the metrics.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 1);
+    // The client got part of an answer: the request stays charged its reservation (no
+    // provider usage arrived), once.
+    let u = usage(&envoy, "fay");
+    assert_eq!(used(&u, "requests/day"), 1, "{u}");
+    assert!(used(&u, "total_tokens/day") >= 50, "the reservation (max_tokens 50 + prompt): {u}");
     drop(m3);
 }
 

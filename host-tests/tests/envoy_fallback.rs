@@ -270,6 +270,25 @@ fn attempts_are_capped_and_all_failures_are_one_openai_error_charged_nothing() {
 }
 
 #[test]
+fn no_attempt_starts_after_the_total_time_budget() {
+    // Two deployments that hang: attempts 1 and 2 each time out after 1 s; the third would
+    // start after 2 s, past total_timeout_ms (1.5 s), so the filter answers instead.
+    let (m1, m2, m3) = (mock(&["--hang"]), mock(&["--hang"]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y.replace(r#""total_timeout_ms": 120000"#, r#""total_timeout_ms": 1500"#));
+    let t = Instant::now();
+    let r = chat(&envoy, "tim", NON_STREAM);
+    let took = t.elapsed();
+    assert_eq!(r.status, 502, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "all_deployments_failed");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("m1 (timeout)") && message.contains("m2 (timeout)"), "{message}");
+    assert!(took >= Duration::from_millis(1_900) && took < Duration::from_secs(4), "{took:?}");
+    assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 0));
+    assert_eq!(used(&usage(&envoy, "tim"), "requests/day"), 0);
+}
+
+#[test]
 fn every_deployment_cooling_down_is_a_503_with_retry_after() {
     let (m1, m2, m3) = (mock(&["--fail-status", "429", "--retry-after", "30"]), mock(&["--fail-status", "429", "--retry-after", "20"]), mock(&["--fail-status", "429", "--retry-after", "40"]));
     let envoy = start([m1.port, m2.port, m3.port], &|y| y);

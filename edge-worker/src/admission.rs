@@ -65,8 +65,9 @@ pub async fn admit<C: Counters>(
     Ok(run.finish(0))
 }
 
-/// Undoes a refused admission's earlier reservations; returns how many failed.
-async fn release<C: Counters>(counters: &C, shards: u32, ticket: &Ticket, now: u64) -> u32 {
+/// Undoes a ticket's reservations (a refused admission's earlier keys, or a request nothing
+/// served); returns how many failed.
+pub async fn release<C: Counters>(counters: &C, shards: u32, ticket: &Ticket, now: u64) -> u32 {
     let mut failures = 0;
     for (key, scope, _) in ticket.parts() {
         let (name, shard) = object_name(key, scope, &ticket.who.identity_key, shards);

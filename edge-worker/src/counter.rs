@@ -31,7 +31,10 @@
 //!   (`usage: null`: nothing was reported, the reservation stays the charge), answered with
 //!   the notify thresholds reached; this also releases the request's concurrency lease;
 //! - `release`: the same with nothing used (a later key refused the request);
-//! - `peek`: where each limit stands, changing nothing.
+//! - `peek`: where each limit stands, changing nothing;
+//! - `health_read` / `health_report`: not counter ops — the one object
+//!   [`crate::health::HEALTH_OBJECT`] of this namespace keeps every alias deployment's health
+//!   record (see [`crate::health`]); [`apply_health`] is their pure step.
 //!
 //! ## Why load → decide → put is atomic here
 //! Durable Object storage has no compare-and-set, and needs none for this:
@@ -51,12 +54,14 @@ use tollgate_core::limits::engine::{Estimate, LimitSet, Ticket, Who};
 use tollgate_core::limits::ledger::{self, Actual, KeyPlan, LimitStatus, Reached, Reserved};
 use tollgate_core::limits::{Limit, Scope};
 use tollgate_core::usage::Usage;
+use tollgate_core::fallback::HealthSettings;
 use tollgate_core::Policy;
 use worker::js_sys::Uint8Array;
 // `#[durable_object]` expands to wasm-bindgen code that names the crate `wasm_bindgen`.
 use worker::wasm_bindgen;
 use worker::wasm_bindgen::JsCast;
 use worker::wasm_bindgen_futures::JsFuture;
+use crate::health::{self, OutcomeWire, MAX_READ};
 use worker::{
     console_error, durable_object, DurableObject, Env, Method, ObjectNamespace, Request, RequestInit, Response, State,
 };
@@ -95,6 +100,12 @@ pub enum Op {
     Settle { key: String, shard: Option<Shard>, ticket: Ticket, usage: Option<Usage>, now: u64 },
     Release { key: String, shard: Option<Shard>, ticket: Ticket, now: u64 },
     Peek { key: String, shard: Option<Shard>, who: Who, now: u64 },
+    /// Provider health ([`crate::health`], the object [`crate::health::HEALTH_OBJECT`] only):
+    /// the stored record of each deployment, in order.
+    HealthRead { deployments: Vec<String> },
+    /// Provider health: one attempt's outcome for a deployment; the object applies core's
+    /// `next_health` to the stored record and answers the record after it.
+    HealthReport { deployment: String, outcome: OutcomeWire, now: u64 },
 }
 
 /// An object's answer to an [`Op`].
@@ -106,6 +117,8 @@ pub enum Answer {
     Settled(Vec<Reached>),
     Released,
     Statuses(Vec<LimitStatus>),
+    /// Encoded health records (core's `Health::encode`; empty: none stored).
+    Health(Vec<Vec<u8>>),
 }
 
 /// The key is not one of `who`'s keys under the object's policy.
@@ -180,6 +193,35 @@ pub fn apply(policy: &Policy, op: &Op, record: Option<&[u8]>) -> Result<(Answer,
             with_plan(set, who, key, *shard, |plan| (Answer::Statuses(ledger::peek(record, plan, *now, s)), None))
                 .ok_or(NoPlan)
         }
+        // Not counter ops: see [`apply_health`].
+        Op::HealthRead { .. } | Op::HealthReport { .. } => Err(NoPlan),
+    }
+}
+
+/// The storage keys a health op reads (none for counter ops).
+pub fn health_keys(op: &Op) -> Vec<String> {
+    match op {
+        Op::HealthRead { deployments } => deployments.iter().take(MAX_READ).map(|d| health::storage_key(d)).collect(),
+        Op::HealthReport { deployment, .. } => vec![health::storage_key(deployment)],
+        _ => vec![],
+    }
+}
+
+/// Storage writes: (key, value).
+pub type Writes = Vec<(String, Vec<u8>)>;
+
+/// One health op on the values stored under its [`health_keys`] (same order): the answer and
+/// the writes. Pure, like [`apply`]; `None` for counter ops.
+pub fn apply_health(settings: &HealthSettings, op: &Op, stored: &[Option<Vec<u8>>]) -> Option<(Answer, Writes)> {
+    match op {
+        Op::HealthRead { .. } => Some((Answer::Health(stored.iter().map(|v| v.clone().unwrap_or_default()).collect()), vec![])),
+        Op::HealthReport { deployment, outcome, now } => {
+            let current = stored.first().and_then(|v| v.as_deref());
+            let (after, write) = health::report_step(settings, current, outcome, *now);
+            let writes = write.map(|w| (health::storage_key(deployment), w)).into_iter().collect();
+            Some((Answer::Health(vec![after.encode()]), writes))
+        }
+        _ => None,
     }
 }
 
@@ -237,6 +279,18 @@ impl DurableObject for QuotaCounter {
                 return Response::error("no policy", 503);
             }
         };
+        if matches!(op, Op::HealthRead { .. } | Op::HealthReport { .. }) {
+            return match self.run_health(&policy, &op).await {
+                Ok(answer) => match serde_json::to_string(&answer) {
+                    Ok(json) => Response::ok(json),
+                    Err(e) => Response::error(format!("unencodable answer: {e}"), 503),
+                },
+                Err(e) => {
+                    console_error!("tollgate: health object storage failed: {e}");
+                    Response::error(e, 503)
+                }
+            };
+        }
         match self.run(&policy, &op).await {
             // serde_json both ways (see above).
             Ok(Ok(answer)) => match serde_json::to_string(&answer) {
@@ -253,6 +307,25 @@ impl DurableObject for QuotaCounter {
 }
 
 impl QuotaCounter {
+    /// A health op: reads the keys it needs, applies [`apply_health`], writes. A report touches
+    /// one key, with no await between its `get` resolving and its `put` (see the module docs).
+    async fn run_health(&self, policy: &Policy, op: &Op) -> Result<Answer, &'static str> {
+        let storage = self.state.storage();
+        let raw = storage.as_raw();
+        let mut stored = Vec::new();
+        for key in health_keys(op) {
+            let value = raw.get(&key).map_err(|_| "storage.get threw")?;
+            let value = JsFuture::from(value).await.map_err(|_| "storage.get failed")?;
+            stored.push(if value.is_undefined() { None } else { value.dyn_into::<Uint8Array>().ok().map(|a| a.to_vec()) });
+        }
+        let (answer, writes) = apply_health(&policy.health, op, &stored).ok_or("not a health op")?;
+        for (key, bytes) in writes {
+            let put = raw.put(&key, Uint8Array::from(bytes.as_slice()).into()).map_err(|_| "storage.put threw")?;
+            JsFuture::from(put).await.map_err(|_| "storage.put failed")?;
+        }
+        Ok(answer)
+    }
+
     async fn run(&self, policy: &Policy, op: &Op) -> Result<Result<Answer, NoPlan>, &'static str> {
         let storage = self.state.storage();
         let raw = storage.as_raw();
@@ -382,6 +455,16 @@ pub(crate) mod tests {
             // Through JSON both ways, as over the wire.
             let op: Op = serde_json::from_str(&serde_json::to_string(op).unwrap()).unwrap();
             let mut records = self.records.borrow_mut();
+            let keys = health_keys(&op);
+            if !keys.is_empty() {
+                // Health objects keep one value per storage key: `<object>/<key>` here.
+                let stored: Vec<Option<Vec<u8>>> = keys.iter().map(|k| records.get(&format!("{name}/{k}")).cloned()).collect();
+                let (answer, writes) = apply_health(&self.policy.health, &op, &stored).unwrap();
+                for (k, v) in writes {
+                    records.insert(format!("{name}/{k}"), v);
+                }
+                return Ok(serde_json::from_str(&serde_json::to_string(&answer).unwrap()).unwrap());
+            }
             let (answer, write) = apply(&self.policy, &op, records.get(name).map(Vec::as_slice)).map_err(|_| CounterError::Status(409))?;
             if let Some(w) = write {
                 records.insert(name.to_owned(), w);

@@ -167,24 +167,49 @@ pub fn local_with(r: &LocalResponse, extra: &[(&'static str, String)]) -> worker
     Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body.clone()))
 }
 
+/// How a request ended, for its settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Settle with the usage reported (`None`: unknown, the reservation stays the charge),
+    /// priced for `model` when set (the alias deployment that served), else the ticket's model.
+    Settle { usage: Option<Usage>, model: Option<String> },
+    /// Nothing was served (every deployment of an alias failed or was cooling down): undo the
+    /// reservation; the request does not count.
+    Release,
+}
+
 /// The end of a request, however it ends: when dropped (the body was read, the stream ended,
 /// or the client went away and the runtime dropped the stream), hands the usage seen so far to
 /// the settlement waiting in `ctx.wait_until`. Without a ticket it does nothing.
 pub struct Finish {
-    tx: Option<oneshot::Sender<Option<Usage>>>,
+    tx: Option<oneshot::Sender<Ending>>,
     usage: Usage,
+    model: Option<String>,
+    release: bool,
 }
 
 impl Finish {
     /// A guard and the receiver the settlement awaits.
-    pub fn new() -> (Finish, oneshot::Receiver<Option<Usage>>) {
+    pub fn new() -> (Finish, oneshot::Receiver<Ending>) {
         let (tx, rx) = oneshot::channel();
-        (Finish { tx: Some(tx), usage: Usage::default() }, rx)
+        (Finish { tx: Some(tx), usage: Usage::default(), model: None, release: false }, rx)
     }
 
     /// A guard with nothing to settle (the store failed and the policy forwarded anyway).
     pub fn none() -> Finish {
-        Finish { tx: None, usage: Usage::default() }
+        Finish { tx: None, usage: Usage::default(), model: None, release: false }
+    }
+
+    /// The model (an alias's deployment) that serves the request: settlement prices the usage
+    /// for it.
+    pub fn served_by(&mut self, model: &str) {
+        self.model = Some(model.to_owned());
+        self.release = false;
+    }
+
+    /// Nothing was served: the settlement releases the reservation instead.
+    pub fn release(&mut self) {
+        self.release = true;
     }
 
     /// Usage reported so far (later reports replace earlier ones field by field).
@@ -208,8 +233,12 @@ impl Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            // Unknown is not zero: no report leaves the reservation as the charge.
-            let _ = tx.send((!self.usage.is_empty()).then_some(self.usage));
+            let ending = match self.release {
+                true => Ending::Release,
+                // Unknown is not zero: no report leaves the reservation as the charge.
+                false => Ending::Settle { usage: (!self.usage.is_empty()).then_some(self.usage), model: self.model.take() },
+            };
+            let _ = tx.send(ending);
         }
     }
 }

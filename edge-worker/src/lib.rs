@@ -19,8 +19,9 @@
 //!    per identity, sharded tier and global aggregates: [`counter`]) and lets core conclude:
 //!    core's 429 (localized, `retry-after`, `x-ratelimit-*`), or `store.on_failure` when an
 //!    object cannot be reached (`deny`: core's retryable 503; `allow`: forwarded uncounted);
-//! 5. forwards what core admitted: translated to the model's provider when the policy maps
-//!    models ([`translation`]), else to the var `UPSTREAM_URL` (method, path+query, headers
+//! 5. forwards what core admitted: a model alias through the fallback loop over its
+//!    deployments ([`fallback`]; provider health in [`health`]); translated to the model's
+//!    provider when the policy maps models ([`translation`]), else to the var `UPSTREAM_URL` (method, path+query, headers
 //!    minus hop-by-hop ones and the policy's private identity/tier headers; a chat body as read,
 //!    or re-serialised when core rewrote it — a downgrade, a capped `max_tokens`);
 //! 6. answers with the upstream's response minus the provider's `x-ratelimit-*` headers, plus
@@ -35,7 +36,9 @@
 //!    next has a chunk to write, so a silent upstream holds the request's lease until it sends
 //!    more, ends, or the lease's TTL passes.)
 //!    Settling replaces token reservations with the provider's reported usage (none reported:
-//!    the reservation stays the charge) and releases the concurrency lease; leases not
+//!    the reservation stays the charge), priced for the deployment that served when the model
+//!    was an alias, and releases the concurrency lease (an alias request nothing served is
+//!    released instead: it does not count); leases not
 //!    released (a settlement that could not reach an object) expire after
 //!    `store.lease_ttl_seconds`;
 //! 8. posts webhook events (`policy.notify`) with `fetch` in `ctx.wait_until`: admission's
@@ -53,7 +56,9 @@
 pub mod admission;
 pub mod config;
 pub mod counter;
+pub mod fallback;
 pub mod forward;
+pub mod health;
 pub mod translation;
 
 use std::rc::Rc;
@@ -71,7 +76,7 @@ use worker::{console_error, console_warn, event, web_sys, Context, Date, Env, Fe
 
 use crate::config::PolicyError;
 use crate::counter::{Objects, SHARDS_VAR};
-use crate::forward::{Finish, Passthrough, SseTap};
+use crate::forward::{Ending, Finish, Passthrough, SseTap};
 
 pub use counter::QuotaCounter;
 
@@ -167,8 +172,23 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
             let objects = Objects(objects.0.clone());
             ctx.wait_until(async move {
                 // The sender is dropped with the response body, whatever ends it.
-                let usage = done.await.ok().flatten();
+                let ending = done.await.unwrap_or(Ending::Settle { usage: None, model: None });
                 let now = Date::now().as_millis();
+                let (usage, model) = match ending {
+                    Ending::Settle { usage, model } => (usage, model),
+                    Ending::Release => {
+                        let failed = admission::release(&objects, shards, &ticket, now).await;
+                        if failed > 0 {
+                            console_error!("tollgate: releasing failed on {failed} key(s); leases expire by TTL");
+                        }
+                        return;
+                    }
+                };
+                let mut ticket = ticket;
+                if model.is_some() {
+                    // An alias: the deployment that served sets the price.
+                    ticket.model = model;
+                }
                 let events = match admission::settle(&objects, shards, &policy, &ticket, usage.as_ref(), now).await {
                     Ok(events) => events,
                     Err((e, events)) => {
@@ -191,6 +211,18 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
     }
     let warning = admitted.warning.as_ref().and_then(|w| w.object.clone());
 
+    if let (Some(alias), Some(request)) = (admitted.alias, admitted.request.as_ref()) {
+        let call = fallback::Call {
+            req: &req,
+            env: &env,
+            ctx: &ctx,
+            policy: &policy,
+            objects: &objects,
+            extra: &extra,
+            warning: warning.as_ref(),
+        };
+        return fallback::handle(call, alias, request, finish).await;
+    }
     if let (Some(route), Some(request)) = (admitted.route.take(), admitted.request.as_ref()) {
         let routed = Routed { request: request.clone(), route };
         return translation::handle(&req, &env, &policy, routed, &extra, finish, warning.as_ref()).await;

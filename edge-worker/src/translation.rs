@@ -68,7 +68,7 @@ pub fn pass_headers(var: Option<&str>, private: &[&str]) -> Vec<String> {
 
 /// A response id in OpenAI's form, unique enough to tell responses apart in logs: the time
 /// and 52 random bits.
-fn response_id(now_ms: u64) -> String {
+pub(crate) fn response_id(now_ms: u64) -> String {
     let random = (Math::random() * (1u64 << 52) as f64) as u64;
     format!("chatcmpl-tg{now_ms:x}{random:013x}")
 }
@@ -198,7 +198,7 @@ pub async fn handle(
 
 /// The upstream request's headers: the translator's, then the passed client headers, then the
 /// provider key (set last, so nothing the client sends can replace it).
-fn upstream_headers(
+pub(crate) fn upstream_headers(
     translated: &[(&'static str, String)],
     passed: impl Iterator<Item = (String, String)>,
     key: Option<(&'static str, String)>,

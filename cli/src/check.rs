@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 use tollgate_core::limits::{percent_of, Action, Limit, Metric, Span};
+use tollgate_core::fallback::{Failure, FallbackSettings};
 use tollgate_core::translate::ProviderKind;
 use tollgate_core::FailureMode;
 
@@ -129,6 +130,8 @@ pub fn describe(loaded: &Loaded) -> String {
         let _ = writeln!(o, "models: none mapped (requests are forwarded untranslated)");
     }
 
+    describe_aliases(o, loaded);
+
     match &p.notify {
         Some(n) => {
             let cluster = n.cluster.as_deref().map_or(String::new(), |c| format!(" via cluster {c}"));
@@ -140,6 +143,87 @@ pub fn describe(loaded: &Loaded) -> String {
     }
     let _ = writeln!(o, "admin: {}", p.admin_key_secret.as_deref().map_or("none".to_owned(), |s| format!("key in secret {s}")));
     out
+}
+
+/// Aliases (deployments in order, strategy, resolved attempt cap), then the `fallback` and
+/// `health` settings they use.
+fn describe_aliases(o: &mut String, loaded: &Loaded) {
+    let p = &loaded.policy;
+    let mut aliases = p.routes.aliases().peekable();
+    if aliases.peek().is_none() {
+        let _ = writeln!(o, "aliases: none (fallback and health apply to aliases only)");
+        return;
+    }
+    let _ = writeln!(o, "aliases:");
+    for a in aliases {
+        let own = loaded.raw["aliases"][&a.name]["max_attempts"].as_u64();
+        let wanted = own.unwrap_or(u64::from(p.fallback.max_attempts));
+        let why = if u64::from(a.max_attempts) < wanted {
+            format!("capped at its {} deployments", a.deployments.len())
+        } else if own.is_some() {
+            "its own".to_owned()
+        } else {
+            "fallback.max_attempts".to_owned()
+        };
+        let deployments: Vec<String> = a.deployments.iter().map(|d| format!("{} (weight {})", d.model, d.weight)).collect();
+        let _ = writeln!(
+            o,
+            "  {}: strategy {}, max_attempts {} ({why}), deployments in order: {}",
+            a.name,
+            a.strategy.name(),
+            a.max_attempts,
+            deployments.join(", ")
+        );
+    }
+    let f = &p.fallback;
+    let _ = writeln!(
+        o,
+        "fallback: on {}; max_attempts {} (an alias's own overrides it, never more than its deployments), attempt_timeout {} ms (until response headers), total_timeout {} ms (no new attempt after it)",
+        fallback_on(f),
+        f.max_attempts,
+        f.attempt_timeout_ms,
+        f.total_timeout_ms
+    );
+    let h = &p.health;
+    let _ = writeln!(
+        o,
+        "health: cool down for {} s after {} failures within {} s; retry-after and quota resets honoured up to {} s; steer away at remaining requests <= {}, remaining tokens <= {}",
+        h.cooldown_ms / 1000,
+        h.failures,
+        h.window_ms / 1000,
+        h.max_cooldown_ms / 1000,
+        h.min_remaining_requests,
+        h.min_remaining_tokens
+    );
+}
+
+/// The failures that fall back, in `fallback.on`'s own spelling: `connect, timeout, reset, 429,
+/// 5xx` (whole classes as `5xx` / `50x`).
+fn fallback_on(f: &FallbackSettings) -> String {
+    let mut on: Vec<String> = [(Failure::Connect, "connect"), (Failure::Timeout, "timeout"), (Failure::Reset, "reset")]
+        .into_iter()
+        .filter(|(failure, _)| f.falls_back(*failure))
+        .map(|(_, name)| name.to_owned())
+        .collect();
+    let all = |from: u16, to: u16| (from..=to).all(|s| f.falls_back(Failure::Status(s)));
+    for hundred in [400u16, 500] {
+        if all(hundred, hundred + 99) {
+            on.push(format!("{}xx", hundred / 100));
+            continue;
+        }
+        for ten in (hundred..hundred + 100).step_by(10) {
+            if all(ten, ten + 9) {
+                on.push(format!("{}x", ten / 10));
+                continue;
+            }
+            on.extend((ten..ten + 10).filter(|s| f.falls_back(Failure::Status(*s))).map(|s| s.to_string()));
+        }
+    }
+    if on.is_empty() {
+        "nothing (no failure falls back)".to_owned()
+    } else {
+        on.join(", ")
+    }
 }
 
 fn kind(k: ProviderKind) -> &'static str {

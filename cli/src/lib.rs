@@ -1,7 +1,8 @@
 //! # tollgate-cli
 //!
 //! The `tollgate` command's library: [`load`] reads and validates a policy file,
-//! [`check::describe`] writes the effective policy in a readable form, and
+//! [`check::describe`] writes the effective policy in a readable form, [`envoy::generate`] builds
+//! the Envoy routes and aggregate clusters a policy's aliases need, and
 //! [`simulate::simulate`] replays a timed trace of requests through the real gate
 //! ([`tollgate_core::gate::admit_chat`] and [`tollgate_core::gate::finish`]) against an
 //! in-memory store, returning one [`simulate::Line`] per decision and per settlement.
@@ -14,6 +15,7 @@ use serde_json::Value;
 use tollgate_core::Policy;
 
 pub mod check;
+pub mod envoy;
 pub mod simulate;
 
 /// A validated policy and the JSON it was read from (for the few things the validated form

@@ -116,3 +116,96 @@ fn simulate_refuses_a_bad_trace_line_by_number() {
     let out = tollgate(&["simulate", "examples/policies/scalix.json"]);
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
+
+/// The policy embedded in examples/envoy/fallback.yaml (the lines between `value: |` and
+/// `vm_config:`), as JSON.
+fn fallback_example_policy() -> serde_json::Value {
+    let yaml = std::fs::read_to_string(root().join("examples/envoy/fallback.yaml")).unwrap();
+    let start = yaml.find("value: |\n").unwrap() + "value: |\n".len();
+    let end = yaml[start..].find("vm_config:").unwrap() + start;
+    serde_json::from_str(&yaml[start..end]).unwrap()
+}
+
+/// Writes `policy` to a fresh temporary file (removed with its directory by the caller).
+fn policy_file(name: &str, policy: &serde_json::Value) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("tollgate-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.json");
+    std::fs::write(&file, serde_json::to_string_pretty(policy).unwrap()).unwrap();
+    (dir, file)
+}
+
+#[test]
+fn check_describes_aliases_fallback_and_health() {
+    let mut policy = fallback_example_policy();
+    policy["aliases"]["capped"] = serde_json::json!({ "deployments": ["m3", { "model": "m1", "weight": 5 }], "strategy": "weighted" });
+    policy["aliases"]["own"] = serde_json::json!({ "deployments": ["m2", "m3", "m1"], "strategy": "least_recently_failed", "max_attempts": 2 });
+    policy["fallback"]["on"] = serde_json::json!(["connect", "reset", "408", "429", "50x", "4xx"]);
+    policy["health"]["min_remaining_tokens"] = serde_json::json!(1000);
+    let (dir, file) = policy_file("aliases", &policy);
+    let out = tollgate(&["check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let expected = "aliases:
+  capped: strategy weighted, max_attempts 2 (capped at its 2 deployments), deployments in order: m3 (weight 1), m1 (weight 5)
+  own: strategy least_recently_failed, max_attempts 2 (its own), deployments in order: m2 (weight 1), m3 (weight 1), m1 (weight 1)
+  scalix-free: strategy priority, max_attempts 3 (fallback.max_attempts), deployments in order: m1 (weight 1), m2 (weight 1), m3 (weight 1)
+fallback: on connect, reset, 4xx, 50x; max_attempts 3 (an alias's own overrides it, never more than its deployments), attempt_timeout 30000 ms (until response headers), total_timeout 120000 ms (no new attempt after it)
+health: cool down for 30 s after 2 failures within 60 s; retry-after and quota resets honoured up to 600 s; steer away at remaining requests <= 0, remaining tokens <= 1000
+notify: ";
+    assert!(stdout.contains(expected), "no\n{expected}\nin\n{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The defaults, and an alias-free policy.
+    let mut policy = fallback_example_policy();
+    let map = policy.as_object_mut().unwrap();
+    map.remove("fallback");
+    map.remove("health");
+    let (dir, file) = policy_file("defaults", &policy);
+    let stdout = text(&tollgate(&["check", file.to_str().unwrap()]).stdout);
+    assert!(stdout.contains("fallback: on connect, timeout, reset, 429, 5xx; max_attempts 3 "), "{stdout}");
+    assert!(stdout.contains("health: cool down for 30 s after 3 failures within 60 s; "), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = text(&tollgate(&["check", "examples/policies/scalix.json"]).stdout);
+    assert!(stdout.contains("\naliases: none (fallback and health apply to aliases only)\nnotify: "), "{stdout}");
+}
+
+#[test]
+fn envoy_prints_routes_and_clusters_as_json_and_a_note_on_stderr() {
+    let (dir, file) = policy_file("envoy", &fallback_example_policy());
+    let out = tollgate(&["envoy", "--deployment-cluster-prefix", "llm-", "--wasm=/opt/filter.wasm", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let routes: Vec<&str> = v["routes"].as_array().unwrap().iter().filter_map(|r| r["route"]["cluster"].as_str()).collect();
+    assert_eq!(routes, ["scalix-free.m1", "scalix-free.m2", "scalix-free.m3"]);
+    assert_eq!(v["clusters"][1]["cluster_type"]["typed_config"]["clusters"], serde_json::json!(["llm-m2", "llm-m1", "llm-m3"]));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("\"filename\": \"/opt/filter.wasm\""), "{stdout}");
+    let stderr = text(&out.stderr);
+    assert!(stderr.starts_with(&format!("{}: 3 routes and 3 aggregate clusters for 1 alias.\n", file.display())), "{stderr}");
+    assert!(stderr.contains("before its catch-all route") && stderr.contains("llm-m1, llm-m2, llm-m3"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let out = tollgate(&["envoy", "examples/policies/scalix.json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!({"routes": [], "clusters": []}));
+    assert!(text(&out.stderr).starts_with("examples/policies/scalix.json: no aliases in this policy"), "{}", text(&out.stderr));
+
+    for args in [&["envoy"][..], &["envoy", "--wasm"], &["envoy", "--prefix", "x", "p.json"], &["envoy", "a.json", "b.json"]] {
+        assert_eq!(tollgate(args).status.code(), Some(2), "{args:?}");
+    }
+}
+
+#[test]
+fn envoy_refuses_a_broken_policy_like_check() {
+    let mut policy = fallback_example_policy();
+    policy["aliases"]["scalix-free"]["deployments"] = serde_json::json!(["m1", "m9"]);
+    let (dir, file) = policy_file("envoy-broken", &policy);
+    let check = tollgate(&["check", file.to_str().unwrap()]);
+    let envoy = tollgate(&["envoy", file.to_str().unwrap()]);
+    assert_eq!((check.status.code(), envoy.status.code()), (Some(1), Some(1)));
+    assert!(envoy.stdout.is_empty());
+    assert_eq!(text(&envoy.stderr), text(&check.stderr));
+    assert!(text(&envoy.stderr).contains("aliases.scalix-free.deployments[1]: unknown model \"m9\""), "{}", text(&envoy.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}

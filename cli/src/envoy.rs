@@ -1,0 +1,618 @@
+//! `tollgate envoy`: the Envoy routes and aggregate clusters a policy's aliases need
+//! (docs/adr/0001-envoy-fallback.md), generated so that nobody keeps them in step with the
+//! policy by hand.
+//!
+//! For every alias and every deployment as first choice: a route matching
+//! `x-tollgate-cluster: <alias>/<first>` whose retry policy moves each retry to the next
+//! cluster of an aggregate (`num_retries` = the alias's `max_attempts` − 1, `per_try_timeout` =
+//! `fallback.attempt_timeout_ms`, `timeout` = max(`fallback.total_timeout_ms`, 600 s)), and the
+//! aggregate cluster `<alias>.<first>` listing the deployment clusters in the plan's order (the
+//! first, then the alias's order without it) with the filter as an upstream HTTP filter. Two
+//! first choices with the same plan (aliases with the same order, or orders that agree once the
+//! first is moved to the front) share one aggregate: the one generated first (aliases by name,
+//! first choices in the alias's order).
+//!
+//! The output is JSON, which is also YAML: it can be pasted into an Envoy config or merged
+//! into one. The deployment clusters themselves (addresses, TLS) stay the operator's.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tollgate_core::fallback::RETRY_HEADER;
+
+use crate::Loaded;
+
+/// The header the downstream filter sets to `<alias>/<first>` (core's `translation` and the
+/// filter use the same name).
+pub const CLUSTER_HEADER: &str = "x-tollgate-cluster";
+/// The filter's path in a checkout after `scripts/build-wasm.sh`.
+pub const DEFAULT_WASM: &str = "target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm";
+/// The least route `timeout`: it bounds the whole exchange, a long stream included.
+pub const MIN_ROUTE_TIMEOUT_MS: u64 = 600_000;
+/// Envoy allows 3 concurrent retries per cluster unless the breakers say more.
+const BREAKER_LIMIT: u64 = 100_000;
+
+/// How the generated pieces name and find things.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Put before a deployment's name to get its Envoy cluster (`""`: the name itself).
+    pub deployment_cluster_prefix: String,
+    /// `vm_config.code.local.filename` of the upstream filter.
+    pub wasm: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { deployment_cluster_prefix: String::new(), wasm: DEFAULT_WASM.to_owned() }
+    }
+}
+
+/// One route: requests the downstream filter sent to `<alias>/<first>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AliasRoute {
+    pub alias: String,
+    pub first: String,
+    /// The `x-tollgate-cluster` value matched exactly.
+    pub header_value: String,
+    /// The aggregate cluster (possibly shared with another alias of the same plan).
+    pub cluster: String,
+    pub timeout_ms: u64,
+    pub num_retries: u32,
+    pub per_try_timeout_ms: u64,
+}
+
+/// One aggregate cluster: the deployment clusters in a plan's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    pub name: String,
+    /// Deployment cluster names (prefix included), in attempt order.
+    pub clusters: Vec<String>,
+}
+
+/// What a policy's aliases need in Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generated {
+    pub routes: Vec<AliasRoute>,
+    pub aggregates: Vec<Aggregate>,
+    /// Every deployment cluster an aggregate names, sorted: the operator defines these.
+    pub deployment_clusters: Vec<String>,
+    /// The policy as the filter's configuration (compact JSON).
+    policy: String,
+    wasm: String,
+}
+
+/// Builds the routes and aggregates of `loaded`'s aliases. Errors (a cluster name generated
+/// for two different plans, or equal to a deployment cluster) name the clash.
+pub fn generate(loaded: &Loaded, options: &Options) -> Result<Generated, String> {
+    let p = &loaded.policy;
+    let policy = serde_json::to_string(&loaded.raw).map_err(|e| format!("cannot write the policy as JSON: {e}"))?;
+    let prefixed = |d: &str| format!("{}{d}", options.deployment_cluster_prefix);
+    let timeout_ms = p.fallback.total_timeout_ms.max(MIN_ROUTE_TIMEOUT_MS);
+
+    let mut routes = Vec::new();
+    let mut aggregates: Vec<Aggregate> = Vec::new();
+    // Plan (deployment names in order) → index in `aggregates`; aggregate name → plan.
+    let mut by_plan: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    let mut deployment_clusters: BTreeMap<String, String> = BTreeMap::new();
+
+    for alias in p.routes.aliases() {
+        for d in alias.deployment_names() {
+            deployment_clusters.insert(prefixed(d), d.to_owned());
+        }
+        for first in alias.deployment_names() {
+            let plan: Vec<String> = std::iter::once(first)
+                .chain(alias.deployment_names().filter(|d| *d != first))
+                .map(str::to_owned)
+                .collect();
+            let header_value = format!("{}/{first}", alias.name);
+            let cluster = match by_plan.get(&plan) {
+                Some(&i) => aggregates[i].name.clone(),
+                None => {
+                    let name = format!("{}.{first}", alias.name);
+                    if let Some((other, _)) = by_name.get(&name) {
+                        return Err(format!(
+                            "the aggregate cluster name \"{name}\" is generated for both {other} and {header_value} with different orders: rename an alias or a model"
+                        ));
+                    }
+                    by_name.insert(name.clone(), (header_value.clone(), plan.clone()));
+                    by_plan.insert(plan.clone(), aggregates.len());
+                    aggregates.push(Aggregate { name: name.clone(), clusters: plan.iter().map(|d| prefixed(d)).collect() });
+                    name
+                }
+            };
+            routes.push(AliasRoute {
+                alias: alias.name.clone(),
+                first: first.to_owned(),
+                header_value,
+                cluster,
+                timeout_ms,
+                num_retries: alias.max_attempts.saturating_sub(1),
+                per_try_timeout_ms: p.fallback.attempt_timeout_ms,
+            });
+        }
+    }
+    for a in &aggregates {
+        if let Some(d) = deployment_clusters.get(&a.name) {
+            return Err(format!(
+                "the aggregate cluster name \"{}\" is also deployment {d}'s cluster: rename an alias or a model, or use --deployment-cluster-prefix",
+                a.name
+            ));
+        }
+    }
+    Ok(Generated {
+        routes,
+        aggregates,
+        deployment_clusters: deployment_clusters.into_keys().collect(),
+        policy,
+        wasm: options.wasm.clone(),
+    })
+}
+
+/// An Envoy duration: `600s`, `0.001s`, `1.5s`.
+pub fn duration(ms: u64) -> String {
+    let (s, frac) = (ms / 1000, ms % 1000);
+    if frac == 0 {
+        format!("{s}s")
+    } else {
+        format!("{s}.{}s", format!("{frac:03}").trim_end_matches('0'))
+    }
+}
+
+#[derive(Serialize)]
+struct Output {
+    routes: Vec<RouteJson>,
+    clusters: Vec<ClusterJson>,
+}
+
+#[derive(Serialize)]
+struct RouteJson {
+    #[serde(rename = "match")]
+    matcher: Value,
+    route: RouteAction,
+    request_headers_to_remove: [&'static str; 1],
+}
+
+#[derive(Serialize)]
+struct RouteAction {
+    cluster: String,
+    timeout: String,
+    retry_policy: Value,
+}
+
+#[derive(Serialize)]
+struct ClusterJson {
+    name: String,
+    connect_timeout: &'static str,
+    lb_policy: &'static str,
+    circuit_breakers: Value,
+    cluster_type: Value,
+    typed_extension_protocol_options: Value,
+}
+
+impl Generated {
+    /// The routes as Envoy `RouteConfiguration.virtual_hosts[].routes` entries.
+    fn routes_json(&self) -> Vec<RouteJson> {
+        self.routes
+            .iter()
+            .map(|r| RouteJson {
+                matcher: json!({
+                    "prefix": "/",
+                    "headers": [ { "name": CLUSTER_HEADER, "string_match": { "exact": r.header_value } } ]
+                }),
+                route: RouteAction {
+                    cluster: r.cluster.clone(),
+                    timeout: duration(r.timeout_ms),
+                    retry_policy: json!({
+                        "retry_on": "connect-failure,reset,retriable-headers",
+                        "retriable_headers": [ { "name": RETRY_HEADER, "present_match": true } ],
+                        "num_retries": r.num_retries,
+                        "per_try_timeout": duration(r.per_try_timeout_ms),
+                        "retry_back_off": { "base_interval": "0.001s", "max_interval": "0.005s" },
+                        "retry_priority": {
+                            "name": "envoy.retry_priorities.previous_priorities",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig",
+                                "update_frequency": 1
+                            }
+                        }
+                    }),
+                },
+                request_headers_to_remove: [CLUSTER_HEADER],
+            })
+            .collect()
+    }
+
+    /// The aggregates as Envoy `Cluster`s.
+    fn clusters_json(&self) -> Vec<ClusterJson> {
+        let upstream_filter = json!({
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": { "http_protocol_options": {} },
+            "http_filters": [
+                {
+                    "name": "tollgate-upstream",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                        "config": {
+                            "name": "tollgate-upstream",
+                            "root_id": "tollgate-upstream",
+                            "failure_policy": "FAIL_RELOAD",
+                            "allow_on_headers_stop_iteration": true,
+                            "configuration": {
+                                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                                "value": self.policy
+                            },
+                            "vm_config": {
+                                "vm_id": "tollgate",
+                                "runtime": "envoy.wasm.runtime.v8",
+                                "code": { "local": { "filename": self.wasm } }
+                            }
+                        }
+                    }
+                },
+                {
+                    "name": "envoy.filters.http.upstream_codec",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"
+                    }
+                }
+            ]
+        });
+        self.aggregates
+            .iter()
+            .map(|a| ClusterJson {
+                name: a.name.clone(),
+                connect_timeout: "1s",
+                lb_policy: "CLUSTER_PROVIDED",
+                circuit_breakers: json!({
+                    "thresholds": [ {
+                        "max_retries": BREAKER_LIMIT,
+                        "max_requests": BREAKER_LIMIT,
+                        "max_pending_requests": BREAKER_LIMIT,
+                        "max_connections": BREAKER_LIMIT
+                    } ]
+                }),
+                cluster_type: json!({
+                    "name": "envoy.clusters.aggregate",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                        "clusters": a.clusters
+                    }
+                }),
+                typed_extension_protocol_options: json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": upstream_filter.clone()
+                }),
+            })
+            .collect()
+    }
+
+    /// `{"routes": [...], "clusters": [...]}`, pretty-printed, ending in a newline.
+    pub fn to_json(&self) -> String {
+        let out = Output { routes: self.routes_json(), clusters: self.clusters_json() };
+        // Only strings, numbers and maps with string keys: serialising cannot fail.
+        let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// The note for stderr: where the pieces go and what stays the operator's.
+    pub fn note(&self) -> String {
+        let mut o = String::new();
+        if self.routes.is_empty() {
+            let _ = writeln!(o, "no aliases in this policy: Envoy needs no routes or aggregate clusters for it");
+            return o;
+        }
+        let aliases = {
+            let mut names: Vec<&str> = self.routes.iter().map(|r| r.alias.as_str()).collect();
+            names.dedup();
+            names.len()
+        };
+        let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let _ = writeln!(
+            o,
+            "{} and {} for {}.",
+            plural(self.routes.len(), "route", "routes"),
+            plural(self.aggregates.len(), "aggregate cluster", "aggregate clusters"),
+            plural(aliases, "alias", "aliases")
+        );
+        let _ = writeln!(
+            o,
+            "routes: add them to the virtual host that serves Tollgate, before its catch-all route."
+        );
+        let _ = writeln!(o, "clusters: add them to static_resources.clusters (or your CDS).");
+        let _ = writeln!(
+            o,
+            "The deployment clusters they list are yours to define (addresses, TLS; no outlier detection or active health checks): {}.",
+            self.deployment_clusters.join(", ")
+        );
+        let _ = writeln!(
+            o,
+            "The listener runs the downstream tollgate filter with the same policy and vm_config, and removes a client's {CLUSTER_HEADER} (examples/envoy/fallback.yaml)."
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../examples/envoy/fallback.yaml");
+
+    /// The policy embedded in the example: the lines between `value: |` and `vm_config:`.
+    fn example_policy() -> String {
+        let start = EXAMPLE.find("value: |\n").expect("policy block") + "value: |\n".len();
+        let end = EXAMPLE[start..].find("vm_config:").expect("vm_config after the policy") + start;
+        let block = &EXAMPLE[start..end];
+        block.lines().map(str::trim).collect::<Vec<_>>().join("\n")
+    }
+
+    fn loaded(policy: &str) -> Loaded {
+        crate::parse(policy.as_bytes()).unwrap_or_else(|e| panic!("{e}\n{policy}"))
+    }
+
+    fn example() -> Generated {
+        generate(&loaded(&example_policy()), &Options::default()).expect("generate")
+    }
+
+    /// The text after `key:` on the first line at or after `from` that has it.
+    fn field_after<'a>(from: &'a str, key: &str) -> &'a str {
+        let at = from.find(key).unwrap_or_else(|| panic!("no {key} in the example"));
+        let rest = &from[at + key.len()..];
+        rest[..rest.find('\n').unwrap_or(rest.len())].trim()
+    }
+
+    /// `[ m1, m2, m3 ]` → names.
+    fn list(text: &str) -> Vec<String> {
+        text.trim_start_matches('[').trim_end_matches(']').split(',').map(|s| s.trim().to_owned()).collect()
+    }
+
+    /// The hand-written example: (header value, cluster) per route, in file order.
+    fn example_routes() -> Vec<(String, String)> {
+        EXAMPLE
+            .match_indices("string_match: { exact: ")
+            .map(|(i, m)| {
+                let rest = &EXAMPLE[i + m.len()..];
+                let value = rest[..rest.find(' ').unwrap_or(0)].to_owned();
+                let cluster = field_after(rest, "cluster: ");
+                let cluster = cluster.split([',', ' ']).next().unwrap_or("").to_owned();
+                (value, cluster)
+            })
+            .collect()
+    }
+
+    /// The hand-written example: (name, member clusters) per aggregate, in file order.
+    fn example_aggregates() -> Vec<(String, Vec<String>)> {
+        EXAMPLE
+            .match_indices("lb_policy: CLUSTER_PROVIDED")
+            .map(|(i, _)| {
+                let before = &EXAMPLE[..i];
+                let name_at = before.rfind("- name: ").expect("cluster name");
+                let name = field_after(&before[name_at..], "- name: ").to_owned();
+                (name, list(field_after(&EXAMPLE[i..], "clusters: ")))
+            })
+            .collect()
+    }
+
+    fn ms(envoy_duration: &str) -> u64 {
+        let s = envoy_duration.trim_end_matches('s');
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        let frac = format!("{frac:0<3}");
+        whole.parse::<u64>().unwrap() * 1000 + frac[..3].parse::<u64>().unwrap()
+    }
+
+    #[test]
+    fn the_example_policys_routes_and_aggregates_match_the_hand_written_ones() {
+        let g = example();
+        let routes: Vec<(String, String)> = g.routes.iter().map(|r| (r.header_value.clone(), r.cluster.clone())).collect();
+        assert_eq!(routes, example_routes());
+        assert_eq!(
+            routes,
+            [("scalix-free/m1", "scalix-free.m1"), ("scalix-free/m2", "scalix-free.m2"), ("scalix-free/m3", "scalix-free.m3")]
+                .map(|(v, c)| (v.to_owned(), c.to_owned()))
+        );
+        let aggregates: Vec<(String, Vec<String>)> = g.aggregates.iter().map(|a| (a.name.clone(), a.clusters.clone())).collect();
+        assert_eq!(aggregates, example_aggregates());
+        assert_eq!(aggregates[1], ("scalix-free.m2".to_owned(), list("[m2, m1, m3]")));
+        assert_eq!(g.deployment_clusters, ["m1", "m2", "m3"]);
+
+        let num_retries: u32 = field_after(EXAMPLE, "num_retries: ").parse().unwrap();
+        let per_try = ms(field_after(EXAMPLE, "per_try_timeout: "));
+        let route = &EXAMPLE[EXAMPLE.find("route:\n").expect("the first route")..];
+        let timeout = ms(field_after(route, "timeout: "));
+        for r in &g.routes {
+            assert_eq!((r.num_retries, r.per_try_timeout_ms, r.timeout_ms), (num_retries, per_try, timeout), "{r:?}");
+        }
+        assert_eq!((num_retries, per_try), (2, 30_000));
+    }
+
+    #[test]
+    fn the_json_has_the_examples_retry_policy_and_upstream_filter() {
+        let g = example();
+        let v: Value = serde_json::from_str(&g.to_json()).unwrap();
+        assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["clusters", "routes"]);
+        let route = &v["routes"][1];
+        assert_eq!(
+            route["match"],
+            json!({"prefix": "/", "headers": [{"name": "x-tollgate-cluster", "string_match": {"exact": "scalix-free/m2"}}]})
+        );
+        assert_eq!(route["request_headers_to_remove"], json!(["x-tollgate-cluster"]));
+        assert_eq!((&route["route"]["cluster"], &route["route"]["timeout"]), (&json!("scalix-free.m2"), &json!("600s")));
+        let retry = &route["route"]["retry_policy"];
+        assert_eq!(retry["retry_on"], field_after(EXAMPLE, "retry_on: "));
+        assert_eq!(retry["retriable_headers"], json!([{"name": "x-tollgate-retry", "present_match": true}]));
+        assert_eq!((&retry["num_retries"], &retry["per_try_timeout"]), (&json!(2), &json!("30s")));
+        assert_eq!(retry["retry_back_off"], json!({"base_interval": "0.001s", "max_interval": "0.005s"}));
+        assert_eq!(retry["retry_priority"]["name"], field_after(EXAMPLE, "retry_priority:\n").trim_start_matches("name: "));
+        assert_eq!(retry["retry_priority"]["typed_config"]["update_frequency"], 1);
+
+        let cluster = &v["clusters"][2];
+        assert_eq!(cluster["name"], "scalix-free.m3");
+        assert_eq!(cluster["lb_policy"], "CLUSTER_PROVIDED");
+        assert_eq!(cluster["circuit_breakers"]["thresholds"][0]["max_retries"], 100_000);
+        assert_eq!(cluster["cluster_type"]["name"], "envoy.clusters.aggregate");
+        assert_eq!(cluster["cluster_type"]["typed_config"]["clusters"], json!(["m3", "m1", "m2"]));
+        let options = &cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+        let filters = options["http_filters"].as_array().unwrap();
+        assert_eq!(filters.len(), 2);
+        let config = &filters[0]["typed_config"]["config"];
+        assert_eq!(filters[0]["name"], "tollgate-upstream");
+        assert_eq!((&config["root_id"], &config["name"]), (&json!("tollgate-upstream"), &json!("tollgate-upstream")));
+        assert_eq!(config["failure_policy"], "FAIL_RELOAD");
+        assert_eq!(config["allow_on_headers_stop_iteration"], true);
+        assert_eq!(config["configuration"]["@type"], "type.googleapis.com/google.protobuf.StringValue");
+        let policy: Value = serde_json::from_str(config["configuration"]["value"].as_str().unwrap()).unwrap();
+        assert_eq!(policy, serde_json::from_str::<Value>(&example_policy()).unwrap());
+        assert_eq!(
+            config["vm_config"],
+            json!({"vm_id": "tollgate", "runtime": "envoy.wasm.runtime.v8",
+                   "code": {"local": {"filename": field_after(EXAMPLE, "filename: ")}}})
+        );
+        assert_eq!(filters[1]["name"], "envoy.filters.http.upstream_codec");
+        // Every aggregate carries the same upstream filter (one shared VM).
+        assert_eq!(v["clusters"][0]["typed_extension_protocol_options"], cluster["typed_extension_protocol_options"]);
+    }
+
+    /// The example's policy as JSON, without the free tier's model allowlist (which names the
+    /// example's alias).
+    fn example_json() -> Value {
+        let mut v: Value = serde_json::from_str(&example_policy()).unwrap();
+        v["tiers"]["free"].as_object_mut().unwrap().remove("guards");
+        v
+    }
+
+    fn from_json(v: &Value) -> Loaded {
+        loaded(&serde_json::to_string_pretty(v).unwrap())
+    }
+
+    /// The example's policy with `aliases` and `fallback` replaced.
+    fn with_aliases(aliases: Value, fallback: Value) -> Loaded {
+        let mut v = example_json();
+        v["aliases"] = aliases;
+        v["fallback"] = fallback;
+        from_json(&v)
+    }
+
+    /// Renames a model (and its price) of the example's policy.
+    fn rename_model(v: &mut Value, from: &str, to: &str) {
+        for section in ["models", "prices"] {
+            let map = v[section].as_object_mut().unwrap();
+            let entry = map.remove(from).unwrap();
+            map.insert(to.to_owned(), entry);
+        }
+    }
+
+    #[test]
+    fn num_retries_follow_each_aliases_attempt_cap_and_timeouts_the_fallback_settings() {
+        let l = with_aliases(
+            json!({ "a": { "deployments": ["m1", "m2", "m3"], "max_attempts": 2 },
+                    "b": { "deployments": ["m3", "m1"] },
+                    "c": { "deployments": ["m2"] } }),
+            json!({ "max_attempts": 5, "attempt_timeout_ms": 1500, "total_timeout_ms": 900000 }),
+        );
+        let g = generate(&l, &Options::default()).unwrap();
+        let got: Vec<(&str, u32)> = g.routes.iter().map(|r| (r.header_value.as_str(), r.num_retries)).collect();
+        assert_eq!(got, [("a/m1", 1), ("a/m2", 1), ("a/m3", 1), ("b/m3", 1), ("b/m1", 1), ("c/m2", 0)]);
+        assert!(g.routes.iter().all(|r| r.per_try_timeout_ms == 1500 && r.timeout_ms == 900_000));
+        let v: Value = serde_json::from_str(&g.to_json()).unwrap();
+        assert_eq!(v["routes"][0]["route"]["retry_policy"]["per_try_timeout"], "1.5s");
+        assert_eq!(v["routes"][0]["route"]["timeout"], "900s");
+        assert_eq!(v["clusters"][5]["cluster_type"]["typed_config"]["clusters"], json!(["m2"]));
+    }
+
+    #[test]
+    fn first_choices_with_the_same_plan_share_one_aggregate() {
+        let l = with_aliases(
+            json!({ "a": { "deployments": ["m1", "m2", "m3"] },
+                    "b": { "deployments": ["m1", "m2", "m3"], "strategy": "weighted", "max_attempts": 2 },
+                    "c": { "deployments": ["m2", "m1", "m3"] } }),
+            json!({}),
+        );
+        let g = generate(&l, &Options::default()).unwrap();
+        let routes: Vec<(&str, &str, u32)> = g.routes.iter().map(|r| (r.header_value.as_str(), r.cluster.as_str(), r.num_retries)).collect();
+        assert_eq!(
+            routes,
+            [
+                ("a/m1", "a.m1", 2),
+                ("a/m2", "a.m2", 2),
+                ("a/m3", "a.m3", 2),
+                ("b/m1", "a.m1", 1),
+                ("b/m2", "a.m2", 1),
+                ("b/m3", "a.m3", 1),
+                // c's order differs, but with m1 first its plan is a's: m1, m2, m3.
+                ("c/m2", "a.m2", 2),
+                ("c/m1", "a.m1", 2),
+                ("c/m3", "c.m3", 2),
+            ]
+        );
+        let aggregates: Vec<(&str, Vec<&str>)> =
+            g.aggregates.iter().map(|a| (a.name.as_str(), a.clusters.iter().map(String::as_str).collect())).collect();
+        assert_eq!(
+            aggregates,
+            [
+                ("a.m1", vec!["m1", "m2", "m3"]),
+                ("a.m2", vec!["m2", "m1", "m3"]),
+                ("a.m3", vec!["m3", "m1", "m2"]),
+                ("c.m3", vec!["m3", "m2", "m1"]),
+            ]
+        );
+        let v: Value = serde_json::from_str(&g.to_json()).unwrap();
+        let names: Vec<&str> = v["clusters"].as_array().unwrap().iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(names, ["a.m1", "a.m2", "a.m3", "c.m3"]);
+        assert_eq!(v["routes"].as_array().unwrap().len(), 9);
+    }
+
+    #[test]
+    fn the_prefix_and_wasm_path_are_applied() {
+        let options = Options { deployment_cluster_prefix: "llm-".to_owned(), wasm: "/opt/tollgate.wasm".to_owned() };
+        let g = generate(&loaded(&example_policy()), &options).unwrap();
+        assert_eq!(g.aggregates[1].clusters, ["llm-m2", "llm-m1", "llm-m3"]);
+        assert_eq!(g.aggregates[1].name, "scalix-free.m2");
+        assert_eq!(g.deployment_clusters, ["llm-m1", "llm-m2", "llm-m3"]);
+        let v: Value = serde_json::from_str(&g.to_json()).unwrap();
+        let config = &v["clusters"][0]["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            ["http_filters"][0]["typed_config"]["config"];
+        assert_eq!(config["vm_config"]["code"]["local"]["filename"], "/opt/tollgate.wasm");
+        assert!(g.note().contains("llm-m1, llm-m2, llm-m3"), "{}", g.note());
+    }
+
+    #[test]
+    fn a_policy_without_aliases_needs_nothing() {
+        let mut v = example_json();
+        v.as_object_mut().unwrap().remove("aliases");
+        let g = generate(&from_json(&v), &Options::default()).unwrap();
+        assert!(g.routes.is_empty() && g.aggregates.is_empty());
+        assert_eq!(serde_json::from_str::<Value>(&g.to_json()).unwrap(), json!({"routes": [], "clusters": []}));
+        assert!(g.note().starts_with("no aliases"), "{}", g.note());
+    }
+
+    #[test]
+    fn clashing_cluster_names_are_refused() {
+        // "a.b" + "c" and "a" + "b.c" are both "a.b.c", with different plans.
+        let mut v = example_json();
+        rename_model(&mut v, "m1", "c");
+        rename_model(&mut v, "m2", "b.c");
+        v["aliases"] = json!({ "a.b": { "deployments": ["c", "m3"] }, "a": { "deployments": ["b.c", "c"] } });
+        let err = generate(&from_json(&v), &Options::default()).unwrap_err();
+        assert_eq!(
+            err,
+            "the aggregate cluster name \"a.b.c\" is generated for both a/b.c and a.b/c with different orders: rename an alias or a model"
+        );
+
+        // An aggregate named like a deployment cluster; a prefix separates them.
+        let mut v = example_json();
+        rename_model(&mut v, "m3", "x.m2");
+        v["aliases"] = json!({ "x": { "deployments": ["m2", "x.m2"] } });
+        let err = generate(&from_json(&v), &Options::default()).unwrap_err();
+        assert!(err.starts_with("the aggregate cluster name \"x.m2\" is also deployment x.m2's cluster"), "{err}");
+        let prefixed = Options { deployment_cluster_prefix: "d-".to_owned(), ..Options::default() };
+        assert!(generate(&from_json(&v), &prefixed).is_ok());
+    }
+
+    #[test]
+    fn durations_are_envoy_durations() {
+        assert_eq!([duration(600_000), duration(1), duration(1500), duration(30_000), duration(1250)], ["600s", "0.001s", "1.5s", "30s", "1.25s"]);
+    }
+}

@@ -162,7 +162,9 @@ impl Request {
         let value = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let status = value(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
         let now = abi::now_ms().unwrap_or(0);
-        if abi::set_header(map, DEPLOYMENT_HEADER, &deployment).is_err() {
+        // A provider's own header of either name must not steer Envoy's retries or the
+        // downstream filter's accounting: ours replace or remove it.
+        if abi::remove_header(map, RETRY_HEADER).is_err() || abi::set_header(map, DEPLOYMENT_HEADER, &deployment).is_err() {
             abi::increment(self.metrics.host_errors);
         }
         if (200..300).contains(&status) {

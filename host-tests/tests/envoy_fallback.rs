@@ -139,6 +139,19 @@ fn a_500_falls_back_to_the_next_provider_translated_and_is_charged_once() {
 }
 
 #[test]
+fn a_provider_cannot_steer_retries_or_accounting_with_tollgates_headers() {
+    let (m1, m2, m3) = (mock(&[]), mock(&[]), mock(&[]));
+    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    for body in [NON_STREAM, STREAM] {
+        let r = post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", "max"), ("x-mock-spoof-tollgate", "1")], body);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("m1")), "{}", r.body);
+        assert!(r.header("x-tollgate-retry").is_none());
+    }
+    assert_eq!((m1.count(), m2.count(), m3.count()), (2, 0, 0), "no retry on a provider's own x-tollgate-retry");
+    assert_eq!(used(&usage(&envoy, "max"), "requests/day"), 2);
+}
+
+#[test]
 fn a_429_retry_after_cools_the_deployment_down_for_every_worker_thread() {
     let (m1, m2, m3) = (mock(&["--fail-status", "429", "--retry-after", "3"]), mock(&[]), mock(&[]));
     let envoy = start([m1.port, m2.port, m3.port], &|y| y);

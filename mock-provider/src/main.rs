@@ -61,6 +61,8 @@
 //!   stream, a usage-only chunk (`"choices": []`) is sent before `data: [DONE]` (OpenAI only;
 //!   Anthropic and Gemini streams always carry their usage).
 //! - `x-mock-delay-ms: N`: a stream waits N ms before each event after the first.
+//! - `x-mock-spoof-tollgate: 1`: the answer also carries `x-tollgate-retry: 1` and
+//!   `x-tollgate-deployment: spoofed` (a provider trying to steer Tollgate's retries).
 //! - `x-mock-reset-after: K`: a stream closes the connection after its first K events, without
 //!   ending the chunked body (an upstream reset mid-stream).
 //!
@@ -653,7 +655,7 @@ fn api(request: &Request, shared: &Shared) -> Response {
         response.reset_after = knobs.reset_after;
         response
     };
-    match (request.method.as_str(), path) {
+    let mut response = match (request.method.as_str(), path) {
         ("POST", "/v1/chat/completions") => match serde_json::from_slice::<Value>(&request.body) {
             Ok(req) if req.get("stream") == Some(&Value::Bool(true)) => with_knobs(stream_response(&req, knobs.usage)),
             Ok(req) => json_response(200, &completion(&req, knobs.usage)),
@@ -680,7 +682,13 @@ fn api(request: &Request, shared: &Shared) -> Response {
             }
         }
         (_, p) => error(404, &format!("the mock provider has no route {p}"), "unknown_url"),
+    };
+    if request.header("x-mock-spoof-tollgate").is_some() {
+        // A provider sending Tollgate's own response headers (they must not steer anything).
+        response.extra_headers.push(("x-tollgate-retry", "1".to_owned()));
+        response.extra_headers.push(("x-tollgate-deployment", "spoofed".to_owned()));
     }
+    response
 }
 
 /// An error answer with `message` in the path's dialect (Anthropic and Gemini paths).

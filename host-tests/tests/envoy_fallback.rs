@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tollgate_host_tests::envoy::{self, render, Envoy, Rendered};
-use tollgate_host_tests::proc::{agent, free_port, get, mock_request_count, post_json, start_mock_provider_with, Server};
+use tollgate_host_tests::proc::{agent, free_port, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Server};
 use tollgate_host_tests::workerd::{open_stream, read_rest};
 
 const TEMPLATE: &str = "examples/envoy/fallback.yaml";
@@ -250,10 +250,29 @@ fn a_stream_cut_after_its_first_bytes_ends_without_falling_back() {
     // The failure is in the deployment's health and the metrics.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(stat(&envoy, "tollgate_attempt_failures"), 1);
+    // The official OpenAI SDK sees the cut as an error after the chunks it got, never as a
+    // complete answer.
+    let python = workspace_root().join(".venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup.sh all", python.display());
+    let script = r#"
+import sys, openai
+c = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", default_headers={"x-tollgate-user": "fay"}, max_retries=0)
+got = []
+try:
+    for ch in c.chat.completions.create(model="scalix-free", messages=[{"role": "user", "content": "hi"}], stream=True):
+        got.append(ch.choices[0].delta.content if ch.choices else None)
+    print("COMPLETE", got)
+except openai.APIConnectionError:
+    print("RAISED", len([g for g in got if g]))
+"#;
+    let out = std::process::Command::new(python).arg("-c").arg(script).arg(&envoy.url).output().expect("run the python client");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.trim() == "RAISED 1", "{printed} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((m1.count(), m2.count()), (2, 0));
     // The client got part of an answer: the request stays charged its reservation (no
-    // provider usage arrived), once.
+    // provider usage arrived), once per request.
     let u = usage(&envoy, "fay");
-    assert_eq!(used(&u, "requests/day"), 1, "{u}");
+    assert_eq!(used(&u, "requests/day"), 2, "{u}");
     assert!(used(&u, "total_tokens/day") >= 50, "the reservation (max_tokens 50 + prompt): {u}");
     drop(m3);
 }

@@ -302,8 +302,8 @@ impl WireUsage {
         WireUsage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: prompt + completion,
-            prompt_tokens_details: (u.cached_read.is_some() || u.cache_write.is_some()).then(|| PromptTokensDetails {
+            total_tokens: prompt.saturating_add(completion),
+            prompt_tokens_details: (u.cached_read.is_some() || u.cache_write.is_some()).then_some(PromptTokensDetails {
                 cached_tokens: u.cached_read,
                 cache_write_tokens: u.cache_write,
             }),

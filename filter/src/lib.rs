@@ -519,19 +519,8 @@ impl Request {
             .and_then(|k| handoff::with(k, |e| (e.alias.clone(), e.failed.clone())))
             .unwrap_or_default();
         let response = render::attempts_exhausted(&alias, &failed);
-        let map = abi::HTTP_RESPONSE_HEADERS;
-        let mut ok = true;
-        if with_body {
-            ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
-        }
-        ok &= abi::set_header(map, ":status", &response.status.to_string()).is_ok();
-        for name in ["content-length", "content-type", "content-encoding", "retry-after", upstream::DEPLOYMENT_HEADER] {
-            ok &= abi::remove_header(map, name).is_ok();
-        }
-        for (name, value) in &response.headers {
-            ok &= abi::set_header(map, name, value).is_ok();
-        }
-        ok &= abi::set_header(map, "content-length", &(if with_body { response.body.len() } else { 0 }).to_string()).is_ok();
+        let ok = abi::remove_header(abi::HTTP_RESPONSE_HEADERS, upstream::DEPLOYMENT_HEADER).is_ok()
+            && translation::replace_answer(&response, body_size, with_body);
         if !ok {
             abi::increment(self.metrics.host_errors);
         }
@@ -841,19 +830,7 @@ impl Request {
                 }
             }
         }
-        let map = abi::HTTP_RESPONSE_HEADERS;
-        if with_body {
-            ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
-        }
-        ok &= abi::set_header(map, ":status", &response.status.to_string()).is_ok();
-        for name in ["content-length", "content-type", "content-encoding", "retry-after"] {
-            ok &= abi::remove_header(map, name).is_ok();
-        }
-        for (name, value) in &response.headers {
-            ok &= abi::set_header(map, name, value).is_ok();
-        }
-        let length = if with_body { response.body.len() } else { 0 };
-        ok &= abi::set_header(map, "content-length", &length.to_string()).is_ok();
+        ok &= translation::replace_answer(&response, body_size, with_body);
         if !ok {
             abi::increment(self.metrics.host_errors);
         }

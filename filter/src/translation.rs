@@ -15,6 +15,7 @@
 //!    arrives, never buffered); anything else pauses the headers, buffers the body and
 //!    replaces status, headers and body once it is complete.
 
+use tollgate_core::render::LocalResponse;
 use tollgate_core::translate::exchange::Exchange;
 use tollgate_core::translate::{Fault, TranslateError, UpstreamRequest};
 
@@ -127,6 +128,27 @@ pub fn apply_request(up: &UpstreamRequest, body_size: usize, cluster: &str) -> R
     // (`source/extensions/common/wasm/context.cc`: add/replace/remove/setHeaderMapPairs →
     // `clearRouteCache()`), so the router matches again with this header.
     abi::set_header(map, CLUSTER_HEADER, cluster)
+}
+
+/// Replaces the paused answer with `response`: status, the headers that describe the body, and
+/// (when `with_body`: the answer has a body of `body_size` bytes buffered) the body. `false` when
+/// the host refused a part.
+pub fn replace_answer(response: &LocalResponse, body_size: usize, with_body: bool) -> bool {
+    let map = abi::HTTP_RESPONSE_HEADERS;
+    let mut ok = true;
+    if with_body {
+        ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
+    }
+    ok &= abi::set_header(map, ":status", &response.status.to_string()).is_ok();
+    for name in ["content-length", "content-type", "content-encoding", "retry-after"] {
+        ok &= abi::remove_header(map, name).is_ok();
+    }
+    for (name, value) in &response.headers {
+        ok &= abi::set_header(map, name, value).is_ok();
+    }
+    // Without a body none can be written: status and headers only.
+    let length = if with_body { response.body.len() } else { 0 };
+    ok && abi::set_header(map, "content-length", &length.to_string()).is_ok()
 }
 
 /// Removes the provider-account headers (see [`PROVIDER_ACCOUNT_HEADER_PREFIXES`]) from the

@@ -55,9 +55,8 @@ pub struct Attempt {
     /// The deployment this attempt went to (`None` until the request was rewritten for it).
     deployment: Option<String>,
     started_ms: u64,
-    /// Response headers arrived.
-    answered: bool,
-    /// The outcome is recorded (health and handoff), so `on_done` adds nothing.
+    /// Response headers arrived and their outcome is recorded (health and handoff), so
+    /// `on_done` adds nothing unless the answer was then cut.
     recorded: bool,
 }
 
@@ -80,7 +79,7 @@ impl Request {
             e.attempts
         })
         .unwrap_or(1);
-        self.attempt = Some(Attempt { key, number, deployment: None, started_ms: abi::now_ms().unwrap_or(0), answered: false, recorded: false });
+        self.attempt = Some(Attempt { key, number, deployment: None, started_ms: abi::now_ms().unwrap_or(0), recorded: false });
         if end_of_stream {
             return self.reply(TranslateError::invalid(None, "A chat completion request needs a body.").to_response());
         }
@@ -150,7 +149,6 @@ impl Request {
         let Some(policy) = self.policy.clone() else { return Action::Continue };
         let Some(attempt) = self.attempt.as_mut() else { return Action::Continue };
         let Some(deployment) = attempt.deployment.clone() else { return Action::Continue };
-        attempt.answered = true;
         attempt.recorded = true;
         let key = attempt.key.clone();
         let map = abi::HTTP_RESPONSE_HEADERS;
@@ -211,7 +209,7 @@ impl Request {
             return;
         }
         let now = abi::now_ms().unwrap_or(0);
-        let failure = if attempt.answered {
+        let failure = if attempt.recorded {
             Failure::Reset
         } else if now.saturating_sub(attempt.started_ms).saturating_add(50) >= policy.fallback.attempt_timeout_ms {
             Failure::Timeout

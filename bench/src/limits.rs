@@ -25,6 +25,7 @@
 
 use std::hint::black_box;
 
+use tollgate_core::ending::Ending;
 use tollgate_core::gate::{self, Facts, Gate};
 use tollgate_core::identity::RequestFacts;
 use tollgate_core::limits::engine::{Ticket, Who};
@@ -214,8 +215,11 @@ impl LimitsBench {
     }
 
     fn settle(&mut self, ticket: &Ticket, now_ms: u64) -> Result<(), String> {
-        let events = gate::finish(&self.policy, &mut self.store, ticket, Some(&self.usage), now_ms).map_err(|e| format!("finish: {e}"))?;
-        black_box(events);
+        let settled = gate::finish(&self.policy, &mut self.store, ticket, &Ending::Served { usage: self.usage, model: None }, now_ms);
+        if let Some(e) = settled.error {
+            return Err(format!("finish: {e}"));
+        }
+        black_box(settled.events);
         Ok(())
     }
 
@@ -341,6 +345,7 @@ pub mod guest {
 /// Shared data for many anonymous identities: admitted through the real engine into a
 /// [`MemoryStore`], then measured. See [`run`](keyspace::run).
 pub mod keyspace {
+    use tollgate_core::ending::Ending;
     use tollgate_core::gate::{self, Facts, Gate};
     use tollgate_core::limits::record::{COUNTER_LEN, LEASE_LEN, MEMBER_HEADER_LEN, RATE_LEN};
     use tollgate_core::{MemoryStore, Policy};
@@ -426,7 +431,9 @@ pub mod keyspace {
                     return Err(format!("identity {n} ({peer}) refused: {}", String::from_utf8_lossy(&response.body)))
                 }
             };
-            gate::finish(&policy, &mut store, &ticket, Some(&usage), now_ms).map_err(|e| format!("finish: {e}"))?;
+            if let Some(e) = gate::finish(&policy, &mut store, &ticket, &Ending::Served { usage, model: None }, now_ms).error {
+                return Err(format!("finish: {e}"));
+            }
             let done = n + 1;
             if checkpoints.contains(&done) {
                 let spent = clock() - since;

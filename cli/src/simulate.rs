@@ -30,6 +30,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tollgate_core::ending::Ending;
 use tollgate_core::gate::{self, Facts, Gate, Refused, DOWNGRADE_HEADER};
 use tollgate_core::identity::RequestFacts;
 use tollgate_core::limits::engine::Ticket;
@@ -467,10 +468,9 @@ fn settle_due(loaded: &Loaded, limit: Option<u64>, store: &mut MemoryStore, out:
         }
         queue.pop();
         let Some(p) = pending.get_mut(seq as usize).and_then(Option::take) else { continue };
-        let (events, error) = match gate::finish(&loaded.policy, store, &p.ticket, Some(&p.usage), p.due) {
-            Ok(events) => (events, None),
-            Err(e) => (vec![], Some(e.to_string())),
-        };
+        let ending = Ending::Served { usage: p.usage, model: None };
+        let settled = gate::finish(&loaded.policy, store, &p.ticket, &ending, p.due);
+        let (events, error) = (settled.events, settled.error.map(|e| e.to_string()));
         out.push(Line::Settlement(Settlement {
             line: p.line,
             at: timestamp(p.due),

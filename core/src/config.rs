@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
-use thiserror::Error;
 
 use crate::fallback::{FallbackSettings, HealthSettings, RawAlias, RawFallback, RawHealth};
 use crate::guard::{Guards, RawGuards};
@@ -32,19 +31,8 @@ use crate::message::{Messages, RawMessages};
 use crate::routing::{RawModel, RawProvider, Routes};
 use crate::window::{Window, Zone};
 
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum ConfigError {
-    #[error("configuration is empty: the plugin needs a JSON policy")]
-    Empty,
-    #[error("configuration is not valid JSON: {0}")]
-    Syntax(String),
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
-
-pub(crate) fn invalid(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { path: path.into(), message: message.into() }
-}
+pub use crate::error::ConfigError;
+use crate::error::invalid;
 
 /// What to do when the counter store cannot be updated (retries exhausted, host failure).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -27,10 +27,9 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::config::{invalid, ConfigError};
-use crate::store::{update, CasStore, Step, StoreError};
+use crate::error::{invalid, ConfigError};
 
 pub const HEALTH_KEY_PREFIX: &str = "tg2:h:";
 
@@ -111,7 +110,8 @@ impl Alias {
 }
 
 /// How one attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Failure {
     /// The connection could not be made (refused, DNS, TLS).
     Connect,
@@ -483,7 +483,7 @@ pub const HEALTH_FORMAT: u8 = 0x48; // 'H', version 1
 const HEALTH_LEN: usize = 1 + 8 + 4 + 8 + 8 + 8;
 
 /// One deployment's shared health record (compact binary, version byte first).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// Start of the window `failures` are counted in.
     pub window_start_ms: u64,
@@ -535,7 +535,7 @@ impl Health {
 }
 
 /// What the provider said about its remaining quota (after a successful answer).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
@@ -724,7 +724,8 @@ pub fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
 }
 
 /// What happened to one attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Outcome {
     Failed { failure: Failure, retry_after_ms: Option<u64> },
     Served { quota: Quota },
@@ -782,28 +783,6 @@ pub fn next_health(prev: Option<&Health>, outcome: &Outcome, settings: &HealthSe
             }
         }
     }
-}
-
-/// Records an attempt's outcome in the deployment's shared health (compare-and-set). Returns
-/// the record written, `None` when nothing had to change.
-pub fn report<S: CasStore + ?Sized>(
-    store: &mut S,
-    deployment: &str,
-    outcome: &Outcome,
-    settings: &HealthSettings,
-    now_ms: u64,
-    max_retries: u32,
-) -> Result<Option<Health>, StoreError> {
-    update(store, &health_key(deployment), max_retries, |current| {
-        let prev = current.and_then(Health::decode);
-        let next = next_health(prev.as_ref(), outcome, settings, now_ms);
-        Step { result: next, write: next.map(|h| h.encode()) }
-    })
-}
-
-/// A deployment's shared health (healthy when absent or unreadable).
-pub fn read<S: CasStore + ?Sized>(store: &mut S, deployment: &str) -> Result<Health, StoreError> {
-    Ok(store.load(&health_key(deployment))?.and_then(|(bytes, _)| Health::decode(&bytes)).unwrap_or_default())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1129,23 +1108,34 @@ mod tests {
     }
 
     #[test]
-    fn report_and_read_go_through_the_store() {
-        let s = HealthSettings { failures: 2, ..HealthSettings::default() };
+    fn report_and_read_go_through_the_store_protocol() {
+        use crate::ops::sync::{run_op, Rules};
+        use crate::ops::{Op, Reply};
+        let p = crate::config::Policy::from_json(br#"{"tier":{"default":"d"},"tiers":{"d":{"limits":[]}},"health":{"failures":2}}"#).unwrap();
+        let rules = Rules::from(&p);
         let mut store = MemoryStore::new();
-        assert_eq!(read(&mut store, "flash").unwrap(), Health::default());
-        assert_eq!(report(&mut store, "flash", &served(Some(9), None, None), &s, T0, 4).unwrap(), None);
+        let read = |store: &mut MemoryStore, d: &str| match run_op(store, rules, &Op::HealthRead { deployment: d.into() }).unwrap() {
+            Reply::Health(h) => h,
+            other => panic!("{other:?}"),
+        };
+        let report = |store: &mut MemoryStore, d: &str, outcome: Outcome, now: u64| match run_op(store, rules, &Op::HealthReport { deployment: d.into(), outcome, now }).unwrap() {
+            Reply::Health(h) => h,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(read(&mut store, "flash"), Health::default());
+        assert_eq!(report(&mut store, "flash", served(Some(9), None, None), T0), Health::default());
         assert!(store.is_empty(), "a healthy success never writes");
-        let h = report(&mut store, "flash", &failed(500, None), &s, T0, 4).unwrap().unwrap();
+        let h = report(&mut store, "flash", failed(500, None), T0);
         assert_eq!(h.failures, 1);
-        let h = report(&mut store, "flash", &failed(502, None), &s, T0 + 1, 4).unwrap().unwrap();
+        let h = report(&mut store, "flash", failed(502, None), T0 + 1);
         assert_eq!(h.cooldown_until_ms, T0 + 1 + 30_000);
-        assert_eq!(read(&mut store, "flash").unwrap(), h);
+        assert_eq!(read(&mut store, "flash"), h);
         assert_eq!(store.get("tg2:h:flash"), Some(h.encode().as_slice()));
         // garbled bytes read as healthy, and a report overwrites them
-        store.store("tg2:h:pro", b"garbage", None).unwrap();
-        assert_eq!(read(&mut store, "pro").unwrap(), Health::default());
-        let h = report(&mut store, "pro", &failed(429, Some(2000)), &s, T0, 4).unwrap().unwrap();
-        assert_eq!(read(&mut store, "pro").unwrap(), h);
+        crate::store::CasStore::store(&mut store, "tg2:h:pro", b"garbage", None).unwrap();
+        assert_eq!(read(&mut store, "pro"), Health::default());
+        let h = report(&mut store, "pro", failed(429, Some(2000)), T0);
+        assert_eq!(read(&mut store, "pro"), h);
     }
 
     fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -24,7 +24,10 @@ use crate::config::{FailureMode, Policy, TierRules};
 use crate::fallback::Alias;
 use crate::guard::{estimate_prompt_tokens, output_reservation};
 use crate::identity::{RequestFacts, Subject};
-use crate::limits::engine::{self, binding, Admission, Estimate, Ticket, Who};
+use crate::limits::engine::{binding, Admission, Estimate, Ticket, Who};
+use crate::ending::Ending;
+use crate::ops::machine::{Admitting, Peeking, Settled, Settling};
+use crate::ops::sync;
 use crate::limits::ledger::{LimitStatus, Reached, Verdict};
 use crate::limits::Metric;
 use crate::message::{self, LimitFacts, MessageKind};
@@ -32,8 +35,7 @@ use crate::openai::ChatRequest;
 use crate::render::{self, LocalResponse};
 use crate::routing::Route;
 use crate::store::{CasStore, StoreError};
-use crate::translate::TranslateError;
-use crate::usage::Usage;
+use crate::fault::ApiError;
 
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 pub const USAGE_PATH: &str = "/v1/tollgate/usage";
@@ -172,7 +174,7 @@ pub enum Prepared<'p> {
 pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepared<'p> {
     let request: ChatRequest = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return Prepared::Reply(TranslateError::unreadable_body(&e).to_response()),
+        Err(e) => return Prepared::Reply(ApiError::unreadable_body(&e).to_response()),
     };
     let mut route = None;
     let mut alias = None;
@@ -180,7 +182,7 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
         match (policy.routes.route(&request.model), policy.routes.alias(&request.model)) {
             (Some(r), _) => route = Some(r),
             (None, Some(a)) => alias = Some(a),
-            (None, None) => return Prepared::Reply(TranslateError::model_not_found(&request.model).to_response()),
+            (None, None) => return Prepared::Reply(ApiError::model_not_found(&request.model).to_response()),
         }
     }
     let subject = match resolve(policy, facts, request.user.as_deref()) {
@@ -276,7 +278,7 @@ fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Pr
     match prepared {
         Prepared::Reply(r) => reply(r, Refused::Invalid),
         Prepared::Admit(p) => {
-            let result = engine::admit(store, &policy.limits, &p.who, &p.estimate, lease_id, facts.now_ms, policy.max_retries);
+            let result = sync::run(store, policy.into(), Admitting::new(&policy.limits, &p.who, &p.estimate, lease_id, facts.now_ms));
             p.conclude(policy, facts, result)
         }
     }
@@ -442,39 +444,65 @@ pub fn events(policy: &Policy, ticket: &Ticket, reached: &[Reached], now_ms: u64
         .collect()
 }
 
-/// Settles a request that has ended — completed, cancelled, reset or timed out. `usage` is
-/// what the provider reported (`None`: nothing was reported, the reservation stays charged).
-/// Returns webhook event bodies for thresholds reached.
-pub fn finish<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Ticket, usage: Option<&Usage>, now_ms: u64) -> Result<Vec<Vec<u8>>, StoreError> {
-    let usage = usage.filter(|u| !u.is_empty());
-    let reached = engine::settle(store, &policy.limits, ticket, usage, now_ms, policy.max_retries)?;
-    Ok(events(policy, ticket, &reached, now_ms))
+/// What settling a request came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Webhook event bodies for the notify thresholds the settlement reached.
+    pub events: Vec<Vec<u8>>,
+    /// Keys that could not be updated (their counts wait for their windows to end, their leases
+    /// for their TTL).
+    pub failures: u32,
+    /// The first failure, for the log.
+    pub error: Option<StoreError>,
 }
 
-/// Undoes an admitted request that was never forwarded (the host could not rewrite it, the
-/// backend cannot serve it): nothing stays counted. Returns how many keys failed to update.
-pub fn cancel<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Ticket, now_ms: u64) -> u32 {
-    engine::release(store, &policy.limits, ticket, now_ms, policy.max_retries)
+/// Settles a request that has ended, however it ended, by the one rule ([`crate::ending`]).
+pub fn finish<S: CasStore + ?Sized>(policy: &Policy, store: &mut S, ticket: &Ticket, ending: &Ending, now_ms: u64) -> Settlement {
+    let actual = ending.actual(&policy.limits, ticket);
+    let settled = sync::run(store, policy.into(), Settling::new(ticket, actual, now_ms));
+    settlement(policy, ticket, settled, now_ms)
 }
 
-/// `GET /v1/tollgate/usage`: the caller's own limits — used, limit, remaining and reset for
-/// each. There is no prompt data to return.
-pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store: &mut S) -> LocalResponse {
-    let subject = match resolve(policy, facts, None) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let statuses = match engine::peek(store, &policy.limits, &who(&subject), facts.now_ms) {
-        Ok(s) => s,
-        Err(_) => return render::store_unavailable(),
-    };
-    let limits: Vec<Value> = statuses.iter().map(|s| status_json(s, facts.now_ms)).collect();
-    let body = json!({ "object": "tollgate.usage", "tier": subject.tier, "limits": limits });
+/// A [`Settled`] (from any driver) as the host acts on it: webhook events and failures.
+pub fn settlement(policy: &Policy, ticket: &Ticket, settled: Settled, now_ms: u64) -> Settlement {
+    Settlement { events: events(policy, ticket, &settled.reached, now_ms), failures: settled.failures, error: settled.first_error }
+}
+
+/// `GET /v1/tollgate/usage`: who is asking (`Err`: the answer when the identity is refused).
+pub fn usage_subject(policy: &Policy, facts: &Facts) -> Result<Who, LocalResponse> {
+    resolve(policy, facts, None).map(|s| who(&s))
+}
+
+/// `GET /v1/tollgate/usage`: the caller's own limits — used, limit, remaining and reset for each
+/// — and its identity key (a digest: what webhook events and the admin lookup name). There is no
+/// prompt data to return. `statuses`: `Err` when the store failed (a retryable 503).
+pub fn usage_body(who: &Who, statuses: Result<Vec<LimitStatus>, StoreError>, now_ms: u64) -> LocalResponse {
+    let Ok(statuses) = statuses else { return render::store_unavailable() };
+    let limits: Vec<Value> = statuses.iter().map(|s| status_json(s, now_ms)).collect();
+    let body = json!({ "object": "tollgate.usage", "tier": who.tier, "identity": who.identity_key, "limits": limits });
     LocalResponse {
         status: 200,
         headers: vec![("content-type", "application/json".to_owned()), ("cache-control", "no-store".to_owned())],
         body: serde_json::to_vec(&body).unwrap_or_default(),
     }
+}
+
+/// `GET /v1/tollgate/usage` against a [`CasStore`].
+pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store: &mut S) -> LocalResponse {
+    match usage_subject(policy, facts) {
+        Ok(who) => {
+            let statuses = sync::run(store, policy.into(), Peeking::new(&policy.limits, &who, facts.now_ms));
+            usage_body(&who, statuses, facts.now_ms)
+        }
+        Err(r) => r,
+    }
+}
+
+/// Whether a client's request header stays with Tollgate (never forwarded): who the user is and
+/// what they pay (the policy's identity and tier headers), and every `x-tollgate-*` header —
+/// only Tollgate sets those (which cluster, which attempt).
+pub fn is_private_request_header(policy: &Policy, name: &str) -> bool {
+    name.starts_with(crate::answer::TOLLGATE_HEADER_PREFIX) || policy.private_request_headers().any(|h| h == name)
 }
 
 /// What a limit's numbers count.
@@ -507,6 +535,7 @@ pub fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
 mod tests {
     use super::*;
     use crate::store::MemoryStore;
+    use crate::usage::Usage;
 
     const T0: u64 = 1_709_208_000_000; // 2024-02-29T12:00:00Z
 
@@ -556,7 +585,9 @@ mod tests {
     fn settle(p: &Policy, store: &mut MemoryStore, g: &Gate, input: u64, output: u64) -> Vec<Vec<u8>> {
         let Gate::Forward(a) = g else { panic!("{g:?}") };
         let usage = Usage { input: Some(input), output: Some(output), ..Usage::default() };
-        finish(p, store, a.ticket.as_ref().unwrap(), Some(&usage), T0 + 1).unwrap()
+        let s = finish(p, store, a.ticket.as_ref().unwrap(), &Ending::Served { usage, model: None }, T0 + 1);
+        assert_eq!(s.failures, 0);
+        s.events
     }
 
     #[test]
@@ -637,7 +668,7 @@ mod tests {
         let Gate::Reply { response, .. } = run(&p, &mut store, "c", None, BODY, 2) else { panic!("second in flight must wait") };
         assert_eq!(response.status, 429);
         let Gate::Forward(a) = &g else { panic!() };
-        assert_eq!(cancel(&p, &mut store, a.ticket.as_ref().unwrap(), T0), 0);
+        assert_eq!(finish(&p, &mut store, a.ticket.as_ref().unwrap(), &Ending::NotSent, T0).failures, 0);
         // nothing stays counted: a fresh request sees the whole budget
         let Gate::Forward(b) = run(&p, &mut store, "c", None, BODY, 3) else { panic!() };
         assert!(b.headers.contains(&("x-ratelimit-remaining-tokens", "64".to_owned())), "{:?}", b.headers);
@@ -728,7 +759,7 @@ mod tests {
         let mut served = ticket;
         served.model = Some("big".to_owned());
         let usage = Usage { input: Some(10), output: Some(10), ..Usage::default() };
-        finish(&p, &mut store, &served, Some(&usage), T0 + 1).unwrap();
+        assert_eq!(finish(&p, &mut store, &served, &Ending::Served { usage, model: None }, T0 + 1).failures, 0);
         assert_eq!(cost_used(&p, &mut store, "u1", "pro"), 3 * 10 + 10);
     }
 

@@ -55,10 +55,10 @@ use std::io;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::openai::{ChatRequest, Content, ContentPart, Message};
 use crate::render::{openai_error_with_param, LocalResponse};
-use crate::translate::Fault;
+use crate::fault::Fault;
 
 /// The least any prompt is estimated at. A reservation is taken before the provider answers
 /// and settled afterwards: a zero (an empty message list, say) would let a client send

@@ -54,9 +54,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::config::{invalid, ConfigError};
+use crate::error::{invalid, ConfigError};
 use crate::render::{openai_error, LocalResponse};
-use crate::translate::Fault;
+use crate::fault::Fault;
 
 /// How late (after its expiry) a signed token is still accepted, unless configured.
 pub const DEFAULT_MAX_SKEW_SECONDS: u64 = 30;

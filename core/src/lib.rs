@@ -20,14 +20,22 @@
 //!
 //! Time is always an argument: epoch milliseconds from the host.
 
+pub mod answer;
+pub mod attempt;
 pub mod config;
 pub mod duration;
+pub mod ending;
+pub mod error;
 pub mod fallback;
+pub mod fault;
+pub mod forward;
 pub mod gate;
 pub mod guard;
 pub mod identity;
 pub mod message;
 pub mod openai;
+pub mod ops;
+pub mod provider;
 pub mod render;
 pub mod routing;
 pub mod store;

@@ -73,7 +73,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::duration::openai_duration;
 use crate::sse::write_comment;
 

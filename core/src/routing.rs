@@ -29,9 +29,9 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::error::ConfigError;
 use crate::fallback::{self, Alias, FallbackSettings, RawAlias};
-use crate::translate::{ProviderKind, Target};
+use crate::provider::{ProviderKind, Target};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -51,7 +51,7 @@ use tollgate_core::openai::ChatRequest;
 use tollgate_core::render;
 use tollgate_core::sse::write_event;
 use tollgate_core::translate::exchange::{Exchange, Routed};
-use tollgate_core::translate::TranslateError;
+use tollgate_core::translate::ApiError;
 use tollgate_core::usage::Usage;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::{Math, Uint8Array};
@@ -434,7 +434,7 @@ impl Pump {
                     }
                 }
                 Some(Err(_)) => {
-                    let e = TranslateError::bad_upstream("The connection to the provider broke mid-stream.");
+                    let e = ApiError::bad_upstream("The connection to the provider broke mid-stream.");
                     let mut text = String::new();
                     write_event(&mut text, None, &String::from_utf8_lossy(&e.body()), None);
                     out.extend_from_slice(text.as_bytes());

@@ -31,7 +31,7 @@ use tollgate_core::routing::Provider;
 use tollgate_core::sse::write_event;
 use tollgate_core::message;
 use tollgate_core::translate::exchange::{Exchange, Routed};
-use tollgate_core::translate::TranslateError;
+use tollgate_core::translate::ApiError;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::{Math, Uint8Array};
 use worker::{console_error, console_warn, web_sys, ByteStream, Date, Env, Fetch, Headers, Method, Request, Response};
@@ -251,7 +251,7 @@ impl Pump {
                 }
                 Some(Err(e)) => {
                     console_warn!("tollgate: provider {} stream broke: {e}", self.provider);
-                    let e = TranslateError::bad_upstream("The connection to the provider broke mid-stream.");
+                    let e = ApiError::bad_upstream("The connection to the provider broke mid-stream.");
                     let mut text = String::new();
                     write_event(&mut text, None, &String::from_utf8_lossy(&e.body()), None);
                     out.extend_from_slice(text.as_bytes());

@@ -65,7 +65,7 @@ use tollgate_core::openai::ChatRequest;
 use tollgate_core::limits::engine::Ticket;
 use tollgate_core::message;
 use tollgate_core::translate::exchange::Routed;
-use tollgate_core::translate::{Fault, TranslateError};
+use tollgate_core::translate::{Fault, ApiError};
 use tollgate_core::{render, Policy};
 
 use translation::{Answer, Forwarded};
@@ -283,7 +283,7 @@ impl Request {
 
     /// Answers locally after admission with an OpenAI error, releasing what was reserved
     /// (nothing was forwarded, so nothing stays counted).
-    fn refuse(&mut self, error: &TranslateError) -> Action {
+    fn refuse(&mut self, error: &ApiError) -> Action {
         let counter = match error.fault {
             Fault::Client => self.metrics.refused,
             Fault::Provider | Fault::Gateway => self.metrics.host_errors,
@@ -672,7 +672,7 @@ impl HttpContext for Request {
         // The body ended without end_of_stream: OpenAI clients never send trailers.
         self.reading_body = false;
         abi::increment(self.metrics.invalid);
-        self.reply(TranslateError::invalid(None, "Request trailers are not supported.").to_response())
+        self.reply(ApiError::invalid(None, "Request trailers are not supported.").to_response())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -17,7 +17,7 @@
 
 use tollgate_core::render::LocalResponse;
 use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{Fault, TranslateError, UpstreamRequest};
+use tollgate_core::translate::{Fault, ApiError, UpstreamRequest};
 
 use crate::abi::{self, Status};
 
@@ -66,8 +66,8 @@ pub struct Forwarded {
 
 /// A 500 when the host would not let the filter rewrite the request: nothing half-translated
 /// is ever forwarded.
-pub fn gateway_error() -> TranslateError {
-    TranslateError {
+pub fn gateway_error() -> ApiError {
+    ApiError {
         fault: Fault::Gateway,
         status: 500,
         kind: "server_error",

@@ -27,7 +27,7 @@ use tollgate_core::openai::ChatRequest;
 use tollgate_core::render;
 use tollgate_core::routing::Provider;
 use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{ResponseMeta, TranslateError, UpstreamRequest};
+use tollgate_core::translate::{ResponseMeta, ApiError, UpstreamRequest};
 use tollgate_core::Policy;
 
 use proxy_wasm::types::Action;
@@ -81,7 +81,7 @@ impl Request {
         .unwrap_or(1);
         self.attempt = Some(Attempt { key, number, deployment: None, started_ms: abi::now_ms().unwrap_or(0), recorded: false });
         if end_of_stream {
-            return self.reply(TranslateError::invalid(None, "A chat completion request needs a body.").to_response());
+            return self.reply(ApiError::invalid(None, "A chat completion request needs a body.").to_response());
         }
         self.reading_body = true;
         Action::Pause
@@ -108,7 +108,7 @@ impl Request {
         };
         let request: ChatRequest = match serde_json::from_slice(body) {
             Ok(r) => r,
-            Err(e) => return self.refuse_for(&deployment, &TranslateError::unreadable_body(&e)),
+            Err(e) => return self.refuse_for(&deployment, &ApiError::unreadable_body(&e)),
         };
         let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
         let id = translation::response_id(now_ns, translation::connection_id(), self.context_id);
@@ -244,7 +244,7 @@ impl Request {
 
     /// Answers an attempt locally with the client's error, naming the deployment so that the
     /// downstream filter passes it on (an answer without one is "every attempt failed").
-    fn refuse_for(&mut self, deployment: &str, error: &TranslateError) -> Action {
+    fn refuse_for(&mut self, deployment: &str, error: &ApiError) -> Action {
         let mut response = error.to_response();
         response.headers.push((DEPLOYMENT_HEADER, deployment.to_owned()));
         self.reply(response)

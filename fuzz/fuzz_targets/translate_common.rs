@@ -36,7 +36,7 @@ use tollgate_core::openai::{ChatChunk, ChatCompletion, ChatRequest};
 use tollgate_core::render::LocalResponse;
 use tollgate_core::sse::{SseDecoder, SseEvent};
 use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{ProviderKind, ResponseMeta, Target, TranslateError};
+use tollgate_core::translate::{ProviderKind, ResponseMeta, Target, ApiError};
 use tollgate_core::usage::Usage;
 
 /// Inputs shorter than this are also fed byte at a time.
@@ -196,7 +196,7 @@ fn check_response(r: &LocalResponse) {
 struct Streamed {
     out: Vec<u8>,
     usage: Usage,
-    error: Option<TranslateError>,
+    error: Option<ApiError>,
 }
 
 fn run_stream<'a>(mut x: Exchange, chunks: impl IntoIterator<Item = &'a [u8]>) -> Streamed {

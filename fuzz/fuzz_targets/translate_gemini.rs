@@ -15,28 +15,28 @@ use libfuzzer_sys::fuzz_target;
 use tollgate_core::openai::{ChatCompletion, ChatRequest};
 use tollgate_core::translate::exchange::Exchange;
 use tollgate_core::translate::openai_gemini::OpenAiGemini;
-use tollgate_core::translate::{Pair, ProviderKind, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+use tollgate_core::translate::{Pair, ProviderKind, ResponseMeta, StreamOut, Target, ApiError, UpstreamRequest};
 use tollgate_core::usage::Usage;
 
 /// `OpenAiGemini` with the array stream's path.
 struct ArrayStream(OpenAiGemini);
 
 impl Pair for ArrayStream {
-    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let mut up = self.0.request(req, target)?;
         up.path = up.path.replace("?alt=sse", "");
         Ok(up)
     }
-    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, TranslateError> {
+    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
         self.0.response(body)
     }
-    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> TranslateError {
+    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
         self.0.error(status, retry_after, body)
     }
-    fn event(&mut self, event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn event(&mut self, event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         self.0.event(event, data, out)
     }
-    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         self.0.end(out)
     }
     fn usage(&self) -> Usage {

@@ -19,11 +19,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::limits::ledger::{self, Actual, Demand, KeyPlan, LimitStatus, Reached, Receipt, Reserved, Settings, Verdict};
+use crate::limits::ledger::{Actual, Demand, KeyPlan, LimitStatus, Reached, Receipt, Settings, Verdict};
 use crate::limits::{Limit, Metric, Scope};
-use crate::store::{update, CasStore, Step, StoreError};
 use crate::usage::Usage;
-use crate::window::{Timestamp, Window};
+use crate::window::Window;
 
 /// A model's price, in micro-dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,16 +77,53 @@ pub struct Estimate {
 /// Everything the adapter keeps between admission and the end of the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ticket {
+    /// Who was counted.
     pub who: Who,
     /// The model the request is served by (after a downgrade), for the price at settlement.
     pub model: Option<String>,
-    parts: Vec<(String, u64, Scope, Receipt)>,
+    parts: Vec<TicketPart>,
+}
+
+/// What one key of a ticket charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketPart {
+    /// The store key.
+    pub key: String,
+    /// The member's tag in the key's record.
+    pub tag: u64,
+    /// Whose key it is.
+    pub scope: Scope,
+    /// What the reservation charged there.
+    pub receipt: Receipt,
 }
 
 impl Ticket {
+    /// An empty ticket for `who`.
+    pub fn new(who: &Who, model: Option<String>) -> Ticket {
+        Ticket { who: who.clone(), model, parts: Vec::new() }
+    }
+
     /// A ticket that charged nothing (requests that were not admitted).
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
+    }
+
+    /// The keys the ticket charged, in admission order.
+    pub fn parts(&self) -> impl Iterator<Item = &TicketPart> {
+        self.parts.iter()
+    }
+
+    /// The `i`-th part.
+    pub fn part(&self, i: usize) -> Option<&TicketPart> {
+        self.parts.get(i)
+    }
+
+    pub(crate) fn push(&mut self, key: String, tag: u64, scope: Scope, receipt: Receipt) {
+        self.parts.push(TicketPart { key, tag, scope, receipt });
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.parts.clear();
     }
 }
 
@@ -107,6 +143,21 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// An admission that has reserved nothing yet.
+    pub fn new(who: &Who, model: Option<String>) -> Admission {
+        Admission {
+            verdict: Verdict::Allowed,
+            statuses: Vec::new(),
+            downgrade: None,
+            warnings: Vec::new(),
+            notify: Vec::new(),
+            ticket: Ticket::new(who, model),
+            evicted: 0,
+            release_failures: 0,
+        }
+    }
+
+    /// Whether every limit allowed the request.
     pub fn is_allowed(&self) -> bool {
         self.verdict == Verdict::Allowed
     }
@@ -182,10 +233,19 @@ impl LimitSet {
 
     /// The plan of one key whose name and tag are already known (a ticket's part): no hashing.
     fn part_plan(&self, tier: &str, key: String, tag: u64, scope: Scope) -> KeyPlan<'_> {
-        let limits: Vec<&Limit> = match scope {
+        self.key_plan(key, tag, scope, self.part_limits(tier, scope))
+    }
+
+    /// The limits a tier's member of a `scope` key is checked against (global: the global ones).
+    pub fn part_limits(&self, tier: &str, scope: Scope) -> Vec<&Limit> {
+        match scope {
             Scope::Global => self.global.iter().collect(),
             _ => self.tiers.get(tier).map_or(vec![], |ls| ls.iter().filter(|l| l.scope == scope).collect()),
-        };
+        }
+    }
+
+    /// The plan of one key with the given limits, and the calendar counters its scope tracks.
+    pub fn key_plan<'l>(&'l self, key: String, tag: u64, scope: Scope, limits: Vec<&'l Limit>) -> KeyPlan<'l> {
         let tracked = match scope {
             Scope::Identity | Scope::Ip => self.tracked.get(&scope).cloned().unwrap_or_default(),
             _ => vec![],
@@ -243,234 +303,10 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// One admission, step by step, for hosts whose store calls are asynchronous (the worker's
-/// Durable Objects): for each [`AdmitRun::next_key`], run [`AdmitRun::reserve`] atomically on
-/// that key's stored bytes, hand the result to [`AdmitRun::record`]; when it says
-/// [`Flow::Release`], settle every part of [`AdmitRun::ticket`] with [`Actual::nothing`] via
-/// [`release_step`]. [`admit`] is this loop over a [`CasStore`].
-pub struct AdmitRun<'a> {
-    set: &'a LimitSet,
-    plans: Vec<KeyPlan<'a>>,
-    estimate: Estimate,
-    lease_id: u64,
-    now: Timestamp,
-    next: usize,
-    admission: Admission,
-}
-
-/// What to do after a key's reservation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    /// Reserve the next key (or finish when there is none).
-    Next,
-    /// A key refused: release the ticket's parts, then finish.
-    Release,
-}
-
-impl<'a> AdmitRun<'a> {
-    pub fn new(set: &'a LimitSet, who: &Who, estimate: &Estimate, lease_id: u64, now: Timestamp) -> Self {
-        AdmitRun {
-            set,
-            plans: set.plans(who),
-            estimate: estimate.clone(),
-            lease_id,
-            now,
-            next: 0,
-            admission: Admission {
-                verdict: Verdict::Allowed,
-                statuses: Vec::new(),
-                downgrade: None,
-                warnings: Vec::new(),
-                notify: Vec::new(),
-                ticket: Ticket { who: who.clone(), model: estimate.model.clone(), parts: Vec::new() },
-                evicted: 0,
-                release_failures: 0,
-            },
-        }
-    }
-
-    /// The next key to reserve on.
-    pub fn next_key(&self) -> Option<&KeyPlan<'a>> {
-        if self.admission.verdict != Verdict::Allowed {
-            return None;
-        }
-        self.plans.get(self.next)
-    }
-
-    /// The pure reservation step for the current key (may run several times under CAS).
-    pub fn reserve(&self, bytes: Option<&[u8]>) -> (Reserved, Option<Vec<u8>>) {
-        let Some(plan) = self.plans.get(self.next) else {
-            return (
-                Reserved { verdict: Verdict::Allowed, statuses: vec![], downgrade: None, warnings: vec![], notify: vec![], receipt: Receipt::default(), evicted: 0 },
-                None,
-            );
-        };
-        let demand_for = |model: Option<&str>| self.set.demand(&self.estimate, model);
-        ledger::reserve(bytes, plan, &demand_for, self.admission.downgrade.as_deref(), self.lease_id, self.now, &self.set.settings)
-    }
-
-    /// Takes the current key's result.
-    pub fn record(&mut self, reserved: Reserved) -> Flow {
-        let Some(plan) = self.plans.get(self.next) else { return Flow::Next };
-        self.next += 1;
-        let a = &mut self.admission;
-        a.statuses.extend(reserved.statuses);
-        a.evicted += reserved.evicted;
-        if reserved.verdict != Verdict::Allowed {
-            a.verdict = reserved.verdict;
-            a.warnings.clear();
-            a.notify.clear();
-            a.downgrade = None;
-            return Flow::Release;
-        }
-        if a.downgrade.is_none() {
-            a.downgrade = reserved.downgrade;
-        }
-        a.warnings.extend(reserved.warnings);
-        a.notify.extend(reserved.notify);
-        a.ticket.parts.push((plan.key.clone(), plan.tag, plan.scope, reserved.receipt));
-        Flow::Next
-    }
-
-    /// The downgrade an earlier key decided (hosts that run [`ledger::reserve`] elsewhere,
-    /// e.g. in a Durable Object, pass it as `downgraded`).
-    pub fn downgraded(&self) -> Option<&str> {
-        self.admission.downgrade.as_deref()
-    }
-
-    /// The ticket so far (what to release after a refusal).
-    pub fn ticket(&self) -> &Ticket {
-        &self.admission.ticket
-    }
-
-    /// The admission; a refused one carries no ticket parts (`release_failures` says how
-    /// many releases failed).
-    pub fn finish(mut self, release_failures: u32) -> Admission {
-        if self.admission.verdict != Verdict::Allowed {
-            self.admission.ticket.parts.clear();
-            self.admission.release_failures = release_failures;
-        } else if let Some(model) = &self.admission.downgrade {
-            self.admission.ticket.model = Some(model.clone());
-        }
-        self.admission
-    }
-}
-
-/// The keys of a ticket and their receipts.
-impl Ticket {
-    pub fn parts(&self) -> impl Iterator<Item = (&str, Scope, &Receipt)> {
-        self.parts.iter().map(|(k, _, s, r)| (k.as_str(), *s, r))
-    }
-}
-
-/// The pure settle step for one part of a ticket (`key`), for hosts that drive it themselves.
-pub fn settle_step(set: &LimitSet, ticket: &Ticket, key: &str, actual: &Actual, bytes: Option<&[u8]>, now: Timestamp) -> (Vec<Reached>, Option<Vec<u8>>) {
-    match ticket.parts.iter().find(|(k, ..)| k == key) {
-        Some((key, tag, scope, receipt)) => {
-            let plan = set.part_plan(&ticket.who.tier, key.clone(), *tag, *scope);
-            ledger::settle(bytes, &plan, receipt, actual, now, &set.settings)
-        }
-        None => (vec![], None),
-    }
-}
-
-/// The pure release step (a refused admission's earlier keys).
-pub fn release_step(set: &LimitSet, ticket: &Ticket, key: &str, bytes: Option<&[u8]>, now: Timestamp) -> Option<Vec<u8>> {
-    settle_step(set, ticket, key, &Actual::nothing(), bytes, now).1
-}
-
-/// Admits (reserving everything) or refuses (changing nothing) a request.
-pub fn admit<S: CasStore + ?Sized>(
-    store: &mut S,
-    set: &LimitSet,
-    who: &Who,
-    estimate: &Estimate,
-    lease_id: u64,
-    now: Timestamp,
-    max_retries: u32,
-) -> Result<Admission, StoreError> {
-    let mut run = AdmitRun::new(set, who, estimate, lease_id, now);
-    while let Some(plan) = run.next_key() {
-        let key = plan.key.clone();
-        let step = update(store, &key, max_retries, |bytes| {
-            let (reserved, write) = run.reserve(bytes);
-            Step { result: reserved, write }
-        });
-        match step {
-            Ok(reserved) => {
-                if run.record(reserved) == Flow::Release {
-                    let failures = release(store, set, run.ticket(), now, max_retries);
-                    return Ok(run.finish(failures));
-                }
-            }
-            Err(e) => {
-                release(store, set, run.ticket(), now, max_retries);
-                return Err(e);
-            }
-        }
-    }
-    Ok(run.finish(0))
-}
-
-/// Undoes the reservations of a ticket; returns how many keys could not be updated.
-pub fn release<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, ticket: &Ticket, now: Timestamp, max_retries: u32) -> u32 {
-    let mut failures = 0;
-    for (key, ..) in &ticket.parts {
-        let r = update(store, key, max_retries, |bytes| Step { result: (), write: release_step(set, ticket, key, bytes, now) });
-        failures += u32::from(r.is_err());
-    }
-    failures
-}
-
-/// Settles a ticket with the provider-reported `usage` (the served model's price applies) and
-/// releases its lease. `None` usage (the request ended before any was reported) keeps the
-/// token reservations as the charge. Returns the notify thresholds reached.
-pub fn settle<S: CasStore + ?Sized>(
-    store: &mut S,
-    set: &LimitSet,
-    ticket: &Ticket,
-    usage: Option<&Usage>,
-    now: Timestamp,
-    max_retries: u32,
-) -> Result<Vec<Reached>, StoreError> {
-    let actual = match usage {
-        Some(u) => set.actual(ticket.model.as_deref(), u),
-        None => Actual::used(None, None, None),
-    };
-    let mut notify = Vec::new();
-    let mut first_error = None;
-    for (key, tag, scope, receipt) in &ticket.parts {
-        let plan = set.part_plan(&ticket.who.tier, key.clone(), *tag, *scope);
-        let r = update(store, key, max_retries, |bytes| {
-            let (reached, write) = ledger::settle(bytes, &plan, receipt, &actual, now, &set.settings);
-            Step { result: reached, write }
-        });
-        match r {
-            Ok(reached) => notify.extend(reached),
-            Err(e) => first_error = first_error.or(Some(e)),
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(notify),
-    }
-}
-
-/// Where every limit that applies to `who` stands now, changing nothing.
-pub fn peek<S: CasStore + ?Sized>(store: &mut S, set: &LimitSet, who: &Who, now: Timestamp) -> Result<Vec<LimitStatus>, StoreError> {
-    let mut out = Vec::new();
-    for plan in set.plans(who) {
-        let current = store.load(&plan.key)?;
-        out.extend(ledger::peek(current.as_ref().map(|(b, _)| b.as_slice()), &plan, now, &set.settings));
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Policy;
-    use crate::store::MemoryStore;
 
     fn policy() -> Policy {
         Policy::from_json(
@@ -514,42 +350,5 @@ mod tests {
         }
         assert!(p.limits.plan_for(&who("a"), "tg2:t:other").is_none());
         assert!(p.limits.plan_for(&who("a"), &p.limits.plans(&who("b"))[0].key).is_none());
-    }
-
-    /// A host that runs each key's step elsewhere (the worker's Durable Objects) and hands
-    /// the results to `record` gets the same admission as [`admit`].
-    #[test]
-    fn an_externally_run_admission_matches_admit() {
-        let p = policy();
-        let estimate = Estimate { model: None, input_tokens: 0, output_tokens: 0 };
-        let mut a = MemoryStore::new();
-        let mut b = MemoryStore::new();
-        for _ in 0..6 {
-            let expected = admit(&mut a, &p.limits, &who("a"), &estimate, 7, 1_000, 0).unwrap();
-            let mut run = AdmitRun::new(&p.limits, &who("a"), &estimate, 7, 1_000);
-            while let Some(plan) = run.next_key() {
-                let plan = plan.clone();
-                assert_eq!(run.downgraded(), None);
-                let bytes = b.get(&plan.key).map(<[u8]>::to_vec);
-                let demand = |m: Option<&str>| p.limits.demand(&estimate, m);
-                let (reserved, write) = ledger::reserve(bytes.as_deref(), &plan, &demand, run.downgraded(), 7, 1_000, &p.limits.settings);
-                if let Some(w) = write {
-                    let version = b.load(&plan.key).unwrap().map(|(_, v)| v);
-                    b.store(&plan.key, &w, version).unwrap();
-                }
-                if run.record(reserved) == Flow::Release {
-                    let keys: Vec<String> = run.ticket().parts().map(|(k, ..)| k.to_owned()).collect();
-                    for key in keys {
-                        let bytes = b.get(&key).map(<[u8]>::to_vec);
-                        if let Some(w) = release_step(&p.limits, run.ticket(), &key, bytes.as_deref(), 1_000) {
-                            let version = b.load(&key).unwrap().map(|(_, v)| v);
-                            b.store(&key, &w, version).unwrap();
-                        }
-                    }
-                    break;
-                }
-            }
-            assert_eq!(run.finish(0), expected);
-        }
     }
 }

@@ -17,7 +17,7 @@ use crate::limits::{percent_of, Action, Limit, Metric, Scope, Span};
 use crate::window::{Timestamp, Window, Zone};
 
 /// Amounts per metric, indexed by [`Metric::id`] − 1.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Amounts<T>(pub [T; 6]);
 
 impl<T: Copy> Amounts<T> {
@@ -46,6 +46,12 @@ impl Actual {
     /// Everything released: the request did not happen (a later limit refused it).
     pub fn nothing() -> Actual {
         Amounts([Some(0); 6])
+    }
+
+    /// The request was sent but nothing was served: it still counts as a request, but no tokens
+    /// and no cost ([`crate::ending`]).
+    pub fn not_served() -> Actual {
+        Amounts([None, Some(0), Some(0), Some(0), Some(0), Some(0)])
     }
 
     /// The request happened and used this (unknown fields keep their reservation).

@@ -30,7 +30,7 @@ pub mod record;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{invalid, ConfigError};
+use crate::error::{invalid, ConfigError};
 use crate::window::Window;
 
 /// What a limit counts.

@@ -23,7 +23,7 @@ use crate::usage::Usage;
 use super::openai_anthropic::OpenAiAnthropic;
 use super::openai_gemini::OpenAiGemini;
 use super::openai_openai::OpenAiCompatible;
-use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Target, ApiError, UpstreamRequest};
 
 enum Framing {
     Sse(SseDecoder),
@@ -38,9 +38,9 @@ pub struct Routed<'a> {
 
 /// Parses the client's body as a chat completion request and routes its model. `Err` is the
 /// error to answer with (400 unreadable body, 404 unknown model).
-pub fn route_request<'a>(routes: &'a Routes, body: &[u8]) -> Result<Routed<'a>, TranslateError> {
-    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| TranslateError::unreadable_body(&e))?;
-    let route = routes.route(&request.model).ok_or_else(|| TranslateError::model_not_found(&request.model))?;
+pub fn route_request<'a>(routes: &'a Routes, body: &[u8]) -> Result<Routed<'a>, ApiError> {
+    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::unreadable_body(&e))?;
+    let route = routes.route(&request.model).ok_or_else(|| ApiError::model_not_found(&request.model))?;
     Ok(Routed { request, route })
 }
 
@@ -52,7 +52,7 @@ impl Routed<'_> {
 
     /// Builds the exchange (`id` and `created` from the host) and the upstream request; `Err`
     /// is a request the backend cannot serve, in OpenAI's terms.
-    pub fn start(&self, id: String, created: u64) -> Result<(Exchange, UpstreamRequest), TranslateError> {
+    pub fn start(&self, id: String, created: u64) -> Result<(Exchange, UpstreamRequest), ApiError> {
         let meta = ResponseMeta { id, model: self.request.model.clone(), created };
         let mut exchange = Exchange::for_kind(self.route.target.kind, meta);
         let upstream = exchange.request(&self.request, &self.route.target)?;
@@ -69,7 +69,7 @@ pub struct Exchange {
     /// The stream has been ended (by `[DONE]` or an error event): nothing more is written.
     closed: bool,
     /// A stream error that ended the stream, for the adapter to count.
-    stream_error: Option<TranslateError>,
+    stream_error: Option<ApiError>,
     /// Bytes written to the client so far (a fallback is only possible before the first one).
     written: u64,
     /// Written just before `[DONE]` (a soft-limit warning as an SSE comment).
@@ -93,15 +93,12 @@ impl Exchange {
 
     /// Translates the client's request for `target`. Remembers whether the client asked for
     /// stream usage and how the upstream stream will be framed.
-    pub fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+    pub fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let up = self.pair.request(req, target)?;
         self.client_wants_usage = req.is_stream() && req.wants_stream_usage();
-        self.framing = up.stream.then(|| {
-            if target.kind == ProviderKind::Gemini && !up.path.contains("alt=sse") {
-                Framing::JsonArray(JsonArrayDecoder::new())
-            } else {
-                Framing::Sse(SseDecoder::new())
-            }
+        self.framing = up.stream.then(|| match target.kind.framing(&up.path) {
+            crate::provider::Framing::JsonArray => Framing::JsonArray(JsonArrayDecoder::new()),
+            crate::provider::Framing::Sse => Framing::Sse(SseDecoder::new()),
         });
         Ok(up)
     }
@@ -113,7 +110,7 @@ impl Exchange {
             return self.pair.error(status, parse_retry_after(retry_after), body).to_response();
         }
         match self.pair.response(body).and_then(|c| {
-            serde_json::to_vec(&c).map_err(|e| TranslateError::bad_upstream(format!("cannot encode the response: {e}")))
+            serde_json::to_vec(&c).map_err(|e| ApiError::bad_upstream(format!("cannot encode the response: {e}")))
         }) {
             Ok(body) => LocalResponse { status: 200, headers: vec![("content-type", "application/json".to_owned())], body },
             Err(e) => e.to_response(),
@@ -128,7 +125,7 @@ impl Exchange {
         let mut text = String::new();
         let mut items = Vec::new();
         let result = match self.framing.as_mut() {
-            None => Err(TranslateError::bad_upstream("a stream arrived for a non-stream request")),
+            None => Err(ApiError::bad_upstream("a stream arrived for a non-stream request")),
             Some(Framing::Sse(d)) => {
                 d.feed(bytes);
                 drain_sse(d, self.pair.as_mut(), &mut items, &mut text)
@@ -157,13 +154,13 @@ impl Exchange {
             None => Ok(()),
             Some(Framing::Sse(d)) => d
                 .finish()
-                .map_err(|t| TranslateError::bad_upstream(format!("the provider's stream ended early: {t}"))),
+                .map_err(|t| ApiError::bad_upstream(format!("the provider's stream ended early: {t}"))),
             Some(Framing::JsonArray(d)) => {
                 let r = d.finish();
                 let mut items = Vec::new();
                 let drained = drain_array(d, self.pair.as_mut(), &mut items);
                 self.write(&items, &mut text);
-                drained.and(r.map_err(|e| TranslateError::bad_upstream(format!("the provider's stream ended early: {e}"))))
+                drained.and(r.map_err(|e| ApiError::bad_upstream(format!("the provider's stream ended early: {e}"))))
             }
         };
         let mut items = Vec::new();
@@ -199,6 +196,18 @@ impl Exchange {
         out.extend_from_slice(text.as_bytes());
     }
 
+    /// Ends the stream now with `error` as an OpenAI error event (written to `out`; nothing more
+    /// is written after it): the host saw the upstream fail mid-stream.
+    pub fn abort(&mut self, error: ApiError, out: &mut Vec<u8>) {
+        if self.closed {
+            return;
+        }
+        let mut text = String::new();
+        self.fail(error, &mut text);
+        self.written += text.len() as u64;
+        out.extend_from_slice(text.as_bytes());
+    }
+
     /// Bytes (whole SSE lines, e.g. `message::sse_comment`) to write just before a successful
     /// stream's `[DONE]`; nothing is written when the stream ends in an error.
     pub fn set_closing_comment(&mut self, comment: Vec<u8>) {
@@ -211,7 +220,7 @@ impl Exchange {
     }
 
     /// The error that ended the stream, if one did.
-    pub fn stream_error(&self) -> Option<&TranslateError> {
+    pub fn stream_error(&self) -> Option<&ApiError> {
         self.stream_error.as_ref()
     }
 
@@ -237,7 +246,7 @@ impl Exchange {
         }
     }
 
-    fn fail(&mut self, e: TranslateError, text: &mut String) {
+    fn fail(&mut self, e: ApiError, text: &mut String) {
         let body = String::from_utf8(e.body()).unwrap_or_default();
         write_event(text, None, &body, None);
         self.stream_error = Some(e);
@@ -245,22 +254,22 @@ impl Exchange {
     }
 }
 
-fn drain_sse(d: &mut SseDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>, _text: &mut String) -> Result<(), TranslateError> {
+fn drain_sse(d: &mut SseDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>, _text: &mut String) -> Result<(), ApiError> {
     for item in d.by_ref() {
         match item {
             Ok(SseEvent::Message(m)) => pair.event(m.event.as_deref(), &m.data, items)?,
             Ok(SseEvent::Comment(c)) => items.push(StreamOut::Comment(c)),
-            Err(e) => return Err(TranslateError::bad_upstream(e.to_string())),
+            Err(e) => return Err(ApiError::bad_upstream(e.to_string())),
         }
     }
     Ok(())
 }
 
-fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<StreamOut>) -> Result<(), ApiError> {
     while let Some(item) = d.next_raw() {
-        let bytes = item.map_err(|e| TranslateError::bad_upstream(e.to_string()))?;
+        let bytes = item.map_err(|e| ApiError::bad_upstream(e.to_string()))?;
         let text = std::str::from_utf8(&bytes)
-            .map_err(|_| TranslateError::bad_upstream("a stream element is not UTF-8"))?;
+            .map_err(|_| ApiError::bad_upstream("a stream element is not UTF-8"))?;
         pair.event(None, text, items)?;
     }
     Ok(())

@@ -80,7 +80,8 @@ use crate::openai::{
     AssistantMessage, ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, ContentPart, Delta,
     FinishReason, FunctionCall, FunctionCallDelta, Message, Role, ToolCall, ToolCallDelta, WireUsage as OpenAiUsage,
 };
-use crate::translate::{Fault, Pair, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+use crate::fault::{ApiError, Fault};
+use crate::translate::{Pair, ResponseMeta, StreamOut, Target, UpstreamRequest};
 use crate::usage::Usage;
 
 #[path = "anthropic_wire.rs"]
@@ -171,7 +172,7 @@ pub fn usage_of(u: &WireUsage) -> Usage {
 ///
 /// "As sent" means the HTTP status when it is an error status, with 529 → 503 and anything
 /// outside 400–599 → 502.
-pub fn provider_error(http: Option<u16>, err: &ErrorBody, retry_after: Option<u64>) -> TranslateError {
+pub fn provider_error(http: Option<u16>, err: &ErrorBody, retry_after: Option<u64>) -> ApiError {
     let (status, kind, code): (u16, &'static str, Option<String>) = match err.kind.as_str() {
         "invalid_request_error" => {
             let too_long = err.message.contains("prompt is too long");
@@ -204,7 +205,7 @@ pub fn provider_error(http: Option<u16>, err: &ErrorBody, retry_after: Option<u6
         _ if err.message.is_empty() => format!("Anthropic returned {}", err.kind),
         _ => err.message.clone(),
     };
-    TranslateError { fault: Fault::Provider, status, kind, code, param: None, message, retry_after }
+    ApiError { fault: Fault::Provider, status, kind, code, param: None, message, retry_after }
 }
 
 /// The status a client sees for an upstream error status.
@@ -277,23 +278,23 @@ impl OpenAiAnthropic {
     }
 
     /// The Anthropic request body for `req` (what [`Pair::request`] sends).
-    pub fn messages_request(&mut self, req: &ChatRequest, target: &Target) -> Result<MessagesRequest, TranslateError> {
+    pub fn messages_request(&mut self, req: &ChatRequest, target: &Target) -> Result<MessagesRequest, ApiError> {
         refuse_unsupported(req)?;
         let max_tokens = req.max_output_tokens().or(target.default_max_tokens).ok_or_else(|| {
-            TranslateError::invalid(
+            ApiError::invalid(
                 Some("max_tokens"),
                 "max_tokens is required by this model's provider (Anthropic) and no default is configured: set max_tokens or max_completion_tokens",
             )
         })?;
         if let Some(t) = req.temperature {
             if t > 1.0 {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "temperature",
                     format!("temperature {t} is out of range for this model's provider (Anthropic accepts 0 to 1)"),
                 ));
             }
             if t < 0.0 || t.is_nan() {
-                return Err(TranslateError::invalid(Some("temperature"), format!("temperature {t} is below 0")));
+                return Err(ApiError::invalid(Some("temperature"), format!("temperature {t} is below 0")));
             }
         }
         let (system, messages) = convert_messages(&req.messages)?;
@@ -304,13 +305,13 @@ impl OpenAiAnthropic {
         self.json_tool = None;
         if let Some((tool, name)) = json_tool(req.response_format.as_ref())? {
             if tools.is_some() {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "response_format",
                     "response_format json_object/json_schema cannot be combined with tools for this model's provider (Anthropic)",
                 ));
             }
             if thinking.is_some() {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "response_format",
                     "response_format json_object/json_schema cannot be combined with thinking/reasoning_effort for this model's provider (Anthropic)",
                 ));
@@ -324,7 +325,7 @@ impl OpenAiAnthropic {
             None | Some(Value::Null) => None,
             Some(v) => Some(
                 v.as_u64()
-                    .ok_or_else(|| TranslateError::invalid(Some("top_k"), "top_k must be a non-negative integer"))?,
+                    .ok_or_else(|| ApiError::invalid(Some("top_k"), "top_k must be a non-negative integer"))?,
             ),
         };
         Ok(MessagesRequest {
@@ -445,7 +446,7 @@ impl OpenAiAnthropic {
         self.done = true;
     }
 
-    fn stream_event(&mut self, ev: StreamEvent, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn stream_event(&mut self, ev: StreamEvent, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         match ev {
             StreamEvent::MessageStart { message } => {
                 if let Some(u) = message.usage {
@@ -508,7 +509,7 @@ impl OpenAiAnthropic {
                         }
                     }
                     Some(BlockState::Ignored) => {}
-                    _ => return Err(TranslateError::bad_upstream(format!(
+                    _ => return Err(ApiError::bad_upstream(format!(
                         "Anthropic stream: input_json_delta for content block {index}, which is not a tool_use block"
                     ))),
                 },
@@ -536,9 +537,9 @@ impl OpenAiAnthropic {
 }
 
 impl Pair for OpenAiAnthropic {
-    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let body = self.messages_request(req, target)?;
-        let bytes = serde_json::to_vec(&body).map_err(|e| TranslateError {
+        let bytes = serde_json::to_vec(&body).map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",
@@ -558,9 +559,9 @@ impl Pair for OpenAiAnthropic {
         })
     }
 
-    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, TranslateError> {
+    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
         let r: MessagesResponse = serde_json::from_slice(body)
-            .map_err(|e| TranslateError::bad_upstream(format!("Anthropic's response is not a Messages object: {e}")))?;
+            .map_err(|e| ApiError::bad_upstream(format!("Anthropic's response is not a Messages object: {e}")))?;
         if r.kind.as_deref() == Some("error") {
             let err = r.error.unwrap_or(ErrorBody { kind: String::new(), message: String::new() });
             return Err(provider_error(None, &err, None));
@@ -568,12 +569,12 @@ impl Pair for OpenAiAnthropic {
         Ok(self.completion(r))
     }
 
-    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> TranslateError {
+    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
         match serde_json::from_slice::<ErrorEnvelope>(body) {
             Ok(env) => provider_error(Some(status), &env.error, retry_after),
             Err(_) => {
                 let status_out = client_status(status);
-                TranslateError {
+                ApiError {
                     fault: Fault::Provider,
                     status: status_out,
                     kind: kind_for_status(status_out),
@@ -586,7 +587,7 @@ impl Pair for OpenAiAnthropic {
         }
     }
 
-    fn event(&mut self, event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn event(&mut self, event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         if self.done {
             return Ok(());
         }
@@ -597,7 +598,7 @@ impl Pair for OpenAiAnthropic {
         let ev = match serde_json::from_str::<StreamEvent>(data) {
             Ok(ev) => ev,
             Err(first) => parse_with_event_name(event, data).ok_or_else(|| {
-                TranslateError::bad_upstream(format!(
+                ApiError::bad_upstream(format!(
                     "Anthropic stream event {} is not readable: {first}",
                     event.unwrap_or("(unnamed)")
                 ))
@@ -606,7 +607,7 @@ impl Pair for OpenAiAnthropic {
         self.stream_event(ev, out)
     }
 
-    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         if self.done {
             return Ok(());
         }
@@ -615,7 +616,7 @@ impl Pair for OpenAiAnthropic {
             return Ok(());
         }
         self.done = true;
-        Err(TranslateError::bad_upstream("Anthropic's stream ended before message_stop"))
+        Err(ApiError::bad_upstream("Anthropic's stream ended before message_stop"))
     }
 
     fn usage(&self) -> Usage {
@@ -640,48 +641,48 @@ fn json_text(v: &Value) -> String {
     }
 }
 
-fn refuse_unsupported(req: &ChatRequest) -> Result<(), TranslateError> {
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
     const WHO: &str = "this model's provider (Anthropic)";
     if req.n.is_some_and(|n| n > 1) {
-        return Err(TranslateError::unsupported("n", format!("n > 1 is not supported by {WHO}")));
+        return Err(ApiError::unsupported("n", format!("n > 1 is not supported by {WHO}")));
     }
     if req.logprobs == Some(true) {
-        return Err(TranslateError::unsupported("logprobs", format!("logprobs is not supported by {WHO}")));
+        return Err(ApiError::unsupported("logprobs", format!("logprobs is not supported by {WHO}")));
     }
     if req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(TranslateError::unsupported("top_logprobs", format!("top_logprobs is not supported by {WHO}")));
+        return Err(ApiError::unsupported("top_logprobs", format!("top_logprobs is not supported by {WHO}")));
     }
     if req.logit_bias.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(TranslateError::unsupported("logit_bias", format!("logit_bias is not supported by {WHO}")));
+        return Err(ApiError::unsupported("logit_bias", format!("logit_bias is not supported by {WHO}")));
     }
     if req.presence_penalty.is_some_and(|p| p != 0.0) {
-        return Err(TranslateError::unsupported(
+        return Err(ApiError::unsupported(
             "presence_penalty",
             format!("presence_penalty is not supported by {WHO}"),
         ));
     }
     if req.frequency_penalty.is_some_and(|p| p != 0.0) {
-        return Err(TranslateError::unsupported(
+        return Err(ApiError::unsupported(
             "frequency_penalty",
             format!("frequency_penalty is not supported by {WHO}"),
         ));
     }
     if req.seed.is_some() {
-        return Err(TranslateError::unsupported("seed", format!("seed is not supported by {WHO}")));
+        return Err(ApiError::unsupported("seed", format!("seed is not supported by {WHO}")));
     }
     for (key, value) in &req.extra {
         match key.as_str() {
             "thinking" | "top_k" => {}
             k if IGNORED_FIELDS.contains(&k) => {}
             "modalities" if *value == serde_json::json!(["text"]) || value.is_null() => {}
-            k => return Err(TranslateError::unsupported(k, format!("{k} is not supported by {WHO}"))),
+            k => return Err(ApiError::unsupported(k, format!("{k} is not supported by {WHO}"))),
         }
     }
     Ok(())
 }
 
 /// `system` blocks and the turns, from OpenAI's messages.
-fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage>), TranslateError> {
+fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage>), ApiError> {
     let mut system = Vec::new();
     let mut turns: Vec<WireMessage> = Vec::new();
     // Whether the last turn is a user turn that started with tool results (later tool results
@@ -689,7 +690,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
     let mut open_results = false;
     for (i, m) in messages.iter().enumerate() {
         if let Some(key) = m.extra.keys().next() {
-            return Err(TranslateError::unsupported(
+            return Err(ApiError::unsupported(
                 &format!("messages[{i}].{key}"),
                 format!("messages[{i}].{key} is not supported by this model's provider (Anthropic)"),
             ));
@@ -699,7 +700,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
                 let text = match &m.content {
                     None => String::new(),
                     Some(c) => c.text_only().ok_or_else(|| {
-                        TranslateError::invalid(
+                        ApiError::invalid(
                             Some(&format!("messages[{i}].content")),
                             "system and developer messages may only contain text",
                         )
@@ -720,7 +721,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
             }
             Role::Tool => {
                 let id = m.tool_call_id.clone().ok_or_else(|| {
-                    TranslateError::invalid(Some(&format!("messages[{i}].tool_call_id")), "a tool message needs tool_call_id")
+                    ApiError::invalid(Some(&format!("messages[{i}].tool_call_id")), "a tool message needs tool_call_id")
                 })?;
                 let content = match &m.content {
                     None => None,
@@ -746,7 +747,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
                     None => {}
                     Some(c) => {
                         let text = c.text_only().ok_or_else(|| {
-                            TranslateError::invalid(
+                            ApiError::invalid(
                                 Some(&format!("messages[{i}].content")),
                                 "assistant messages may only contain text",
                             )
@@ -759,7 +760,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
                 for (j, call) in m.tool_calls.iter().flatten().enumerate() {
                     let param = format!("messages[{i}].tool_calls[{j}]");
                     if call.kind != "function" {
-                        return Err(TranslateError::unsupported(
+                        return Err(ApiError::unsupported(
                             &format!("{param}.type"),
                             format!("tool call type {:?} is not supported by this model's provider (Anthropic)", call.kind),
                         ));
@@ -775,7 +776,7 @@ fn convert_messages(messages: &[Message]) -> Result<(Vec<Block>, Vec<WireMessage
                 turns.push(WireMessage { role: WireRole::Assistant, content: MessageContent::Blocks(blocks) });
             }
             Role::Function => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     &format!("messages[{i}].role"),
                     "the deprecated function role is not supported for this model's provider (Anthropic): use tool messages",
                 ))
@@ -792,7 +793,7 @@ fn push_blocks(turns: &mut [WireMessage], blocks: Vec<Block>) {
 }
 
 /// A user (or tool-result) message's content as blocks.
-fn user_blocks(content: Option<&Content>, param: &str) -> Result<Vec<Block>, TranslateError> {
+fn user_blocks(content: Option<&Content>, param: &str) -> Result<Vec<Block>, ApiError> {
     let parts = match content {
         None => return Ok(vec![]),
         Some(Content::Text(s)) => return Ok(if s.is_empty() { vec![] } else { vec![Block::text(s.clone())] }),
@@ -811,13 +812,13 @@ fn user_blocks(content: Option<&Content>, param: &str) -> Result<Vec<Block>, Tra
                 cache_control: None,
             }),
             ContentPart::InputAudio { .. } => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     &format!("{param}[{j}]"),
                     "audio input is not supported by this model's provider (Anthropic)",
                 ))
             }
             ContentPart::File { .. } => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     &format!("{param}[{j}]"),
                     "file input is not supported by this model's provider (Anthropic)",
                 ))
@@ -828,17 +829,17 @@ fn user_blocks(content: Option<&Content>, param: &str) -> Result<Vec<Block>, Tra
 }
 
 /// An image URL as an Anthropic image source: a base64 data URL or an http(s) URL.
-pub fn image_source(url: &str, param: &str) -> Result<ImageSource, TranslateError> {
+pub fn image_source(url: &str, param: &str) -> Result<ImageSource, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (header, data) = rest
             .split_once(',')
-            .ok_or_else(|| TranslateError::invalid(Some(param), "a data URL needs a comma before its data"))?;
+            .ok_or_else(|| ApiError::invalid(Some(param), "a data URL needs a comma before its data"))?;
         let media_type = header.strip_suffix(";base64").ok_or_else(|| {
-            TranslateError::unsupported(param, "image data URLs must be base64-encoded (data:<type>;base64,<data>)")
+            ApiError::unsupported(param, "image data URLs must be base64-encoded (data:<type>;base64,<data>)")
         })?;
         let media_type = media_type.to_ascii_lowercase();
         if !IMAGE_MEDIA_TYPES.contains(&media_type.as_str()) {
-            return Err(TranslateError::unsupported(
+            return Err(ApiError::unsupported(
                 param,
                 format!("image type {media_type:?} is not supported by this model's provider (Anthropic accepts jpeg, png, gif, webp)"),
             ));
@@ -849,17 +850,17 @@ pub fn image_source(url: &str, param: &str) -> Result<ImageSource, TranslateErro
     if lower.starts_with("https://") || lower.starts_with("http://") {
         return Ok(ImageSource::Url { url: url.to_owned() });
     }
-    Err(TranslateError::invalid(Some(param), "an image URL must be a base64 data URL or an http(s) URL"))
+    Err(ApiError::invalid(Some(param), "an image URL must be a base64 data URL or an http(s) URL"))
 }
 
-fn convert_tools(req: &ChatRequest) -> Result<Option<Vec<WireTool>>, TranslateError> {
+fn convert_tools(req: &ChatRequest) -> Result<Option<Vec<WireTool>>, ApiError> {
     let Some(tools) = req.tools.as_ref().filter(|t| !t.is_empty()) else { return Ok(None) };
     tools
         .iter()
         .enumerate()
         .map(|(i, t)| {
             if t.kind != "function" {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     &format!("tools[{i}].type"),
                     format!("tool type {:?} is not supported by this model's provider (Anthropic)", t.kind),
                 ));
@@ -879,7 +880,7 @@ fn convert_tools(req: &ChatRequest) -> Result<Option<Vec<WireTool>>, TranslateEr
         .map(Some)
 }
 
-fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<ToolChoice>, TranslateError> {
+fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<ToolChoice>, ApiError> {
     let disable = (req.parallel_tool_calls == Some(false)).then_some(true);
     let choice = match &req.tool_choice {
         None | Some(Value::Null) => None,
@@ -888,7 +889,7 @@ fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<Tool
             "none" => Some(ToolChoice::None {}),
             "required" => Some(ToolChoice::Any { disable_parallel_tool_use: None }),
             other => {
-                return Err(TranslateError::invalid(
+                return Err(ApiError::invalid(
                     Some("tool_choice"),
                     format!("tool_choice {other:?} is not one of auto, none, required"),
                 ))
@@ -897,12 +898,12 @@ fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<Tool
         Some(v @ Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
             Some("function") => {
                 let name = v.pointer("/function/name").and_then(Value::as_str).ok_or_else(|| {
-                    TranslateError::invalid(Some("tool_choice"), "tool_choice of type function needs function.name")
+                    ApiError::invalid(Some("tool_choice"), "tool_choice of type function needs function.name")
                 })?;
                 Some(ToolChoice::Tool { name: name.to_owned(), disable_parallel_tool_use: None })
             }
             other => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "tool_choice",
                     format!(
                         "tool_choice of type {} is not supported by this model's provider (Anthropic)",
@@ -912,13 +913,13 @@ fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<Tool
             }
         },
         Some(_) => {
-            return Err(TranslateError::invalid(Some("tool_choice"), "tool_choice must be a string or an object"))
+            return Err(ApiError::invalid(Some("tool_choice"), "tool_choice must be a string or an object"))
         }
     };
     if !has_tools {
         return match choice {
             None | Some(ToolChoice::None {}) | Some(ToolChoice::Auto { .. }) => Ok(None),
-            Some(_) => Err(TranslateError::invalid(Some("tool_choice"), "tool_choice requires tools")),
+            Some(_) => Err(ApiError::invalid(Some("tool_choice"), "tool_choice requires tools")),
         };
     }
     Ok(match choice {
@@ -930,25 +931,25 @@ fn convert_tool_choice(req: &ChatRequest, has_tools: bool) -> Result<Option<Tool
     })
 }
 
-fn convert_thinking(req: &ChatRequest, max_tokens: u64) -> Result<Option<Value>, TranslateError> {
+fn convert_thinking(req: &ChatRequest, max_tokens: u64) -> Result<Option<Value>, ApiError> {
     let explicit = req.extra.get("thinking").filter(|v| !v.is_null());
     match (&req.reasoning_effort, explicit) {
         (Some(_), Some(_)) => {
-            Err(TranslateError::invalid(Some("reasoning_effort"), "set either reasoning_effort or thinking, not both"))
+            Err(ApiError::invalid(Some("reasoning_effort"), "set either reasoning_effort or thinking, not both"))
         }
         (None, Some(v)) if v.is_object() => Ok(Some(v.clone())),
-        (None, Some(_)) => Err(TranslateError::invalid(Some("thinking"), "thinking must be an object")),
+        (None, Some(_)) => Err(ApiError::invalid(Some("thinking"), "thinking must be an object")),
         (None, None) => Ok(None),
         (Some(effort), None) => {
             let budget = thinking_budget(effort).map_err(|UnknownEffort| {
-                TranslateError::invalid(
+                ApiError::invalid(
                     Some("reasoning_effort"),
                     format!("reasoning_effort {effort:?} is not one of none, minimal, low, medium, high"),
                 )
             })?;
             let Some(budget) = budget else { return Ok(None) };
             if max_tokens <= MIN_THINKING_BUDGET {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "max_tokens",
                     format!(
                         "reasoning_effort needs max_tokens above {MIN_THINKING_BUDGET} for this model's provider (Anthropic), got {max_tokens}"
@@ -962,7 +963,7 @@ fn convert_thinking(req: &ChatRequest, max_tokens: u64) -> Result<Option<Value>,
 }
 
 /// The forced tool for `response_format` json_object / json_schema, and its name.
-fn json_tool(format: Option<&Value>) -> Result<Option<(WireTool, String)>, TranslateError> {
+fn json_tool(format: Option<&Value>) -> Result<Option<(WireTool, String)>, ApiError> {
     let Some(format) = format.filter(|v| !v.is_null()) else { return Ok(None) };
     match format.get("type").and_then(Value::as_str) {
         Some("text") => Ok(None),
@@ -977,7 +978,7 @@ fn json_tool(format: Option<&Value>) -> Result<Option<(WireTool, String)>, Trans
         ))),
         Some("json_schema") => {
             let spec = format.get("json_schema").ok_or_else(|| {
-                TranslateError::invalid(Some("response_format"), "response_format json_schema needs json_schema")
+                ApiError::invalid(Some("response_format"), "response_format json_schema needs json_schema")
             })?;
             let name = spec
                 .get("name")
@@ -1005,7 +1006,7 @@ fn json_tool(format: Option<&Value>) -> Result<Option<(WireTool, String)>, Trans
                 name,
             )))
         }
-        other => Err(TranslateError::unsupported(
+        other => Err(ApiError::unsupported(
             "response_format",
             format!(
                 "response_format type {} is not supported by this model's provider (Anthropic)",
@@ -1053,7 +1054,7 @@ mod tests {
         serde_json::from_slice(&up.body).unwrap()
     }
 
-    fn refused(v: Value) -> TranslateError {
+    fn refused(v: Value) -> ApiError {
         let mut p = OpenAiAnthropic::new(meta());
         p.request(&chat(v), &target(Some(1000))).expect_err("must be refused")
     }
@@ -1066,7 +1067,7 @@ mod tests {
     fn run(
         p: &mut OpenAiAnthropic,
         events: &[(Option<String>, String)],
-    ) -> (Vec<StreamOut>, Result<(), TranslateError>) {
+    ) -> (Vec<StreamOut>, Result<(), ApiError>) {
         let mut out = Vec::new();
         for (name, data) in events {
             if let Err(e) = p.event(name.as_deref(), data, &mut out) {
@@ -1632,7 +1633,7 @@ mod tests {
     #[test]
     fn max_tokens_comes_from_the_request_then_the_target_default_else_a_400() {
         let mut p = OpenAiAnthropic::new(meta());
-        let get = |p: &mut OpenAiAnthropic, v: Value, d: Option<u64>| -> Result<Value, TranslateError> {
+        let get = |p: &mut OpenAiAnthropic, v: Value, d: Option<u64>| -> Result<Value, ApiError> {
             p.request(&chat(v), &target(d)).map(|u| serde_json::from_slice(&u.body).unwrap())
         };
         let b = get(&mut p, json!({"messages": [user("x")], "max_tokens": 5, "max_completion_tokens": 7}), Some(9))
@@ -1815,7 +1816,7 @@ mod tests {
 
     #[test]
     fn reasoning_effort_sets_a_thinking_budget_below_max_tokens() {
-        let thinking = |effort: &str, max: u64| -> Result<Value, TranslateError> {
+        let thinking = |effort: &str, max: u64| -> Result<Value, ApiError> {
             let mut p = OpenAiAnthropic::new(meta());
             p.request(
                 &chat(json!({"messages": [user("x")], "reasoning_effort": effort, "max_tokens": max})),
@@ -2190,7 +2191,7 @@ mod tests {
         v
     }
 
-    fn translate_all(events: &[(Option<String>, String)]) -> (Vec<StreamOut>, Option<TranslateError>) {
+    fn translate_all(events: &[(Option<String>, String)]) -> (Vec<StreamOut>, Option<ApiError>) {
         let (out, r) = run(&mut OpenAiAnthropic::new(meta()), events);
         (out, r.err())
     }

@@ -100,7 +100,8 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 
 use super::gemini_wire as g;
-use super::{Fault, Pair, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+use super::{Pair, ResponseMeta, StreamOut, Target, UpstreamRequest};
+use crate::fault::{ApiError, Fault};
 use crate::openai::{
     AssistantMessage, ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Content, ContentPart, Delta,
     FinishReason, FunctionCall, FunctionCallDelta, Role, ToolCall, ToolCallDelta, WireUsage,
@@ -154,7 +155,7 @@ impl OpenAiGemini {
 // request
 
 /// The Gemini request body for `req`.
-pub fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateContentRequest, TranslateError> {
+pub fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateContentRequest, ApiError> {
     refuse_unsupported(req)?;
 
     let (system, contents) = contents(req)?;
@@ -166,7 +167,7 @@ pub fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateCo
     let mut declarations = Vec::new();
     for (i, tool) in req.tools.iter().flatten().enumerate() {
         if tool.kind != "function" {
-            return Err(TranslateError::unsupported(
+            return Err(ApiError::unsupported(
                 &format!("tools[{i}].type"),
                 format!("tool type `{}` is not supported by the Gemini backend (only `function`)", tool.kind),
             ));
@@ -191,26 +192,26 @@ pub fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateCo
     })
 }
 
-fn refuse_unsupported(req: &ChatRequest) -> Result<(), TranslateError> {
+fn refuse_unsupported(req: &ChatRequest) -> Result<(), ApiError> {
     if req.logit_bias.as_ref().is_some_and(|b| !b.is_empty()) {
-        return Err(TranslateError::unsupported("logit_bias", "logit_bias is not supported by the Gemini backend"));
+        return Err(ApiError::unsupported("logit_bias", "logit_bias is not supported by the Gemini backend"));
     }
     if req.logprobs == Some(true) {
-        return Err(TranslateError::unsupported("logprobs", "logprobs are not supported by the Gemini backend"));
+        return Err(ApiError::unsupported("logprobs", "logprobs are not supported by the Gemini backend"));
     }
     if req.top_logprobs.is_some() {
-        return Err(TranslateError::unsupported("top_logprobs", "logprobs are not supported by the Gemini backend"));
+        return Err(ApiError::unsupported("top_logprobs", "logprobs are not supported by the Gemini backend"));
     }
     if req.parallel_tool_calls == Some(false) {
-        return Err(TranslateError::unsupported(
+        return Err(ApiError::unsupported(
             "parallel_tool_calls",
             "parallel_tool_calls: false is not supported by the Gemini backend (it cannot be limited to one tool call per turn)",
         ));
     }
     match req.n {
-        Some(0) => return Err(TranslateError::invalid(Some("n"), "n must be at least 1")),
+        Some(0) => return Err(ApiError::invalid(Some("n"), "n must be at least 1")),
         Some(n) if n > MAX_CANDIDATES => {
-            return Err(TranslateError::unsupported("n", format!("the Gemini backend returns at most {MAX_CANDIDATES} choices")))
+            return Err(ApiError::unsupported("n", format!("the Gemini backend returns at most {MAX_CANDIDATES} choices")))
         }
         _ => {}
     }
@@ -222,25 +223,25 @@ fn refuse_unsupported(req: &ChatRequest) -> Result<(), TranslateError> {
                     .as_array()
                     .is_some_and(|m| m.iter().all(|x| x.as_str() == Some("text")));
                 if !text_only {
-                    return Err(TranslateError::unsupported("modalities", "the Gemini backend answers with text only"));
+                    return Err(ApiError::unsupported("modalities", "the Gemini backend answers with text only"));
                 }
             }
             k if HARMLESS_EXTRA_FIELDS.contains(&k) => {}
             k => {
-                return Err(TranslateError::unsupported(k, format!("`{k}` is not supported by the Gemini backend")));
+                return Err(ApiError::unsupported(k, format!("`{k}` is not supported by the Gemini backend")));
             }
         }
     }
     Ok(())
 }
 
-fn generation_config(req: &ChatRequest) -> Result<g::GenerationConfig, TranslateError> {
+fn generation_config(req: &ChatRequest) -> Result<g::GenerationConfig, ApiError> {
     let top_k = match req.extra.get("top_k") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
             v.as_u64()
                 .filter(|k| *k >= 1)
-                .ok_or_else(|| TranslateError::invalid(Some("top_k"), "top_k must be a positive integer"))?,
+                .ok_or_else(|| ApiError::invalid(Some("top_k"), "top_k must be a positive integer"))?,
         ),
     };
     let mut config = g::GenerationConfig {
@@ -261,13 +262,13 @@ fn generation_config(req: &ChatRequest) -> Result<g::GenerationConfig, Translate
             Some("json_object") => config.response_mime_type = Some("application/json".to_owned()),
             Some("json_schema") => {
                 let schema = format.pointer("/json_schema/schema").ok_or_else(|| {
-                    TranslateError::invalid(Some("response_format.json_schema.schema"), "json_schema needs a `schema`")
+                    ApiError::invalid(Some("response_format.json_schema.schema"), "json_schema needs a `schema`")
                 })?;
                 config.response_mime_type = Some("application/json".to_owned());
                 config.response_json_schema = Some(schema.clone());
             }
             _ => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     "response_format",
                     "response_format must be text, json_object or json_schema",
                 ))
@@ -293,7 +294,7 @@ fn generation_config(req: &ChatRequest) -> Result<g::GenerationConfig, Translate
 /// effort is `none`. Other values (e.g. `xhigh`) are a 400: Gemini has nothing above `high`.
 /// A model that does not support the value chosen (e.g. `minimal` on Gemini 3 Pro, a zero
 /// budget on 2.5 Pro) answers with its own 400, passed on.
-pub fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::ThinkingConfig, TranslateError> {
+pub fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::ThinkingConfig, ApiError> {
     let (budget, level) = match effort {
         "none" => (0, "minimal"),
         "minimal" => (512, "minimal"),
@@ -301,7 +302,7 @@ pub fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::Thinking
         "medium" => (8192, "medium"),
         "high" => (24576, "high"),
         other => {
-            return Err(TranslateError::unsupported(
+            return Err(ApiError::unsupported(
                 "reasoning_effort",
                 format!("reasoning_effort `{other}` is not supported by the Gemini backend (none, minimal, low, medium, high)"),
             ))
@@ -316,7 +317,7 @@ pub fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::Thinking
     })
 }
 
-fn tool_config(choice: &Value) -> Result<g::ToolConfig, TranslateError> {
+fn tool_config(choice: &Value) -> Result<g::ToolConfig, ApiError> {
     let config = |mode: &str, names: Option<Vec<String>>| g::ToolConfig {
         function_calling_config: g::FunctionCallingConfig { mode: mode.to_owned(), allowed_function_names: names },
     };
@@ -327,10 +328,10 @@ fn tool_config(choice: &Value) -> Result<g::ToolConfig, TranslateError> {
         Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
             match o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str) {
                 Some(name) => Ok(config("ANY", Some(vec![name.to_owned()]))),
-                None => Err(TranslateError::invalid(Some("tool_choice.function.name"), "tool_choice names no function")),
+                None => Err(ApiError::invalid(Some("tool_choice.function.name"), "tool_choice names no function")),
             }
         }
-        _ => Err(TranslateError::unsupported(
+        _ => Err(ApiError::unsupported(
             "tool_choice",
             "tool_choice must be auto, none, required or a named function for the Gemini backend",
         )),
@@ -338,7 +339,7 @@ fn tool_config(choice: &Value) -> Result<g::ToolConfig, TranslateError> {
 }
 
 /// `systemInstruction` parts and `contents`.
-fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), TranslateError> {
+fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), ApiError> {
     let mut system = Vec::new();
     let mut contents: Vec<g::Content> = Vec::new();
     // Function names by tool call id (without signature), from the assistant turns so far.
@@ -352,7 +353,7 @@ fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), Transl
                 let text = match &m.content {
                     None => String::new(),
                     Some(c) => c.text_only().ok_or_else(|| {
-                        TranslateError::unsupported(
+                        ApiError::unsupported(
                             &format!("messages[{i}].content"),
                             "system and developer messages may only contain text for the Gemini backend",
                         )
@@ -363,7 +364,7 @@ fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), Transl
             }
             Role::User => {
                 let content = m.content.as_ref().ok_or_else(|| {
-                    TranslateError::invalid(Some(&format!("messages[{i}].content")), "a user message needs content")
+                    ApiError::invalid(Some(&format!("messages[{i}].content")), "a user message needs content")
                 })?;
                 contents.push(g::Content { role: Some("user".to_owned()), parts: user_parts(content, i)? });
                 in_results = false;
@@ -385,7 +386,7 @@ fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), Transl
                 in_results = true;
             }
             Role::Function => {
-                return Err(TranslateError::unsupported(
+                return Err(ApiError::unsupported(
                     &format!("messages[{i}].role"),
                     "the legacy `function` role is not supported by the Gemini backend; use `tool`",
                 ))
@@ -395,7 +396,7 @@ fn contents(req: &ChatRequest) -> Result<(Vec<g::Part>, Vec<g::Content>), Transl
     Ok((system, contents))
 }
 
-fn user_parts(content: &Content, i: usize) -> Result<Vec<g::Part>, TranslateError> {
+fn user_parts(content: &Content, i: usize) -> Result<Vec<g::Part>, ApiError> {
     let parts = match content {
         Content::Text(s) => return Ok(vec![g::Part::text(s.clone())]),
         Content::Parts(parts) => parts,
@@ -419,7 +420,7 @@ fn user_parts(content: &Content, i: usize) -> Result<Vec<g::Part>, TranslateErro
                         ..g::Part::default()
                     },
                     _ => {
-                        return Err(TranslateError::invalid(
+                        return Err(ApiError::invalid(
                             Some(&format!("{param}.input_audio")),
                             "input_audio needs base64 `data` and a `format` of wav or mp3",
                         ))
@@ -429,7 +430,7 @@ fn user_parts(content: &Content, i: usize) -> Result<Vec<g::Part>, TranslateErro
             ContentPart::File { file } => match file.get("file_data").and_then(Value::as_str) {
                 Some(url) if url.starts_with("data:") => media_part(url, &format!("{param}.file.file_data"))?,
                 _ => {
-                    return Err(TranslateError::unsupported(
+                    return Err(ApiError::unsupported(
                         &format!("{param}.file"),
                         "the Gemini backend takes files as `file_data` data URLs only (OpenAI file ids mean nothing to Gemini)",
                     ))
@@ -441,18 +442,18 @@ fn user_parts(content: &Content, i: usize) -> Result<Vec<g::Part>, TranslateErro
 }
 
 /// An image or file by data URL (→ `inlineData`) or by URL (→ `fileData`).
-fn media_part(url: &str, param: &str) -> Result<g::Part, TranslateError> {
+fn media_part(url: &str, param: &str) -> Result<g::Part, ApiError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
-            .ok_or_else(|| TranslateError::invalid(Some(param), "malformed data: URL (no comma)"))?;
+            .ok_or_else(|| ApiError::invalid(Some(param), "malformed data: URL (no comma)"))?;
         let mut fields = meta.split(';');
         let mime = fields.next().unwrap_or("").trim();
         if mime.is_empty() {
-            return Err(TranslateError::invalid(Some(param), "data: URL without a media type"));
+            return Err(ApiError::invalid(Some(param), "data: URL without a media type"));
         }
         if !fields.any(|f| f.trim().eq_ignore_ascii_case("base64")) {
-            return Err(TranslateError::unsupported(param, "only base64 data: URLs are supported by the Gemini backend"));
+            return Err(ApiError::unsupported(param, "only base64 data: URLs are supported by the Gemini backend"));
         }
         return Ok(g::Part {
             inline_data: Some(g::Blob { mime_type: mime.to_ascii_lowercase(), data: data.to_owned() }),
@@ -466,7 +467,7 @@ fn media_part(url: &str, param: &str) -> Result<g::Part, TranslateError> {
             ..g::Part::default()
         });
     }
-    Err(TranslateError::invalid(Some(param), "expected a base64 data: URL or an http(s):// or gs:// URL"))
+    Err(ApiError::invalid(Some(param), "expected a base64 data: URL or an http(s):// or gs:// URL"))
 }
 
 /// The media type a URL's file extension names, for the types Gemini reads as images/documents.
@@ -499,12 +500,12 @@ fn assistant_parts(
     m: &crate::openai::Message,
     i: usize,
     names: &mut HashMap<String, String>,
-) -> Result<Vec<g::Part>, TranslateError> {
+) -> Result<Vec<g::Part>, ApiError> {
     let mut parts = Vec::new();
     let text = match &m.content {
         None => None,
         Some(c) => Some(c.text_only().ok_or_else(|| {
-            TranslateError::unsupported(
+            ApiError::unsupported(
                 &format!("messages[{i}].content"),
                 "assistant messages may only contain text for the Gemini backend",
             )
@@ -517,7 +518,7 @@ fn assistant_parts(
     for (j, call) in m.tool_calls.iter().flatten().enumerate() {
         let param = format!("messages[{i}].tool_calls[{j}]");
         if call.kind != "function" {
-            return Err(TranslateError::unsupported(
+            return Err(ApiError::unsupported(
                 &format!("{param}.type"),
                 format!("tool call type `{}` is not supported by the Gemini backend", call.kind),
             ));
@@ -542,13 +543,13 @@ fn tool_result_part(
     m: &crate::openai::Message,
     i: usize,
     names: &HashMap<String, String>,
-) -> Result<g::Part, TranslateError> {
+) -> Result<g::Part, ApiError> {
     let call_id = m.tool_call_id.as_deref().ok_or_else(|| {
-        TranslateError::invalid(Some(&format!("messages[{i}].tool_call_id")), "a tool message needs tool_call_id")
+        ApiError::invalid(Some(&format!("messages[{i}].tool_call_id")), "a tool message needs tool_call_id")
     })?;
     let (id, _) = split_tool_call_id(call_id);
     let name = names.get(id).cloned().or_else(|| m.name.clone()).ok_or_else(|| {
-        TranslateError::invalid(
+        ApiError::invalid(
             Some(&format!("messages[{i}].tool_call_id")),
             format!("no earlier assistant tool call has the id `{id}`"),
         )
@@ -556,7 +557,7 @@ fn tool_result_part(
     let text = match &m.content {
         None => String::new(),
         Some(c) => c.text_only().ok_or_else(|| {
-            TranslateError::unsupported(
+            ApiError::unsupported(
                 &format!("messages[{i}].content"),
                 "tool results may only contain text for the Gemini backend",
             )
@@ -578,7 +579,7 @@ fn tool_result_part(
 }
 
 /// The request path for `model` (a bare name, `models/…` or `tunedModels/…`).
-fn model_path(model: &str, stream: bool) -> Result<String, TranslateError> {
+fn model_path(model: &str, stream: bool) -> Result<String, ApiError> {
     let resource = if model.starts_with("models/") || model.starts_with("tunedModels/") {
         model.to_owned()
     } else {
@@ -586,7 +587,7 @@ fn model_path(model: &str, stream: bool) -> Result<String, TranslateError> {
     };
     let name = resource.split_once('/').map(|(_, n)| n).unwrap_or("");
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
-        return Err(TranslateError {
+        return Err(ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",
@@ -690,7 +691,7 @@ impl OpenAiGemini {
 }
 
 /// A candidate's finish reason in OpenAI's terms; `Err` for a failed tool call.
-fn finish_reason(candidate: &g::Candidate, made_calls: bool) -> Result<Option<FinishReason>, TranslateError> {
+fn finish_reason(candidate: &g::Candidate, made_calls: bool) -> Result<Option<FinishReason>, ApiError> {
     let Some(reason) = candidate.finish_reason.as_deref() else { return Ok(None) };
     let done = if made_calls { FinishReason::ToolCalls } else { FinishReason::Stop };
     Ok(Some(match reason {
@@ -700,7 +701,7 @@ fn finish_reason(candidate: &g::Candidate, made_calls: bool) -> Result<Option<Fi
         | "IMAGE_PROHIBITED_CONTENT" | "IMAGE_RECITATION" => FinishReason::ContentFilter,
         "MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL" | "TOO_MANY_TOOL_CALLS" => {
             let detail = candidate.finish_message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
-            return Err(TranslateError {
+            return Err(ApiError {
                 fault: Fault::Provider,
                 status: 502,
                 kind: "server_error",
@@ -763,12 +764,12 @@ fn is_object(data: &[u8]) -> bool {
     data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
 }
 
-fn parse_element(data: &[u8]) -> Result<g::GenerateContentResponse, TranslateError> {
+fn parse_element(data: &[u8]) -> Result<g::GenerateContentResponse, ApiError> {
     if !is_object(data) {
-        return Err(TranslateError::bad_upstream("Gemini sent a response that is not a JSON object"));
+        return Err(ApiError::bad_upstream("Gemini sent a response that is not a JSON object"));
     }
     serde_json::from_slice(data)
-        .map_err(|e| TranslateError::bad_upstream(format!("Gemini sent a response that cannot be read: {e}")))
+        .map_err(|e| ApiError::bad_upstream(format!("Gemini sent a response that cannot be read: {e}")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -791,7 +792,7 @@ fn parse_element(data: &[u8]) -> Result<g::GenerateContentResponse, TranslateErr
 ///
 /// An invalid key is the gateway's key, not the client's: a 401 would tell the client its own
 /// credentials were refused, so it is reported as a 502 with a message that says whose.
-pub fn map_error(http_status: Option<u16>, retry_after: Option<u64>, body: Option<&g::ErrorBody>) -> TranslateError {
+pub fn map_error(http_status: Option<u16>, retry_after: Option<u64>, body: Option<&g::ErrorBody>) -> ApiError {
     let http = http_status
         .filter(|s| (400..=599).contains(s))
         .or_else(|| body.and_then(|b| b.code).and_then(|c| u16::try_from(c).ok()).filter(|s| (400..=599).contains(s)))
@@ -837,7 +838,7 @@ pub fn map_error(http_status: Option<u16>, retry_after: Option<u64>, body: Optio
             _ => (http, "invalid_request_error", lower, message),
         }
     };
-    TranslateError { fault: Fault::Provider, status, kind, code: Some(code), param: None, message, retry_after }
+    ApiError { fault: Fault::Provider, status, kind, code: Some(code), param: None, message, retry_after }
 }
 
 /// google.rpc.Code names by HTTP status (their documented mapping), for bodies without one.
@@ -893,12 +894,12 @@ impl OpenAiGemini {
     }
 
     /// The state slot of choice `index`, added on first sight.
-    fn slot(&mut self, index: u32) -> Result<usize, TranslateError> {
+    fn slot(&mut self, index: u32) -> Result<usize, ApiError> {
         if let Some(i) = self.choices.iter().position(|c| c.index == index) {
             return Ok(i);
         }
         if index as u64 >= MAX_CANDIDATES.max(self.n as u64) {
-            return Err(TranslateError::bad_upstream(format!("Gemini sent candidate index {index}")));
+            return Err(ApiError::bad_upstream(format!("Gemini sent candidate index {index}")));
         }
         self.choices.push(ChoiceState { index, ..ChoiceState::default() });
         Ok(self.choices.len() - 1)
@@ -931,12 +932,12 @@ impl OpenAiGemini {
 }
 
 impl Pair for OpenAiGemini {
-    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let body = build_request(req, target)?;
         let stream = req.is_stream();
         let path = model_path(&target.upstream_model, stream)?;
         self.n = req.n.unwrap_or(1).clamp(1, MAX_CANDIDATES) as u32;
-        let body = serde_json::to_vec(&body).map_err(|e| TranslateError {
+        let body = serde_json::to_vec(&body).map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",
@@ -948,7 +949,7 @@ impl Pair for OpenAiGemini {
         Ok(UpstreamRequest { path, headers: vec![("content-type", "application/json".to_owned())], body, stream })
     }
 
-    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, TranslateError> {
+    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
         let r = parse_element(body)?;
         if let Some(error) = &r.error {
             return Err(map_error(None, None, Some(error)));
@@ -959,7 +960,7 @@ impl Pair for OpenAiGemini {
         let mut choices = Vec::new();
         if r.candidates.is_empty() {
             let Some(message) = prompt_blocked(&r) else {
-                return Err(TranslateError::bad_upstream("Gemini answered without candidates"));
+                return Err(ApiError::bad_upstream("Gemini answered without candidates"));
             };
             for index in 0..self.n {
                 choices.push(Choice {
@@ -1010,7 +1011,7 @@ impl Pair for OpenAiGemini {
         })
     }
 
-    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> TranslateError {
+    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
         match error_body(body) {
             Some(e) => map_error(Some(status), retry_after, Some(&e)),
             None => {
@@ -1021,7 +1022,7 @@ impl Pair for OpenAiGemini {
         }
     }
 
-    fn event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         if data.trim().is_empty() {
             return Ok(());
         }
@@ -1081,9 +1082,9 @@ impl Pair for OpenAiGemini {
         Ok(())
     }
 
-    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn end(&mut self, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         if self.elements == 0 {
-            return Err(TranslateError::bad_upstream("the Gemini stream ended without a response"));
+            return Err(ApiError::bad_upstream("the Gemini stream ended without a response"));
         }
         // Gemini ends every stream with a finishReason; if one is missing the answer is still
         // complete (the stream ended cleanly), so the choice is closed as a normal stop.
@@ -1141,7 +1142,7 @@ mod tests {
         body_for(req, "gemini-2.5-flash")
     }
 
-    fn refused(req: Value) -> TranslateError {
+    fn refused(req: Value) -> ApiError {
         OpenAiGemini::new(meta()).request(&chat(req), &target("gemini-2.5-flash")).expect_err("request is refused")
     }
 
@@ -1469,7 +1470,7 @@ mod tests {
 
     // ---- non-stream response ----
 
-    fn respond(body: Value) -> Result<ChatCompletion, TranslateError> {
+    fn respond(body: Value) -> Result<ChatCompletion, ApiError> {
         OpenAiGemini::new(meta()).response(&serde_json::to_vec(&body).unwrap())
     }
 
@@ -1613,7 +1614,7 @@ mod tests {
 
     // ---- stream ----
 
-    fn run_stream(pair: &mut OpenAiGemini, elements: &[Value]) -> Result<Vec<ChatChunk>, TranslateError> {
+    fn run_stream(pair: &mut OpenAiGemini, elements: &[Value]) -> Result<Vec<ChatChunk>, ApiError> {
         let mut out = Vec::new();
         let mut result = Ok(());
         for e in elements {
@@ -1755,7 +1756,7 @@ mod tests {
 
     // ---- errors ----
 
-    fn gemini_error(status: u16, body: Value, retry_after: Option<u64>) -> TranslateError {
+    fn gemini_error(status: u16, body: Value, retry_after: Option<u64>) -> ApiError {
         OpenAiGemini::new(meta()).error(status, retry_after, &serde_json::to_vec(&body).unwrap())
     }
 

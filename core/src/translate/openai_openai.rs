@@ -18,7 +18,8 @@
 
 use serde_json::{Map, Value};
 
-use super::{Fault, Pair, ResponseMeta, StreamOut, Target, TranslateError, UpstreamRequest};
+use super::{Pair, ResponseMeta, StreamOut, Target, UpstreamRequest};
+use crate::fault::{ApiError, Fault};
 use crate::openai::{ChatCompletion, ChatRequest, StreamOptions};
 use crate::usage::Usage;
 
@@ -99,7 +100,7 @@ fn usage_of(v: &Value) -> Option<Usage> {
 /// An error object (`{"error": {...}}` or OpenRouter's in-chunk `{"error": {"code": 502, ...}}`)
 /// in OpenAI's terms. A status outside 400–599 is no error status a client can act on (nor one
 /// every HTTP stack will send): it becomes 502, as in the other pairs.
-fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) -> TranslateError {
+fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) -> ApiError {
     let status = if (400..=599).contains(&status) { status } else { 502 };
     let text = |k: &str| error.and_then(|e| e.get(k)).and_then(Value::as_str).map(str::to_owned);
     let code = error.and_then(|e| e.get("code")).and_then(|c| match c {
@@ -114,7 +115,7 @@ fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) 
         429 => "rate_limit_error",
         _ => "server_error",
     };
-    TranslateError {
+    ApiError {
         fault: Fault::Provider,
         status,
         kind,
@@ -126,7 +127,7 @@ fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) 
 }
 
 impl Pair for OpenAiCompatible {
-    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, TranslateError> {
+    fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let mut upstream = req.clone();
         upstream.model = target.upstream_model.clone();
         if upstream.is_stream() {
@@ -135,7 +136,7 @@ impl Pair for OpenAiCompatible {
                 .get_or_insert_with(|| StreamOptions { include_usage: None, extra: Map::new() });
             options.include_usage = Some(true);
         }
-        let body = serde_json::to_vec(&upstream).map_err(|e| TranslateError {
+        let body = serde_json::to_vec(&upstream).map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",
@@ -152,12 +153,12 @@ impl Pair for OpenAiCompatible {
         })
     }
 
-    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, TranslateError> {
+    fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
         let value: Value = serde_json::from_slice(body)
-            .map_err(|e| TranslateError::bad_upstream(format!("the provider's response is not JSON: {e}")))?;
+            .map_err(|e| ApiError::bad_upstream(format!("the provider's response is not JSON: {e}")))?;
         self.record_usage(&value);
         let mut completion: ChatCompletion = serde_json::from_value(value)
-            .map_err(|e| TranslateError::bad_upstream(format!("the provider's response is not a chat completion: {e}")))?;
+            .map_err(|e| ApiError::bad_upstream(format!("the provider's response is not a chat completion: {e}")))?;
         if completion.model.is_empty() {
             completion.model = self.meta.model.clone();
         }
@@ -166,12 +167,12 @@ impl Pair for OpenAiCompatible {
         Ok(completion)
     }
 
-    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> TranslateError {
+    fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
         let value: Option<Value> = serde_json::from_slice(body).ok();
         provider_error(status, retry_after, value.as_ref().and_then(|v| v.get("error")))
     }
 
-    fn event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn event(&mut self, _event: Option<&str>, data: &str, out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         let data = data.trim();
         if data == "[DONE]" {
             self.done = true;
@@ -181,9 +182,9 @@ impl Pair for OpenAiCompatible {
             return Ok(());
         }
         let mut chunk: Value = serde_json::from_str(data)
-            .map_err(|e| TranslateError::bad_upstream(format!("a stream chunk is not JSON: {e}")))?;
+            .map_err(|e| ApiError::bad_upstream(format!("a stream chunk is not JSON: {e}")))?;
         if !chunk.is_object() {
-            return Err(TranslateError::bad_upstream("a stream chunk is not a JSON object"));
+            return Err(ApiError::bad_upstream("a stream chunk is not a JSON object"));
         }
         if let Some(error) = chunk.get("error") {
             let status = error.get("code").and_then(Value::as_u64).and_then(|c| u16::try_from(c).ok()).filter(|c| *c >= 400);
@@ -210,11 +211,11 @@ impl Pair for OpenAiCompatible {
         Ok(())
     }
 
-    fn end(&mut self, _out: &mut Vec<StreamOut>) -> Result<(), TranslateError> {
+    fn end(&mut self, _out: &mut Vec<StreamOut>) -> Result<(), ApiError> {
         if self.done {
             Ok(())
         } else {
-            Err(TranslateError::bad_upstream("the provider's stream ended before [DONE]"))
+            Err(ApiError::bad_upstream("the provider's stream ended before [DONE]"))
         }
     }
 

@@ -1,0 +1,310 @@
+//! The sequences of per-key operations a request needs, as sans-IO state machines.
+//!
+//! A driver loops: [`Machine::next`] gives the next [`Op`] (or the result), the driver runs it
+//! on its backend and hands the outcome to [`Machine::reply`]. The machines never see the
+//! backend, so one loop serves every store: [`super::sync::run`] over a compare-and-set store,
+//! an `await` per step in the worker (a Durable Object per key), a remote store service next.
+
+use crate::fallback::Health;
+use crate::limits::engine::{Admission, Estimate, LimitSet, Ticket, Who};
+use crate::limits::ledger::{Actual, KeyPlan, LimitStatus, Reached, Verdict};
+use crate::store::StoreError;
+use crate::window::Timestamp;
+
+use super::{Op, Part, Reply};
+
+/// What a machine wants next.
+#[derive(Debug)]
+pub enum Next<T> {
+    /// Run this op and hand its outcome to [`Machine::reply`].
+    Op(Op),
+    /// The machine is done.
+    Done(T),
+}
+
+/// A sequence of per-key operations (see the module docs).
+pub trait Machine {
+    /// What the sequence comes to.
+    type Output;
+    /// The next op, or the output. After `Done`, the machine is spent: later calls answer `Done`
+    /// again with what is left (an empty output).
+    fn next(&mut self) -> Next<Self::Output>;
+    /// The outcome of the op [`Machine::next`] gave last (`Err`: the backend failed or gave up).
+    fn reply(&mut self, reply: Result<Reply, StoreError>);
+}
+
+fn unexpected() -> StoreError {
+    StoreError::Host("the store answered another op")
+}
+
+fn part(plan: &KeyPlan<'_>, tier: &str) -> Part {
+    Part { tier: tier.to_owned(), tag: plan.tag, scope: plan.scope, shard: None }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reserving on `plans[next]`.
+    Reserving,
+    /// Releasing the ticket's part `i` (a later key refused, or a key failed).
+    Releasing(usize),
+    Done,
+}
+
+/// Admission: reserve on every key of the request, in core's order (identity, IP, tier,
+/// global). When a key refuses, the keys reserved before it are released, so a refused request
+/// is never counted; when a key fails, the same, and the admission is the failure.
+pub struct Admitting<'a> {
+    plans: Vec<KeyPlan<'a>>,
+    estimate: Estimate,
+    lease_id: u64,
+    now: Timestamp,
+    next: usize,
+    phase: Phase,
+    admission: Admission,
+    error: Option<StoreError>,
+}
+
+impl<'a> Admitting<'a> {
+    /// An admission of `estimate` for `who`; `lease_id` names its concurrency lease.
+    pub fn new(set: &'a LimitSet, who: &Who, estimate: &Estimate, lease_id: u64, now: Timestamp) -> Self {
+        Admitting {
+            plans: set.plans(who),
+            estimate: estimate.clone(),
+            lease_id,
+            now,
+            next: 0,
+            phase: Phase::Reserving,
+            admission: Admission::new(who, estimate.model.clone()),
+            error: None,
+        }
+    }
+
+    fn record(&mut self, reserved: crate::limits::ledger::Reserved) {
+        let Some(plan) = self.plans.get(self.next) else { return };
+        self.next += 1;
+        let a = &mut self.admission;
+        a.statuses.extend(reserved.statuses);
+        a.evicted += reserved.evicted;
+        if reserved.verdict != Verdict::Allowed {
+            a.verdict = reserved.verdict;
+            a.warnings.clear();
+            a.notify.clear();
+            a.downgrade = None;
+            self.phase = Phase::Releasing(0);
+            return;
+        }
+        if a.downgrade.is_none() {
+            a.downgrade = reserved.downgrade;
+        }
+        a.warnings.extend(reserved.warnings);
+        a.notify.extend(reserved.notify);
+        a.ticket.push(plan.key.clone(), plan.tag, plan.scope, reserved.receipt);
+    }
+
+    fn finish(&mut self) -> Result<Admission, StoreError> {
+        self.phase = Phase::Done;
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        let empty = Admission::new(&self.admission.ticket.who, None);
+        let mut a = std::mem::replace(&mut self.admission, empty);
+        if a.verdict != Verdict::Allowed {
+            a.ticket.clear();
+        } else if let Some(model) = &a.downgrade {
+            a.ticket.model = Some(model.clone());
+        }
+        Ok(a)
+    }
+}
+
+impl Machine for Admitting<'_> {
+    type Output = Result<Admission, StoreError>;
+
+    fn next(&mut self) -> Next<Self::Output> {
+        loop {
+            match self.phase {
+                Phase::Reserving => {
+                    let Some(plan) = self.plans.get(self.next) else { return Next::Done(self.finish()) };
+                    return Next::Op(Op::Reserve {
+                        key: plan.key.clone(),
+                        part: part(plan, &self.admission.ticket.who.tier),
+                        estimate: self.estimate.clone(),
+                        downgraded: self.admission.downgrade.clone(),
+                        lease_id: self.lease_id,
+                        now: self.now,
+                    });
+                }
+                Phase::Releasing(i) => match self.admission.ticket.part(i) {
+                    Some(p) => {
+                        return Next::Op(Op::Settle {
+                            key: p.key.clone(),
+                            part: Part { tier: self.admission.ticket.who.tier.clone(), tag: p.tag, scope: p.scope, shard: None },
+                            receipt: p.receipt.clone(),
+                            actual: Actual::nothing(),
+                            now: self.now,
+                        })
+                    }
+                    None => self.phase = Phase::Done,
+                },
+                Phase::Done => return Next::Done(self.finish()),
+            }
+        }
+    }
+
+    fn reply(&mut self, reply: Result<Reply, StoreError>) {
+        match self.phase {
+            Phase::Reserving => match reply {
+                Ok(Reply::Reserved(r)) => self.record(r),
+                Ok(_) => {
+                    self.error = Some(unexpected());
+                    self.phase = Phase::Releasing(0);
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    self.phase = Phase::Releasing(0);
+                }
+            },
+            Phase::Releasing(i) => {
+                if !matches!(reply, Ok(Reply::Settled(_))) {
+                    // Its count waits for its window to end (and its lease for its TTL).
+                    self.admission.release_failures += 1;
+                }
+                self.phase = Phase::Releasing(i + 1);
+            }
+            Phase::Done => {}
+        }
+    }
+}
+
+/// What settling a ticket came to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Notify thresholds the settlement reached (webhook events).
+    pub reached: Vec<Reached>,
+    /// Keys that could not be settled: their reservations stay counted until their windows end,
+    /// their leases until their TTL.
+    pub failures: u32,
+    /// The first failure, for the log.
+    pub first_error: Option<StoreError>,
+}
+
+/// Settlement: every part of a ticket settled with the same [`Actual`] (or released with
+/// [`Actual::nothing`]). A failing key does not stop the others.
+pub struct Settling {
+    ops: std::vec::IntoIter<Op>,
+    out: Settled,
+}
+
+impl Settling {
+    /// Settles every part of `ticket` with `actual`.
+    pub fn new(ticket: &Ticket, actual: Actual, now: Timestamp) -> Self {
+        let ops: Vec<Op> = ticket
+            .parts()
+            .map(|p| Op::Settle {
+                key: p.key.clone(),
+                part: Part { tier: ticket.who.tier.clone(), tag: p.tag, scope: p.scope, shard: None },
+                receipt: p.receipt.clone(),
+                actual,
+                now,
+            })
+            .collect();
+        Settling { ops: ops.into_iter(), out: Settled::default() }
+    }
+}
+
+impl Machine for Settling {
+    type Output = Settled;
+
+    fn next(&mut self) -> Next<Settled> {
+        match self.ops.next() {
+            Some(op) => Next::Op(op),
+            None => Next::Done(std::mem::take(&mut self.out)),
+        }
+    }
+
+    fn reply(&mut self, reply: Result<Reply, StoreError>) {
+        let error = match reply {
+            Ok(Reply::Settled(reached)) => {
+                self.out.reached.extend(reached);
+                return;
+            }
+            Ok(_) => unexpected(),
+            Err(e) => e,
+        };
+        self.out.failures += 1;
+        self.out.first_error.get_or_insert(error);
+    }
+}
+
+/// Where every limit of `who` stands (the usage endpoint): one peek per key; the first failure
+/// ends it.
+pub struct Peeking {
+    ops: std::vec::IntoIter<Op>,
+    out: Result<Vec<LimitStatus>, StoreError>,
+}
+
+impl Peeking {
+    /// Peeks every key `who` is counted under.
+    pub fn new(set: &LimitSet, who: &Who, now: Timestamp) -> Self {
+        let ops: Vec<Op> = set.plans(who).iter().map(|plan| Op::Peek { key: plan.key.clone(), part: part(plan, &who.tier), now }).collect();
+        Peeking { ops: ops.into_iter(), out: Ok(Vec::new()) }
+    }
+}
+
+impl Machine for Peeking {
+    type Output = Result<Vec<LimitStatus>, StoreError>;
+
+    fn next(&mut self) -> Next<Self::Output> {
+        if self.out.is_ok() {
+            if let Some(op) = self.ops.next() {
+                return Next::Op(op);
+            }
+        }
+        Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new())))
+    }
+
+    fn reply(&mut self, reply: Result<Reply, StoreError>) {
+        match (reply, &mut self.out) {
+            (Ok(Reply::Statuses(s)), Ok(all)) => all.extend(s),
+            (Ok(_), out) => *out = Err(unexpected()),
+            (Err(e), out) => *out = Err(e),
+        }
+    }
+}
+
+/// The health of each of an alias's deployments (same order). A record that cannot be read is
+/// healthy: health only ever steers, it never refuses on its own; `failed` says how many.
+pub struct ReadingHealth {
+    ops: std::vec::IntoIter<Op>,
+    out: (Vec<Health>, u32),
+}
+
+impl ReadingHealth {
+    /// Reads the records of `deployments`.
+    pub fn new<'d>(deployments: impl IntoIterator<Item = &'d str>) -> Self {
+        let ops: Vec<Op> = deployments.into_iter().map(|d| Op::HealthRead { deployment: d.to_owned() }).collect();
+        ReadingHealth { ops: ops.into_iter(), out: (Vec::new(), 0) }
+    }
+}
+
+impl Machine for ReadingHealth {
+    /// The records, and how many could not be read.
+    type Output = (Vec<Health>, u32);
+
+    fn next(&mut self) -> Next<Self::Output> {
+        match self.ops.next() {
+            Some(op) => Next::Op(op),
+            None => Next::Done(std::mem::take(&mut self.out)),
+        }
+    }
+
+    fn reply(&mut self, reply: Result<Reply, StoreError>) {
+        match reply {
+            Ok(Reply::Health(h)) => self.out.0.push(h),
+            _ => {
+                self.out.0.push(Health::default());
+                self.out.1 += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The synchronous driver: runs a [`Machine`] against a [`CasStore`] (proxy-wasm shared data,
+//! the in-memory store), each op inside [`update`]'s load → apply → compare-and-set loop.
+
+use crate::fallback::HealthSettings;
+use crate::limits::engine::LimitSet;
+use crate::store::{update, CasStore, Step, StoreError};
+
+use super::machine::{Machine, Next};
+use super::{apply, Op, Reply};
+
+/// What every op needs besides the store: the limits and the health settings of the policy,
+/// and how many compare-and-set conflicts to retry per op.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    /// The policy's limits (and prices, zone, lease TTL).
+    pub limits: &'a LimitSet,
+    /// The policy's health settings.
+    pub health: &'a HealthSettings,
+    /// Retries after a compare-and-set conflict, per op.
+    pub max_retries: u32,
+}
+
+impl<'a> From<&'a crate::config::Policy> for Rules<'a> {
+    fn from(p: &'a crate::config::Policy) -> Self {
+        Rules { limits: &p.limits, health: &p.health, max_retries: p.max_retries }
+    }
+}
+
+/// Runs one op: reads go straight to the store, writes through compare-and-set.
+pub fn run_op<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, op: &Op) -> Result<Reply, StoreError> {
+    let key = op.key();
+    if !op.writes() {
+        let current = store.load(&key)?;
+        return Ok(apply(rules.limits, rules.health, op, current.as_ref().map(|(b, _)| b.as_slice())).0);
+    }
+    update(store, &key, rules.max_retries, |bytes| {
+        let (result, write) = apply(rules.limits, rules.health, op, bytes);
+        Step { result, write }
+    })
+}
+
+/// Runs `machine` to its end against `store`.
+pub fn run<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, mut machine: M) -> M::Output {
+    loop {
+        match machine.next() {
+            Next::Done(out) => return out,
+            Next::Op(op) => {
+                let reply = run_op(store, rules, &op);
+                machine.reply(reply);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Policy;
+    use crate::limits::engine::{Estimate, Who};
+    use crate::limits::ledger::{Actual, Verdict};
+    use crate::ops::machine::{Admitting, Peeking, Settling};
+    use crate::ops::Reply;
+    use crate::store::{MemoryStore, Version, Written};
+
+    fn policy() -> Policy {
+        Policy::from_json(
+            br#"{"tier":{"default":"d"},"store":{"slots":0},
+                 "tiers":{"d":{"limits":[{"window":"day","requests":5},{"per":"tier","window":"day","requests":9},{"concurrent":2}]}}}"#,
+        )
+        .unwrap()
+    }
+
+    fn who(id: &str) -> Who {
+        Who { identity_key: id.to_owned(), ip_key: None, tier: "d".to_owned() }
+    }
+
+    const ZERO: Estimate = Estimate { model: None, input_tokens: 0, output_tokens: 0 };
+
+    fn used(store: &mut MemoryStore, p: &Policy, id: &str) -> Vec<u64> {
+        run(store, (&*p).into(), Peeking::new(&p.limits, &who(id), 1_000)).unwrap().iter().map(|s| s.used).collect()
+    }
+
+    #[test]
+    fn an_admission_reserves_every_key_and_settling_releases_the_lease() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        let a = run(&mut store, (&p).into(), Admitting::new(&p.limits, &who("a"), &ZERO, 1, 1_000)).unwrap();
+        assert!(a.is_allowed());
+        assert_eq!(a.ticket.parts().count(), 2, "identity and tier keys");
+        assert_eq!(used(&mut store, &p, "a"), [1, 1, 1]);
+        let s = run(&mut store, (&p).into(), Settling::new(&a.ticket, Actual::used(None, None, None), 1_000));
+        assert_eq!((s.failures, s.first_error), (0, None));
+        assert_eq!(used(&mut store, &p, "a"), [1, 0, 1], "the request stays counted, its lease is back");
+        let s = run(&mut store, (&p).into(), Settling::new(&a.ticket, Actual::nothing(), 1_000));
+        assert_eq!(s.failures, 0);
+        assert_eq!(used(&mut store, &p, "a"), [0, 0, 0], "released: nothing counts");
+    }
+
+    #[test]
+    fn a_refusal_on_a_later_key_releases_the_earlier_ones() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        for i in 0..9 {
+            let a = run(&mut store, (&p).into(), Admitting::new(&p.limits, &who(&format!("u{i}")), &ZERO, i, 1_000)).unwrap();
+            run(&mut store, (&p).into(), Settling::new(&a.ticket, Actual::used(None, None, None), 1_000));
+        }
+        let refused = run(&mut store, (&p).into(), Admitting::new(&p.limits, &who("late"), &ZERO, 99, 1_000)).unwrap();
+        assert!(matches!(refused.verdict, Verdict::Denied { .. }), "{:?}", refused.verdict);
+        assert!(refused.ticket.is_empty());
+        assert_eq!(used(&mut store, &p, "late"), [0, 0, 9], "the identity reservation was released");
+    }
+
+    /// Fails every op on keys with a prefix.
+    struct Failing(MemoryStore, &'static str);
+    impl CasStore for Failing {
+        fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+            if key.starts_with(self.1) {
+                return Err(StoreError::Host("down"));
+            }
+            self.0.load(key)
+        }
+        fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+            self.0.store(key, value, expected)
+        }
+    }
+
+    #[test]
+    fn a_failing_key_fails_the_admission_and_releases_what_was_reserved() {
+        let p = policy();
+        let mut store = Failing(MemoryStore::new(), "tg2:t:");
+        let r = run(&mut store, (&p).into(), Admitting::new(&p.limits, &who("a"), &ZERO, 1, 1_000));
+        assert_eq!(r.unwrap_err(), StoreError::Host("down"));
+        assert_eq!(used(&mut store.0, &p, "a")[0], 0, "the identity's reservation was released");
+        // Settling goes on past a failing key and reports it.
+        let a = run(&mut store.0, (&p).into(), Admitting::new(&p.limits, &who("b"), &ZERO, 2, 1_000)).unwrap();
+        let s = run(&mut store, (&p).into(), Settling::new(&a.ticket, Actual::nothing(), 1_000));
+        assert_eq!((s.failures, s.first_error), (1, Some(StoreError::Host("down"))));
+        assert_eq!(used(&mut store.0, &p, "b")[0], 0, "the identity key was still released");
+    }
+
+    #[test]
+    fn a_machine_driven_step_by_step_elsewhere_matches_the_sync_driver() {
+        // What the worker does: apply each op itself (a Durable Object) and hand the reply back.
+        let p = policy();
+        let (mut a, mut b) = (MemoryStore::new(), MemoryStore::new());
+        for i in 0..7 {
+            let expected = run(&mut a, (&p).into(), Admitting::new(&p.limits, &who("x"), &ZERO, i, 1_000));
+            let mut m = Admitting::new(&p.limits, &who("x"), &ZERO, i, 1_000);
+            let got = loop {
+                match m.next() {
+                    Next::Done(out) => break out,
+                    Next::Op(op) => {
+                        let json = serde_json::to_string(&op).unwrap();
+                        let op: Op = serde_json::from_str(&json).unwrap();
+                        let stored = b.get(&op.key()).map(<[u8]>::to_vec);
+                        let (reply, write) = apply(&p.limits, &p.health, &op, stored.as_deref());
+                        if let Some(w) = write {
+                            let v = b.load(&op.key()).unwrap().map(|(_, v)| v);
+                            assert_eq!(b.store(&op.key(), &w, v).unwrap(), Written::Stored);
+                        }
+                        let reply: Reply = serde_json::from_str(&serde_json::to_string(&reply).unwrap()).unwrap();
+                        m.reply(Ok(reply));
+                    }
+                }
+            };
+            assert_eq!(got, expected, "admission {i}");
+        }
+    }
+}

@@ -54,6 +54,10 @@ pub enum Dispatch<'p> {
         request: ChatRequest,
         /// Whether the request differs from the client's body.
         rewritten: bool,
+        /// The client's headers from the admission (rate limits, a downgrade).
+        headers: Vec<(&'static str, String)>,
+        /// The soft-limit warning the answer carries.
+        warning: Option<Warning>,
     },
     /// Any other API call: forwarded as it is.
     Other {
@@ -73,7 +77,7 @@ pub fn dispatch(mut admitted: Admitted<'_>, id: String, created: u64) -> Dispatc
         return Dispatch::Other { answer: Answer::other(headers, warning) };
     };
     if let Some(alias) = admitted.alias {
-        return Dispatch::Alias { alias, request, rewritten: admitted.rewritten };
+        return Dispatch::Alias { alias, request, rewritten: admitted.rewritten, headers, warning };
     }
     match admitted.route.take() {
         Some(route) => {

@@ -103,6 +103,8 @@ extern "C" {
         headers_size: usize,
         grpc_status: i32,
     ) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
 }
@@ -287,15 +289,23 @@ pub fn environment() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Makes `context_id` the context later host calls act on (a stream, from the root's tick).
+pub fn set_effective_context(context_id: u32) -> Result<(), Status> {
+    // SAFETY: a plain value.
+    check(unsafe { proxy_set_effective_context(context_id) })
+}
+
+/// Asks for `proxy_on_tick` on the root context every `period_ms` (0: never).
+pub fn set_tick_period(period_ms: u32) -> Result<(), Status> {
+    // SAFETY: a plain value.
+    check(unsafe { proxy_set_tick_period_milliseconds(period_ms) })
+}
+
 pub fn define_counter(name: &str) -> Result<u32, Status> {
     let mut id = 0u32;
     // SAFETY: pointer/length of a live string, out-pointer to a live local.
     check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
-}
-
-pub fn increment(metric: u32) {
-    increment_by(metric, 1);
 }
 
 /// Adds `n` to a counter; nothing for 0 (Envoy refuses an offset that is not positive).

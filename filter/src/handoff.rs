@@ -1,4 +1,4 @@
-//! What the downstream filter and the upstream filter of one request tell each other.
+//! What the downstream filter and the upstream filter of one alias request tell each other.
 //!
 //! For a model alias the filter runs twice per request (docs/adr/0001-envoy-fallback.md): as
 //! the downstream HTTP filter (admission, plan) and as an upstream HTTP filter on the alias's
@@ -15,6 +15,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use tollgate_core::attempt::Attempts;
 use tollgate_core::gate::Warning;
 use tollgate_core::usage::Usage;
 
@@ -22,26 +23,26 @@ use tollgate_core::usage::Usage;
 const MAX_ENTRIES: usize = 65_536;
 
 /// One alias request in flight.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Entry {
-    /// The alias the client asked for.
-    pub alias: String,
-    /// Deployments in the order Envoy's aggregate cluster tries them.
-    pub order: Vec<String>,
-    /// Attempts allowed (≤ `order.len()`).
-    pub max_attempts: u32,
-    /// When the downstream filter forwarded the request (ms since the epoch).
-    pub start_ms: u64,
+    /// Core's attempts over the plan's deployments (which deployment attempt `n` goes to, the
+    /// failures so far, the all-failed answer).
+    pub attempts: Attempts,
     /// The soft-limit warning the answer carries in its body.
     pub warning: Option<Warning>,
-    /// Attempts started so far (the upstream filter counts them: attempt `n` is `order[n-1]`).
-    pub attempts: u32,
-    /// Failed attempts: deployment and failure label (`500`, `connect`, `timeout`, `reset`).
-    pub failed: Vec<(String, String)>,
+    /// Attempts the upstream filter has started (attempt `n` is the `n`-th).
+    pub started: u32,
     /// The deployment whose answer went to the client.
     pub served: Option<String>,
     /// What that deployment reported, once its answer ended.
     pub usage: Option<Usage>,
+}
+
+impl Entry {
+    /// A new entry for a request about to be forwarded.
+    pub fn new(attempts: Attempts, warning: Option<Warning>) -> Entry {
+        Entry { attempts, warning, started: 0, served: None, usage: None }
+    }
 }
 
 /// Entries by key, each with its insertion number (the oldest goes first when full), and the
@@ -57,6 +58,7 @@ pub fn contains(key: &str) -> bool {
     ENTRIES.with(|e| e.borrow().1.contains_key(key))
 }
 
+/// Adds (or replaces) the entry for `key`.
 pub fn insert(key: String, entry: Entry) {
     ENTRIES.with(|e| {
         let (next, map) = &mut *e.borrow_mut();
@@ -76,6 +78,7 @@ pub fn with<T>(key: &str, f: impl FnOnce(&mut Entry) -> T) -> Option<T> {
     ENTRIES.with(|e| e.borrow_mut().1.get_mut(key).map(|(_, entry)| f(entry)))
 }
 
+/// Removes and returns the entry for `key`.
 pub fn take(key: &str) -> Option<Entry> {
     ENTRIES.with(|e| e.borrow_mut().1.remove(key).map(|(_, entry)| entry))
 }
@@ -83,19 +86,28 @@ pub fn take(key: &str) -> Option<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_core::fallback::Plan;
+
+    fn entry() -> Entry {
+        let plan = Plan { alias: "x".into(), order: vec!["a".into()], available: vec![true], max_attempts: 1 };
+        Entry::new(Attempts::new(&plan, 0, false), None)
+    }
 
     #[test]
     fn entries_are_found_changed_and_taken_by_key() {
-        insert("a".into(), Entry { alias: "x".into(), ..Entry::default() });
-        insert("b".into(), Entry::default());
+        insert("a".into(), entry());
+        insert("b".into(), entry());
         assert!(contains("a") && contains("b") && !contains("c"));
-        assert_eq!(with("a", |e| {
-            e.attempts += 1;
-            e.attempts
-        }), Some(1));
-        assert_eq!(with("c", |e| e.attempts), None);
+        assert_eq!(
+            with("a", |e| {
+                e.started += 1;
+                e.started
+            }),
+            Some(1)
+        );
+        assert_eq!(with("c", |e| e.started), None);
         let a = take("a").unwrap();
-        assert_eq!((a.alias.as_str(), a.attempts), ("x", 1));
+        assert_eq!(a.started, 1);
         assert!(!contains("a") && take("a").is_none());
         assert!(take("b").is_some());
     }
@@ -104,7 +116,7 @@ mod tests {
     fn the_table_is_bounded() {
         for i in 0..MAX_ENTRIES + 10 {
             // (the scan for the oldest runs only when full: 10 times here)
-            insert(format!("k{i}"), Entry::default());
+            insert(format!("k{i}"), entry());
         }
         ENTRIES.with(|e| assert_eq!(e.borrow().1.len(), MAX_ENTRIES));
         assert!(!contains("k0") && contains(&format!("k{}", MAX_ENTRIES + 9)));

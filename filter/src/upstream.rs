@@ -4,64 +4,335 @@
 //!
 //! Attempt `n` of a request goes to the `n`-th cluster of the aggregate (the route's retry
 //! policy walks its priorities with `previous_priorities`), which is the `n`-th deployment of
-//! the plan the downstream filter left in the [`handoff`] table. Per attempt this filter:
-//! 1. translates the OpenAI request for that deployment's provider (path, headers, body, the
-//!    provider key from the VM environment); the router hands every attempt the original body,
-//!    but request headers changed by an earlier attempt stay changed, so every provider header
-//!    is set or removed afresh;
-//! 2. on the answer, records the deployment's health in shared data (failures, cooldown,
-//!    `retry-after`, the provider's remaining quota) and either marks a failure the policy
-//!    falls back on with [`RETRY_HEADER`] (the route retries on it: `retriable_headers`) or
-//!    translates the answer back to OpenAI's format, naming the deployment in
-//!    [`DEPLOYMENT_HEADER`];
-//! 3. when the attempt ends without an answer (connection refused, per-try timeout, reset),
-//!    records the failure (`on_done`).
+//! core's [`tollgate_core::attempt::Attempts`] the downstream filter left in the [`handoff`] table. Per attempt:
+//! 1. core's [`forward::attempt`] translates the OpenAI request for that deployment's provider;
+//!    the router hands every attempt the original body, but request headers changed by an
+//!    earlier attempt stay changed, so every provider header is set or removed afresh, and the
+//!    provider key comes from the VM environment;
+//! 2. on the answer, core's [`attempt::judge`] says what it means: the client's answer
+//!    (translated and decorated by core's [`Answer`], naming the deployment), or a failure the
+//!    policy falls back on — marked with [`RETRY_HEADER`], on which the route retries — and what
+//!    the deployment's shared health records;
+//! 3. an attempt that ends without an answer (connection refused, per-try timeout, reset) is
+//!    judged the same way when its stream is done.
 //!
 //! Attempts beyond the plan, the alias's `max_attempts` or `fallback.total_timeout_ms` are
-//! answered locally with `all_deployments_failed` (an upstream filter's local reply is final:
+//! answered locally with core's all-failed answer (an upstream filter's local reply is final:
 //! Envoy does not retry it).
 
-use tollgate_core::fallback::{self, Failure, Outcome};
-use tollgate_core::message;
-use tollgate_core::openai::ChatRequest;
-use tollgate_core::render;
-use tollgate_core::routing::Provider;
-use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{ResponseMeta, ApiError, UpstreamRequest};
-use tollgate_core::Policy;
-
+use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use tollgate_core::answer::{Answer, BodyPlan};
+use tollgate_core::attempt::{self, Next, Reason, Seen};
+use tollgate_core::fallback::{quota_from_headers, retry_after_ms, Failure, Outcome, DEPLOYMENT_HEADER, RETRY_HEADER};
+use tollgate_core::forward::{self, split_base_url};
+use tollgate_core::openai::ChatRequest;
+use tollgate_core::ops::{sync, Op};
+use tollgate_core::render::LocalResponse;
+use tollgate_core::fault::ApiError;
 
-use crate::abi;
 use crate::handoff;
-use crate::translation::{self, Answer, Forwarded};
-use crate::{Request, SharedData};
+use crate::http::{self, Destination};
+use crate::metrics::Metric;
+use crate::{abi, host_error, Shared, SharedData};
 
-/// Response header naming the deployment that answered (kept for the client), and the one on
-/// a failed attempt the route should retry on the next deployment (the downstream filter
-/// removes that one).
-pub use tollgate_core::fallback::{DEPLOYMENT_HEADER, RETRY_HEADER};
-
-/// Request headers one provider kind sets that another must not receive: removed before each
-/// attempt writes its own.
-const PROVIDER_REQUEST_HEADERS: [&str; 5] = ["anthropic-version", "anthropic-beta", "x-api-key", "x-goog-api-key", "authorization"];
-
-/// One attempt, as the upstream filter sees it.
-pub struct Attempt {
-    /// The [`handoff`] key.
-    key: String,
-    /// 1 for the first attempt.
-    number: u32,
-    /// The deployment this attempt went to (`None` until the request was rewritten for it).
-    deployment: Option<String>,
-    started_ms: u64,
-    /// Response headers arrived and their outcome is recorded (health and handoff), so
-    /// `on_done` adds nothing unless the answer was then cut.
-    recorded: bool,
+/// What the answer's body is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BodyMode {
+    Stream,
+    Buffer { status: u16, retry_after: Option<String> },
+    Done,
 }
 
-impl Request {
-    pub(crate) fn attempt_headers(&mut self, end_of_stream: bool) -> Action {
+/// Where an attempt is.
+enum Phase {
+    /// Not an attempt Tollgate planned, or done with.
+    Idle,
+    /// The request headers arrived; its body is being read.
+    ReadingBody { key: String, number: u32 },
+    /// Sent to `deployment`; no answer yet.
+    Sent { key: String, deployment: String, answer: Box<Answer>, started_ms: u64 },
+    /// The deployment answered `status`; the answer goes through core's pipeline.
+    Answered { key: String, deployment: String, status: u16, answer: Box<Answer>, body: BodyMode },
+    /// The attempt failed and the route retries (or the downstream filter answers).
+    Failed,
+}
+
+/// One attempt in the upstream role.
+pub struct Upstream {
+    shared: Shared,
+    context_id: u32,
+    phase: Phase,
+}
+
+impl Upstream {
+    /// A new attempt stream.
+    pub fn new(shared: Shared, context_id: u32) -> Upstream {
+        Upstream { shared, context_id, phase: Phase::Idle }
+    }
+
+    fn reply(&mut self, response: &LocalResponse) -> Action {
+        let headers: Vec<(&str, &str)> = response.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(s) = abi::send_local_response(u32::from(response.status), &headers, &response.body) {
+            host_error(&self.shared.metrics, "send_local_response", s);
+        }
+        self.phase = Phase::Idle;
+        Action::Pause
+    }
+
+    /// Answers an attempt locally with the client's error, naming the deployment so that the
+    /// downstream filter passes it on (an answer without one is "every attempt failed").
+    fn refuse_for(&mut self, deployment: &str, response: LocalResponse) -> Action {
+        let mut response = response;
+        response.headers.push((DEPLOYMENT_HEADER, deployment.to_owned()));
+        self.reply(&response)
+    }
+
+    fn report(&self, deployment: &str, outcome: Outcome) {
+        let now = abi::now_ms().unwrap_or(0);
+        if now == 0 {
+            return;
+        }
+        let op = Op::HealthReport { deployment: deployment.to_owned(), outcome, now };
+        if sync::run_op(&mut SharedData, (&*self.shared.policy).into(), &op).is_err() {
+            self.shared.metrics.add(Metric::StoreFailures);
+        }
+    }
+
+    fn attempt_body(&mut self, key: String, number: u32, body: &[u8], body_size: usize) -> Action {
+        let shared = self.shared.clone();
+        let policy = &*shared.policy;
+        let now = abi::now_ms().unwrap_or(0);
+        let planned = handoff::with(&key, |e| {
+            let deployment = e.attempts.nth(number, &policy.fallback, now).map(str::to_owned);
+            (deployment, e.warning.clone(), e.attempts.exhausted())
+        });
+        let Some((deployment, warning, exhausted)) = planned else {
+            return self.reply(&http::gateway_error().to_response());
+        };
+        let Some(deployment) = deployment else {
+            // (counted by the downstream filter, which answers the client)
+            return self.reply(&exhausted);
+        };
+        let request: ChatRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return self.refuse_for(&deployment, ApiError::unreadable_body(&e).to_response()),
+        };
+        let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
+        let id = http::response_id(now_ns, http::connection_id(), self.context_id);
+        let (provider, up, answer) = match forward::attempt(&policy.routes, &request, &deployment, Vec::new(), warning, id, now_ns / 1_000_000_000) {
+            Ok(t) => t,
+            Err(Some(e)) => {
+                // This provider cannot serve the request as asked (an unsupported parameter):
+                // the client's error, not the deployment's failure — answered, not retried.
+                shared.metrics.add(Metric::Refused);
+                handoff::with(&key, |e| e.attempts.failed(&deployment, Reason::Unsupported, None));
+                return self.refuse_for(&deployment, e.to_response());
+            }
+            Err(None) => {
+                abi::log(abi::LOG_ERROR, "tollgate: a planned deployment is not in the policy's models");
+                return self.reply(&http::gateway_error().to_response());
+            }
+        };
+        let (authority, prefix) = provider.base_url.as_deref().map(split_base_url).unwrap_or((None, ""));
+        let path = format!("{prefix}{}", up.path);
+        let key_header = provider
+            .api_key_secret
+            .as_deref()
+            .and_then(|name| shared.secret(name))
+            .and_then(|k| String::from_utf8(k).ok())
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .map(|k| provider.kind.key_header(&k));
+        let to = Destination { path: &path, authority, key: key_header, cluster: None };
+        if let Err(s) = http::rewrite_request(&up, body_size, &to) {
+            host_error(&shared.metrics, "rewriting the attempt", s);
+            return self.reply(&http::gateway_error().to_response());
+        }
+        shared.metrics.add(Metric::Attempts);
+        if number > 1 {
+            shared.metrics.add(Metric::Fallbacks);
+        }
+        self.phase = Phase::Sent { key, deployment, answer: Box::new(answer), started_ms: now };
+        Action::Continue
+    }
+
+    fn attempt_response_headers(&mut self, end_of_stream: bool) -> Action {
+        let Phase::Sent { key, deployment, mut answer, started_ms: _ } = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return Action::Continue;
+        };
+        let metrics = self.shared.metrics;
+        let map = abi::HTTP_RESPONSE_HEADERS;
+        let pairs = http::header_pairs(map).unwrap_or_else(|s| {
+            host_error(&metrics, "reading the response headers", s);
+            Vec::new()
+        });
+        let status = http::value(&pairs, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
+        let now = abi::now_ms().unwrap_or(0);
+        let retry_after = http::value(&pairs, "retry-after").map(str::to_owned);
+        let seen = Seen::Answer {
+            status,
+            quota: quota_from_headers(&pairs, now),
+            retry_after_ms: retry_after.as_deref().and_then(|v| retry_after_ms(v, now)),
+        };
+        let verdict = attempt::judge(&self.shared.policy.fallback, seen);
+        if let Some(outcome) = verdict.health {
+            self.report(&deployment, outcome);
+        }
+        if verdict.next == Next::FallBack {
+            metrics.add(Metric::AttemptFailures);
+            if let Some(f) = verdict.failure {
+                handoff::with(&key, |e| e.attempts.failed(&deployment, Reason::Failed(f), None));
+            }
+            // The route retries on this header (the next deployment) while attempts remain;
+            // after the last one the downstream filter answers `all_deployments_failed`. The
+            // provider's error body is never shown, so it is not translated.
+            if abi::set_header(map, RETRY_HEADER, "1").is_err() {
+                metrics.add(Metric::HostErrors);
+            }
+            self.phase = Phase::Failed;
+            return Action::Continue;
+        }
+        // The client's answer: a provider's own x-tollgate-* headers go (they cannot steer the
+        // retries or the accounting), the deployment is named.
+        let head = answer.head(status, pairs.iter().map(|(k, _)| k.as_str()), retry_after.as_deref(), end_of_stream);
+        if !http::apply_head(&head) {
+            metrics.add(Metric::HostErrors);
+        }
+        if (200..300).contains(&status) && head.body == BodyPlan::Stream {
+            // A stream is the client's from its first byte on (a cut one is charged); a buffered
+            // answer only once it is complete ([`Self::attempt_usage`]): one cut before that is
+            // retried by Envoy (it never saw the headers).
+            handoff::with(&key, |e| e.served = Some(deployment.clone()));
+        }
+        let (body, action) = match head.body {
+            BodyPlan::Stream => (BodyMode::Stream, Action::Continue),
+            BodyPlan::Buffer => (BodyMode::Buffer { status, retry_after }, Action::Pause),
+            BodyPlan::Pass => (BodyMode::Done, Action::Continue),
+            BodyPlan::Replace(mut response) => {
+                response.headers.push((DEPLOYMENT_HEADER, deployment.clone()));
+                if !http::replace_answer(&response, 0, false) {
+                    metrics.add(Metric::HostErrors);
+                }
+                (BodyMode::Done, Action::Continue)
+            }
+        };
+        self.phase = Phase::Answered { key, deployment, status, answer, body };
+        action
+    }
+
+    fn attempt_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let metrics = self.shared.metrics;
+        let Phase::Answered { answer, body, .. } = &mut self.phase else { return Action::Continue };
+        match body {
+            BodyMode::Stream => {
+                let bytes = abi::buffer(abi::HTTP_RESPONSE_BODY, 0, body_size).unwrap_or_else(|s| {
+                    host_error(&metrics, "reading the response body", s);
+                    Vec::new()
+                });
+                let mut out = Vec::with_capacity(bytes.len() + 64);
+                answer.chunk(&bytes, &mut out);
+                if end_of_stream {
+                    answer.end(&mut out);
+                    *body = BodyMode::Done;
+                }
+                if let Err(s) = abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &out) {
+                    host_error(&metrics, "writing the response body", s);
+                }
+                if end_of_stream {
+                    self.attempt_usage();
+                }
+                Action::Continue
+            }
+            BodyMode::Buffer { status, retry_after } => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let whole = abi::buffer(abi::HTTP_RESPONSE_BODY, 0, body_size).unwrap_or_else(|s| {
+                    host_error(&metrics, "reading the response body", s);
+                    Vec::new()
+                });
+                let response = answer.whole(*status, retry_after.as_deref(), &whole);
+                *body = BodyMode::Done;
+                if !http::replace_answer(&response, body_size, true) {
+                    metrics.add(Metric::HostErrors);
+                }
+                self.attempt_usage();
+                Action::Continue
+            }
+            BodyMode::Done => Action::Continue,
+        }
+    }
+
+    /// The answer ended: the deployment served (or answered the client's error), and what its
+    /// provider reported goes to the downstream filter.
+    fn attempt_usage(&mut self) {
+        let Phase::Answered { key, deployment, status, answer, .. } = &self.phase else { return };
+        let served = matches!(answer.ending(), tollgate_core::ending::Ending::Served { .. });
+        let usage = answer.usage();
+        let m = &self.shared.metrics;
+        if !served || answer.stream_error().is_some() {
+            m.add(Metric::UpstreamErrors);
+        }
+        m.add_n(Metric::TokensInput, usage.input.unwrap_or(0));
+        m.add_n(Metric::TokensOutput, usage.output.unwrap_or(0));
+        handoff::with(key, |e| {
+            e.usage = Some(usage);
+            if served {
+                e.served = Some(deployment.clone());
+            } else {
+                // The client's own error, answered (not one the policy falls back on).
+                e.attempts.failed(deployment, Reason::Failed(Failure::Status(*status)), None);
+            }
+        });
+        self.phase = Phase::Idle;
+    }
+
+    /// The attempt's stream is over (`on_done`/`on_log`): a failure without an answer
+    /// (connection refused, per-try timeout, reset before or during the answer) is judged and
+    /// recorded.
+    fn attempt_done(&mut self) {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        let fallback = &self.shared.policy.fallback;
+        let (key, deployment, seen) = match phase {
+            Phase::Sent { key, deployment, started_ms, .. } => {
+                let elapsed = abi::now_ms().unwrap_or(started_ms).saturating_sub(started_ms);
+                (key, deployment, Seen::NoAnswer(attempt::unanswered(false, elapsed, fallback.attempt_timeout_ms)))
+            }
+            // An answer whose body was still flowing was cut: the provider reset. A stream had
+            // already reached the client (served, charged what it reported); a buffered answer
+            // had not (Envoy retries it).
+            Phase::Answered { key, deployment, answer, body: BodyMode::Stream, .. } => {
+                let usage = answer.usage();
+                handoff::with(&key, |e| e.usage = Some(usage));
+                (key, deployment, Seen::Cut)
+            }
+            Phase::Answered { key, deployment, body: BodyMode::Buffer { .. }, .. } => (key, deployment, Seen::NoAnswer(Failure::Reset)),
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        let verdict = attempt::judge(fallback, seen);
+        if let Some(outcome) = verdict.health {
+            self.report(&deployment, outcome);
+            self.shared.metrics.add(Metric::AttemptFailures);
+        }
+        if let (Some(f), false) = (verdict.failure, seen == Seen::Cut) {
+            handoff::with(&key, |e| e.attempts.failed(&deployment, Reason::Failed(f), None));
+        }
+    }
+}
+
+impl Context for Upstream {
+    fn on_done(&mut self) -> bool {
+        self.attempt_done();
+        true
+    }
+}
+
+impl HttpContext for Upstream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let key = abi::header(abi::HTTP_REQUEST_HEADERS, "x-request-id")
             .ok()
             .flatten()
@@ -71,233 +342,46 @@ impl Request {
             // Only requests the downstream filter planned may reach an alias's clusters: an
             // OpenAI body sent untranslated to another provider would be a half-forwarded request.
             abi::log(abi::LOG_ERROR, "tollgate: upstream filter got a request without a plan (is the downstream tollgate filter in the listener, with the same vm_config?)");
-            abi::increment(self.metrics.host_errors);
-            return self.reply(translation::gateway_error().to_response());
+            self.shared.metrics.add(Metric::HostErrors);
+            return self.reply(&http::gateway_error().to_response());
         };
         let number = handoff::with(&key, |e| {
-            e.attempts += 1;
-            e.attempts
+            e.started += 1;
+            e.started
         })
         .unwrap_or(1);
-        self.attempt = Some(Attempt { key, number, deployment: None, started_ms: abi::now_ms().unwrap_or(0), recorded: false });
         if end_of_stream {
-            return self.reply(ApiError::invalid(None, "A chat completion request needs a body.").to_response());
+            return self.reply(&ApiError::invalid(None, "A chat completion request needs a body.").to_response());
         }
-        self.reading_body = true;
+        self.phase = Phase::ReadingBody { key, number };
         Action::Pause
     }
 
-    pub(crate) fn attempt_body(&mut self, policy: &Policy, body: &[u8], body_size: usize) -> Action {
-        let Some(attempt) = self.attempt.as_ref() else {
-            return self.reply(translation::gateway_error().to_response());
-        };
-        let (number, key) = (attempt.number, attempt.key.clone());
-        let Some(entry) = handoff::with(&key, |e| e.clone()) else {
-            return self.reply(translation::gateway_error().to_response());
-        };
-        let now = abi::now_ms().unwrap_or(0);
-        let over_budget = now.saturating_sub(entry.start_ms) > policy.fallback.total_timeout_ms;
-        if number > entry.max_attempts || number as usize > entry.order.len() || over_budget {
-            // (counted by the downstream filter, which answers the client)
-            return self.reply(render::attempts_exhausted(&entry.alias, &entry.failed));
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let Phase::ReadingBody { .. } = &self.phase else { return Action::Continue };
+        if !end_of_stream {
+            return Action::Pause;
         }
-        let deployment = entry.order[number as usize - 1].clone();
-        let Some(route) = policy.routes.route(&deployment) else {
-            abi::log(abi::LOG_ERROR, "tollgate: a planned deployment is not in the policy's models");
-            return self.reply(translation::gateway_error().to_response());
-        };
-        let request: ChatRequest = match serde_json::from_slice(body) {
-            Ok(r) => r,
-            Err(e) => return self.refuse_for(&deployment, &ApiError::unreadable_body(&e)),
-        };
-        let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
-        let id = translation::response_id(now_ns, translation::connection_id(), self.context_id);
-        // The answer names the model that served it, as the provider knows it.
-        let meta = ResponseMeta { id, model: route.target.upstream_model.clone(), created: now_ns / 1_000_000_000 };
-        let mut exchange = Exchange::for_kind(route.target.kind, meta);
-        let up = match exchange.request(&request, &route.target) {
-            Ok(up) => up,
-            Err(e) => {
-                // This provider cannot serve the request as asked (an unsupported parameter):
-                // the client's error, not the deployment's failure — answered, not retried.
-                abi::increment(self.metrics.refused);
-                return self.refuse_for(&deployment, &e);
+        let Phase::ReadingBody { key, number } = std::mem::replace(&mut self.phase, Phase::Idle) else { return Action::Continue };
+        match abi::buffer(abi::HTTP_REQUEST_BODY, 0, body_size) {
+            Ok(body) => self.attempt_body(key, number, &body, body_size),
+            Err(s) => {
+                host_error(&self.shared.metrics, "reading the request body", s);
+                self.reply(&http::gateway_error().to_response())
             }
-        };
-        if let Some(object) = entry.warning.as_ref().and_then(|w| w.object.as_ref()) {
-            exchange.set_closing_comment(message::sse_comment(object));
         }
-        self.warning = entry.warning;
-        let key_value = route.provider.api_key_secret.as_deref().and_then(|name| self.secret(name));
-        if apply_attempt(&up, body_size, route.provider, key_value.as_deref()).is_err() {
-            abi::increment(self.metrics.host_errors);
-            return self.reply(translation::gateway_error().to_response());
-        }
-        abi::increment(self.metrics.attempts);
-        if number > 1 {
-            abi::increment(self.metrics.fallbacks);
-        }
-        if let Some(a) = self.attempt.as_mut() {
-            a.deployment = Some(deployment);
-            a.started_ms = now;
-        }
-        self.translation = Some(Box::new(Forwarded { exchange, stream: up.stream, answer: Answer::Waiting }));
-        Action::Continue
     }
 
-    pub(crate) fn attempt_response_headers(&mut self, end_of_stream: bool) -> Action {
-        let Some(policy) = self.policy.clone() else { return Action::Continue };
-        let Some(attempt) = self.attempt.as_mut() else { return Action::Continue };
-        let Some(deployment) = attempt.deployment.clone() else { return Action::Continue };
-        attempt.recorded = true;
-        let key = attempt.key.clone();
-        let map = abi::HTTP_RESPONSE_HEADERS;
-        let headers: Vec<(String, String)> = abi::headers(map)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
-            .collect();
-        let value = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let status = value(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
-        let now = abi::now_ms().unwrap_or(0);
-        // A provider's own header of either name must not steer Envoy's retries or the
-        // downstream filter's accounting: ours replace or remove it.
-        if abi::remove_header(map, RETRY_HEADER).is_err() || abi::set_header(map, DEPLOYMENT_HEADER, &deployment).is_err() {
-            abi::increment(self.metrics.host_errors);
-        }
-        if (200..300).contains(&status) {
-            let quota = fallback::quota_from_headers(&headers, now);
-            self.report(&policy, &deployment, &Outcome::Served { quota }, now);
-            if self.translation.as_ref().is_some_and(|f| f.stream) {
-                // A stream is the client's from its first byte on (a cut one is charged); a
-                // buffered answer only once it is complete ([`Self::attempt_usage`]): one cut
-                // before that is retried by Envoy (it never saw the headers).
-                handoff::with(&key, |e| e.served = Some(deployment.clone()));
-            }
-            return self.translate_response_headers(end_of_stream);
-        }
-        let failure = Failure::Status(status);
-        if !policy.fallback.falls_back(failure) {
-            // An error the policy does not fall back on (a 400, say) is the client's, not the
-            // deployment's: no health record, the answer translated for the client.
-            return self.translate_response_headers(end_of_stream);
-        }
-        let retry_after_ms = value("retry-after").and_then(|v| fallback::retry_after_ms(v, now));
-        self.report(&policy, &deployment, &Outcome::Failed { failure, retry_after_ms }, now);
-        abi::increment(self.metrics.attempt_failures);
-        handoff::with(&key, |e| e.failed.push((deployment.clone(), failure.label())));
-        // The route retries on this header (the next deployment) while attempts remain;
-        // after the last one the downstream filter answers `all_deployments_failed`. The
-        // provider's error body is never shown, so it is not translated.
-        self.translation = None;
-        if abi::set_header(map, RETRY_HEADER, "1").is_err() {
-            abi::increment(self.metrics.host_errors);
-        }
-        Action::Continue
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.attempt_response_headers(end_of_stream)
     }
 
-    /// The attempt's stream is over (`on_done`/`on_log`): a failure without an answer is
-    /// recorded (connection refused, per-try timeout, reset before or during the answer).
-    pub(crate) fn attempt_done(&mut self) {
-        let Some(policy) = self.policy.clone() else { return };
-        let Some(attempt) = self.attempt.as_mut() else { return };
-        let Some(deployment) = attempt.deployment.clone() else { return };
-        // An answer whose body was still flowing (a stream, or a buffered answer Envoy has not
-        // seen yet) was cut: the provider reset.
-        let cut = matches!(self.translation.as_ref().map(|f| &f.answer), Some(Answer::Streaming | Answer::Buffering { .. }));
-        if attempt.recorded && !cut {
-            return;
-        }
-        let now = abi::now_ms().unwrap_or(0);
-        let failure = if attempt.recorded {
-            Failure::Reset
-        } else if now.saturating_sub(attempt.started_ms).saturating_add(50) >= policy.fallback.attempt_timeout_ms {
-            Failure::Timeout
-        } else {
-            Failure::Connect
-        };
-        attempt.recorded = true;
-        if let Some(f) = self.translation.as_mut() {
-            // A cut stream is not streaming any more: a second `on_done` records nothing.
-            f.answer = Answer::Done;
-        }
-        let key = attempt.key.clone();
-        if !policy.fallback.falls_back(failure) {
-            return;
-        }
-        self.report(&policy, &deployment, &Outcome::Failed { failure, retry_after_ms: None }, now);
-        abi::increment(self.metrics.attempt_failures);
-        handoff::with(&key, |e| e.failed.push((deployment, failure.label())));
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.attempt_response_body(body_size, end_of_stream)
     }
 
-    /// The answer ended: the deployment served, and what its provider reported goes to the
-    /// downstream filter.
-    pub(crate) fn attempt_usage(&mut self) {
-        let (Some(attempt), Some(f)) = (self.attempt.as_ref(), self.translation.as_ref()) else { return };
-        let usage = f.exchange.usage();
-        let deployment = attempt.deployment.clone();
-        handoff::with(&attempt.key, |e| {
-            e.usage = Some(usage);
-            e.served = deployment;
-        });
-    }
-
-    /// Answers an attempt locally with the client's error, naming the deployment so that the
-    /// downstream filter passes it on (an answer without one is "every attempt failed").
-    fn refuse_for(&mut self, deployment: &str, error: &ApiError) -> Action {
-        let mut response = error.to_response();
-        response.headers.push((DEPLOYMENT_HEADER, deployment.to_owned()));
-        self.reply(response)
-    }
-
-    fn report(&self, policy: &Policy, deployment: &str, outcome: &Outcome, now: u64) {
-        if fallback::report(&mut SharedData, deployment, outcome, &policy.health, now, policy.max_retries).is_err() {
-            abi::increment(self.metrics.store_failures);
-        }
+    fn on_log(&mut self) {
+        self.attempt_done();
     }
 }
 
-/// Rewrites the paused request for one attempt's provider. Every provider header is removed
-/// first: an earlier attempt's (another provider's) may still be set.
-fn apply_attempt(up: &UpstreamRequest, body_size: usize, provider: &Provider, key: Option<&[u8]>) -> Result<(), abi::Status> {
-    let map = abi::HTTP_REQUEST_HEADERS;
-    abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &up.body)?;
-    for name in translation::CLIENT_ONLY_HEADERS.iter().chain(PROVIDER_REQUEST_HEADERS.iter()) {
-        abi::remove_header(map, name)?;
-    }
-    let (authority, prefix) = provider.base_url.as_deref().map(split_base_url).unwrap_or((None, ""));
-    abi::set_header(map, ":path", &format!("{prefix}{}", up.path))?;
-    if let Some(authority) = authority {
-        abi::set_header(map, ":authority", authority)?;
-    }
-    abi::set_header(map, "content-length", &up.body.len().to_string())?;
-    for (name, value) in &up.headers {
-        abi::set_header(map, name, value)?;
-    }
-    if let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()).map(str::trim).filter(|k| !k.is_empty()) {
-        let (name, value) = provider.kind.key_header(key);
-        abi::set_header(map, name, &value)?;
-    }
-    Ok(())
-}
-
-/// `https://host[:port]/prefix` → (`host[:port]`, `/prefix`).
-fn split_base_url(url: &str) -> (Option<&str>, &str) {
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).unwrap_or(url);
-    match rest.find('/') {
-        Some(i) => (Some(&rest[..i]).filter(|h| !h.is_empty()), rest[i..].trim_end_matches('/')),
-        None => (Some(rest).filter(|h| !h.is_empty()), ""),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_urls_split_into_authority_and_path_prefix() {
-        assert_eq!(split_base_url("https://openrouter.ai/api"), (Some("openrouter.ai"), "/api"));
-        assert_eq!(split_base_url("http://127.0.0.1:8080"), (Some("127.0.0.1:8080"), ""));
-        assert_eq!(split_base_url("https://h/v1/"), (Some("h"), "/v1"));
-    }
-}

@@ -61,7 +61,7 @@ fn openai_like(calls: Arc<AtomicUsize>) -> impl FnMut(&tollgate_host_tests::host
             .header("x-ratelimit-remaining-tokens", "29999990")
             .header("x-ratelimit-reset-tokens", "0s")
             .header("openai-processing-ms", "100")
-            .body(r#"{"object":"chat.completion"}"#)
+            .body(r#"{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#)
     }
 }
 

@@ -553,7 +553,9 @@ enum Next {
 }
 
 fn default_upstream(_: &UpstreamRequest) -> UpstreamResponse {
-    UpstreamResponse::new(200).header("content-type", "application/json").body(r#"{"object":"chat.completion"}"#)
+    UpstreamResponse::new(200).header("content-type", "application/json").body(
+        r#"{"id":"chatcmpl-host","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}]}"#,
+    )
 }
 
 impl Vm {

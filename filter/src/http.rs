@@ -1,67 +1,28 @@
-//! The translating half of the filter: the OpenAI front door to each provider's native API,
-//! when the policy has a `models` map. All translation is core's [`Exchange`]; this module
-//! only moves bytes and headers between it and the host.
-//!
-//! One request, start to end (see the crate docs for the hooks):
-//! 1. Request headers: after admission, a `POST /v1/chat/completions` pauses (the headers stay
-//!    modifiable; Envoy needs `allow_on_headers_stop_iteration: true` for the body to keep
-//!    flowing to the filter meanwhile).
-//! 2. Request body, at its end: parse, look the model up, translate; replace the body, `:path`,
-//!    `content-length` and the provider's headers; drop the client's credentials; set
-//!    [`CLUSTER_HEADER`] to the provider's cluster. Changing request headers clears Envoy's
-//!    route cache, so the router matches again and picks that cluster's route. Mistakes answer
-//!    locally, in OpenAI's error format.
-//! 3. Response headers: a 2xx answer to a stream request streams (each chunk translated as it
-//!    arrives, never buffered); anything else pauses the headers, buffers the body and
-//!    replaces status, headers and body once it is complete.
+//! Applying core's decisions to Envoy's request and response: the host calls that rewrite a
+//! request for its provider, decorate or replace an answer, and name a request uniquely. No
+//! decision is made here; every list and rule comes from core.
 
+use tollgate_core::answer::Head;
+use tollgate_core::fault::{ApiError, Fault};
+use tollgate_core::provider::{CLIENT_ONLY_REQUEST_HEADERS, PROVIDER_REQUEST_HEADERS};
 use tollgate_core::render::LocalResponse;
-use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{Fault, ApiError, UpstreamRequest};
+use tollgate_core::translate::UpstreamRequest;
 
 use crate::abi::{self, Status};
 
-/// The request header that names the provider's Envoy cluster; Envoy's routes match on it.
-/// Only the filter sets it: a client's own is removed before routing.
+/// The request header that names the provider's Envoy cluster (or an alias's aggregate
+/// cluster); Envoy's routes match on it. Only the filter sets it: a client's own is removed
+/// with every other `x-tollgate-*` header before routing.
 pub const CLUSTER_HEADER: &str = "x-tollgate-cluster";
 
-/// Client request headers that must not reach a provider: credentials meant for Tollgate's
-/// operator (the provider key is added by the host, per cluster), OpenAI account selectors that
-/// would apply to the operator's key, and transport headers the new body invalidates
-/// (`accept-encoding`: the filter must read the provider's answer uncompressed).
-pub const CLIENT_ONLY_HEADERS: [&str; 8] = [
-    "authorization",
-    "x-api-key",
-    "x-goog-api-key",
-    "api-key",
-    "openai-organization",
-    "openai-project",
-    "accept-encoding",
-    "transfer-encoding",
-];
-
-/// Provider response header prefixes that describe the operator's provider account (its
-/// organisation-wide limits), none of the client's business; removed from translated answers
-/// like the `x-ratelimit-*` ones.
-pub const PROVIDER_ACCOUNT_HEADER_PREFIXES: [&str; 1] = ["anthropic-ratelimit-"];
-
-/// What a translated request is waiting for.
-pub enum Answer {
-    /// The upstream has not answered yet.
-    Waiting,
-    /// A 2xx answer to a stream request: each body chunk is translated as it arrives.
-    Streaming,
-    /// Everything else: the whole body is read, then replaced.
-    Buffering { status: u16, retry_after: Option<String> },
-    /// The answer has been translated; usage recorded.
-    Done,
+/// A header map as text (values decoded lossily: only names and a few known values are read).
+pub fn header_pairs(map: u32) -> Result<Vec<(String, String)>, Status> {
+    Ok(abi::headers(map)?.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect())
 }
 
-/// A request that went upstream translated.
-pub struct Forwarded {
-    pub exchange: Exchange,
-    pub stream: bool,
-    pub answer: Answer,
+/// The first value of `name` in `pairs`.
+pub fn value<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
 /// A 500 when the host would not let the filter rewrite the request: nothing half-translated
@@ -109,25 +70,68 @@ pub fn connection_id() -> u64 {
     }
 }
 
-/// Rewrites the paused request into the upstream one. `body_size` is the buffered body's
-/// length (replaced whole).
-pub fn apply_request(up: &UpstreamRequest, body_size: usize, cluster: &str) -> Result<(), Status> {
+/// Where a rewritten request goes.
+pub struct Destination<'a> {
+    /// `:path` (the translator's, behind the provider's base-URL prefix).
+    pub path: &'a str,
+    /// `:authority`, when the provider's base URL names one.
+    pub authority: Option<&'a str>,
+    /// The provider's key header, when the filter adds it (upstream role).
+    pub key: Option<(&'static str, String)>,
+    /// The cluster to route to ([`CLUSTER_HEADER`]), when the filter picks one (downstream).
+    pub cluster: Option<&'a str>,
+}
+
+/// Rewrites the paused request into `up` for a provider: body, `:path`, `content-length`, the
+/// translator's headers; removes the client's credentials and framing
+/// ([`CLIENT_ONLY_REQUEST_HEADERS`]) and any provider header an earlier attempt set
+/// ([`PROVIDER_REQUEST_HEADERS`]). `body_size` is the buffered body's length (replaced whole).
+///
+/// Changing a request header makes Envoy match the routes again: ABI 0.2.1 has no
+/// `proxy_clear_route_cache` (Envoy registers it for 0.1.0 only), and Envoy clears the route
+/// cache itself on every request-header change a plugin makes
+/// (`source/extensions/common/wasm/context.cc`: add/replace/remove/setHeaderMapPairs →
+/// `clearRouteCache()`), so the router matches again with the cluster header.
+pub fn rewrite_request(up: &UpstreamRequest, body_size: usize, to: &Destination) -> Result<(), Status> {
     let map = abi::HTTP_REQUEST_HEADERS;
     abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &up.body)?;
-    for name in CLIENT_ONLY_HEADERS {
+    for name in CLIENT_ONLY_REQUEST_HEADERS.iter().chain(PROVIDER_REQUEST_HEADERS.iter()) {
         abi::remove_header(map, name)?;
     }
-    abi::set_header(map, ":path", &up.path)?;
+    abi::set_header(map, ":path", to.path)?;
+    if let Some(authority) = to.authority {
+        abi::set_header(map, ":authority", authority)?;
+    }
     abi::set_header(map, "content-length", &up.body.len().to_string())?;
     for (name, value) in &up.headers {
         abi::set_header(map, name, value)?;
     }
-    // No explicit route-cache clearing: ABI 0.2.1 has no `proxy_clear_route_cache` (Envoy
-    // registers it for 0.1.0 only and a module importing it does not load), and Envoy clears
-    // the route cache itself on every request-header change a plugin makes
-    // (`source/extensions/common/wasm/context.cc`: add/replace/remove/setHeaderMapPairs →
-    // `clearRouteCache()`), so the router matches again with this header.
-    abi::set_header(map, CLUSTER_HEADER, cluster)
+    if let Some((name, value)) = &to.key {
+        abi::set_header(map, name, value)?;
+    }
+    if let Some(cluster) = to.cluster {
+        abi::set_header(map, CLUSTER_HEADER, cluster)?;
+    }
+    Ok(())
+}
+
+/// Replaces the buffered request body with `body` (and its `content-length`).
+pub fn replace_request_body(body: &[u8], body_size: usize) -> Result<(), Status> {
+    abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, body)?;
+    abi::set_header(abi::HTTP_REQUEST_HEADERS, "content-length", &body.len().to_string())
+}
+
+/// Applies core's [`Head`] to the response headers. `false` when the host refused a part.
+pub fn apply_head(head: &Head) -> bool {
+    let map = abi::HTTP_RESPONSE_HEADERS;
+    let mut ok = true;
+    for name in &head.remove {
+        ok &= abi::remove_header(map, name).is_ok();
+    }
+    for (name, value) in &head.set {
+        ok &= abi::set_header(map, name, value).is_ok();
+    }
+    ok
 }
 
 /// Replaces the paused answer with `response`: status, the headers that describe the body, and
@@ -149,18 +153,6 @@ pub fn replace_answer(response: &LocalResponse, body_size: usize, with_body: boo
     // Without a body none can be written: status and headers only.
     let length = if with_body { response.body.len() } else { 0 };
     ok && abi::set_header(map, "content-length", &length.to_string()).is_ok()
-}
-
-/// Removes the provider-account headers (see [`PROVIDER_ACCOUNT_HEADER_PREFIXES`]) from the
-/// response.
-pub fn remove_provider_account_headers() -> Result<(), Status> {
-    let pairs = abi::headers(abi::HTTP_RESPONSE_HEADERS)?;
-    for (name, _) in pairs {
-        if PROVIDER_ACCOUNT_HEADER_PREFIXES.iter().any(|p| name.starts_with(p)) {
-            abi::remove_header(abi::HTTP_RESPONSE_HEADERS, &name)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

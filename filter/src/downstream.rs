@@ -1,0 +1,730 @@
+//! The downstream role: one client request, from its headers to its settlement. Each hook turns
+//! host data into core inputs and applies core's plan; the [`Phase`] says where the request is.
+//!
+//! - `on_http_request_headers`: keeps the request headers for the gate and removes the ones that
+//!   stay with Tollgate ([`gate::is_private_request_header`]). `GET /v1/tollgate/usage` is
+//!   answered locally; a `POST /v1/chat/completions` waits for its body (a declared body over
+//!   the tier's limit is refused at once with 413); anything else is admitted now.
+//! - `on_http_request_body`, at the end of a chat body: the gate (identity, guards, estimate,
+//!   reservation on every limit in shared data), then core's [`dispatch`]: the request rewritten
+//!   for its provider, or passed through (with a stream asking for its usage), or planned over an
+//!   alias's deployments, or answered at once.
+//! - `on_http_response_headers` / `on_http_response_body`: core's [`Answer`] — the provider's
+//!   account headers removed, the client's own `x-ratelimit-*`, warning and downgrade headers set,
+//!   the body streamed through core chunk by chunk, or read whole and replaced.
+//! - `on_log` (every stream ends here: completion, client cancel, upstream reset, timeout):
+//!   settles by core's one ending rule ([`tollgate_core::ending`]), which also releases the
+//!   concurrency lease.
+
+use proxy_wasm::traits::{Context, HttpContext};
+use proxy_wasm::types::Action;
+use tollgate_core::answer::{Answer, BodyPlan};
+use tollgate_core::attempt::{self, Attempts};
+use tollgate_core::ending::Ending;
+use tollgate_core::fallback::{Failure, DEPLOYMENT_HEADER, RETRY_HEADER};
+use tollgate_core::fault::ApiError;
+use tollgate_core::forward::{self, Dispatch};
+use tollgate_core::gate::{self, Admitted, Facts, Gate, Kind, Refused};
+use tollgate_core::limits::engine::Ticket;
+use tollgate_core::ops::machine::ReadingHealth;
+use tollgate_core::ops::sync;
+use tollgate_core::render::{self, LocalResponse};
+use tollgate_core::Policy;
+
+use crate::handoff;
+use crate::http::{self, Destination};
+use crate::metrics::Metric;
+use crate::{abi, host_error, Flavour, Shared, SharedData, WATCHDOG_MS};
+
+/// What the answer's body is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BodyMode {
+    /// No answer yet.
+    Waiting,
+    /// Each chunk goes through core.
+    Stream,
+    /// Read whole, then replaced; `envoy`: the answer is Envoy's own (the provider was not
+    /// reached), replaced by core's error for that failure.
+    Buffer { status: u16, retry_after: Option<String>, envoy: Option<Failure> },
+    /// Untouched.
+    Pass,
+    /// Done with.
+    Done,
+}
+
+/// Where a request is.
+enum Phase {
+    /// Nothing (more) to do.
+    Idle,
+    /// A chat body is being read.
+    ReadingBody,
+    /// Tollgate answered the request itself.
+    Replied,
+    /// Forwarded; the answer goes through core's pipeline.
+    Forwarded { answer: Box<Answer>, body: BodyMode },
+    /// Forwarded to an alias's aggregate cluster; each attempt is the upstream filter's, which
+    /// names the deployment that answered. `headers`: the client's (rate limits, warning, a
+    /// downgrade); `replacing`: no deployment served, the answer is being replaced.
+    Alias { key: String, headers: Vec<(&'static str, String)>, replacing: bool },
+}
+
+/// One client request in the downstream role.
+pub struct Downstream {
+    shared: Shared,
+    context_id: u32,
+    /// The client's request headers as they arrived.
+    headers: Vec<(String, String)>,
+    peer: Option<String>,
+    phase: Phase,
+    /// What to settle when the request ends; `None` once settled (or never admitted).
+    ticket: Option<Ticket>,
+    /// The last time the host clock answered: a clock that fails later settles at this time,
+    /// never at 0 (which would prune every live count on the key).
+    last_now: u64,
+}
+
+impl Downstream {
+    /// A new stream.
+    pub fn new(shared: Shared, context_id: u32) -> Downstream {
+        Downstream { shared, context_id, headers: Vec::new(), peer: None, phase: Phase::Idle, ticket: None, last_now: 0 }
+    }
+
+    fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+
+    /// The host's time (epoch ms), or the last time it answered.
+    fn now(&mut self) -> Option<u64> {
+        match abi::now_ms() {
+            Ok(t) => {
+                self.last_now = self.last_now.max(t);
+                Some(t)
+            }
+            Err(_) => (self.last_now > 0).then_some(self.last_now),
+        }
+    }
+
+    /// A request header as Envoy's `get_header_map_value` gives it (the first of repeated
+    /// headers), except `x-forwarded-for`, whose repeated lines form one list.
+    fn header_value(&self, name: &str) -> Option<String> {
+        let mut values = self.headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let first = values.next()?;
+        if name != "x-forwarded-for" {
+            return Some(first.to_owned());
+        }
+        Some(std::iter::once(first).chain(values).collect::<Vec<_>>().join(", "))
+    }
+
+    /// Answers locally. After admission, settle first ([`Self::settle`]).
+    fn reply(&mut self, response: &LocalResponse) -> Action {
+        let headers: Vec<(&str, &str)> = response.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match abi::send_local_response(u32::from(response.status), &headers, &response.body) {
+            Ok(()) => {
+                self.phase = Phase::Replied;
+                Action::Pause
+            }
+            Err(s) => {
+                // The host refused the local reply: let the request go rather than hang it.
+                host_error(&self.shared.metrics, "send_local_response", s);
+                self.phase = Phase::Idle;
+                Action::Continue
+            }
+        }
+    }
+
+    /// Answers an admitted request locally: it was not sent, so nothing stays counted.
+    fn refuse(&mut self, response: &LocalResponse) -> Action {
+        self.settle(&Ending::NotSent);
+        self.reply(response)
+    }
+
+    /// Settles the ticket (once) by core's ending rule and posts the webhook events.
+    fn settle(&mut self, ending: &Ending) {
+        let Some(ticket) = self.ticket.take() else { return };
+        let Some(now) = self.now() else {
+            // No time has ever been read for this request: it was never admitted with one.
+            return;
+        };
+        let shared = self.shared.clone();
+        let settled = gate::finish(&shared.policy, &mut SharedData, &ticket, ending, now);
+        shared.metrics.add_n(Metric::SettleFailures, u64::from(settled.failures));
+        if let Some(e) = settled.error {
+            abi::log(abi::LOG_WARN, &format!("tollgate: settling ({}) failed on {} key(s) ({}); those counts stay until their window ends", ending.label(), settled.failures, e.kind()));
+        }
+        self.notify(&settled.events);
+    }
+
+    /// Posts threshold events to the policy's webhook cluster (configure refused a `notify`
+    /// without one).
+    fn notify(&self, events: &[Vec<u8>]) {
+        let Some(target) = self.policy().notify.as_ref() else { return };
+        let Some(cluster) = target.cluster.as_deref() else { return };
+        for body in events {
+            let headers = [
+                (":method", "POST"),
+                (":path", target.path.as_str()),
+                (":authority", target.authority.as_str()),
+                ("content-type", "application/json"),
+            ];
+            match abi::http_call(cluster, &headers, body, target.timeout_ms) {
+                Ok(_) => self.shared.metrics.add(Metric::NotifySent),
+                Err(s) => {
+                    self.shared.metrics.add(Metric::NotifyFailed);
+                    abi::log(abi::LOG_WARN, &format!("tollgate: webhook dispatch failed (status {})", s.0));
+                }
+            }
+        }
+    }
+
+    /// Runs the gate for this request (`body` for a chat completion, `None` for any other) and
+    /// applies what core decides.
+    fn admit(&mut self, body: Option<&[u8]>, body_size: usize) -> Action {
+        let shared = self.shared.clone();
+        let policy = &*shared.policy;
+        // Without the time nothing can be counted: the gate runs against a store that fails,
+        // so `store.on_failure` decides (allow: forwarded uncounted, translated as usual).
+        let clock = self.now();
+        if clock.is_none() {
+            shared.metrics.add(Metric::HostErrors);
+            abi::log(abi::LOG_WARN, &format!("tollgate: clock unavailable; policy says {:?}", policy.on_failure));
+        }
+        let now = clock.unwrap_or(self.last_now);
+        let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
+        let connection = http::connection_id();
+        let lease_id = http::request_token(now_ns, connection, self.context_id);
+        let outcome = {
+            let lookup = |name: &str| self.header_value(name);
+            let secrets = |name: &str| shared.secret(name);
+            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+            let mut no_clock = NoClock;
+            let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
+            match body {
+                Some(b) => gate::admit_chat(policy, &facts, b, store, lease_id),
+                None => gate::admit_other(policy, &facts, store, lease_id),
+            }
+        };
+        let mut admitted = match outcome {
+            Gate::Reply { response, why, store_error } => {
+                shared.metrics.add(match why {
+                    Refused::Invalid => Metric::Invalid,
+                    Refused::Limited => Metric::Denied,
+                    Refused::StoreFailed => Metric::StoreFailures,
+                });
+                if let Some(e) = store_error {
+                    abi::log(abi::LOG_WARN, &format!("tollgate: counter store failed ({}); policy denies", e.kind()));
+                }
+                return self.reply(&response);
+            }
+            Gate::Forward(a) => *a,
+        };
+        self.count_admission(&admitted);
+        self.notify(&std::mem::take(&mut admitted.events));
+        self.ticket = admitted.ticket.take();
+        let id = http::response_id(now_ns, connection, self.context_id);
+        match forward::dispatch(admitted, id, now_ns / 1_000_000_000) {
+            Dispatch::Other { answer } => self.forwarded(answer),
+            Dispatch::Upstream { body, answer } => {
+                if let Some(bytes) = body {
+                    if let Err(s) = http::replace_request_body(&bytes, body_size) {
+                        return self.host_failure("rewriting the request", s);
+                    }
+                }
+                self.forwarded(answer)
+            }
+            Dispatch::Provider { provider, request, answer } => {
+                let to = Destination { path: &request.path, authority: None, key: None, cluster: Some(&provider.cluster) };
+                if let Err(s) = http::rewrite_request(&request, body_size, &to) {
+                    return self.host_failure("rewriting the request", s);
+                }
+                shared.metrics.add(Metric::Translated);
+                self.forwarded(answer)
+            }
+            Dispatch::Alias { alias, request, rewritten, mut headers, warning } => {
+                if let Some(w) = &warning {
+                    headers.push((tollgate_core::message::WARNING_HEADER, w.header.clone()));
+                }
+                let alias = AliasRequest { alias, request: &request, rewritten, headers, warning };
+                self.forward_alias(alias, body_size, now, lease_id ^ now_ns)
+            }
+            Dispatch::Reply(response) => {
+                shared.metrics.add(Metric::Refused);
+                self.refuse(&response)
+            }
+        }
+    }
+
+    fn count_admission(&self, admitted: &Admitted) {
+        let m = &self.shared.metrics;
+        if admitted.ticket.is_none() {
+            m.add(Metric::StoreFailures);
+            abi::log(abi::LOG_WARN, "tollgate: counter store failed; policy allows the request uncounted");
+        } else {
+            m.add(Metric::Allowed);
+        }
+        m.add_n(Metric::Evictions, u64::from(admitted.evicted));
+        if admitted.warning.is_some() {
+            m.add(Metric::Warnings);
+        }
+        if admitted.headers.iter().any(|(k, _)| *k == gate::DOWNGRADE_HEADER) {
+            m.add(Metric::Downgrades);
+        }
+    }
+
+    fn forwarded(&mut self, answer: Answer) -> Action {
+        self.phase = Phase::Forwarded { answer: Box::new(answer), body: BodyMode::Waiting };
+        Action::Continue
+    }
+
+    fn host_failure(&mut self, what: &str, status: abi::Status) -> Action {
+        host_error(&self.shared.metrics, what, status);
+        self.refuse(&http::gateway_error().to_response())
+    }
+
+    /// Forwards an admitted request for a model alias: core plans the deployments' order from
+    /// their shared health; the request goes to the aggregate cluster that tries them in that
+    /// order (`x-tollgate-cluster: <alias>/<first>`), and core's attempts wait in the
+    /// [`handoff`] table for the upstream filter, which translates each attempt. The body stays
+    /// in OpenAI's format.
+    fn forward_alias(&mut self, a: AliasRequest, body_size: usize, now: u64, seed: u64) -> Action {
+        let shared = self.shared.clone();
+        let (health, unread) = sync::run(&mut SharedData, (&*shared.policy).into(), ReadingHealth::new(a.alias.deployment_names()));
+        if unread > 0 {
+            // Unreadable health counts as healthy: fallback still protects the request.
+            shared.metrics.add(Metric::StoreFailures);
+        }
+        let plan = match attempt::plan(a.alias, &health, now, seed) {
+            Ok(p) => p,
+            Err(mut response) => {
+                shared.metrics.add(Metric::DeploymentsUnavailable);
+                response.headers.extend(a.headers);
+                return self.refuse(&response);
+            }
+        };
+        let map = abi::HTTP_REQUEST_HEADERS;
+        let mut ok = true;
+        // The key both filters find the plan under: the request id, unless another request on
+        // this thread already uses it (a client may send any x-request-id).
+        let key = match self.header_value("x-request-id").filter(|k| !k.is_empty() && k.len() <= 128 && !handoff::contains(k)) {
+            Some(k) => k,
+            None => {
+                let k = format!("tg-{seed:016x}");
+                ok &= abi::set_header(map, "x-request-id", &k).is_ok();
+                k
+            }
+        };
+        if a.rewritten {
+            let bytes = serde_json::to_vec(a.request).unwrap_or_default();
+            ok &= http::replace_request_body(&bytes, body_size).is_ok();
+        }
+        ok &= abi::set_header(map, http::CLUSTER_HEADER, &plan.route_value()).is_ok();
+        if !ok {
+            return self.host_failure("routing the request to its deployments", abi::Status(0));
+        }
+        handoff::insert(key.clone(), handoff::Entry::new(Attempts::new(&plan, now, false), a.warning));
+        self.phase = Phase::Alias { key, headers: a.headers, replacing: false };
+        Action::Continue
+    }
+
+    /// The answer to an alias request. A deployment's answer (the upstream filter names it in
+    /// `x-tollgate-deployment` and has translated and decorated it) goes to the client with the
+    /// client's headers; an answer no deployment gave (Envoy's own after the last attempt failed
+    /// to connect or timed out) or one marked for a retry Envoy did not make (attempts used up)
+    /// is replaced by core's all-failed answer.
+    fn alias_response_headers(&mut self, end_of_stream: bool) -> Action {
+        let Phase::Alias { headers, replacing, .. } = &mut self.phase else { return Action::Continue };
+        let map = abi::HTTP_RESPONSE_HEADERS;
+        let served = abi::header(map, DEPLOYMENT_HEADER).ok().flatten().is_some();
+        let retry = abi::header(map, RETRY_HEADER).ok().flatten().is_some();
+        let mut ok = !retry || abi::remove_header(map, RETRY_HEADER).is_ok();
+        for (name, value) in headers.iter() {
+            ok &= abi::set_header(map, name, value).is_ok();
+        }
+        if !ok {
+            self.shared.metrics.add(Metric::HostErrors);
+        }
+        if served && !retry {
+            return Action::Continue;
+        }
+        self.shared.metrics.add(Metric::AttemptsExhausted);
+        *replacing = true;
+        if end_of_stream {
+            self.replace_exhausted(0, false);
+            return Action::Continue;
+        }
+        Action::Pause
+    }
+
+    fn replace_exhausted(&mut self, body_size: usize, with_body: bool) {
+        let Phase::Alias { key, headers, replacing } = &mut self.phase else { return };
+        *replacing = false;
+        let mut response = handoff::with(key, |e| e.attempts.exhausted()).unwrap_or_else(|| render::attempts_exhausted("", &[]));
+        response.headers.extend(headers.iter().cloned());
+        let ok = abi::remove_header(abi::HTTP_RESPONSE_HEADERS, DEPLOYMENT_HEADER).is_ok() && http::replace_answer(&response, body_size, with_body);
+        if !ok {
+            self.shared.metrics.add(Metric::HostErrors);
+        }
+    }
+
+    /// How an alias request ended, from what its attempts left in the hand-off table.
+    fn alias_ending(key: &str) -> Ending {
+        handoff::with(key, |e| match &e.served {
+            Some(d) => Ending::Served { usage: e.usage.unwrap_or_default(), model: Some(d.clone()) },
+            None if e.attempts.reached_a_provider() => Ending::NotServed,
+            None if e.started > 0 => Ending::NotSent,
+            None => Ending::Abandoned,
+        })
+        .unwrap_or(Ending::Abandoned)
+    }
+
+    /// The response head of a forwarded request: core's [`Answer::head`] applied.
+    fn answer_headers(&mut self, end_of_stream: bool) -> Action {
+        let metrics = self.shared.metrics;
+        let pairs = match http::header_pairs(abi::HTTP_RESPONSE_HEADERS) {
+            Ok(p) => p,
+            Err(s) => {
+                host_error(&metrics, "reading the response headers", s);
+                Vec::new()
+            }
+        };
+        // Envoy always has a :status; without one, treat the answer as unreadable.
+        let status = http::value(&pairs, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
+        let envoy = if status >= 500 { envoy_failure() } else { None };
+        let retry_after = http::value(&pairs, "retry-after").map(str::to_owned);
+        let Phase::Forwarded { answer, body } = &mut self.phase else { return Action::Continue };
+        let head = answer.head(status, pairs.iter().map(|(k, _)| k.as_str()), retry_after.as_deref(), end_of_stream);
+        if !http::apply_head(&head) {
+            metrics.add(Metric::HostErrors);
+        }
+        if let Some(failure) = envoy {
+            // Envoy's own answer (connect failure, reset, timeout): core's error for it.
+            let response = answer.unreachable(failure);
+            if end_of_stream {
+                return self.replace_now(&response);
+            }
+            *body = BodyMode::Buffer { status, retry_after, envoy: Some(failure) };
+            return Action::Pause;
+        }
+        match head.body {
+            BodyPlan::Stream => {
+                *body = BodyMode::Stream;
+                Action::Continue
+            }
+            BodyPlan::Pass => {
+                *body = BodyMode::Pass;
+                Action::Continue
+            }
+            BodyPlan::Buffer => {
+                *body = BodyMode::Buffer { status, retry_after, envoy: None };
+                Action::Pause
+            }
+            BodyPlan::Replace(response) => {
+                *body = BodyMode::Done;
+                self.record_answer();
+                self.replace_now(&response)
+            }
+        }
+    }
+
+    /// Replaces an answer that has no body with `response` (which has one): as a local reply
+    /// while the answer's headers are still the filter's; if the host refuses, status and
+    /// headers only.
+    fn replace_now(&mut self, response: &LocalResponse) -> Action {
+        let headers: Vec<(&str, &str)> = response.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if abi::send_local_response(u32::from(response.status), &headers, &response.body).is_ok() {
+            return Action::Continue;
+        }
+        if !http::replace_answer(response, 0, false) {
+            self.shared.metrics.add(Metric::HostErrors);
+        }
+        Action::Continue
+    }
+
+    fn answer_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let metrics = self.shared.metrics;
+        let Phase::Forwarded { answer, body } = &mut self.phase else { return Action::Continue };
+        match body {
+            BodyMode::Stream => {
+                let bytes = match abi::buffer(abi::HTTP_RESPONSE_BODY, 0, body_size) {
+                    Ok(b) => b,
+                    Err(s) => {
+                        host_error(&metrics, "reading the response body", s);
+                        Vec::new()
+                    }
+                };
+                let mut out = Vec::with_capacity(bytes.len() + 64);
+                answer.chunk(&bytes, &mut out);
+                if end_of_stream {
+                    answer.end(&mut out);
+                    *body = BodyMode::Done;
+                }
+                if let Err(s) = abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &out) {
+                    host_error(&metrics, "writing the response body", s);
+                }
+                if end_of_stream {
+                    self.record_answer();
+                }
+                Action::Continue
+            }
+            BodyMode::Buffer { status, retry_after, envoy } => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                let response = match envoy {
+                    Some(failure) => answer.unreachable(*failure),
+                    None => {
+                        let whole = abi::buffer(abi::HTTP_RESPONSE_BODY, 0, body_size).unwrap_or_else(|s| {
+                            host_error(&metrics, "reading the response body", s);
+                            Vec::new()
+                        });
+                        answer.whole(*status, retry_after.as_deref(), &whole)
+                    }
+                };
+                *body = BodyMode::Done;
+                if !http::replace_answer(&response, body_size, true) {
+                    metrics.add(Metric::HostErrors);
+                }
+                self.record_answer();
+                Action::Continue
+            }
+            BodyMode::Pass | BodyMode::Waiting | BodyMode::Done => Action::Continue,
+        }
+    }
+
+    /// Counts an answer's outcome and the tokens its provider reported (unknown is not added).
+    fn record_answer(&self) {
+        let Phase::Forwarded { answer, .. } = &self.phase else { return };
+        let m = &self.shared.metrics;
+        if matches!(answer.ending(), Ending::NotServed) || answer.stream_error().is_some() {
+            m.add(Metric::UpstreamErrors);
+        }
+        let usage = answer.usage();
+        m.add_n(Metric::TokensInput, usage.input.unwrap_or(0));
+        m.add_n(Metric::TokensOutput, usage.output.unwrap_or(0));
+    }
+}
+
+/// The store while the host clock fails: nothing can be counted without the time.
+struct NoClock;
+
+impl tollgate_core::CasStore for NoClock {
+    fn load(&mut self, _: &str) -> Result<Option<(Vec<u8>, tollgate_core::Version)>, tollgate_core::StoreError> {
+        Err(tollgate_core::StoreError::Host("the host clock is unavailable"))
+    }
+    fn store(&mut self, _: &str, _: &[u8], _: Option<tollgate_core::Version>) -> Result<tollgate_core::Written, tollgate_core::StoreError> {
+        Err(tollgate_core::StoreError::Host("the host clock is unavailable"))
+    }
+}
+
+/// An alias request's parts, as the gate admitted it.
+struct AliasRequest<'a> {
+    alias: &'a tollgate_core::fallback::Alias,
+    request: &'a tollgate_core::openai::ChatRequest,
+    rewritten: bool,
+    headers: Vec<(&'static str, String)>,
+    warning: Option<tollgate_core::gate::Warning>,
+}
+
+/// Whether the answer in hand is Envoy's own because the provider was not reached, and how it
+/// failed (Envoy's `response.code_details`, `source/common/router/router.cc`).
+fn envoy_failure() -> Option<Failure> {
+    let details = abi::property(&["response", "code_details"]).ok().flatten()?;
+    let details = String::from_utf8_lossy(&details);
+    if details.starts_with("upstream_response_timeout") || details.starts_with("upstream_per_try_timeout") {
+        Some(Failure::Timeout)
+    } else if details.starts_with("upstream_reset_before_response_started") {
+        Some(if details.contains("connection_failure") { Failure::Connect } else { Failure::Reset })
+    } else if details.starts_with("no_healthy_upstream") || details.starts_with("cluster_not_found") || details.starts_with("maintenance_mode") {
+        Some(Failure::Connect)
+    } else {
+        None
+    }
+}
+
+impl Context for Downstream {}
+
+impl HttpContext for Downstream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let shared = self.shared.clone();
+        let map = abi::HTTP_REQUEST_HEADERS;
+        self.headers = http::header_pairs(map).unwrap_or_else(|s| {
+            host_error(&shared.metrics, "reading the request headers", s);
+            Vec::new()
+        });
+        self.peer = abi::property(&["source", "address"]).ok().flatten().map(|b| String::from_utf8_lossy(&b).into_owned());
+        // Who the user is and what they pay is between the app and Tollgate, and only Tollgate
+        // sets `x-tollgate-*` headers (which cluster, which attempt): none of them goes on.
+        for (name, _) in &self.headers {
+            if gate::is_private_request_header(&shared.policy, name) && abi::remove_header(map, name).is_err() {
+                shared.metrics.add(Metric::HostErrors);
+            }
+        }
+        let method = self.header_value(":method");
+        let path = self.header_value(":path");
+        match gate::classify(method.as_deref(), path.as_deref()) {
+            Kind::Usage => {
+                let Some(now) = self.now() else { return self.reply(&render::store_unavailable()) };
+                let response = {
+                    let lookup = |name: &str| self.header_value(name);
+                    let secrets = |name: &str| shared.secret(name);
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    gate::usage_report(&shared.policy, &facts, &mut SharedData)
+                };
+                self.reply(&response)
+            }
+            Kind::Other => self.admit(None, 0),
+            Kind::Chat => {
+                let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                let refused = {
+                    let now = self.now().unwrap_or(0);
+                    let lookup = |name: &str| self.header_value(name);
+                    let secrets = |name: &str| shared.secret(name);
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    gate::check_declared_length(&shared.policy, &facts, declared)
+                };
+                if let Some(response) = refused {
+                    shared.metrics.add(Metric::Invalid);
+                    return self.reply(&response);
+                }
+                // nginx says end_of_stream false even without a body, and calls no body hook for
+                // an empty one: there, an HTTP/1.1 request without a length or chunked framing
+                // has no body.
+                let bodiless = end_of_stream
+                    || (shared.flavour == Flavour::Ngx
+                        && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
+                if bodiless {
+                    // Admit now, which refuses it as the empty body it is.
+                    return self.admit(Some(b""), 0);
+                }
+                self.phase = Phase::ReadingBody;
+                match shared.flavour {
+                    // nginx delivers the body before it proxies, headers still modifiable: the
+                    // request waits there without being held.
+                    Flavour::Ngx => Action::Continue,
+                    // Hold the headers (they change once the body is read) while the body flows
+                    // in: Envoy needs `allow_on_headers_stop_iteration: true` for that; the
+                    // watchdog answers the request if the body never comes.
+                    Flavour::Envoy => {
+                        let mut w = shared.waiting.borrow_mut();
+                        if !w.proven {
+                            w.held.push((self.context_id, self.last_now));
+                        }
+                        Action::Pause
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !matches!(self.phase, Phase::ReadingBody) {
+            return Action::Continue;
+        }
+        {
+            let mut w = self.shared.waiting.borrow_mut();
+            w.proven = true;
+            w.held.retain(|(c, _)| *c != self.context_id);
+        }
+        if !end_of_stream {
+            // Buffered: the next call sees the whole body so far.
+            return Action::Pause;
+        }
+        let body = match abi::buffer(abi::HTTP_REQUEST_BODY, 0, body_size) {
+            Ok(b) => b,
+            Err(s) => {
+                host_error(&self.shared.metrics, "reading the request body", s);
+                return self.reply(&http::gateway_error().to_response());
+            }
+        };
+        self.admit(Some(&body), body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if !matches!(self.phase, Phase::ReadingBody) {
+            return Action::Continue;
+        }
+        // The body ended without end_of_stream: OpenAI clients never send trailers.
+        self.shared.metrics.add(Metric::Invalid);
+        self.reply(&ApiError::invalid(None, "Request trailers are not supported.").to_response())
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match self.phase {
+            Phase::Forwarded { .. } => self.answer_headers(end_of_stream),
+            Phase::Alias { .. } => self.alias_response_headers(end_of_stream),
+            Phase::ReadingBody => {
+                // nginx proxied a request whose body never reached the filter (an empty chunked
+                // body): it went unadmitted.
+                self.shared.metrics.add(Metric::HostErrors);
+                abi::log(abi::LOG_WARN, "tollgate: a chat request reached the upstream without its body reaching the filter");
+                Action::Continue
+            }
+            Phase::Idle | Phase::Replied => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &self.phase {
+            Phase::Forwarded { .. } => self.answer_body(body_size, end_of_stream),
+            Phase::Alias { replacing: true, .. } => {
+                if !end_of_stream {
+                    return Action::Pause;
+                }
+                self.replace_exhausted(body_size, true);
+                Action::Continue
+            }
+            Phase::Alias { .. } | Phase::Idle | Phase::ReadingBody | Phase::Replied => Action::Continue,
+        }
+    }
+
+    fn on_log(&mut self) {
+        self.shared.waiting.borrow_mut().held.retain(|(c, _)| *c != self.context_id);
+        // However the stream ended (completion, client cancel, upstream reset, timeout): what is
+        // not settled yet is settled now, by the one rule.
+        let ending = match &self.phase {
+            Phase::Forwarded { answer, .. } => answer.ending(),
+            Phase::Alias { key, .. } => Self::alias_ending(key),
+            Phase::Idle | Phase::ReadingBody | Phase::Replied => Ending::Abandoned,
+        };
+        if let (Phase::Forwarded { body: BodyMode::Stream, .. }, Ending::Served { .. }) = (&self.phase, &ending) {
+            // A stream cut short: its tokens so far.
+            self.record_answer();
+        }
+        self.settle(&ending);
+        if let Phase::Alias { key, .. } = &self.phase {
+            handoff::take(key);
+        }
+        self.phase = Phase::Idle;
+    }
+}
+
+/// The root's tick: answers the chat requests whose headers have been held for
+/// [`WATCHDOG_MS`] without any of their body arriving — the host does not deliver a body to a
+/// filter holding the headers (Envoy without `allow_on_headers_stop_iteration: true`, e.g. an
+/// Istio `WasmPlugin`). Nothing was admitted or forwarded: a 500 that says what to fix, never a
+/// hang.
+pub fn watchdog(shared: &Shared) {
+    let Ok(now) = abi::now_ms() else { return };
+    let expired: Vec<u32> = {
+        let mut w = shared.waiting.borrow_mut();
+        let (old, young): (Vec<_>, Vec<_>) = w.held.drain(..).partition(|(_, since)| now.saturating_sub(*since) >= WATCHDOG_MS);
+        w.held = young;
+        old.into_iter().map(|(c, _)| c).collect()
+    };
+    for context in expired {
+        let first = !std::mem::replace(&mut shared.waiting.borrow_mut().reported, true);
+        if first {
+            abi::log(abi::LOG_ERROR, "tollgate: a chat request's body never reached the filter while its headers were held: set `allow_on_headers_stop_iteration: true` in the wasm filter's config (Istio: see examples/istio); such requests are answered with a 500");
+        }
+        shared.metrics.add(Metric::BodyNeverCame);
+        let response = render::openai_error(
+            500,
+            "The gateway is misconfigured: its Tollgate filter cannot read request bodies (Envoy needs allow_on_headers_stop_iteration: true). The request was not sent.",
+            "server_error",
+            "gateway_misconfigured",
+        );
+        let headers: Vec<(&str, &str)> = response.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if abi::set_effective_context(context).is_ok() {
+            let _ = abi::send_local_response(u32::from(response.status), &headers, &response.body);
+        }
+    }
+}

@@ -115,8 +115,9 @@ impl Answer {
         self.served_by = Some(deployment.to_owned());
     }
 
-    /// The client's headers (its own rate limits, the warning, a downgrade, the deployment).
-    fn client_headers(&self) -> Vec<(&'static str, String)> {
+    /// The client's headers (its own rate limits, the warning, a downgrade, the deployment):
+    /// every answer to this request carries them, local ones included.
+    pub fn client_headers(&self) -> Vec<(&'static str, String)> {
         let mut out = self.headers.clone();
         if let Some(w) = &self.warning {
             out.push((WARNING_HEADER, w.header.clone()));

@@ -1,25 +1,24 @@
-//! Forwarding an admitted request to the upstream, and turning core's local responses into
-//! worker responses. Bodies are never logged.
+//! Sending requests upstream and serving their answers through core's pipeline
+//! ([`tollgate_core::answer`]). Bodies are never logged.
 //!
-//! What is read, and why: a chat completion's request body (admission needs it; it is
-//! forwarded as read, or re-serialised when the gate rewrote it — a downgrade or a capped
-//! `max_tokens`); a non-stream chat answer (its `usage` settles the reservation, and a warning
-//! object may be added to it); a streamed chat answer passes through [`SseTap`] chunk by chunk
-//! (usage from its chunks, the warning comment before `data: [DONE]`). Every other body is
-//! streamed through untouched, chunk by chunk, so that the request is settled when it ends.
+//! [`serve`] applies core's [`Answer`] to a fetched response: the headers core removes go, the
+//! client's headers are set, and the body is streamed through core chunk by chunk ([`Pump`]),
+//! read whole and replaced, or passed untouched. The request's [`Finish`] settles it with the
+//! answer's ending once the answer is over — when the body has been read, the stream has ended,
+//! or the client went away (the runtime then drops the stream, and with it the pump).
+//!
+//! The worker owns the client's stream, so a provider stream that breaks mid-way ends with an
+//! OpenAI error event (core's [`Answer::broken`]), on every path.
 
 use futures_channel::oneshot;
-use futures_util::StreamExt;
-use serde::Deserialize;
-use tollgate_core::message;
-use tollgate_core::openai::WireUsage;
-use tollgate_core::render::PROVIDER_RATE_LIMIT_HEADERS;
-use tollgate_core::sse::{SseDecoder, SseEvent};
-use tollgate_core::usage::Usage;
+use futures_util::stream::{self, StreamExt};
+use tollgate_core::answer::{Answer, BodyPlan};
+use tollgate_core::ending::Ending;
+use tollgate_core::fallback::Failure;
 use tollgate_core::LocalResponse;
 use worker::js_sys::Uint8Array;
 use worker::web_sys;
-use worker::{console_warn, ByteStream, Fetch, Headers, Request, Response, ResponseBody, Url};
+use worker::{ByteStream, Fetch, Headers, Request, Response, ResponseBody, Url};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still drop) and `host`,
 /// which the runtime sets from the upstream URL.
@@ -35,6 +34,10 @@ const NOT_FORWARDED: [&str; 10] = [
     "upgrade",
     "host",
 ];
+
+/// Response headers that describe a body the worker re-serves (the runtime frames it again, and
+/// `fetch` already decoded any `content-encoding`).
+const REFRAMED: [&str; 3] = ["content-length", "content-encoding", "transfer-encoding"];
 
 /// Whether a request header goes upstream. `connection_tokens` are the header names the
 /// client's `Connection` header lists (also hop-by-hop).
@@ -73,21 +76,17 @@ pub fn parse_base(text: &str) -> Result<Url, String> {
     Ok(url)
 }
 
-/// Sends `req` (method, headers minus hop-by-hop, streamed body) to `target`, redirects not
-/// followed: the client sees what the upstream said.
-/// `private` names further headers that stay with Tollgate (the policy's identity and tier
-/// headers).
-/// `body`: `None` streams the client's body through; `Some` sends these bytes instead (a chat
-/// body already read, maybe rewritten; the runtime sets its `content-length`).
-pub async fn send(req: &Request, target: &str, private: &[&str], body: Option<&[u8]>) -> worker::Result<Response> {
+/// Sends the client's request (method, headers minus hop-by-hop ones and those `private`
+/// names, `body` or else the client's body streamed) to `target`, redirects not followed: the
+/// client sees what the upstream said.
+pub async fn send_client(req: &Request, target: &str, private: &dyn Fn(&str) -> bool, body: Option<&[u8]>) -> worker::Result<Response> {
     let headers = Headers::new();
     let mut tokens = connection_tokens(req.headers().get("connection").ok().flatten().as_deref());
-    tokens.extend(private.iter().map(|h| h.to_ascii_lowercase()));
     if body.is_some() {
         tokens.push("content-length".to_owned());
     }
     for (name, value) in req.headers().entries() {
-        if forwarded(&name, &tokens) {
+        if forwarded(&name, &tokens) && !private(&name.to_ascii_lowercase()) {
             headers.append(&name, &value)?;
         }
     }
@@ -108,338 +107,229 @@ pub async fn send(req: &Request, target: &str, private: &[&str], body: Option<&[
     Fetch::Request(Request::from(outbound)).send().await
 }
 
-/// The upstream's response minus the provider's own rate-limit headers, with `extra` headers
-/// set, body streamed through.
-pub fn with_headers(upstream: Response, extra: &[(&'static str, String)]) -> worker::Result<Response> {
-    let status = upstream.status_code();
-    let headers = Headers::new();
-    for (name, value) in upstream.headers().entries() {
-        if PROVIDER_RATE_LIMIT_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-            continue;
-        }
-        headers.append(&name, &value)?;
-    }
-    for (name, value) in extra {
-        headers.set(name, value)?;
-    }
-    // Null-body statuses must not carry a stream (the Response constructor throws).
-    let body = match (status, upstream.body()) {
-        (101 | 204 | 205 | 304, _) => ResponseBody::Empty,
-        (_, body) => body.clone(),
-    };
-    Ok(Response::builder().with_status(status).with_headers(headers).body(body))
+/// A POST of `body` to `url` with `headers`, redirects not followed.
+pub fn outbound(url: &str, headers: &Headers, body: &[u8]) -> worker::Result<Request> {
+    let init = web_sys::RequestInit::new();
+    init.set_method("POST");
+    init.set_headers(&headers.0);
+    init.set_redirect(web_sys::RequestRedirect::Manual);
+    init.set_body(&Uint8Array::from(body).into());
+    Ok(Request::from(web_sys::Request::new_with_str_and_init(url, &init)?))
 }
 
-/// The upstream's response headers for a body the worker re-serves (read whole, or pumped
-/// chunk by chunk): minus the provider's rate-limit headers and the body framing the runtime
-/// redoes (`fetch` already decoded any `content-encoding`), plus `extra`.
-pub fn reserved_headers(upstream: &Response, extra: &[(&'static str, String)]) -> worker::Result<Headers> {
-    let headers = Headers::new();
-    for (name, value) in upstream.headers().entries() {
-        let lower = name.to_ascii_lowercase();
-        if PROVIDER_RATE_LIMIT_HEADERS.contains(&lower.as_str())
-            || matches!(lower.as_str(), "content-length" | "content-encoding" | "transfer-encoding")
-        {
-            continue;
-        }
-        headers.append(&name, &value)?;
-    }
-    for (name, value) in extra {
-        headers.set(name, value)?;
-    }
-    Ok(headers)
-}
-
-/// A response core rendered (429, 503).
+/// A response core rendered.
 pub fn local(r: &LocalResponse) -> worker::Result<Response> {
-    local_with(r, &[])
-}
-
-/// A response core rendered, with `extra` headers set (the client's rate-limit headers).
-pub fn local_with(r: &LocalResponse, extra: &[(&'static str, String)]) -> worker::Result<Response> {
     let headers = Headers::new();
     for (name, value) in &r.headers {
-        headers.append(name, value)?;
-    }
-    for (name, value) in extra {
         headers.set(name, value)?;
     }
     Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body.clone()))
 }
 
-/// How a request ended, for its settlement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ending {
-    /// Settle with the usage reported (`None`: unknown, the reservation stays the charge),
-    /// priced for `model` when set (the alias deployment that served), else the ticket's model.
-    Settle { usage: Option<Usage>, model: Option<String> },
-    /// Nothing was served (every deployment of an alias failed or was cooling down): undo the
-    /// reservation; the request does not count.
-    Release,
-}
-
-/// The end of a request, however it ends: when dropped (the body was read, the stream ended,
-/// or the client went away and the runtime dropped the stream), hands the usage seen so far to
-/// the settlement waiting in `ctx.wait_until`. Without a ticket it does nothing.
+/// The end of a request, however it ends: hands its [`Ending`] to the settlement waiting in
+/// `ctx.wait_until`. Dropped without one (the runtime dropped the response before anything
+/// said how it ended), it settles as [`Ending::Abandoned`]. Without a ticket it does nothing.
 pub struct Finish {
     tx: Option<oneshot::Sender<Ending>>,
-    usage: Usage,
-    model: Option<String>,
-    release: bool,
 }
 
 impl Finish {
     /// A guard and the receiver the settlement awaits.
     pub fn new() -> (Finish, oneshot::Receiver<Ending>) {
         let (tx, rx) = oneshot::channel();
-        (Finish { tx: Some(tx), usage: Usage::default(), model: None, release: false }, rx)
+        (Finish { tx: Some(tx) }, rx)
     }
 
     /// A guard with nothing to settle (the store failed and the policy forwarded anyway).
     pub fn none() -> Finish {
-        Finish { tx: None, usage: Usage::default(), model: None, release: false }
+        Finish { tx: None }
     }
 
-    /// The model (an alias's deployment) that serves the request: settlement prices the usage
-    /// for it.
-    pub fn served_by(&mut self, model: &str) {
-        self.model = Some(model.to_owned());
-        self.release = false;
-    }
-
-    /// Nothing was served: the settlement releases the reservation instead.
-    pub fn release(&mut self) {
-        self.release = true;
-    }
-
-    /// Usage reported so far (later reports replace earlier ones field by field).
-    pub fn report(&mut self, usage: Usage) {
-        self.usage.merge(usage);
-    }
-
-    /// The request has not reached the provider (yet): no tokens were used (the request still
-    /// counts). Undone by [`Finish::reported_by`].
-    pub fn unreached(&mut self) {
-        self.usage = Usage { input: Some(0), output: Some(0), ..Usage::default() };
-    }
-
-    /// The provider has been called: from now on only what it reports is known.
-    pub fn reported_by(mut self) -> Finish {
-        self.usage = Usage::default();
-        self
+    /// The request ended so.
+    pub fn done(mut self, ending: Ending) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(ending);
+        }
     }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         if let Some(tx) = self.tx.take() {
-            let ending = match self.release {
-                true => Ending::Release,
-                // Unknown is not zero: no report leaves the reservation as the charge.
-                false => Ending::Settle { usage: (!self.usage.is_empty()).then_some(self.usage), model: self.model.take() },
-            };
-            let _ = tx.send(ending);
+            let _ = tx.send(Ending::Abandoned);
         }
     }
 }
 
-#[derive(Deserialize)]
-struct UsageOnly {
-    usage: Option<WireUsage>,
+/// The fetched answer's status, lower-cased header pairs and `retry-after`.
+pub struct Fetched {
+    /// The provider's status.
+    pub status: u16,
+    /// Its headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
 }
 
-/// The `usage` of an OpenAI chat completion (or chunk) body, if it has one.
-pub fn completion_usage(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<UsageOnly>(body).ok()?.usage.map(|u| u.to_usage())
-}
-
-/// Watches an OpenAI SSE stream passing through: collects the usage its chunks report, and
-/// writes `comment` (the warning's SSE comment) just before the `data: [DONE]` line, at an
-/// event boundary. Every other byte passes unchanged; only the current line is held back, and
-/// only until the comment is written.
-pub struct SseTap {
-    decoder: SseDecoder,
-    usage: Usage,
-    comment: Option<Vec<u8>>,
-    line: Vec<u8>,
-    after_cr: bool,
-    event_start: bool,
-}
-
-impl SseTap {
-    pub fn new(comment: Option<Vec<u8>>) -> SseTap {
-        SseTap { decoder: SseDecoder::new(), usage: Usage::default(), comment, line: Vec::new(), after_cr: false, event_start: true }
+impl Fetched {
+    /// Reads them off a response.
+    pub fn of(resp: &Response) -> Fetched {
+        Fetched { status: resp.status_code(), headers: resp.headers().entries().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect() }
     }
 
-    pub fn usage(&self) -> Usage {
-        self.usage
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
+}
 
-    pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        self.decoder.feed(bytes);
-        self.drain();
-        for (i, &b) in bytes.iter().enumerate() {
-            let Some(comment) = &self.comment else {
-                out.extend_from_slice(&self.line);
-                self.line.clear();
-                out.extend_from_slice(&bytes[i..]);
-                return;
-            };
-            if std::mem::take(&mut self.after_cr) && b == b'\n' {
-                out.push(b);
-                continue;
-            }
-            if b == b'\n' || b == b'\r' {
-                let blank = self.line.is_empty();
-                if self.event_start && matches!(self.line.as_slice(), b"data: [DONE]" | b"data:[DONE]") {
-                    out.extend_from_slice(comment);
-                    self.comment = None;
-                }
-                out.append(&mut self.line);
-                out.push(b);
-                self.event_start = blank;
-                self.after_cr = b == b'\r';
-            } else {
-                self.line.push(b);
-            }
+/// The client's response headers for a re-served body: the provider's minus what core removes
+/// and the framing the runtime redoes, plus `set`, plus `replacing` (a response core rendered).
+fn client_headers(fetched: &Fetched, remove: &[String], set: &[(&'static str, String)], replacing: &[(&'static str, String)]) -> worker::Result<Headers> {
+    let headers = Headers::new();
+    let replaced = |name: &str| replacing.iter().any(|(k, _)| *k == name) || (!replacing.is_empty() && matches!(name, "content-type" | "retry-after"));
+    for (name, value) in &fetched.headers {
+        if remove.contains(name) || REFRAMED.contains(&name.as_str()) || replaced(name) {
+            continue;
         }
-        if self.comment.is_none() {
-            out.append(&mut self.line);
-        }
+        headers.append(name, value)?;
     }
-
-    /// The stream ended: whatever was held back goes out.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
-        out.append(&mut self.line);
-        let _ = self.decoder.finish();
-        self.drain();
+    for (name, value) in set.iter().chain(replacing) {
+        headers.set(name, value)?;
     }
-
-    fn drain(&mut self) {
-        for item in self.decoder.by_ref() {
-            if let Ok(SseEvent::Message(m)) = item {
-                if m.data != "[DONE]" {
-                    if let Some(u) = completion_usage(m.data.as_bytes()) {
-                        self.usage.merge(u);
-                    }
-                }
-            }
-        }
-    }
+    Ok(headers)
 }
 
-/// An upstream body on its way to the client, chunk by chunk (one upstream read per pull),
-/// through an [`SseTap`] when it is a chat stream. Dropping it — at the end, or when the
-/// runtime cancels the stream because the client went away — drops its [`Finish`], which
-/// settles the request.
-pub struct Passthrough {
+/// The client's response for a whole answer core rendered (`r`), with the provider's other
+/// headers as [`Answer::head`] left them.
+pub fn rendered(fetched: &Fetched, head: &tollgate_core::answer::Head, r: &LocalResponse) -> worker::Result<Response> {
+    let headers = client_headers(fetched, &head.remove, &head.set, &r.headers)?;
+    Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body.clone()))
+}
+
+/// A stream the caller already began (a fallback waits for its first client bytes before it
+/// commits to a deployment).
+pub struct Begun {
+    /// What core's [`Answer::head`] said.
+    pub head: tollgate_core::answer::Head,
+    /// The client bytes already out of the stream.
+    pub first: Vec<u8>,
+    /// The rest of the provider's stream.
     pub upstream: ByteStream,
-    pub tap: Option<SseTap>,
-    pub finish: Finish,
-    pub done: bool,
+    /// Told when the stream breaks after them.
+    pub on_cut: Option<Box<dyn FnOnce()>>,
 }
 
-impl Passthrough {
-    pub async fn next(mut self) -> Option<(worker::Result<Vec<u8>>, Passthrough)> {
+/// Serves a fetched answer through core's pipeline (module docs); `begun`: the stream was
+/// begun by the caller.
+pub async fn serve(mut resp: Response, mut answer: Answer, finish: Finish, begun: Option<Begun>) -> worker::Result<Response> {
+    let fetched = Fetched::of(&resp);
+    let status = fetched.status;
+    let null_body = matches!(status, 101 | 204 | 205 | 304) || matches!(resp.body(), ResponseBody::Empty);
+    let retry_after = fetched.header("retry-after").map(str::to_owned);
+    let (head, first, mut begun_stream, on_cut) = match begun {
+        Some(b) => (b.head, Some(b.first), Some(b.upstream), b.on_cut),
+        None => (answer.head(status, fetched.headers.iter().map(|(k, _)| k.as_str()), retry_after.as_deref(), null_body), None, None, None),
+    };
+    match head.body {
+        BodyPlan::Replace(r) => {
+            let headers = client_headers(&fetched, &head.remove, &head.set, &r.headers)?;
+            finish.done(answer.ending());
+            Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body))
+        }
+        BodyPlan::Buffer => {
+            let r = match resp.bytes().await {
+                Ok(bytes) => answer.whole(status, retry_after.as_deref(), &bytes),
+                Err(_) => answer.unreachable(Failure::Reset),
+            };
+            finish.done(answer.ending());
+            rendered(&fetched, &head, &r)
+        }
+        BodyPlan::Pass if null_body => {
+            let headers = client_headers(&fetched, &head.remove, &head.set, &[])?;
+            finish.done(answer.ending());
+            Ok(Response::builder().with_status(status).with_headers(headers).empty())
+        }
+        BodyPlan::Pass | BodyPlan::Stream => {
+            let headers = client_headers(&fetched, &head.remove, &head.set, &[])?;
+            if head.body == BodyPlan::Stream {
+                headers.set("cache-control", "no-cache")?;
+            }
+            let upstream = match begun_stream.take().map(Ok).unwrap_or_else(|| resp.stream()) {
+                Ok(s) => s,
+                Err(_) => {
+                    finish.done(answer.ending());
+                    return Ok(Response::builder().with_status(status).with_headers(headers).empty());
+                }
+            };
+            let pump = Pump { first, upstream, answer, finish: Some(finish), done: false, on_cut };
+            Response::builder().with_status(status).with_headers(headers).from_stream(stream::unfold(pump, Pump::next))
+        }
+    }
+}
+
+/// One answer's body on its way to the client: the first bytes (if the caller already read
+/// them), then one upstream read per pull, each through core. Dropped — at the end, or when
+/// the runtime cancels the stream because the client went away — it settles the request with
+/// the answer's ending.
+pub struct Pump {
+    first: Option<Vec<u8>>,
+    upstream: ByteStream,
+    answer: Answer,
+    finish: Option<Finish>,
+    done: bool,
+    /// Told when the provider's stream breaks after its first bytes (a deployment's health).
+    on_cut: Option<Box<dyn FnOnce()>>,
+}
+
+impl Pump {
+    async fn next(mut self) -> Option<(worker::Result<Vec<u8>>, Pump)> {
+        if let Some(first) = self.first.take() {
+            return Some((Ok(first), self));
+        }
         let mut out = Vec::new();
         while !self.done && out.is_empty() {
             match self.upstream.next().await {
-                Some(Ok(bytes)) => match &mut self.tap {
-                    Some(tap) => {
-                        tap.feed(&bytes, &mut out);
-                        self.finish.report(tap.usage());
+                Some(Ok(bytes)) => {
+                    self.answer.chunk(&bytes, &mut out);
+                    if self.answer.stream_error().is_some() {
+                        // An error event ended the client's stream: stop reading.
+                        self.cut();
                     }
-                    None => out = bytes,
-                },
-                Some(Err(e)) => {
-                    // The client sees the body end early, as the upstream ended it.
-                    console_warn!("tollgate: upstream body broke: {e}");
-                    self.done = true;
+                }
+                Some(Err(_)) => {
+                    self.answer.broken(&mut out);
+                    self.cut();
                 }
                 None => {
-                    if let Some(tap) = &mut self.tap {
-                        tap.finish(&mut out);
-                        self.finish.report(tap.usage());
-                    }
+                    self.answer.end(&mut out);
                     self.done = true;
+                    if self.answer.stream_error().is_some() {
+                        self.cut();
+                    }
                 }
             }
         }
         (!out.is_empty()).then_some((Ok(out), self))
     }
+
+    fn cut(&mut self) {
+        self.done = true;
+        if let Some(tell) = self.on_cut.take() {
+            tell();
+        }
+    }
 }
 
-/// `body` with the warning object added, when it is a JSON completion (else unchanged).
-pub fn with_warning_object(body: Vec<u8>, object: Option<&serde_json::Value>) -> Vec<u8> {
-    match object.and_then(|o| message::inject_into_completion(&body, o)) {
-        Some(b) => b,
-        None => body,
+impl Drop for Pump {
+    fn drop(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            finish.done(self.answer.ending());
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tap_all(chunks: &[&[u8]], comment: Option<&[u8]>) -> (Vec<u8>, Usage) {
-        let mut tap = SseTap::new(comment.map(<[u8]>::to_vec));
-        let mut out = vec![];
-        for c in chunks {
-            tap.feed(c, &mut out);
-        }
-        tap.finish(&mut out);
-        (out, tap.usage())
-    }
-
-    const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":8,\"total_tokens\":17}}\n\ndata: [DONE]\n\n";
-
-    #[test]
-    fn the_tap_passes_every_byte_and_reads_the_usage_chunk() {
-        let bytes = STREAM.as_bytes();
-        for cut in 0..bytes.len() {
-            let (out, usage) = tap_all(&[&bytes[..cut], &bytes[cut..]], None);
-            assert_eq!(out, bytes);
-            assert_eq!(usage, Usage { input: Some(9), output: Some(8), ..Usage::default() });
-        }
-        let (_, usage) = tap_all(&[b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n"], None);
-        assert!(usage.is_empty(), "no usage reported: unknown, not zero");
-    }
-
-    #[test]
-    fn the_warning_comment_goes_just_before_done_however_the_stream_is_split() {
-        let expected = STREAM.replace("data: [DONE]", ": tollgate {}\n\ndata: [DONE]");
-        for stream in [STREAM.to_owned(), STREAM.replace('\n', "\r\n"), STREAM.replace('\n', "\r")] {
-            let bytes = stream.as_bytes();
-            let expected = match stream.contains('\r') {
-                false => expected.clone(),
-                true => stream.replace("data: [DONE]", ": tollgate {}\n\ndata: [DONE]"),
-            };
-            for cut in 0..bytes.len() {
-                let (out, _) = tap_all(&[&bytes[..cut], &bytes[cut..]], Some(b": tollgate {}\n\n"));
-                assert_eq!(String::from_utf8(out).unwrap(), expected, "cut at {cut}");
-            }
-        }
-        // "[DONE]" inside a payload, or as a continuation data line, is not the end.
-        let tricky = "data: {\"x\":\"data: [DONE]\"}\ndata: [DONE]\n\n";
-        let (out, _) = tap_all(&[tricky.as_bytes()], Some(b"!"));
-        assert_eq!(out, tricky.as_bytes());
-    }
-
-    #[test]
-    fn completion_usage_reads_openai_usage_and_nothing_else() {
-        let u = completion_usage(br#"{"id":"x","usage":{"prompt_tokens":9,"completion_tokens":8,"total_tokens":17}}"#).unwrap();
-        assert_eq!((u.input, u.output), (Some(9), Some(8)));
-        assert_eq!(completion_usage(br#"{"id":"x"}"#), None);
-        assert_eq!(completion_usage(b"not json"), None);
-    }
-
-    #[test]
-    fn the_warning_object_goes_into_json_completions_only() {
-        let o = serde_json::json!({"percent": 80});
-        assert_eq!(with_warning_object(br#"{"id":"x"}"#.to_vec(), Some(&o)), br#"{"id":"x","tollgate":{"percent":80}}"#);
-        assert_eq!(with_warning_object(b"[1]".to_vec(), Some(&o)), b"[1]");
-        assert_eq!(with_warning_object(br#"{"id":"x"}"#.to_vec(), None), br#"{"id":"x"}"#);
-    }
 
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_dropped() {

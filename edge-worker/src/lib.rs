@@ -53,22 +53,22 @@
 //! Never logs request or response bodies, and returns no `Err` for a client request (which
 //! workers-rs would turn into a bare 500).
 
-pub mod admission;
 pub mod config;
 pub mod counter;
 pub mod fallback;
 pub mod forward;
 pub mod health;
+pub mod store;
 pub mod translation;
 
 use std::rc::Rc;
 
-use futures_util::stream;
+use tollgate_core::ending::Ending;
+use tollgate_core::forward::Dispatch;
 use tollgate_core::gate::{self, Facts, Gate, Kind, Prepared, Refused};
 use tollgate_core::identity::RequestFacts;
-use tollgate_core::message;
+use tollgate_core::limits::engine::{Ticket, Who};
 use tollgate_core::render::openai_error;
-use tollgate_core::translate::exchange::Routed;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::Math;
 use worker::wasm_bindgen::JsValue;
@@ -76,7 +76,7 @@ use worker::{console_error, console_warn, event, web_sys, Context, Date, Env, Fe
 
 use crate::config::PolicyError;
 use crate::counter::{Objects, SHARDS_VAR};
-use crate::forward::{Ending, Finish, Passthrough, SseTap};
+use crate::forward::Finish;
 
 pub use counter::QuotaCounter;
 
@@ -120,7 +120,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
 
     let kind = gate::classify(Some(method.as_ref()), Some(&path));
     let (prepared, body) = match kind {
-        Kind::Usage => return forward::local(&admission::usage_report(&objects, shards, &policy, &facts).await),
+        Kind::Usage => return forward::local(&store::usage_report(&objects, shards, &policy, &facts).await),
         Kind::Chat => {
             let declared = header("content-length").and_then(|v| v.trim().parse().ok());
             if let Some(r) = gate::check_declared_length(&policy, &facts, declared) {
@@ -143,7 +143,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         Prepared::Admit(p) => p,
     };
     let lease_id = (Math::random() * (1u64 << 53) as f64) as u64;
-    let result = admission::admit(&objects, shards, &policy.limits, &pending.who, &pending.estimate, lease_id, now).await;
+    let result = store::admit(&objects, shards, &policy.limits, &pending.who, &pending.estimate, lease_id, now).await;
     let store_failed = result.as_ref().err().cloned();
     let mut admitted = match (*pending).conclude(&policy, &facts, result) {
         Gate::Reply { response, why, store_error } => {
@@ -166,84 +166,92 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         ctx.wait_until(async move { post_events(&url, events).await });
     }
     let finish = match admitted.ticket.take().filter(|t| !t.is_empty()) {
-        Some(ticket) => {
-            let (finish, done) = Finish::new();
-            let policy = Rc::clone(&policy);
-            let objects = Objects(objects.0.clone());
-            ctx.wait_until(async move {
-                // The sender is dropped with the response body, whatever ends it.
-                let ending = done.await.unwrap_or(Ending::Settle { usage: None, model: None });
-                let now = Date::now().as_millis();
-                let (usage, model) = match ending {
-                    Ending::Settle { usage, model } => (usage, model),
-                    Ending::Release => {
-                        let failed = admission::release(&objects, shards, &ticket, now).await;
-                        if failed > 0 {
-                            console_error!("tollgate: releasing failed on {failed} key(s); leases expire by TTL");
-                        }
-                        return;
-                    }
-                };
-                let mut ticket = ticket;
-                if model.is_some() {
-                    // An alias: the deployment that served sets the price.
-                    ticket.model = model;
-                }
-                let events = match admission::settle(&objects, shards, &policy, &ticket, usage.as_ref(), now).await {
-                    Ok(events) => events,
-                    Err((e, events)) => {
-                        console_error!("tollgate: settling failed ({}): {e}; leases expire by TTL", e.kind());
-                        events
-                    }
-                };
-                if let (Some(url), false) = (notify_url, events.is_empty()) {
-                    post_events(&url, events).await;
-                }
-            });
-            finish
-        }
+        Some(ticket) => settle_when_done(&ctx, Rc::clone(&policy), Objects(objects.0.clone()), shards, ticket, notify_url),
         None => Finish::none(),
     };
 
-    let mut extra = admitted.headers.clone();
-    if let Some(w) = &admitted.warning {
-        extra.push((message::WARNING_HEADER, w.header.clone()));
+    let private = |name: &str| gate::is_private_request_header(&policy, name);
+    let pass_var = env.var(translation::PASS_HEADERS_VAR).ok().map(|v| v.to_string());
+    let passed: Vec<(String, String)> = translation::pass_headers(pass_var.as_deref(), &private)
+        .into_iter()
+        .filter_map(|name| req.headers().get(&name).ok().flatten().map(|value| (name, value)))
+        .collect();
+    match tollgate_core::forward::dispatch(*admitted, translation::response_id(now), now / 1000) {
+        Dispatch::Reply(response) => {
+            finish.done(Ending::NotSent);
+            forward::local(&response)
+        }
+        Dispatch::Alias { alias, request, headers, warning, .. } => {
+            let mut headers = headers;
+            if let Some(w) = &warning {
+                headers.push((tollgate_core::message::WARNING_HEADER, w.header.clone()));
+            }
+            let call = fallback::Call { env: &env, ctx: &ctx, policy: &policy, objects: &objects, passed: &passed, headers, warning };
+            fallback::handle(call, alias, &request, finish).await
+        }
+        Dispatch::Provider { provider, request, mut answer } => {
+            let outbound = match translation::provider_request(&env, provider, &request, &passed) {
+                Ok(r) => r,
+                Err(translation::Unreachable::NotConfigured(r) | translation::Unreachable::KeyMissing(r)) => {
+                    finish.done(Ending::NotSent);
+                    return forward::local(&with_client_headers(r, &answer));
+                }
+            };
+            match Fetch::Request(outbound).send().await {
+                Ok(resp) => forward::serve(resp, answer, finish, None).await,
+                Err(e) => {
+                    console_error!("tollgate: provider {} unreachable: {e}", provider.name);
+                    let r = answer.unreachable(tollgate_core::fallback::Failure::Connect);
+                    finish.done(answer.ending());
+                    forward::local(&r)
+                }
+            }
+        }
+        Dispatch::Upstream { body: rewritten, answer } => {
+            let body = rewritten.or(body);
+            forward_upstream(req, &env, &private, body.as_deref(), answer, finish).await
+        }
+        Dispatch::Other { answer } => forward_upstream(req, &env, &private, None, answer, finish).await,
     }
-    let warning = admitted.warning.as_ref().and_then(|w| w.object.clone());
-
-    if let (Some(alias), Some(request)) = (admitted.alias, admitted.request.as_ref()) {
-        let call = fallback::Call {
-            req: &req,
-            env: &env,
-            ctx: &ctx,
-            policy: &policy,
-            objects: &objects,
-            extra: &extra,
-            warning: warning.as_ref(),
-        };
-        return fallback::handle(call, alias, request, finish).await;
-    }
-    if let (Some(route), Some(request)) = (admitted.route.take(), admitted.request.as_ref()) {
-        let routed = Routed { request: request.clone(), route };
-        return translation::handle(&req, &env, &policy, routed, &extra, finish, warning.as_ref()).await;
-    }
-    forward_upstream(req, &env, &policy, kind, body, &admitted, extra, finish, warning.as_ref()).await
 }
 
-/// Forwards an admitted request to `UPSTREAM_URL` and relays the answer (see the crate docs).
-#[allow(clippy::too_many_arguments)]
+/// `r` (an answer Tollgate gives before any provider did) with the client's headers.
+fn with_client_headers(mut r: LocalResponse, answer: &tollgate_core::answer::Answer) -> LocalResponse {
+    r.headers.extend(answer.client_headers());
+    r
+}
+
+/// The settlement waiting in `ctx.wait_until` for the request's [`Ending`] (sent when its
+/// answer is over, or when the runtime dropped it: the client went away), by core's one rule;
+/// then the webhook events it reached.
+fn settle_when_done(ctx: &Context, policy: Rc<Policy>, objects: Objects, shards: u32, ticket: Ticket, notify_url: Option<String>) -> Finish {
+    let (finish, done) = Finish::new();
+    ctx.wait_until(async move {
+        let ending = done.await.unwrap_or(Ending::Abandoned);
+        let now = Date::now().as_millis();
+        let actual = ending.actual(&policy.limits, &ticket);
+        let settled = store::settle(&objects, shards, &ticket, actual, now).await;
+        let settlement = gate::settlement(&policy, &ticket, settled, now);
+        if let Some(e) = settlement.error {
+            console_error!("tollgate: settling ({}) failed on {} key(s) ({}); leases expire by TTL", ending.label(), settlement.failures, e.kind());
+        }
+        if let (Some(url), false) = (notify_url, settlement.events.is_empty()) {
+            post_events(&url, settlement.events).await;
+        }
+    });
+    finish
+}
+
+/// Forwards an admitted request to `UPSTREAM_URL` (`body`: instead of the client's) and serves
+/// the answer through core's pipeline.
 async fn forward_upstream(
     req: Request,
     env: &Env,
-    policy: &Policy,
-    kind: Kind,
-    body: Option<Vec<u8>>,
-    admitted: &gate::Admitted<'_>,
-    extra: Vec<(&'static str, String)>,
-    mut finish: Finish,
-    warning: Option<&serde_json::Value>,
+    private: &dyn Fn(&str) -> bool,
+    body: Option<&[u8]>,
+    mut answer: tollgate_core::answer::Answer,
+    finish: Finish,
 ) -> worker::Result<Response> {
-    finish.unreached();
     let parsed = match env.var(UPSTREAM_VAR).map(|v| v.to_string()) {
         Ok(text) => forward::parse_base(&text),
         Err(_) => Err(format!("the var {UPSTREAM_VAR} is not set")),
@@ -252,63 +260,27 @@ async fn forward_upstream(
         Ok(url) => url,
         Err(e) => {
             console_error!("tollgate: {e}");
-            return forward::local(&invalid_configuration(&e));
+            finish.done(Ending::NotSent);
+            return forward::local(&with_client_headers(invalid_configuration(&e), &answer));
         }
     };
     let target = match req.url() {
         Ok(url) => forward::upstream_url(&upstream, &url),
         Err(e) => {
             console_error!("tollgate: request URL unreadable: {e}");
+            finish.done(Ending::NotSent);
             return forward::local(&openai_error(400, "Malformed request URL.", "invalid_request_error", "invalid_url"));
         }
     };
-    let body = body.map(|b| match (admitted.rewritten, &admitted.request) {
-        (true, Some(r)) => serde_json::to_vec(r).unwrap_or(b),
-        _ => b,
-    });
-    let private: Vec<&str> = policy.private_request_headers().collect();
-    let sent = forward::send(&req, &target, &private, body.as_deref()).await;
-    let mut finish = finish.reported_by();
-    let mut resp = match sent {
-        Ok(r) => r,
+    match forward::send_client(&req, &target, private, body).await {
+        Ok(resp) => forward::serve(resp, answer, finish, None).await,
         Err(e) => {
             console_error!("tollgate: upstream request failed: {e}");
-            finish.unreached();
-            return forward::local(&openai_error(502, "The upstream API could not be reached.", "server_error", "upstream_unavailable"));
+            let r = answer.unreachable(tollgate_core::fallback::Failure::Connect);
+            finish.done(answer.ending());
+            forward::local(&r)
         }
-    };
-    let status = resp.status_code();
-    if matches!(status, 101 | 204 | 205 | 304) {
-        return forward::with_headers(resp, &extra);
     }
-    let content_type = resp.headers().get("content-type").ok().flatten().unwrap_or_default();
-    let event_stream = content_type.to_ascii_lowercase().starts_with("text/event-stream");
-    if kind == Kind::Chat && !event_stream {
-        // A completion (or an error): read whole for its usage and the warning object.
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                console_error!("tollgate: upstream answer unreadable: {e}");
-                return forward::local(&openai_error(502, "The upstream API could not be reached.", "server_error", "upstream_unavailable"));
-            }
-        };
-        if let Some(u) = forward::completion_usage(&bytes) {
-            finish.report(u);
-        }
-        let bytes = if status == 200 { forward::with_warning_object(bytes, warning) } else { bytes };
-        let headers = forward::reserved_headers(&resp, &extra)?;
-        drop(finish);
-        return Ok(Response::builder().with_status(status).with_headers(headers).fixed(bytes));
-    }
-    let chunks = match resp.stream() {
-        Ok(s) => s,
-        // No body (HEAD, or an empty answer): nothing to pump; the request ends here.
-        Err(_) => return forward::with_headers(resp, &extra),
-    };
-    let tap = (kind == Kind::Chat).then(|| SseTap::new(warning.map(message::sse_comment)));
-    let headers = forward::reserved_headers(&resp, &extra)?;
-    let pump = Passthrough { upstream: chunks, tap, finish, done: false };
-    Response::builder().with_status(status).with_headers(headers).from_stream(stream::unfold(pump, Passthrough::next))
 }
 
 /// POSTs each webhook event body to `url` (JSON). Failures are logged, never retried: events
@@ -378,7 +350,8 @@ async fn admin_usage(req: &Request, env: &Env, policy: &Policy, objects: &Object
         Some(_) => return forward::local(&openai_error(400, "Unknown tier.", "invalid_request_error", "unknown_tier")),
         None => default_tier(policy, now),
     };
-    forward::local(&admission::identity_report(objects, shards, policy, &identity, &tier, now).await)
+    let who = Who { identity_key: identity, ip_key: None, tier };
+    forward::local(&store::identity_report(objects, shards, policy, &who, now).await)
 }
 
 /// The tier a request with no tier header and no API key gets.

@@ -295,9 +295,10 @@ fn attempts_are_capped_and_all_failures_are_one_openai_error_charged_nothing() {
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "all_deployments_failed");
     assert_eq!((m1.count(), m2.count(), m3.count()), (2, 2, 0));
-    // Nothing served, nothing charged.
+    // Nothing served: no tokens charged; each request still counts (it reached providers —
+    // core's ending rule, docs/policy.md "What a request costs").
     let u = usage(&envoy, "gus");
-    assert_eq!((used(&u, "requests/day"), used(&u, "total_tokens/day")), (0, 0), "{u}");
+    assert_eq!((used(&u, "requests/day"), used(&u, "total_tokens/day")), (2, 0), "{u}");
     assert_eq!(stat(&envoy, "tollgate_attempts_exhausted"), 2);
 }
 
@@ -317,7 +318,8 @@ fn no_attempt_starts_after_the_total_time_budget() {
     assert!(message.contains("m1 (timeout)") && message.contains("m2 (timeout)"), "{message}");
     assert!(took >= Duration::from_millis(1_900) && took < Duration::from_secs(4), "{took:?}");
     assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 0));
-    assert_eq!(used(&usage(&envoy, "tim"), "requests/day"), 0);
+    let u = usage(&envoy, "tim");
+    assert_eq!((used(&u, "requests/day"), used(&u, "total_tokens/day")), (1, 0), "not served: the request counts, no tokens: {u}");
 }
 
 #[test]
@@ -332,7 +334,9 @@ fn every_deployment_cooling_down_is_a_503_with_retry_after() {
     let retry: u64 = r.header("retry-after").expect("retry-after").parse().unwrap();
     assert!((18..=20).contains(&retry), "the soonest deployment is back in ~20 s: {retry}");
     assert_eq!((m1.count(), m2.count(), m3.count()), (1, 1, 1));
-    assert_eq!(used(&usage(&envoy, "hal"), "requests/day"), 0);
+    // The first request reached three providers (counted, no tokens); the 503 was never sent.
+    let u = usage(&envoy, "hal");
+    assert_eq!((used(&u, "requests/day"), used(&u, "total_tokens/day")), (1, 0), "{u}");
 }
 
 #[test]

@@ -318,14 +318,15 @@ fn openai_sdk_reaches_anthropic_gemini_and_openai_through_envoy() {
     assert_eq!(mock_request_count(&http, &anthropic.url), before);
     assert_eq!(mock_request_count(&http, &gemini.url), 4);
 
-    // A provider that cannot be reached: Envoy's own 503 comes back as an OpenAI error.
+    // A provider that cannot be reached: Envoy's own 503 becomes core's 502 for it, in OpenAI's
+    // format (the same answer the worker gives).
     let Mock { _server: mut down, .. } = openai;
     down.stop();
     let body = r#"{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}], "stream": true}"#;
     let r = post_json(&http, &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", "u-down")], body);
-    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
-    assert!(r.json()["error"]["message"].is_string(), "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "upstream_unavailable", "{r:?}");
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("2"), "{r:?}");
 
     // Metrics: what was translated, refused and what the providers reported, nothing unknown.

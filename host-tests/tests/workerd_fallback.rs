@@ -283,21 +283,22 @@ fn streams_fall_back_before_their_first_byte_and_end_cleanly_after_it() {
     assert_eq!(s.counts(&["reset0", "ok"]), [1, 2]);
 
     // The provider drops the connection after two events: they reached the client, so there is
-    // no fallback; the stream ends with an OpenAI error event and [DONE], promptly.
+    // no fallback; the stream ends with an OpenAI error event, promptly, and no [DONE] (the
+    // answer is incomplete) — the worker's one rule for broken streams, on every path.
     let started = Instant::now();
     let r = s.chat("u-reset2", "reset-mid-stream", true);
     assert!(started.elapsed() < Duration::from_secs(5), "the broken stream ended promptly: {:?}", started.elapsed());
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-tollgate-deployment"), Some("reset2"), "{r:?}");
     let data = sse_data(&r.body);
-    assert_eq!(data.len(), 4, "two events, the error, [DONE]: {}", r.body);
+    assert_eq!(data.len(), 3, "two events, the error: {}", r.body);
     let first: Value = serde_json::from_str(&data[0]).expect("chunk");
     assert_eq!((first["model"].as_str(), first["choices"][0]["delta"]["role"].as_str()), (Some("up-reset2"), Some("assistant")));
     let second: Value = serde_json::from_str(&data[1]).expect("chunk");
     assert_eq!(second["choices"][0]["delta"]["content"], "Hello ");
     let error: Value = serde_json::from_str(&data[2]).expect("error event");
     assert!(error["error"]["message"].is_string() && error["error"]["type"].is_string(), "{error}");
-    assert_eq!(data[3], "[DONE]");
+    assert!(!r.body.contains("[DONE]"), "{}", r.body);
     assert_eq!(s.counts(&["reset2", "ok"]), [1, 2], "no fallback once the stream had begun");
 }
 
@@ -342,9 +343,10 @@ fn attempts_are_capped_and_an_alias_whose_deployments_all_cool_down_answers_503(
     assert!((28..=30).contains(&retry), "{retry}");
     assert_eq!(s.count("only429"), 1);
 
-    // Nothing was served: none of these requests counts.
-    s.settled_to("u-cap", (0, 0, 0));
-    s.settled_to("u-only", (0, 0, 0));
+    // Nothing was served: no tokens, no cost. A request that reached providers counts as a
+    // request; the 503 was never sent and counts for nothing (core's ending rule).
+    s.settled_to("u-cap", (1, 0, 0));
+    s.settled_to("u-only", (1, 0, 0));
 }
 
 #[test]

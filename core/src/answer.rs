@@ -410,6 +410,23 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_that_is_not_the_providers_format_is_a_502_on_every_pair_with_no_usage() {
+        for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic, ProviderKind::Gemini] {
+            for body in ["{}", "[]", "\"x\"", "{\"foo\":1}", "null", "{\"type\":\"nonsense\"}"] {
+                let (e, stream) = exchange(kind, CHAT);
+                let mut a = Answer::chat(e, stream, vec![], None);
+                assert_eq!(a.head(200, [], None, false).body, BodyPlan::Buffer);
+                let r = a.whole(200, None, body.as_bytes());
+                assert_eq!(r.status, 502, "{kind:?} {body}: {}", String::from_utf8_lossy(&r.body));
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(v["error"]["code"], "bad_upstream_response", "{kind:?} {body}: {v}");
+                assert_eq!(a.ending(), Ending::NotServed, "{kind:?} {body}");
+                assert!(a.usage().is_empty(), "{kind:?} {body}: unknown usage is not zero");
+            }
+        }
+    }
+
+    #[test]
     fn other_answers_pass_and_their_status_decides_the_ending() {
         let mut a = Answer::other(vec![], None);
         assert_eq!(a.head(200, ["openai-project"], None, false), Head { remove: vec!["openai-project".into()], set: vec![], body: BodyPlan::Pass });

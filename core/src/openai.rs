@@ -198,9 +198,14 @@ pub struct ImageUrl {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ToolCall {
     pub id: String,
-    #[serde(rename = "type")]
+    /// Always `function`; some providers (Mistral) omit it, and clients must see plain OpenAI.
+    #[serde(rename = "type", default = "function_kind")]
     pub kind: String,
     pub function: FunctionCall,
+}
+
+fn function_kind() -> String {
+    "function".to_owned()
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -296,6 +301,14 @@ pub struct CompletionTokensDetails {
 impl WireUsage {
     /// OpenAI's usage object for a normalised usage record; unknown counts are written as 0
     /// because OpenAI's schema requires the three totals.
+    /// The wire form of `u` when the provider reported both the prompt and the completion
+    /// tokens; `None` otherwise — unknown is never reported as zero.
+    pub fn known(u: &Usage) -> Option<WireUsage> {
+        (u.input.is_some() && u.output.is_some()).then(|| WireUsage::from_usage(u))
+    }
+
+    /// The wire form of `u`, unknown counts as 0: only for usage known to be complete
+    /// ([`WireUsage::known`]).
     pub fn from_usage(u: &Usage) -> WireUsage {
         let prompt = u.input.unwrap_or(0);
         let completion = u.output.unwrap_or(0);

@@ -57,9 +57,10 @@
 //!
 //! Test knobs on `POST /v1/chat/completions`, `/v1/messages` and Gemini's paths (request
 //! headers; without them nothing changes):
-//! - `x-mock-usage: P,C`: report `P` prompt and `C` completion tokens (default 9 and 8); on a
-//!   stream, a usage-only chunk (`"choices": []`) is sent before `data: [DONE]` (OpenAI only;
-//!   Anthropic and Gemini streams always carry their usage).
+//! - `x-mock-usage: P,C`: report `P` prompt and `C` completion tokens (default 9 and 8).
+//!   An OpenAI stream carries usage exactly as OpenAI's does: only when the request asks with
+//!   `stream_options.include_usage` — then every chunk has `"usage": null` and a last chunk with
+//!   no choices the usage, before `data: [DONE]`. Anthropic and Gemini streams always carry it.
 //! - `x-mock-delay-ms: N`: a stream waits N ms before each event after the first.
 //! - `x-mock-spoof-tollgate: 1`: the answer also carries `x-tollgate-retry: 1` and
 //!   `x-tollgate-deployment: spoofed` (a provider trying to steer Tollgate's retries).
@@ -788,20 +789,28 @@ fn completion(req: &Value, usage: Option<(u64, u64)>) -> Value {
     })
 }
 
+/// A streamed chat completion as OpenAI sends it: with `stream_options.include_usage`, every
+/// chunk carries `"usage": null` and a last chunk with no choices carries the usage (the
+/// `x-mock-usage` numbers, else the defaults); without it, no usage at all.
 fn stream_response(req: &Value, usage: Option<(u64, u64)>) -> Response {
     let model = model(req);
+    let include_usage = req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
     let chunk = |delta: Value, finish: Value| {
-        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
-               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        let mut c = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
+               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
     };
     let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
     for word in REPLY.split_inclusive(' ') {
         events.push(chunk(json!({"content": word}), Value::Null));
     }
     events.push(chunk(json!({}), json!("stop")));
-    if let Some(usage) = usage {
+    if include_usage {
         events.push(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                           "model": model, "choices": [], "usage": usage_json(usage)}));
+                           "model": model, "choices": [], "usage": usage_json(usage.unwrap_or((9, 8)))}));
     }
     let mut chunks: Vec<String> = events.into_iter().map(|e| format!("data: {e}\n\n")).collect();
     chunks.push("data: [DONE]\n\n".to_owned());
@@ -921,6 +930,23 @@ mod tests {
         assert_eq!(body(r)["error"]["type"], "rate_limit_error");
         let r = mode_error("/v1beta/models/gemini-2.5-flash:generateContent", 503, None);
         assert_eq!(body(r)["error"], json!({"code": 503, "message": "The mock provider is set to fail with 503.", "status": "UNAVAILABLE"}));
+    }
+
+    #[test]
+    fn an_openai_stream_carries_usage_exactly_when_asked_as_openai_does() {
+        let chunks = |req: Value, usage| stream_response(&req, usage).chunks.unwrap();
+        let asked = chunks(json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}), None);
+        let usage_chunk: Value = serde_json::from_str(asked[asked.len() - 2].trim().strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!((usage_chunk["choices"].as_array().map(Vec::len), &usage_chunk["usage"]), (Some(0), &usage_json((9, 8))));
+        let first: Value = serde_json::from_str(asked[0].trim().strip_prefix("data: ").unwrap()).unwrap();
+        assert!(first.get("usage").is_some_and(Value::is_null), "usage: null on the other chunks");
+        let numbers = chunks(json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}), Some((30, 4)));
+        assert!(numbers[numbers.len() - 2].contains(r#""prompt_tokens":30"#));
+        for not_asked in [json!({"model": "m", "stream": true}), json!({"model": "m", "stream": true, "stream_options": {"include_usage": false}})] {
+            let c = chunks(not_asked, Some((30, 4)));
+            assert!(c.iter().all(|c| !c.contains("usage")), "{c:?}");
+            assert_eq!(c.last().map(String::as_str), Some("data: [DONE]\n\n"));
+        }
     }
 
     #[test]

@@ -167,8 +167,9 @@ impl Exchange {
         match ended.and_then(|()| self.pair.end(&mut items)) {
             Ok(()) => {
                 self.write(&items, &mut text);
-                // Unknown is not zero: with no usage reported at all there is nothing to say.
-                if self.client_wants_usage && !self.pair.usage().is_empty() {
+                // Unknown is not zero: without the provider's counts there is nothing to say.
+                let known = WireUsage::known(&self.pair.usage());
+                if let (true, Some(usage)) = (self.client_wants_usage, known) {
                     let ids = self.pair.stream_identity().unwrap_or_else(|| self.meta.clone());
                     let chunk = ChatChunk {
                         id: ids.id,
@@ -176,7 +177,7 @@ impl Exchange {
                         created: ids.created,
                         model: ids.model,
                         choices: vec![],
-                        usage: Some(WireUsage::from_usage(&self.pair.usage())),
+                        usage: Some(usage),
                         ..ChatChunk::default()
                     };
                     write_event(&mut text, None, &serde_json::to_string(&chunk).unwrap_or_default(), None);

@@ -389,7 +389,7 @@ impl OpenAiAnthropic {
                 finish_reason: Some(finish_reason(r.stop_reason.as_deref(), json_mode)),
                 ..Choice::default()
             }],
-            usage: Some(OpenAiUsage::from_usage(&usage_of(&self.usage))),
+            usage: OpenAiUsage::known(&usage_of(&self.usage)),
             ..ChatCompletion::default()
         }
     }
@@ -562,11 +562,15 @@ impl Pair for OpenAiAnthropic {
     fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
         let r: MessagesResponse = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_upstream(format!("Anthropic's response is not a Messages object: {e}")))?;
-        if r.kind.as_deref() == Some("error") {
-            let err = r.error.unwrap_or(ErrorBody { kind: String::new(), message: String::new() });
-            return Err(provider_error(None, &err, None));
+        match r.kind.as_deref() {
+            Some("message") => Ok(self.completion(r)),
+            Some("error") => {
+                let err = r.error.unwrap_or(ErrorBody { kind: String::new(), message: String::new() });
+                Err(provider_error(None, &err, None))
+            }
+            // `{}` or anything else that is not a Message: no answer to pass off as one.
+            _ => Err(ApiError::bad_upstream("Anthropic's response is not a Messages object (no \"type\": \"message\")")),
         }
-        Ok(self.completion(r))
     }
 
     fn error(&mut self, status: u16, retry_after: Option<u64>, body: &[u8]) -> ApiError {
@@ -1937,7 +1941,7 @@ mod tests {
             .response(br#"{"type":"message","content":[{"type":"text","text":"x"}],"stop_reason":"end_turn"}"#)
             .unwrap();
         assert_eq!(p.usage(), Usage::default());
-        assert_eq!(c.usage, Some(OpenAiUsage::from_usage(&Usage::default())));
+        assert_eq!(c.usage, None, "unknown usage is not reported as zero");
         let mut p = OpenAiAnthropic::new(meta());
         p.response(br#"{"type":"message","content":[],"stop_reason":"end_turn","usage":{"output_tokens":5}}"#).unwrap();
         assert_eq!(p.usage(), Usage { output: Some(5), ..Usage::default() });

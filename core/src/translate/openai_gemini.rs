@@ -1006,7 +1006,7 @@ impl Pair for OpenAiGemini {
             created: self.meta.created,
             model: self.meta.model.clone(),
             choices,
-            usage: (!self.usage.is_empty()).then(|| WireUsage::from_usage(&self.usage)),
+            usage: WireUsage::known(&self.usage),
             ..ChatCompletion::default()
         })
     }
@@ -1900,7 +1900,7 @@ mod tests {
         assert_eq!(back.object, "chat.completion");
         let expected_usage = raw.get("usageMetadata").map(recorded_usage).unwrap_or_default();
         assert_eq!(pair.usage(), expected_usage, "{name}");
-        assert_eq!(back.usage, (!expected_usage.is_empty()).then(|| WireUsage::from_usage(&expected_usage)), "{name}");
+        assert_eq!(back.usage, WireUsage::known(&expected_usage), "{name}");
 
         if raw["promptFeedback"]["blockReason"].is_string() {
             assert!(!back.choices.is_empty(), "{name}");

@@ -11,7 +11,8 @@
 //!   `prompt_tokens_details.cached_tokens`, else DeepSeek's `prompt_cache_hit_tokens`; reasoning
 //!   from `completion_tokens_details.reasoning_tokens`.
 //! - Chunks: passed on byte for byte unless a quirk needs rewriting: usage fields removed,
-//!   Mistral tool-call deltas without `index` given one (a delta with an `id` starts the next
+//!   Mistral tool-call deltas without `index` or `type` given OpenAI's (a delta with an `id`
+//!   starts the next call, and gets `"type": "function"`;
 //!   call, one without continues the last), errors inside chunks (OpenRouter) turned into an
 //!   error for the wrapper to end the stream with. DeepSeek's `reasoning_content` is already the
 //!   OpenAI-compatible field and passes through.
@@ -47,7 +48,8 @@ impl OpenAiCompatible {
         }
     }
 
-    /// Gives Mistral-style tool-call deltas (no `index`) the index OpenAI would have sent.
+    /// Gives Mistral-style tool-call deltas (no `index`, no `type`) the index and type OpenAI
+    /// would have sent.
     /// Returns whether anything changed.
     fn repair_tool_indices(&mut self, chunk: &mut Value) -> bool {
         let mut changed = false;
@@ -67,6 +69,14 @@ impl OpenAiCompatible {
                 }
             };
             for call in calls.iter_mut().filter_map(Value::as_object_mut) {
+                // A delta that starts a call carries `"type": "function"` in OpenAI's streams;
+                // Mistral's omit it, and the OpenAI SDK's stream helper then sees no tool call.
+                let starts = call.get("id").is_some_and(|id| !id.is_null())
+                    || call.get("function").and_then(|f| f.get("name")).and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+                if starts && call.get("type").is_none_or(Value::is_null) {
+                    call.insert("type".to_owned(), Value::from("function"));
+                    changed = true;
+                }
                 if let Some(index) = call.get("index").and_then(Value::as_u64) {
                     let started = &mut self.tool_calls_seen[seen].1;
                     *started = (*started).max(index as u32 + 1);
@@ -163,7 +173,7 @@ impl Pair for OpenAiCompatible {
             completion.model = self.meta.model.clone();
         }
         completion.extra.remove("x_groq");
-        completion.usage = (!self.usage.is_empty()).then(|| crate::openai::WireUsage::from_usage(&self.usage));
+        completion.usage = crate::openai::WireUsage::known(&self.usage);
         Ok(completion)
     }
 
@@ -425,6 +435,54 @@ mod tests {
             })
             .collect();
         assert_eq!(indices, [0, 0, 1]);
+    }
+
+    /// A recorded Mistral stream (core/fixtures/SOURCES.md): its tool-call delta has neither
+    /// `index` nor `type`; the client must see plain OpenAI.
+    #[test]
+    fn recorded_mistral_tool_call_deltas_get_openais_type_and_index() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mistral_tool_call.vercel.chunks.txt");
+        let mut t = OpenAiCompatible::new(meta());
+        let mut out = vec![];
+        for data in stream_payloads(&path) {
+            t.event(None, &data, &mut out).unwrap();
+        }
+        t.end(&mut out).unwrap();
+        let calls: Vec<Value> = out
+            .iter()
+            .filter_map(|o| match o {
+                StreamOut::Raw(s) => serde_json::from_str::<Value>(s).ok(),
+                _ => None,
+            })
+            .filter_map(|c| c.pointer("/choices/0/delta/tool_calls/0").cloned())
+            .collect();
+        assert_eq!(calls.len(), 1, "{out:?}");
+        assert_eq!((calls[0]["type"].as_str(), calls[0]["index"].as_u64(), calls[0]["id"].as_str()), (Some("function"), Some(0), Some("gSIMJiOkT")));
+        assert_eq!(calls[0]["function"]["name"], "weather");
+        // A continuation delta (arguments only) gets no type, as in OpenAI's streams.
+        let mut t = OpenAiCompatible::new(meta());
+        let mut out = vec![];
+        let chunk = |calls: &str| format!(r#"{{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{{"index":0,"delta":{{"tool_calls":{calls}}},"finish_reason":null}}]}}"#);
+        t.event(None, &chunk(r#"[{"id":"a","function":{"name":"f","arguments":""}}]"#), &mut out).unwrap();
+        t.event(None, &chunk(r#"[{"function":{"arguments":"{}"}}]"#), &mut out).unwrap();
+        let types: Vec<Option<String>> = out
+            .iter()
+            .map(|o| match o {
+                StreamOut::Raw(s) => serde_json::from_str::<Value>(s).unwrap().pointer("/choices/0/delta/tool_calls/0/type").and_then(Value::as_str).map(str::to_owned),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(types, [Some("function".to_owned()), None]);
+    }
+
+    #[test]
+    fn a_recorded_mistral_tool_call_without_a_type_is_a_plain_openai_completion() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mistral_tool_call.vercel.json");
+        let mut t = OpenAiCompatible::new(meta());
+        let c = t.response(&std::fs::read(path).unwrap()).unwrap();
+        let call = &c.choices[0].message.tool_calls.as_ref().unwrap()[0];
+        assert_eq!((call.kind.as_str(), call.id.as_str(), call.function.name.as_str()), ("function", "gSIMJiOkT", "weather"));
+        assert_eq!(t.usage().total(), Some(146));
     }
 
     #[test]

@@ -71,11 +71,23 @@ pub struct Aggregate {
     pub clusters: Vec<String>,
 }
 
-/// What a policy's aliases need in Envoy.
+/// The cluster threshold events are posted through (`notify.cluster`, reaching `notify.url`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyCluster {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// `https`: TLS with the host as SNI.
+    pub tls: bool,
+}
+
+/// What a policy's aliases and webhook need in Envoy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generated {
     pub routes: Vec<AliasRoute>,
     pub aggregates: Vec<Aggregate>,
+    /// The webhook's cluster, when the policy posts threshold events.
+    pub notify: Option<NotifyCluster>,
     /// Every deployment cluster an aggregate names, sorted: the operator defines these.
     pub deployment_clusters: Vec<String>,
     /// The policy as the filter's configuration (compact JSON).
@@ -142,13 +154,32 @@ pub fn generate(loaded: &Loaded, options: &Options) -> Result<Generated, String>
             ));
         }
     }
+    let notify = match &p.notify {
+        Some(n) => Some(notify_cluster(n)?),
+        None => None,
+    };
     Ok(Generated {
         routes,
         aggregates,
+        notify,
         deployment_clusters: deployment_clusters.into_keys().collect(),
         policy,
         wasm: options.wasm.clone(),
     })
+}
+
+/// The cluster reaching `notify.url` (the filter refuses a `notify` without `notify.cluster`).
+fn notify_cluster(n: &tollgate_core::config::Notify) -> Result<NotifyCluster, String> {
+    let name = n.cluster.clone().ok_or("notify.cluster: required in Envoy (the cluster that reaches notify.url)")?;
+    let tls = n.url.starts_with("https://");
+    let (host, port) = match n.authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) => (h.trim_start_matches('[').trim_end_matches(']').to_owned(), port),
+            Err(_) => return Err(format!("notify.url: {:?} has no valid port", n.url)),
+        },
+        _ => (n.authority.clone(), if tls { 443 } else { 80 }),
+    };
+    Ok(NotifyCluster { name, host, port, tls })
 }
 
 /// An Envoy duration: `600s`, `0.001s`, `1.5s`.
@@ -164,7 +195,7 @@ pub fn duration(ms: u64) -> String {
 #[derive(Serialize)]
 struct Output {
     routes: Vec<RouteJson>,
-    clusters: Vec<ClusterJson>,
+    clusters: Vec<Value>,
 }
 
 #[derive(Serialize)]
@@ -288,9 +319,36 @@ impl Generated {
             .collect()
     }
 
+    /// The webhook's cluster as an Envoy `Cluster`.
+    fn notify_json(&self) -> Option<Value> {
+        let n = self.notify.as_ref()?;
+        let mut cluster = json!({
+            "name": n.name,
+            "type": "LOGICAL_DNS",
+            "dns_lookup_family": "V4_PREFERRED",
+            "connect_timeout": "5s",
+            "load_assignment": {
+                "cluster_name": n.name,
+                "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": { "address": n.host, "port_value": n.port } } } } ] } ]
+            }
+        });
+        if n.tls {
+            cluster["transport_socket"] = json!({
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": n.host
+                }
+            });
+        }
+        Some(cluster)
+    }
+
     /// `{"routes": [...], "clusters": [...]}`, pretty-printed, ending in a newline.
     pub fn to_json(&self) -> String {
-        let out = Output { routes: self.routes_json(), clusters: self.clusters_json() };
+        let mut clusters: Vec<Value> = self.clusters_json().into_iter().filter_map(|c| serde_json::to_value(c).ok()).collect();
+        clusters.extend(self.notify_json());
+        let out = Output { routes: self.routes_json(), clusters };
         // Only strings, numbers and maps with string keys: serialising cannot fail.
         let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
         text.push('\n');
@@ -300,6 +358,9 @@ impl Generated {
     /// The note for stderr: where the pieces go and what stays the operator's.
     pub fn note(&self) -> String {
         let mut o = String::new();
+        if let Some(n) = &self.notify {
+            let _ = writeln!(o, "cluster {}: threshold events (notify.url) are posted through it; add it to static_resources.clusters.", n.name);
+        }
         if self.routes.is_empty() {
             let _ = writeln!(o, "no aliases in this policy: Envoy needs no routes or aggregate clusters for it");
             return o;
@@ -609,6 +670,22 @@ mod tests {
         assert!(err.starts_with("the aggregate cluster name \"x.m2\" is also deployment x.m2's cluster"), "{err}");
         let prefixed = Options { deployment_cluster_prefix: "d-".to_owned(), ..Options::default() };
         assert!(generate(&from_json(&v), &prefixed).is_ok());
+    }
+
+    #[test]
+    fn a_policy_that_posts_threshold_events_gets_its_webhook_cluster() {
+        let template = include_str!("../../policies/templates/free.json");
+        let g = generate(&crate::parse(template.as_bytes()).unwrap(), &Options::default()).unwrap();
+        assert_eq!(g.notify, Some(NotifyCluster { name: "tollgate_notify".into(), host: "hooks.example.com".into(), port: 443, tls: true }));
+        let v: Value = serde_json::from_str(&g.to_json()).unwrap();
+        let cluster = v["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "tollgate_notify").expect("the notify cluster");
+        assert_eq!(cluster["transport_socket"]["typed_config"]["sni"], "hooks.example.com");
+        assert_eq!(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"], 443);
+        let plain = template.replace("https://hooks.example.com/tollgate", "http://127.0.0.1:8089/hook");
+        let g = generate(&crate::parse(plain.as_bytes()).unwrap(), &Options::default()).unwrap();
+        assert_eq!(g.notify, Some(NotifyCluster { name: "tollgate_notify".into(), host: "127.0.0.1".into(), port: 8089, tls: false }));
+        let without = template.replace(r#", "cluster": "tollgate_notify""#, "");
+        assert!(generate(&crate::parse(without.as_bytes()).unwrap(), &Options::default()).unwrap_err().starts_with("notify.cluster: required"));
     }
 
     #[test]

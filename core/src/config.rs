@@ -369,6 +369,16 @@ impl Policy {
         }
 
         let notify = raw.notify.map(validate_notify).transpose()?;
+        if notify.is_none() {
+            // A notify threshold with nowhere to post its events would silently drop them.
+            let tier_limits = tiers.iter().flat_map(|(name, ls)| ls.iter().enumerate().map(move |(i, l)| (format!("tiers.{name}.limits[{i}]"), l)));
+            let global_limits = global.iter().enumerate().map(|(i, l)| (format!("global.limits[{i}]"), l));
+            for (path, l) in tier_limits.chain(global_limits) {
+                if let Some(j) = l.thresholds.iter().position(|t| t.action == crate::limits::Action::Notify) {
+                    return Err(invalid(format!("{path}.soft[{j}]"), "a notify threshold needs a top-level \"notify\" target to post its events to (notify.url; in Envoy also notify.cluster)"));
+                }
+            }
+        }
         let admin_key_secret = match raw.admin {
             Some(a) if !crate::routing::is_secret_name(&a.key_secret) => {
                 return Err(invalid("admin.key_secret", "must name a secret (letters, digits, '_'), never hold a key"))
@@ -482,6 +492,17 @@ mod tests {
 
     fn with_free_limits(limits: &str) -> String {
         format!(r#"{{"tier": {{"default": "free"}}, "tiers": {{"free": {{"limits": {limits}}}}}}}"#)
+    }
+
+    #[test]
+    fn a_notify_threshold_without_a_notify_target_is_refused_with_its_path() {
+        let limits = r#"[{"window": "day", "requests": 10, "soft": [{"at": 50, "action": "warn"}, {"at": 80, "action": "notify"}]}]"#;
+        assert_eq!(
+            err(&with_free_limits(limits)),
+            "tiers.free.limits[0].soft[1]: a notify threshold needs a top-level \"notify\" target to post its events to (notify.url; in Envoy also notify.cluster)"
+        );
+        let with_target = with_free_limits(limits).replacen('{', r#"{"notify": {"url": "https://hooks.example/t"}, "#, 1);
+        assert!(Policy::from_json(with_target.as_bytes()).is_ok());
     }
 
     #[test]

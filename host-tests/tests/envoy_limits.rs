@@ -744,8 +744,8 @@ fn webhook_fires_exactly_once_per_crossing() {
 fn canary_prompt_appears_in_no_log_stat_webhook_or_shared_data() {
     away_from_minute_end(10);
     let mock = start_mock();
-    // Notify at 90 %, reached by the last request only: the webhook's answer crashes the VM
-    // (see the BUG on `webhook_fires_exactly_once_per_crossing`), so nothing may follow it.
+    // Notify at 90 %, reached by the last request only, so the one event carries the counts
+    // of every request below.
     let policy = notify_policy(mock.2, 90);
     let stack = start_with(mock, &policy);
     let prompt = format!("My secret is {CANARY}. Repeat it back: {CANARY}");

@@ -181,6 +181,18 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
             "tiers.default.limits[0].burst: unknown field `burst`, expected one of `name`, `per`, `window`, `rate`, `requests`, `input_tokens`, `output_tokens`, `total_tokens`, `cost_usd`, `concurrent`, `soft`",
         ),
         (policy("[]", r#"{"on_failure": "retry"}"#), "store.on_failure: unknown variant `retry`, expected `allow` or `deny`"),
+        (
+            r#"{"tier": {"default": "free"},
+                "tiers": {"free": {"limits": [{"window": "day", "requests": 10, "soft": [{"at": 80, "action": "notify"}]}]}}}"#
+                .to_owned(),
+            r#"tiers.free.limits[0].soft[0]: a notify threshold needs a top-level "notify" target to post its events to (notify.url; in Envoy also notify.cluster)"#,
+        ),
+        (
+            r#"{"tier": {"default": "free"}, "notify": {"url": "https://hooks.example/t"},
+                "tiers": {"free": {"limits": [{"window": "day", "requests": 10, "soft": [{"at": 80, "action": "notify"}]}]}}}"#
+                .to_owned(),
+            "notify.cluster: required in Envoy (the cluster that reaches notify.url; `tollgate envoy` generates it): without it no webhook event could be delivered",
+        ),
     ];
     let host = Host::new(SharedStore::envoy());
     for (config, expected) in cases {
@@ -196,6 +208,23 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
     // A valid policy configures (the control for the cases above).
     load(&host, &policy(r#"[{"window": "day", "requests": 5}]"#, "{}"));
     assert_eq!(host.logs_containing("tollgate: policy loaded").len(), 1);
+}
+
+/// The shipped templates and the example policy work as shipped in the filter (their webhook
+/// targets name the cluster `tollgate envoy` generates).
+#[test]
+fn every_shipped_policy_configures_in_the_filter() {
+    let root = tollgate_host_tests::proc::workspace_root();
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("policies/templates")).unwrap().map(|e| e.unwrap().path()).collect();
+    files.push(root.join("examples/policies/scalix.json"));
+    assert!(files.len() >= 6, "{files:?}");
+    for file in files {
+        let host = Host::new(SharedStore::envoy());
+        let bytes = std::fs::read(&file).unwrap();
+        if let Err(e) = Vm::load(&host, filter(), &bytes) {
+            panic!("{} is refused: {e}", file.display());
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,56 +1,70 @@
 //! `tollgate`: check a policy, simulate a trace of requests through it, or generate the Envoy
 //! routes and clusters its aliases need.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::builder::NonEmptyStringValueParser;
+use clap::{Parser, Subcommand};
 use tollgate_cli::{check, envoy, load, simulate};
 
-const USAGE: &str = "usage:
-  tollgate check CONFIG              validate a policy; print its effective form
-  tollgate simulate [--json] CONFIG TRACE
-                                     replay a JSON-lines trace through the gate
-  tollgate envoy [--deployment-cluster-prefix P] [--wasm PATH] CONFIG
-                                     print the Envoy routes and aggregate clusters the
-                                     policy's aliases need, as JSON (also YAML); deployment
-                                     clusters are named P + the model name; PATH is the
-                                     filter's file (default target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm)
-
-CONFIG is a policy JSON file. TRACE is JSON lines, one request each, e.g.
-  {\"at\": \"2026-11-22T10:00:00Z\", \"identity\": \"alice\", \"tier\": \"free\", \"ip\": \"10.0.0.1\",
-   \"model\": \"scalix-free\", \"input_tokens\": 120, \"output_tokens\": 300, \"max_tokens\": 512,
-   \"accept_language\": \"ar\", \"duration_ms\": 2000, \"stream\": false}
-(only \"at\" is required: RFC 3339 or epoch milliseconds). Exit status: 0 ok, 1 invalid
-policy or trace (or Envoy cluster names that clash), 2 bad usage.";
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match args.as_slice() {
-        ["check", config] => run_check(config),
-        ["simulate", rest @ ..] => {
-            let json = rest.contains(&"--json");
-            let files: Vec<&str> = rest.iter().copied().filter(|a| *a != "--json").collect();
-            match files.as_slice() {
-                [config, trace] if files.iter().all(|f| !f.starts_with("--")) => run_simulate(config, trace, json),
-                _ => usage(),
-            }
-        }
-        ["envoy", rest @ ..] => match envoy_args(rest) {
-            Some((config, options)) => run_envoy(config, &options),
-            None => usage(),
-        },
-        ["-h" | "--help" | "help"] => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
-        _ => usage(),
-    }
+/// Tollgate's command line. Exit status: 0 ok, 1 invalid policy or trace (or Envoy cluster names
+/// that clash), 2 bad usage.
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Check a Tollgate policy, replay traffic through it, or generate the Envoy config it needs.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn usage() -> ExitCode {
-    eprintln!("{USAGE}");
-    ExitCode::from(2)
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a policy and print its effective form.
+    Check {
+        /// The policy (JSON).
+        config: PathBuf,
+    },
+    /// Replay a JSON-lines trace of requests through the real gate.
+    ///
+    /// TRACE is JSON lines, one request each, e.g.
+    /// {"at": "2026-11-22T10:00:00Z", "identity": "alice", "tier": "free", "ip": "10.0.0.1",
+    /// "model": "scalix-free", "input_tokens": 120, "output_tokens": 300, "max_tokens": 512,
+    /// "accept_language": "ar", "duration_ms": 2000, "stream": false}
+    /// (only "at" is required: RFC 3339 or epoch milliseconds).
+    Simulate {
+        /// Print one JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// The policy (JSON).
+        config: PathBuf,
+        /// The trace (JSON lines).
+        trace: PathBuf,
+    },
+    /// Print the Envoy routes and clusters the policy needs (its aliases' aggregate clusters, its
+    /// webhook's cluster), as JSON (also YAML).
+    Envoy {
+        /// Deployment clusters are named PREFIX + the model name.
+        #[arg(long, value_name = "PREFIX", default_value = "")]
+        deployment_cluster_prefix: String,
+        /// The filter's file, for the upstream filter's vm_config.
+        #[arg(long, value_name = "PATH", default_value = envoy::DEFAULT_WASM, value_parser = NonEmptyStringValueParser::new())]
+        wasm: String,
+        /// The policy (JSON).
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    // Usage errors exit with 2 and help with 0 (clap's own codes, as before).
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => run_check(&config.to_string_lossy()),
+        Command::Simulate { json, config, trace } => run_simulate(&config.to_string_lossy(), &trace.to_string_lossy(), json),
+        Command::Envoy { deployment_cluster_prefix, wasm, config } => {
+            let options = envoy::Options { deployment_cluster_prefix, wasm };
+            run_envoy(&config.to_string_lossy(), &options)
+        }
+    }
 }
 
 fn run_check(config: &str) -> ExitCode {
@@ -65,36 +79,6 @@ fn run_check(config: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// `[--deployment-cluster-prefix P] [--wasm PATH] CONFIG`, flags also as `--flag=value`.
-fn envoy_args<'a>(args: &[&'a str]) -> Option<(&'a str, envoy::Options)> {
-    let mut options = envoy::Options::default();
-    let mut config = None;
-    let mut i = 0;
-    while i < args.len() {
-        let arg = args[i];
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
-            _ => (arg, None),
-        };
-        let mut value = || match inline {
-            Some(v) => Some(v.to_owned()),
-            None => {
-                i += 1;
-                args.get(i).map(|v| (*v).to_owned())
-            }
-        };
-        match flag {
-            "--deployment-cluster-prefix" => options.deployment_cluster_prefix = value()?,
-            "--wasm" => options.wasm = value().filter(|v| !v.is_empty())?,
-            _ if arg.starts_with("--") => return None,
-            _ if config.is_none() => config = Some(arg),
-            _ => return None,
-        }
-        i += 1;
-    }
-    Some((config?, options))
 }
 
 fn run_envoy(config: &str, options: &envoy::Options) -> ExitCode {

@@ -209,3 +209,21 @@ fn envoy_refuses_a_broken_policy_like_check() {
     assert!(text(&envoy.stderr).contains("aliases.scalix-free.deployments[1]: unknown model \"m9\""), "{}", text(&envoy.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn every_subcommand_has_its_help_and_bad_usage_exits_2() {
+    for (sub, mentions) in [("check", "CONFIG"), ("simulate", "TRACE"), ("envoy", "--deployment-cluster-prefix")] {
+        let out = tollgate(&[sub, "--help"]);
+        assert_eq!(out.status.code(), Some(0), "{sub} --help");
+        let help = text(&out.stdout);
+        assert!(help.contains("Usage: tollgate") && help.contains(mentions), "{sub}: {help}");
+    }
+    let out = tollgate(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(["check", "simulate", "envoy"].iter().all(|s| text(&out.stdout).contains(s)));
+    for args in [&[][..], &["nope"], &["check"], &["check", "a.json", "b.json"], &["simulate", "--json", "a.json"]] {
+        let out = tollgate(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(text(&out.stderr).contains("Usage:"), "{args:?}: {}", text(&out.stderr));
+    }
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::proc::{filter_wasm_path, free_port, wait_for_http, workspace_root, Server};
+use crate::proc::{filter_wasm_path, wait_for_http, workspace_root, Server};
 
 /// The Envoy binary: `$ENVOY_BIN`, else the one `scripts/setup.sh` put in `.venv`.
 pub fn envoy_bin() -> PathBuf {
@@ -23,11 +23,11 @@ pub fn envoy_bin() -> PathBuf {
 }
 
 /// A rendered Envoy config: the repository file with its literal ports, filter path and
-/// (optionally) policy replaced.
+/// (optionally) policy replaced. The listener and the admin listen on port 0 — Envoy binds
+/// free ports itself, and [`start`] reads them back (the admin's from `--admin-address-path`,
+/// the listener's from the admin API) — so no test races another process for a port.
 pub struct Rendered {
     pub yaml: String,
-    pub listen_port: u16,
-    pub admin_port: u16,
 }
 
 /// Renders `template` (relative to the workspace root). `upstream_port` replaces the mock
@@ -37,14 +37,10 @@ pub fn render(template: &str, upstream_port: Option<u16>, policy: Option<&str>) 
     let wasm = filter_wasm_path();
     assert!(wasm.exists(), "{} is missing: run scripts/build-wasm.sh first", wasm.display());
     let mut yaml = std::fs::read_to_string(workspace_root().join(template)).expect("read envoy template");
-    let (listen_port, admin_port) = (free_port(), free_port());
-    yaml = yaml
-        .replace("port_value: 10000", &format!("port_value: {listen_port}"))
-        .replace("port_value: 9901", &format!("port_value: {admin_port}"))
-        .replace(
-            "filename: target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm",
-            &format!("filename: {}", wasm.display()),
-        );
+    yaml = yaml.replace("port_value: 10000", "port_value: 0").replace("port_value: 9901", "port_value: 0").replace(
+        "filename: target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm",
+        &format!("filename: {}", wasm.display()),
+    );
     if let Some(port) = upstream_port {
         yaml = yaml.replace("port_value: 8081", &format!("port_value: {port}"));
     }
@@ -54,27 +50,34 @@ pub fn render(template: &str, upstream_port: Option<u16>, policy: Option<&str>) 
         let indented: String = policy.lines().map(|l| format!("                    {l}\n")).collect();
         yaml.replace_range(start..end, &indented);
     }
-    Rendered { yaml, listen_port, admin_port }
+    Rendered { yaml }
 }
 
 pub struct Envoy {
     pub server: Server,
     pub url: String,
     pub admin: String,
+    /// The port Envoy bound for the (first) listener.
+    pub listen_port: u16,
     _dir: TempDir,
 }
 
-/// Starts Envoy on `rendered` with `--concurrency 2` (two worker VMs share one counter) and waits
-/// until its admin `/ready` answers.
+/// Starts Envoy on `rendered` with `--concurrency 2` (two worker VMs share one counter), reads
+/// back the ports it bound, and waits until its admin `/ready` answers. If Envoy exits early,
+/// the failure shows the tail of its log.
 pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
     let dir = TempDir::new("envoy");
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, &rendered.yaml).expect("write envoy.yaml");
-    let log = std::fs::File::create(dir.path().join("envoy.log")).expect("envoy log");
+    let log_path = dir.path().join("envoy.log");
+    let admin_path = dir.path().join("admin-address");
+    let log = std::fs::File::create(&log_path).expect("envoy log");
     let mut cmd = Command::new(envoy_bin());
     cmd.arg("-c")
         .arg(&config)
         .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info"])
+        .arg("--admin-address-path")
+        .arg(&admin_path)
         .arg("--base-id-path")
         .arg(dir.path().join("base-id"))
         .arg("--use-dynamic-base-id")
@@ -83,10 +86,25 @@ pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut server = Server::spawn("envoy", &mut cmd);
-    let admin = format!("http://127.0.0.1:{}", rendered.admin_port);
+    let mut server = Server::spawn("envoy", &mut cmd).with_log(&log_path);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let admin = loop {
+        server.assert_running();
+        if let Some(address) = std::fs::read_to_string(&admin_path).ok().map(|a| a.trim().to_owned()).filter(|a| a.contains(':')) {
+            break format!("http://{address}");
+        }
+        assert!(std::time::Instant::now() < deadline, "envoy wrote no admin address in 30 s\n{}", server.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+    };
     wait_for_http(&format!("{admin}/ready"), Duration::from_secs(30), &mut server);
-    Envoy { server, url: format!("http://127.0.0.1:{}", rendered.listen_port), admin, _dir: dir }
+    let listeners = crate::proc::get(&crate::proc::agent(), &format!("{admin}/listeners?format=json")).json();
+    let listen_port = listeners["listener_statuses"]
+        .as_array()
+        .and_then(|l| l.iter().find_map(|s| s["local_address"]["socket_address"]["port_value"].as_u64()))
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .unwrap_or_else(|| panic!("no bound listener port in {listeners}\n{}", server.log_tail()));
+    Envoy { server, url: format!("http://127.0.0.1:{listen_port}"), admin, listen_port, _dir: dir }
 }
 
 /// Runs `envoy --mode validate` on `rendered`; returns (success, combined output).
@@ -111,6 +129,13 @@ impl Envoy {
     pub fn stat(&self, name: &str) -> Option<u64> {
         let text = crate::proc::get(&crate::proc::agent(), &format!("{}/stats?filter=^{}$", self.admin, name)).body;
         text.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// The sum of every admin stat whose name matches `pattern` (a regular expression, as
+    /// Envoy's `/stats?filter=` takes it).
+    pub fn stat_sum(&self, pattern: &str) -> u64 {
+        let text = crate::proc::get(&crate::proc::agent(), &format!("{}/stats?filter={}", self.admin, pattern)).body;
+        text.lines().filter_map(|l| l.rsplit_once(": ").and_then(|(_, v)| v.trim().parse::<u64>().ok())).sum()
     }
 
     pub fn log(&self) -> String {

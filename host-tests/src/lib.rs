@@ -4,6 +4,7 @@
 //!   and stopped by PID (the whole group) when the guard drops.
 //! - `host` (the wasmtime Proxy-Wasm host) lives beside this module.
 
+pub mod behaviour;
 pub mod checks;
 pub mod envoy;
 pub mod host;

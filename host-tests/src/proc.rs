@@ -41,14 +41,34 @@ pub fn free_port() -> u16 {
 pub struct Server {
     child: Child,
     name: String,
+    /// Where the process logs (shown when it exits early).
+    log: Option<PathBuf>,
 }
+
+/// How much of a log a failure shows.
+const LOG_TAIL: usize = 4000;
 
 impl Server {
     /// Spawns `cmd` in a new process group. Output is inherited unless the caller set it.
     pub fn spawn(name: &str, cmd: &mut Command) -> Server {
         use std::os::unix::process::CommandExt;
         let child = cmd.process_group(0).spawn().unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Server { child, name: name.to_owned() }
+        Server { child, name: name.to_owned(), log: None }
+    }
+
+    /// Names the file the process logs to: a failure that it exited early shows its tail.
+    pub fn with_log(mut self, path: &Path) -> Server {
+        self.log = Some(path.to_path_buf());
+        self
+    }
+
+    /// The last lines of the process's log (when it has one).
+    pub fn log_tail(&self) -> String {
+        let Some(path) = &self.log else { return String::new() };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let start = text.len().saturating_sub(LOG_TAIL);
+        let start = (start..text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        format!("----- tail of {} -----\n{}\n-----", path.display(), &text[start..])
     }
 
     pub fn pid(&self) -> u32 {
@@ -63,7 +83,7 @@ impl Server {
     /// Fails the test if the process has already exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("{} exited early: {status}", self.name);
+            panic!("{} exited early: {status}\n{}", self.name, self.log_tail());
         }
     }
 

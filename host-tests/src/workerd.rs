@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::proc::{free_port, wait_for_http, workspace_root, Server};
+use crate::proc::{wait_for_http, workspace_root, Server};
 
 /// A scratch directory (with an `xdg/` config dir inside) removed when the test ends.
 pub struct Scratch(pub PathBuf);
@@ -96,16 +96,16 @@ pub fn seed_policy(scratch: &Path, policy: &str) {
     );
 }
 
-/// Starts `wrangler dev` on free loopback ports with state in `scratch/state`, `vars` as
-/// `--var NAME:VALUE`, and `env_file` (if any) as its secrets (`--env-file`).
+/// Starts `wrangler dev` with state in `scratch/state`, `vars` as `--var NAME:VALUE`, and
+/// `env_file` (if any) as its secrets (`--env-file`). It binds its own free loopback ports
+/// (`--port 0`, `--inspector-port 0`) and says which in its log (`Ready on http://…`), so no
+/// test races another process for a port; if it exits early, the failure shows its log's tail.
 pub fn start_wrangler(scratch: &Path, vars: &[(&str, &str)], env_file: Option<&Path>) -> Wrangler {
-    let port = free_port();
-    let inspector = free_port();
     let log = scratch.join("wrangler.log");
     let out = File::create(&log).expect("create wrangler log");
     let err = out.try_clone().expect("clone log handle");
     let mut cmd = wrangler_command(scratch);
-    cmd.args(["dev", "--ip", "127.0.0.1", "--port", &port.to_string(), "--inspector-port", &inspector.to_string()])
+    cmd.args(["dev", "--ip", "127.0.0.1", "--port", "0", "--inspector-port", "0"])
         .arg("--persist-to")
         .arg(scratch.join("state"))
         .arg("--show-interactive-dev-session=false")
@@ -119,8 +119,17 @@ pub fn start_wrangler(scratch: &Path, vars: &[(&str, &str)], env_file: Option<&P
         cmd.arg("--var").arg(format!("{name}:{value}"));
     }
     let started = Instant::now();
-    let server = Server::spawn("wrangler dev", &mut cmd);
-    let mut wrangler = Wrangler { server, url: format!("http://127.0.0.1:{port}"), log };
+    let mut server = Server::spawn("wrangler dev", &mut cmd).with_log(&log);
+    let url = loop {
+        server.assert_running();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(url) = text.lines().find_map(|l| l.split("Ready on ").nth(1)).map(|u| u.trim().to_owned()).filter(|u| u.starts_with("http://127.0.0.1:")) {
+            break url;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "wrangler dev was not ready in 90 s\n{}", server.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut wrangler = Wrangler { server, url, log };
     // Any answer will do: the probe is forwarded upstream (the mock's 404).
     wait_for_http(&format!("{}/__probe", wrangler.url), Duration::from_secs(90), &mut wrangler.server);
     eprintln!("wrangler dev ready in {:?}", started.elapsed());

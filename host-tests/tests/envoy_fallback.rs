@@ -19,7 +19,8 @@ const NON_STREAM: &str = r#"{"model":"scalix-free","messages":[{"role":"user","c
 const STREAM: &str = r#"{"model":"scalix-free","messages":[{"role":"user","content":"hi"}],"max_tokens":50,"stream":true,"stream_options":{"include_usage":true}}"#;
 
 struct Mock {
-    server: Server,
+    /// Stopped when the mock is dropped.
+    _server: Server,
     url: String,
     port: u16,
 }
@@ -27,7 +28,7 @@ struct Mock {
 fn mock(args: &[&str]) -> Mock {
     let (server, url) = start_mock_provider_with(args);
     let port = url.rsplit(':').next().unwrap().parse().unwrap();
-    Mock { server, url, port }
+    Mock { _server: server, url, port }
 }
 
 impl Mock {
@@ -161,8 +162,9 @@ fn a_429_retry_after_cools_the_deployment_down_for_every_worker_thread() {
     // m1 is well again, but said to wait 3 s: every request on every connection (both worker
     // threads, each with its own VM) goes to m2 meanwhile.
     m1.set_mode("{}");
-    let listener = format!("listener.127.0.0.1_{}", envoy.url.rsplit(':').next().unwrap());
-    let before: Vec<u64> = (0..2).map(|w| envoy.stat(&format!("{listener}.worker_{w}.downstream_cx_total")).unwrap_or(0)).collect();
+    // (The listener's stats are named after its configured address, port 0 here.)
+    let connections = |w: u32| envoy.stat_sum(&format!("^listener\\.127\\.0\\.0\\.1_[0-9]+\\.worker_{w}\\.downstream_cx_total$"));
+    let before: Vec<u64> = (0..2).map(connections).collect();
     let started = Instant::now();
     let mut served = 0;
     while served < 24 && started.elapsed() < Duration::from_millis(2_000) {
@@ -173,7 +175,7 @@ fn a_429_retry_after_cools_the_deployment_down_for_every_worker_thread() {
     }
     assert!(served >= 10, "only {served} requests within the cooldown");
     assert_eq!(m1.count(), 1, "no worker thread tried m1 during its retry-after");
-    let after: Vec<u64> = (0..2).map(|w| envoy.stat(&format!("{listener}.worker_{w}.downstream_cx_total")).unwrap_or(0)).collect();
+    let after: Vec<u64> = (0..2).map(connections).collect();
     assert!(after[0] > before[0] && after[1] > before[1], "both worker threads served requests: {before:?} → {after:?}");
     // After the retry-after, m1 is first again.
     std::thread::sleep(Duration::from_millis(3_100u64.saturating_sub(started.elapsed().as_millis() as u64)));

@@ -40,7 +40,7 @@ fn policy(mock_url: &str) -> String {
                            "api_key": { "secret": "TG_ANTHROPIC_KEY" }, "default_max_tokens": 1024 },
             "gemini": { "kind": "gemini", "base_url": mock_url, "api_key": { "secret": "TG_GEMINI_KEY" } },
             "compat": { "kind": "openai", "base_url": mock_url, "api_key": { "secret": "TG_COMPAT_KEY" } },
-            "unkeyed": { "kind": "anthropic", "base_url": mock_url, "api_key": { "secret": "TG_UNSET_KEY" } }
+            "unkeyed": { "kind": "anthropic", "base_url": mock_url, "api_key": { "secret": "TG_UNSET_KEY" }, "default_max_tokens": 1024 }
         },
         "models": {
             "claude-sonnet": { "provider": "anthropic", "model": "claude-sonnet-4-5" },

@@ -52,6 +52,10 @@
 //!   `/v1/messages` also `anthropic-ratelimit-requests-remaining: N` and
 //!   `anthropic-ratelimit-requests-reset: <RFC 3339 time, now + 2 s>`.
 //!
+//! Every API answer carries the account headers the real APIs send (`openai-organization`,
+//! `openai-project`, `anthropic-organization-id`, a `set-cookie` for the provider's domain), so
+//! tests can prove a gateway never passes them on.
+//!
 //! The failure mode is checked after a request is counted and recorded and before the key check
 //! and fixture replay: a failing provider fails whatever the request carries.
 //!
@@ -62,6 +66,7 @@
 //!   `stream_options.include_usage` — then every chunk has `"usage": null` and a last chunk with
 //!   no choices the usage, before `data: [DONE]`. Anthropic and Gemini streams always carry it.
 //! - `x-mock-delay-ms: N`: a stream waits N ms before each event after the first.
+//! - `x-mock-empty: S`: answer status `S` with an empty body and no content type.
 //! - `x-mock-spoof-tollgate: 1`: the answer also carries `x-tollgate-retry: 1` and
 //!   `x-tollgate-deployment: spoofed` (a provider trying to steer Tollgate's retries).
 //! - `x-mock-reset-after: K`: a stream closes the connection after its first K events, without
@@ -419,10 +424,10 @@ fn write_response(w: &mut TcpStream, r: &Response, close: bool) -> std::io::Resu
         _ => "Status",
     };
     let connection = if close { "close" } else { "keep-alive" };
-    let mut head = format!(
-        "HTTP/1.1 {} {reason}\r\ncontent-type: {}\r\nconnection: {connection}\r\n",
-        r.status, r.content_type
-    );
+    let mut head = format!("HTTP/1.1 {} {reason}\r\nconnection: {connection}\r\n", r.status);
+    if !r.content_type.is_empty() {
+        head.push_str(&format!("content-type: {}\r\n", r.content_type));
+    }
     for (k, v) in &r.extra_headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -574,11 +579,12 @@ fn handle(request: &Request, shared: &Shared) -> Response {
             }
             Err(_) => (Mode::default(), None),
         };
-        let mut response = match failure {
+        let mut response = match &failure {
             Some(Failure::Hang) => return Response { hang: true, ..Default::default() },
-            Some(Failure::Status(status, retry_after)) => return mode_error(path, status, retry_after.as_deref()),
+            Some(Failure::Status(status, retry_after)) => mode_error(path, *status, retry_after.as_deref()),
             Some(Failure::ResetAfter(_)) | None => api(request, shared),
         };
+        response.extra_headers.extend(account_headers(path));
         if let Some(Failure::ResetAfter(k)) = failure {
             if response.chunks.is_some() && response.reset_after.is_none() {
                 response.reset_after = Some(k);
@@ -624,6 +630,20 @@ fn handle(request: &Request, shared: &Shared) -> Response {
     }
 }
 
+/// What the real APIs say about the account a key belongs to, on every answer: OpenAI's
+/// organisation and project, Cloudflare's cookie for its own domain, Anthropic's organisation
+/// id (recorded headers: ../shared/fixtures/*.headers.json). A gateway must not pass them on.
+fn account_headers(path: &str) -> Vec<(&'static str, String)> {
+    let mut h = vec![("set-cookie", "__cf_bm=mock-cookie; path=/; domain=.mock-provider.invalid; HttpOnly; Secure".to_owned())];
+    if path.starts_with("/v1/messages") {
+        h.push(("anthropic-organization-id", "00000000-0000-4000-8000-00000000mock".to_owned()));
+    } else if !path.starts_with("/v1beta/") {
+        h.push(("openai-organization", "mock-org-4f2a".to_owned()));
+        h.push(("openai-project", "proj_mock".to_owned()));
+    }
+    h
+}
+
 /// An API request (`/v1…`) that the failure mode lets through: key check, replay, or an answer.
 fn api(request: &Request, shared: &Shared) -> Response {
     let path = request.path.as_str();
@@ -635,6 +655,9 @@ fn api(request: &Request, shared: &Shared) -> Response {
         if !ok {
             return error(401, "Incorrect API key provided.", "invalid_api_key");
         }
+    }
+    if let Some(status) = request.header("x-mock-empty").and_then(|v| v.trim().parse::<u64>().ok()).and_then(status_code) {
+        return Response { status, content_type: "", ..Default::default() };
     }
     if let Some(fixture) = request.header("x-mock-fixture") {
         return replay(request, &shared.fixtures, fixture);

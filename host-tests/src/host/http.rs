@@ -159,7 +159,9 @@ pub struct Exchange {
     pub reached_upstream: bool,
     /// The request as the upstream received it.
     pub upstream_request: Option<UpstreamRequest>,
-    /// The guest asked for the stream to be reset (`proxy_close_stream`).
+    /// The stream was reset: the guest asked for it (`proxy_close_stream`), or the response
+    /// was cut ([`UpstreamResponse::cut`]) — then `status`, `headers` and `body` are what the
+    /// client got before the reset (nothing, if the filter held the head).
     pub reset: bool,
 }
 

@@ -123,6 +123,15 @@ fn replace_header(headers: &mut Vec<(String, Vec<u8>)>, key: String, value: Vec<
 fn property(state: &VmState, path: &[u8]) -> Result<Vec<u8>, Status> {
     let host = &state.host;
     let segments: Vec<&[u8]> = path.split(|b| *b == 0).collect();
+    if segments.first() == Some(&&b"ngx"[..]) {
+        // nginx variables: ngx_wasm_module refuses scoped properties outside a request
+        // (`ngx_proxy_wasm_properties.c`); Envoy knows no such property.
+        return match host.flavour() {
+            crate::host::Flavour::Ngx if state.stream().is_none() => Err(Status::InternalFailure),
+            crate::host::Flavour::Ngx => Ok(b"4242".to_vec()),
+            _ => Err(Status::NotFound),
+        };
+    }
     match segments.as_slice() {
         [b"plugin_name"] | [b"plugin_root_id"] => return Ok(Vec::new()),
         [b"plugin_vm_id"] => return Ok(host.vm_id().as_bytes().to_vec()),

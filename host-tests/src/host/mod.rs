@@ -50,4 +50,4 @@ mod vm;
 pub use abi::{decode_pairs, encode_pairs, LogLevel, Status};
 pub use http::{Exchange, HeaderList, HttpRequest, LocalReply, UpstreamRequest, UpstreamResponse};
 pub use shared::{CasSemantics, SharedStats, SharedStore};
-pub use vm::{Clock, ConfigureError, FilterModule, Host, HostError, LogEntry, Vm};
+pub use vm::{Clock, ConfigureError, FilterModule, Flavour, Host, HostError, LogEntry, Vm};

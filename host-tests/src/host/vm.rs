@@ -178,7 +178,31 @@ pub struct Host {
     inner: Arc<HostInner>,
 }
 
+/// Which proxy-wasm host the [`Host`] behaves like, where hosts differ in how a request
+/// reaches the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavour {
+    /// Envoy with `allow_on_headers_stop_iteration: true` (what Tollgate's configs ask for):
+    /// request headers held by the filter stay modifiable while the body flows to it.
+    #[default]
+    Envoy,
+    /// Envoy without that flag (e.g. an Istio `WasmPlugin`): a filter that holds the request
+    /// headers gets no body callback until it resumes (proxy-wasm-cpp-host `context.cc`:
+    /// StopIteration becomes StopAllIterationAndWatermark). The host then only ticks the root
+    /// context (the clock advancing by the tick period), as time passing would, until the
+    /// stream is answered or a minute has passed.
+    EnvoyWithoutHeaderStop,
+    /// Kong's ngx_wasm_module (docs/PROXY_WASM.md, `src/http/proxy_wasm/ngx_http_proxy_wasm.c`):
+    /// `proxy_on_request_headers` always says end_of_stream false; a pause returned from it is
+    /// never resumed (the request hangs: [`HostError::Stalled`]); the body arrives once, whole,
+    /// with end_of_stream true, before the request is proxied, with the request headers still
+    /// modifiable — and not at all when it is empty; `ngx.*` properties are refused outside a
+    /// request (InternalFailure) and answered inside one. Use it with [`CasSemantics::Ngx`].
+    Ngx,
+}
+
 struct HostInner {
+    flavour: Flavour,
     shared: SharedStore,
     vm_id: String,
     clock: Clock,
@@ -194,9 +218,23 @@ impl Host {
         Host::with_vm_id(shared, "tollgate")
     }
 
+    /// A host of another [`Flavour`].
+    pub fn with_flavour(shared: SharedStore, flavour: Flavour) -> Host {
+        let host = Host::with_vm_id(shared, "tollgate");
+        let mut inner = Arc::try_unwrap(host.inner).unwrap_or_else(|_| unreachable!("a new host has one owner"));
+        inner.flavour = flavour;
+        Host { inner: Arc::new(inner) }
+    }
+
+    /// The flavour this host behaves like.
+    pub fn flavour(&self) -> Flavour {
+        self.inner.flavour
+    }
+
     pub fn with_vm_id(shared: SharedStore, vm_id: &str) -> Host {
         Host {
             inner: Arc::new(HostInner {
+                flavour: Flavour::Envoy,
                 shared,
                 vm_id: vm_id.to_owned(),
                 clock: Clock::default(),
@@ -793,17 +831,25 @@ impl Vm {
         let cb = self.callbacks.clone();
         self.invoke("proxy_on_context_create", ctx, cb.on_context_create, (ctx, root))?;
 
-        // Request headers.
+        let flavour = self.host.flavour();
+        // Request headers (nginx never says end_of_stream here).
         let count = self.stream().request_headers.len() as u32;
         self.stream().request_access = Access::ReadWrite;
-        let action =
-            self.invoke("proxy_on_request_headers", ctx, cb.on_request_headers, (ctx, count, body.is_empty() as u32))?;
+        let end_of_stream = body.is_empty() && flavour != Flavour::Ngx;
+        let action = self.invoke("proxy_on_request_headers", ctx, cb.on_request_headers, (ctx, count, end_of_stream as u32))?;
         // Envoy with `allow_on_headers_stop_iteration: true` (what the filter's configuration
         // asks for): headers paused by the filter are held — and stay modifiable — while the
         // body still flows to the filter; the first body callback that continues releases them.
         let mut headers_held = false;
         match self.settle(action, Side::Request) {
+            Next::Proceed if flavour == Flavour::Ngx => {
+                // nginx reads the whole body before it proxies; headers stay modifiable.
+                return self.ngx_body(ctx, body);
+            }
             Next::Proceed => self.stream().request_access = Access::None,
+            // nginx never resumes a pause from the request headers: the request hangs.
+            Next::Paused if flavour == Flavour::Ngx => return self.stalled(ctx, "proxy_on_request_headers"),
+            Next::Paused if !body.is_empty() && flavour == Flavour::EnvoyWithoutHeaderStop => return self.ticks_until_answered(ctx),
             Next::Paused if !body.is_empty() => headers_held = true,
             Next::Paused => return self.stalled(ctx, "proxy_on_request_headers"),
             Next::LocalReply => return self.reply_locally(ctx, None),
@@ -848,8 +894,11 @@ impl Vm {
             }
         }
         self.stream().request_body_open = false;
+        self.call_upstream(ctx, forwarded)
+    }
 
-        // Upstream.
+    /// The upstream's answer to the request as it now stands, through the response callbacks.
+    fn call_upstream(&mut self, ctx: u32, forwarded: Vec<u8>) -> Result<Exchange, HostError> {
         let upstream_request = UpstreamRequest { headers: self.stream().request_headers.clone(), body: forwarded };
         let response = (self.upstream)(&upstream_request);
         let mut headers: HeaderList = vec![(":status".into(), response.status.to_string().into_bytes())];
@@ -858,6 +907,58 @@ impl Vm {
             return self.cut_response(ctx, headers, response.body, upstream_request);
         }
         self.encode_response(ctx, headers, response.body, Some(upstream_request))
+    }
+
+    /// ngx_wasm_module: the body, whole, in one `proxy_on_request_body` with end_of_stream —
+    /// none when it is empty — while the request headers are still modifiable; then proxied.
+    fn ngx_body(&mut self, ctx: u32, body: Vec<Vec<u8>>) -> Result<Exchange, HostError> {
+        let whole: Vec<u8> = body.concat();
+        if whole.is_empty() {
+            self.stream().request_access = Access::None;
+            return self.call_upstream(ctx, whole);
+        }
+        let size = {
+            let s = self.stream();
+            s.request_body = whole;
+            s.request_body_open = true;
+            s.request_body.len() as u32
+        };
+        let cb = self.callbacks.clone();
+        let action = self.invoke("proxy_on_request_body", ctx, cb.on_request_body, (ctx, size, 1))?;
+        match self.settle(action, Side::Request) {
+            Next::Proceed => {}
+            Next::Paused => return self.stalled(ctx, "proxy_on_request_body"),
+            Next::LocalReply => return self.reply_locally(ctx, None),
+            Next::Reset => return self.reset(ctx, None),
+        }
+        let forwarded = std::mem::take(&mut self.stream().request_body);
+        {
+            let s = self.stream();
+            s.request_body_open = false;
+            s.request_access = Access::None;
+        }
+        self.call_upstream(ctx, forwarded)
+    }
+
+    /// Envoy without `allow_on_headers_stop_iteration`: the held request gets no body callback;
+    /// time passes (the root context ticks, the clock advancing by the tick period) until the
+    /// filter answers the stream — from the tick, through `proxy_set_effective_context` — or
+    /// a minute has passed ([`HostError::Stalled`]).
+    fn ticks_until_answered(&mut self, ctx: u32) -> Result<Exchange, HostError> {
+        let mut waited = 0u64;
+        while waited < 60_000 {
+            let period = u64::from(self.tick_period_ms().max(1));
+            self.host.clock().advance_ms(period);
+            waited += period;
+            if self.tick_period_ms() > 0 {
+                self.tick()?;
+            }
+            let answered = self.stream().local_reply.is_some();
+            if answered {
+                return self.reply_locally(ctx, None);
+            }
+        }
+        self.stalled(ctx, "proxy_on_request_headers")
     }
 
     /// Runs the response (upstream's or local) through `proxy_on_response_headers` and
@@ -979,8 +1080,11 @@ impl Vm {
             s.response_access = Access::ReadWrite;
         }
         let action = self.invoke("proxy_on_response_headers", ctx, cb.on_response_headers, (ctx, count, 0))?;
-        let _ = self.settle(action, Side::Response);
+        // What went to the client before the reset: the head, if the filter let it go, and the
+        // body chunks it let through.
+        let head_sent = matches!(self.settle(action, Side::Response), Next::Proceed);
         self.stream().response_access = Access::None;
+        let mut sent_body = Vec::new();
         if !body.is_empty() {
             let size = {
                 let s = self.stream();
@@ -989,9 +1093,23 @@ impl Vm {
                 s.response_body.len() as u32
             };
             let action = self.invoke("proxy_on_response_body", ctx, cb.on_response_body.clone(), (ctx, size, 0))?;
-            let _ = self.settle(action, Side::Response);
+            if head_sent && matches!(self.settle(action, Side::Response), Next::Proceed) {
+                sent_body = std::mem::take(&mut self.stream().response_body);
+            }
         }
-        self.reset(ctx, Some(upstream_request))
+        let head = head_sent.then(|| {
+            let s = self.stream();
+            let status = s.response_headers.iter().find(|(k, _)| k == ":status").and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok());
+            let headers: HeaderList = s.response_headers.iter().filter(|(k, _)| !k.starts_with(':')).cloned().collect();
+            (status.unwrap_or(0), headers)
+        });
+        let mut exchange = self.reset(ctx, Some(upstream_request))?;
+        if let Some((status, headers)) = head {
+            exchange.status = status;
+            exchange.headers = headers;
+            exchange.body = sent_body;
+        }
+        Ok(exchange)
     }
 
     /// Envoy would hold the paused stream until a timeout or the client gave up, then log and

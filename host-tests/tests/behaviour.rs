@@ -1,0 +1,341 @@
+//! The behaviour suite (`tollgate_host_tests::behaviour`) on every host: the filter in the
+//! wasmtime host with Envoy's semantics and with ngx_wasm_module's, the filter in real Envoy,
+//! and the worker in real workerd. Each host runs the same table of scenarios against the
+//! built-in mock provider and must answer as the table says; where a host cannot, the one
+//! place that says so is `behaviour::difference`.
+//!
+//! Needs the release filter (`scripts/build-wasm.sh`), the worker (`scripts/build-worker.sh`),
+//! the mock provider, Envoy and wrangler (`scripts/setup.sh all`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tollgate_cli::envoy::{generate, Options};
+use tollgate_host_tests::behaviour::{check, difference, eventually, expected_tokens, policy, raw, scenarios, usage_numbers, Client, Difference, HostKind, Observed, Request, Stack};
+use tollgate_host_tests::envoy::{self, Envoy, Rendered};
+use tollgate_host_tests::host::{Flavour, FilterModule, Host, HttpRequest, SharedStore, UpstreamRequest, UpstreamResponse, Vm};
+use tollgate_host_tests::proc::{agent, filter_wasm_path, fixtures_dir, mock_request_count, start_mock_provider_with, Server};
+use tollgate_host_tests::workerd::{seed_policy, start_wrangler, Scratch, Wrangler};
+
+/// The mock provider, and one that fails every API request with 503.
+struct Mocks {
+    _ok: Server,
+    ok: String,
+    _failing: Server,
+    failing: String,
+}
+
+fn mocks() -> Mocks {
+    let fixtures = fixtures_dir().display().to_string();
+    let (ok_server, ok) = start_mock_provider_with(&["--fixtures", &fixtures]);
+    let (failing_server, failing) = start_mock_provider_with(&["--fail-status", "503"]);
+    Mocks { _ok: ok_server, ok, _failing: failing_server, failing }
+}
+
+impl Mocks {
+    fn calls(&self) -> u64 {
+        mock_request_count(&agent(), &self.ok) + mock_request_count(&agent(), &self.failing)
+    }
+}
+
+/// One host, able to send the suite's requests to a stack and to read a user's usage.
+trait Driver {
+    fn kind(&self) -> HostKind;
+    fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed;
+}
+
+fn headers_for(request: &Request, user: &str) -> Vec<(String, String)> {
+    let mut h = vec![("x-tollgate-user".to_owned(), user.to_owned())];
+    if let Some(tier) = request.tier {
+        h.push(("x-tollgate-tier".to_owned(), tier.to_owned()));
+    }
+    h.extend(request.headers.iter().map(|(k, v)| ((*k).to_owned(), v.clone())));
+    h
+}
+
+fn usage_request() -> Request {
+    Request { method: "GET", path: "/v1/tollgate/usage", tier: None, headers: vec![], body: None, client: Client::Reads, before: 0 }
+}
+
+/// Runs the table on `driver`; every departure from it is reported at once.
+fn run_suite(driver: &mut dyn Driver, mocks: &Mocks) {
+    let kind = driver.kind();
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for s in scenarios() {
+        if let Some(Difference::Skip(why)) = difference(kind, s.name) {
+            eprintln!("{kind:?}: {} skipped: {why}", s.name);
+            continue;
+        }
+        ran += 1;
+        let user = format!("{kind:?}-{}", s.name);
+        for _ in 0..s.request.before {
+            let warm = Request { client: Client::Reads, ..s.request.clone() };
+            driver.send(s.stack, &warm, &user);
+        }
+        let calls_before = mocks.calls();
+        let got = driver.send(s.stack, &s.request, &user);
+        if let Err(e) = check(kind, &s, &got) {
+            failures.push(format!("{}: {e}", s.name));
+            continue;
+        }
+        if !s.expect.reaches_provider && mocks.calls() != calls_before {
+            failures.push(format!("{}: the provider was called", s.name));
+        }
+        let Some((requests, tokens)) = s.expect.usage_after else { continue };
+        let tokens = match expected_tokens(tokens, &got) {
+            Ok(t) => t,
+            Err(e) => {
+                failures.push(format!("{}: {e}", s.name));
+                continue;
+            }
+        };
+        // (The worker settles in `waitUntil`, after the answer: poll.)
+        let want = Some((requests, tokens, 0));
+        let seen = eventually(Duration::from_secs(8), &want, || {
+            let r = driver.send(s.stack, &usage_request(), &user);
+            serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| usage_numbers(&v))
+        });
+        if seen != want {
+            failures.push(format!("{}: usage afterwards (requests, tokens, in flight) {seen:?}, want {want:?}", s.name));
+        }
+    }
+    assert!(ran >= 15, "only {ran} scenarios ran on {kind:?}");
+    assert!(failures.is_empty(), "{kind:?} departs from the behaviour table:\n  {}", failures.join("\n  "));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The filter in the wasmtime host
+
+struct Wasmtime {
+    flavour: Flavour,
+    vms: HashMap<&'static str, (Host, Vm)>,
+    ok: String,
+    failing: String,
+}
+
+fn stack_name(stack: Stack) -> &'static str {
+    match stack {
+        Stack::Translating => "translating",
+        Stack::Passthrough => "passthrough",
+    }
+}
+
+impl Wasmtime {
+    fn new(flavour: Flavour, mocks: &Mocks) -> Wasmtime {
+        let mut vms = HashMap::new();
+        for stack in [Stack::Translating, Stack::Passthrough] {
+            let store = match flavour {
+                Flavour::Ngx => SharedStore::ngx(),
+                _ => SharedStore::envoy(),
+            };
+            let host = Host::with_flavour(store, flavour);
+            host.clock().use_real_time();
+            let config = policy(stack, &mocks.ok, &mocks.failing).to_string();
+            let vm = Vm::load(&host, FilterModule::release_filter(), config.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            vms.insert(stack_name(stack), (host, vm));
+        }
+        Wasmtime { flavour, vms, ok: mocks.ok.clone(), failing: mocks.failing.clone() }
+    }
+}
+
+/// What the upstream answered, as the wasmtime host delivers it: the whole body in one go, cut
+/// when the connection broke before its end (or, for a client that leaves, after the first
+/// event).
+fn forward(base: &str, req: &UpstreamRequest, leave_early: bool) -> UpstreamResponse {
+    let text = |k: &str| req.header(k).map(|v| String::from_utf8_lossy(v).into_owned());
+    let path = text(":path").unwrap_or_default();
+    let method = text(":method").unwrap_or_else(|| "GET".into());
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(':') && !matches!(k.as_str(), "host" | "content-length" | "connection" | "transfer-encoding"))
+        .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+        .collect();
+    let body = String::from_utf8_lossy(&req.body).into_owned();
+    let got = raw(base, &method, &path, &headers, (method == "POST").then_some(body.as_str()), Client::Reads);
+    let mut response = UpstreamResponse::new(got.status);
+    for (k, v) in &got.headers {
+        if !matches!(k.as_str(), "content-length" | "transfer-encoding" | "connection") {
+            response = response.header(k, v);
+        }
+    }
+    let mut bytes = got.body.clone();
+    let mut cut = !got.complete;
+    if leave_early {
+        if let Some(i) = bytes.windows(2).position(|w| w == b"\n\n") {
+            bytes.truncate(i + 2);
+            cut = true;
+        }
+    }
+    response = response.body(bytes);
+    if cut {
+        response = response.cut();
+    }
+    response
+}
+
+impl Driver for Wasmtime {
+    fn kind(&self) -> HostKind {
+        match self.flavour {
+            Flavour::Ngx => HostKind::WasmtimeNgx,
+            _ => HostKind::WasmtimeEnvoy,
+        }
+    }
+
+    fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
+        let (ok, failing) = (self.ok.clone(), self.failing.clone());
+        let (_, vm) = self.vms.get_mut(stack_name(stack)).expect("a VM per stack");
+        let leave_early = request.client == Client::LeavesAfterFirstBytes;
+        vm.set_upstream(move |req| {
+            let cluster = req.header("x-tollgate-cluster").map(|v| v.to_vec());
+            let base = if cluster.as_deref() == Some(b"failing") { &failing } else { &ok };
+            forward(base, req, leave_early)
+        });
+        let mut http = HttpRequest::new(request.method, request.path);
+        for (k, v) in headers_for(request, user) {
+            http = http.header(&k, v);
+        }
+        if let Some(body) = &request.body {
+            // (nginx and Envoy see a length; the wasmtime host adds none itself.)
+            http = http.header("content-type", "application/json").header("content-length", body.len().to_string()).body(body);
+        }
+        let ex = vm.request(http).unwrap_or_else(|e| panic!("{user}: {e}"));
+        Observed {
+            status: ex.status,
+            headers: ex.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect(),
+            body: ex.body.clone(),
+            complete: !ex.reset,
+        }
+    }
+}
+
+#[test]
+fn the_filter_in_the_wasmtime_host_with_envoys_semantics_answers_as_the_table_says() {
+    let mocks = mocks();
+    run_suite(&mut Wasmtime::new(Flavour::Envoy, &mocks), &mocks);
+}
+
+#[test]
+fn the_filter_in_the_wasmtime_host_with_ngx_wasm_modules_semantics_answers_as_the_table_says() {
+    let mocks = mocks();
+    run_suite(&mut Wasmtime::new(Flavour::Ngx, &mocks), &mocks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real Envoy
+
+/// A complete Envoy config (JSON, which Envoy reads as YAML) for the suite's policy: the
+/// downstream filter, the routes and aggregate clusters `tollgate envoy` generates for the
+/// aliases, and the mock providers' clusters.
+fn envoy_config(policy: &Value, mocks: &Mocks) -> String {
+    let port = |url: &str| url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("a port");
+    let (ok, failing) = (port(&mocks.ok), port(&mocks.failing));
+    let wasm = filter_wasm_path().display().to_string();
+    let text = policy.to_string();
+    let loaded = tollgate_cli::parse(text.as_bytes()).expect("the suite's policy is valid");
+    let generated = generate(&loaded, &Options { deployment_cluster_prefix: String::new(), wasm: wasm.clone() }).expect("generated");
+    let generated: Value = serde_json::from_str(&generated.to_json()).expect("JSON");
+    let cluster = |name: &str, port: u16| {
+        json!({
+            "name": name,
+            "connect_timeout": "1s",
+            "circuit_breakers": { "thresholds": [ { "max_retries": 100000, "max_requests": 100000, "max_pending_requests": 100000 } ] },
+            "load_assignment": { "cluster_name": name, "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": port } } } } ] } ] }
+        })
+    };
+    let mut routes = generated["routes"].as_array().cloned().unwrap_or_default();
+    routes.push(json!({ "match": { "prefix": "/", "headers": [ { "name": "x-tollgate-cluster", "string_match": { "exact": "failing" } } ] }, "route": { "cluster": "failing", "timeout": "60s" } }));
+    routes.push(json!({ "match": { "prefix": "/" }, "route": { "cluster": "mock", "timeout": "60s" } }));
+    let mut clusters = generated["clusters"].as_array().cloned().unwrap_or_default();
+    clusters.extend([cluster("mock", ok), cluster("failing", failing), cluster("gpt", ok), cluster("broken", failing)]);
+    let config = json!({
+        "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+        "static_resources": {
+            "listeners": [ {
+                "name": "tollgate",
+                "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+                "filter_chains": [ { "filters": [ {
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "tollgate",
+                        "route_config": { "virtual_hosts": [ { "name": "all", "domains": ["*"], "routes": routes } ] },
+                        "http_filters": [
+                            { "name": "tollgate", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                                "config": {
+                                    "name": "tollgate", "root_id": "tollgate", "failure_policy": "FAIL_RELOAD",
+                                    "allow_on_headers_stop_iteration": true,
+                                    "configuration": { "@type": "type.googleapis.com/google.protobuf.StringValue", "value": text },
+                                    "vm_config": { "vm_id": "tollgate", "runtime": "envoy.wasm.runtime.v8", "code": { "local": { "filename": wasm } } }
+                                } } },
+                            { "name": "envoy.filters.http.router", "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" } }
+                        ]
+                    }
+                } ] } ]
+            } ],
+            "clusters": clusters
+        }
+    });
+    config.to_string()
+}
+
+struct RealEnvoy {
+    envoys: HashMap<&'static str, Envoy>,
+}
+
+impl Driver for RealEnvoy {
+    fn kind(&self) -> HostKind {
+        HostKind::Envoy
+    }
+
+    fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
+        let envoy = &self.envoys[stack_name(stack)];
+        raw(&envoy.url, request.method, request.path, &headers_for(request, user), request.body.as_deref(), request.client)
+    }
+}
+
+#[test]
+fn the_filter_in_real_envoy_answers_as_the_table_says() {
+    let mocks = mocks();
+    let mut envoys = HashMap::new();
+    for stack in [Stack::Translating, Stack::Passthrough] {
+        let yaml = envoy_config(&policy(stack, &mocks.ok, &mocks.failing), &mocks);
+        envoys.insert(stack_name(stack), envoy::start(&Rendered { yaml }, &[]));
+    }
+    run_suite(&mut RealEnvoy { envoys }, &mocks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worker in real workerd
+
+struct RealWorkerd {
+    workers: HashMap<&'static str, (Wrangler, Scratch)>,
+}
+
+impl Driver for RealWorkerd {
+    fn kind(&self) -> HostKind {
+        HostKind::Workerd
+    }
+
+    fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
+        let (wrangler, _) = &self.workers[stack_name(stack)];
+        raw(&wrangler.url, request.method, request.path, &headers_for(request, user), request.body.as_deref(), request.client)
+    }
+}
+
+#[test]
+fn the_worker_in_real_workerd_answers_as_the_table_says() {
+    let mocks = mocks();
+    let mut workers = HashMap::new();
+    for stack in [Stack::Translating, Stack::Passthrough] {
+        let scratch = Scratch::new(&format!("behaviour-{}", stack_name(stack)));
+        seed_policy(&scratch.0, &policy(stack, &mocks.ok, &mocks.failing).to_string());
+        let pass = "x-mock-fixture,x-mock-retry-after,x-mock-empty,x-mock-reset-after,x-mock-delay-ms,x-mock-usage";
+        let wrangler = start_wrangler(&scratch.0, &[("UPSTREAM_URL", &mocks.ok), ("PROVIDER_PASS_HEADERS", pass), ("TOLLGATE_AGGREGATE_SHARDS", "1")], None);
+        workers.insert(stack_name(stack), (wrangler, scratch));
+    }
+    run_suite(&mut RealWorkerd { workers }, &mocks);
+}

@@ -214,3 +214,54 @@ fn provider_key_comes_from_the_environment_and_never_reaches_the_client() {
     assert!(!everything.contains(KEY), "the provider key leaked to the client: {everything}");
     assert!(!envoy.log().contains(KEY), "the provider key reached Envoy's log");
 }
+
+/// Without `allow_on_headers_stop_iteration` (what an Istio `WasmPlugin` gives) Envoy never
+/// delivers a chat body to the filter holding its headers. The request is not left hanging:
+/// the filter's watchdog answers it with a 500 naming the flag after ~5 s; nothing reached the
+/// provider, and Envoy's log says what to fix.
+#[test]
+fn without_allow_on_headers_stop_iteration_a_chat_request_gets_a_clear_500_not_a_hang() {
+    let (_mock, mock_url) = start_mock_provider();
+    let mut rendered = render("envoy.yaml", Some(mock_url.rsplit(':').next().unwrap().parse().unwrap()), Some(&policy(10)));
+    let flag = rendered.yaml.lines().find(|l| l.contains("allow_on_headers_stop_iteration: true")).expect("the flag").to_owned();
+    rendered.yaml = rendered.yaml.replace(&format!("{flag}\n"), "");
+    let envoy = envoy::start(&rendered, &[]);
+    let started = std::time::Instant::now();
+    let r = chat(&envoy.url, Some("wanda"));
+    let took = started.elapsed();
+    assert_eq!(r.status, 500, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "gateway_misconfigured", "{r:?}");
+    assert!(took >= Duration::from_secs(4) && took < Duration::from_secs(9), "answered after {took:?}");
+    assert_eq!(mock_request_count(&agent(), &mock_url), 0);
+    assert!(envoy.log().contains("allow_on_headers_stop_iteration: true"), "{}", envoy.log());
+    // Requests without a body are admitted from their headers and pass as before.
+    let r = tollgate_host_tests::proc::get(&agent(), &format!("{}/v1/models", envoy.url));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("9"), "{r:?}");
+    assert_eq!(mock_request_count(&agent(), &mock_url), 1);
+}
+
+/// A non-stream answer larger than the buffer Envoy lets the filter read it into is not
+/// Envoy's plain-text 500: the shipped config's `local_reply_config` turns exactly that reply
+/// into an OpenAI error, and leaves Tollgate's own answers (the 429 below) untouched.
+#[test]
+fn an_answer_larger_than_the_buffer_is_an_openai_error() {
+    let fixtures = tollgate_host_tests::proc::fixtures_dir().display().to_string();
+    let (_mock, mock_url) = start_mock_provider_with(&["--fixtures", &fixtures]);
+    let mut rendered = render("envoy.yaml", Some(mock_url.rsplit(':').next().unwrap().parse().unwrap()), Some(&policy(2)));
+    let listener = "      socket_address: { address: 127.0.0.1, port_value: 0 }\n    filter_chains:";
+    assert!(rendered.yaml.contains(listener), "the listener block");
+    rendered.yaml = rendered.yaml.replacen(listener, "      socket_address: { address: 127.0.0.1, port_value: 0 }\n    per_connection_buffer_limit_bytes: 8192\n    filter_chains:", 1);
+    let envoy = envoy::start(&rendered, &[]);
+    let big = [("x-tollgate-user", "yuri"), ("x-mock-fixture", "openai/request_image_base64_after_tool.json")];
+    let r = post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &big, CHAT);
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("content-type"), Some("application/json"), "{r:?}");
+    let body = r.json();
+    assert_eq!(body["error"]["code"], "response_too_large", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("per_connection_buffer_limit_bytes"), "{body}");
+    let r = chat(&envoy.url, Some("yuri"));
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = chat(&envoy.url, Some("yuri"));
+    assert_eq!(r.status, 429, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded", "Tollgate's own answer is untouched: {r:?}");
+}

@@ -10,6 +10,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use tollgate_host_tests::host::{
+    Flavour,
     encode_pairs, CasSemantics, ConfigureError, Exchange, FilterModule, Host, HostError, HttpRequest, SharedStore,
     Status, UpstreamResponse, Vm,
 };
@@ -926,3 +927,71 @@ fn counters_only_go_up_and_metrics_are_readable_by_name() {
     assert_eq!((host.metric("c"), host.metric("g")), (Some(5), Some(-3)));
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Hosts that cannot hold request headers while the body is read
+
+/// ngx_wasm_module never resumes a pause from the request headers: the filter must not pause
+/// there. It detects the host at configure time, admits a chat request when nginx delivers its
+/// body (once, whole, before proxying) and rewrites the request then; a chat request that can
+/// have no body is refused at once instead of going upstream unadmitted.
+#[test]
+fn on_ngx_wasm_module_no_chat_request_hangs_and_every_one_is_admitted() {
+    let host = Host::with_flavour(SharedStore::ngx(), Flavour::Ngx);
+    host.clock().set_epoch_ms(T0);
+    let mut vm = load(&host, &policy(r#"[{"window": "minute", "requests": 2}]"#, "{}"));
+    assert_eq!(host.logs_containing("on ngx_wasm_module").len(), 1, "{:?}", host.logs());
+    let calls = Arc::new(AtomicUsize::new(0));
+    vm.set_upstream(openai_like(calls.clone()));
+    let with_length = |r: HttpRequest| {
+        let len = r.body.iter().map(Vec::len).sum::<usize>();
+        r.header("content-length", len.to_string())
+    };
+    for remaining in ["1", "0"] {
+        let ex = vm.request(with_length(chat(Some("nina")))).unwrap_or_else(|e| panic!("the request hung or failed: {e}"));
+        assert_eq!(ex.status, 200, "{}", ex.body_text());
+        assert_eq!(ex.header("x-ratelimit-remaining-requests").as_deref(), Some(remaining));
+    }
+    let ex = send(&mut vm, with_length(chat(Some("nina"))));
+    assert_eq!(ex.status, 429, "counted exactly: {}", ex.body_text());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // No body at all: nginx calls no body hook; the filter answers rather than let it through.
+    let ex = send(&mut vm, HttpRequest::post("/v1/chat/completions").header("x-tollgate-user", "omar").header("content-length", "0"));
+    assert_eq!(ex.status, 400, "{}", ex.body_text());
+    assert!(!ex.reached_upstream);
+    // The same filter on Envoy's semantics pauses at the headers and says nothing of nginx.
+    let envoy = Host::new(SharedStore::envoy());
+    load(&envoy, &policy("[]", "{}"));
+    assert!(envoy.logs_containing("ngx_wasm_module").is_empty());
+}
+
+/// Envoy without `allow_on_headers_stop_iteration` (an Istio `WasmPlugin` cannot set it) never
+/// delivers the body to a filter holding the headers. The request must not hang: the filter's
+/// watchdog answers it with a 500 naming the flag, once `WATCHDOG_MS` has passed with no body;
+/// nothing was counted or sent upstream, and the log says what to fix, once.
+#[test]
+fn without_header_stop_a_chat_request_is_answered_by_the_watchdog_not_hung() {
+    let host = Host::with_flavour(SharedStore::envoy(), Flavour::EnvoyWithoutHeaderStop);
+    host.clock().set_epoch_ms(T0);
+    let mut vm = load(&host, &policy(r#"[{"window": "minute", "requests": 5}]"#, "{}"));
+    assert_eq!(vm.tick_period_ms(), 1000, "the watchdog ticks while nothing proved bodies arrive");
+    let calls = Arc::new(AtomicUsize::new(0));
+    vm.set_upstream(openai_like(calls.clone()));
+    for _ in 0..2 {
+        let started = host.clock().now_ms();
+        let ex = vm.request(chat(Some("ivan"))).unwrap_or_else(|e| panic!("the request hung: {e}"));
+        let waited = host.clock().now_ms() - started;
+        assert_eq!(ex.status, 500, "{}", ex.body_text());
+        let body: serde_json::Value = serde_json::from_slice(&ex.body).unwrap();
+        assert_eq!(body["error"]["code"], "gateway_misconfigured");
+        assert!(body["error"]["message"].as_str().unwrap().contains("allow_on_headers_stop_iteration"));
+        assert!((5_000..=6_000).contains(&waited), "answered after {waited} ms");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing went upstream");
+    assert_eq!(host.metric("tollgate_body_never_came"), Some(2));
+    assert_eq!(host.metric("tollgate_requests_allowed"), Some(0), "nothing was admitted");
+    assert_eq!(host.logs_containing("allow_on_headers_stop_iteration: true").len(), 1, "said once: {:?}", host.logs());
+    // Requests without a body are admitted from their headers as usual.
+    let ex = send(&mut vm, HttpRequest::get("/v1/models").header("x-tollgate-user", "ivan"));
+    assert_eq!(ex.status, 200, "{}", ex.body_text());
+}

@@ -713,7 +713,7 @@ pub fn watchdog(shared: &Shared) {
     for context in expired {
         let first = !std::mem::replace(&mut shared.waiting.borrow_mut().reported, true);
         if first {
-            abi::log(abi::LOG_ERROR, "tollgate: a chat request's body never reached the filter while its headers were held: set `allow_on_headers_stop_iteration: true` in the wasm filter's config (Istio: see examples/istio); such requests are answered with a 500");
+            abi::log(abi::LOG_ERROR, "tollgate: a chat request's body never reached the filter while its headers were held: set `allow_on_headers_stop_iteration: true` in the wasm filter's config (Istio: an EnvoyFilter, examples/istio/envoyfilter.yaml); such requests are answered with a 500");
         }
         shared.metrics.add(Metric::BodyNeverCame);
         let response = render::openai_error(

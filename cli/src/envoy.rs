@@ -20,13 +20,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use tollgate_core::fallback::RETRY_HEADER;
+use tollgate_core::headers::{CLUSTER_HEADER, RETRY_HEADER};
 
 use crate::Loaded;
 
-/// The header the downstream filter sets to `<alias>/<first>` (core's `translation` and the
-/// filter use the same name).
-pub const CLUSTER_HEADER: &str = "x-tollgate-cluster";
 /// The filter's path in a checkout after `scripts/build-wasm.sh`.
 pub const DEFAULT_WASM: &str = "target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm";
 /// The least route `timeout`: it bounds the whole exchange, a long stream included.

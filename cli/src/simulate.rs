@@ -31,10 +31,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tollgate_core::ending::Ending;
-use tollgate_core::gate::{self, Facts, Gate, Refused, DOWNGRADE_HEADER};
+use tollgate_core::gate::{self, Facts, Gate, Refused};
+use tollgate_core::headers::{DOWNGRADE_HEADER, WARNING_HEADER};
 use tollgate_core::identity::RequestFacts;
 use tollgate_core::limits::engine::Ticket;
-use tollgate_core::message::WARNING_HEADER;
 use tollgate_core::usage::Usage;
 use tollgate_core::MemoryStore;
 

@@ -21,15 +21,13 @@
 use crate::ending::Ending;
 use crate::fallback::Failure;
 use crate::fault::ApiError;
-use crate::gate::Warning;
-use crate::message::{self, WARNING_HEADER};
+use crate::message::Warning;
+use crate::headers::{self, WARNING_HEADER};
+use crate::message;
 use crate::provider::is_provider_only_response_header;
 use crate::render::{openai_error, LocalResponse};
 use crate::translate::exchange::Exchange;
 use crate::usage::Usage;
-
-/// The prefix of Tollgate's own headers: a provider's are removed from its answers.
-pub const TOLLGATE_HEADER_PREFIX: &str = "x-tollgate-";
 
 /// What the host does with the answer's body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +108,8 @@ impl Answer {
     /// The deployment of an alias that serves this answer: named to the client
     /// (`x-tollgate-deployment`), and its price applies when the request is settled.
     pub fn served_by(&mut self, deployment: &str) {
-        self.headers.retain(|(k, _)| *k != crate::fallback::DEPLOYMENT_HEADER);
-        self.headers.push((crate::fallback::DEPLOYMENT_HEADER, deployment.to_owned()));
+        self.headers.retain(|(k, _)| *k != headers::DEPLOYMENT_HEADER);
+        self.headers.push((headers::DEPLOYMENT_HEADER, deployment.to_owned()));
         self.served_by = Some(deployment.to_owned());
     }
 
@@ -130,7 +128,7 @@ impl Answer {
     pub fn head<'n>(&mut self, status: u16, names: impl IntoIterator<Item = &'n str>, retry_after: Option<&str>, end_of_stream: bool) -> Head {
         let mut remove: Vec<String> = names
             .into_iter()
-            .filter(|n| is_provider_only_response_header(n) || n.starts_with(TOLLGATE_HEADER_PREFIX))
+            .filter(|n| is_provider_only_response_header(n) || n.starts_with(headers::PREFIX))
             .map(str::to_owned)
             .collect();
         let mut set = self.client_headers();

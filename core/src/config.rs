@@ -412,13 +412,10 @@ impl Policy {
         })
     }
 
-    /// Request headers that are Tollgate's business only (who the user is, what they pay):
-    /// adapters do not forward them to the provider.
-    /// Tollgate's own internal headers ([`crate::fallback::INTERNAL_HEADERS`]: the plan, the
-    /// start time, the serving deployment, the retry mark) are among them: a client must never
-    /// set those.
+    /// The request headers the policy reads who the user is and what they pay from: Tollgate's
+    /// business only, never forwarded (see [`crate::gate::is_private_request_header`]).
     pub fn private_request_headers(&self) -> impl Iterator<Item = &str> {
-        self.identity.private_headers().chain(crate::fallback::INTERNAL_HEADERS)
+        self.identity.private_headers()
     }
 
     /// A tier's guards, messages and output cap (the defaults for an unknown tier).
@@ -510,7 +507,7 @@ mod tests {
         let p = Policy::from_json(GOOD.as_bytes()).unwrap();
         assert_eq!(
             p.private_request_headers().collect::<Vec<_>>(),
-            vec!["x-tollgate-user", "x-tollgate-tier", "x-tollgate-plan", "x-tollgate-start", "x-tollgate-deployment", "x-tollgate-retry"]
+            vec!["x-tollgate-user", "x-tollgate-tier"]
         );
         assert_eq!(p.limits_of("free").len(), 2);
         assert_eq!(

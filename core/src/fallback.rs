@@ -38,20 +38,6 @@ pub fn health_key(deployment: &str) -> String {
     format!("{HEALTH_KEY_PREFIX}{deployment}")
 }
 
-/// The deployment that served an answer (response header, kept for the client).
-pub const DEPLOYMENT_HEADER: &str = "x-tollgate-deployment";
-/// The attempt order the downstream filter chose (`flash,pro,deepseek`).
-pub const PLAN_HEADER: &str = "x-tollgate-plan";
-/// Epoch milliseconds when the downstream filter forwarded the request.
-pub const START_HEADER: &str = "x-tollgate-start";
-/// Set by the Envoy upstream filter on a response it wants Envoy to retry (never reaches the
-/// client).
-pub const RETRY_HEADER: &str = "x-tollgate-retry";
-
-/// Request headers only Tollgate itself may set: hosts drop them from client requests (they are
-/// part of [`crate::Policy::private_request_headers`]).
-pub const INTERNAL_HEADERS: [&str; 4] = [PLAN_HEADER, START_HEADER, DEPLOYMENT_HEADER, RETRY_HEADER];
-
 pub const MAX_DEPLOYMENTS: usize = 10;
 pub const MAX_ATTEMPTS: u32 = 10;
 pub const MAX_WEIGHT: u32 = 1000;
@@ -801,11 +787,6 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// `flash,pro,deepseek` (the `x-tollgate-plan` header).
-    pub fn header_value(&self) -> String {
-        self.order.join(",")
-    }
-
     /// `scalix-free/flash` (`x-tollgate-cluster`: the Envoy route match).
     pub fn route_value(&self) -> String {
         format!("{}/{}", self.alias, self.order.first().map_or("", String::as_str))
@@ -823,20 +804,6 @@ impl Plan {
             .take(max)
             .collect()
     }
-}
-
-/// Reads an `x-tollgate-plan` value: every name must be one of the alias's deployments, with no
-/// duplicates (`None` otherwise, or when empty).
-pub fn parse_plan_header<'a>(alias: &'a Alias, value: &str) -> Option<Vec<&'a str>> {
-    let mut out: Vec<&'a str> = Vec::new();
-    for part in value.split(',') {
-        let name = alias.deployment(part.trim())?;
-        if out.contains(&name) {
-            return None;
-        }
-        out.push(name);
-    }
-    (!out.is_empty()).then_some(out)
 }
 
 /// The choice for one request.
@@ -1252,7 +1219,7 @@ mod tests {
         let p = plan(choose(&a, &healthy, T0, 1));
         assert_eq!(p.order, ["a", "b", "c"]);
         assert_eq!(p.available, [true, true, true]);
-        assert_eq!((p.header_value(), p.route_value(), p.attempts()), ("a,b,c".to_owned(), "free/a".to_owned(), vec!["a", "b", "c"]));
+        assert_eq!((p.route_value(), p.attempts()), ("free/a".to_owned(), vec!["a", "b", "c"]));
         let h = |d: &str| if d == "a" { cooling(T0 + 5000) } else { Health::default() };
         let p = plan(choose(&a, &h, T0, 1));
         assert_eq!(p.order, ["b", "a", "c"]);
@@ -1346,19 +1313,6 @@ mod tests {
         let only_c = |d: &str| if d == "c" { Health::default() } else { cooling(T0 + 1) };
         for seed in 0..50 {
             assert_eq!(plan(choose(&a, &only_c, T0, seed)).order, ["c", "a", "b"]);
-        }
-    }
-
-    #[test]
-    fn plan_headers_round_trip_and_refuse_foreign_names() {
-        let a = abc(Strategy::Priority);
-        let h = |d: &str| if d == "a" { cooling(T0 + 1) } else { Health::default() };
-        let p = plan(choose(&a, &h, T0, 0));
-        assert_eq!(parse_plan_header(&a, &p.header_value()), Some(vec!["b", "a", "c"]));
-        assert_eq!(parse_plan_header(&a, "c, a"), Some(vec!["c", "a"]));
-        assert_eq!(parse_plan_header(&a, "a"), Some(vec!["a"]));
-        for bad in ["", "a,a", "a,d", "a,,b", "gpt-5", "a,b,c,a", "A"] {
-            assert_eq!(parse_plan_header(&a, bad), None, "{bad:?}");
         }
     }
 

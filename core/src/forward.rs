@@ -20,7 +20,8 @@
 use crate::answer::Answer;
 use crate::fallback::Alias;
 use crate::fault::ApiError;
-use crate::gate::{Admitted, Warning};
+use crate::gate::Admitted;
+use crate::message::Warning;
 use crate::openai::ChatRequest;
 use crate::provider::{ProviderKind, Target};
 use crate::render::LocalResponse;

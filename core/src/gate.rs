@@ -39,10 +39,7 @@ use crate::fault::ApiError;
 
 pub const CHAT_PATH: &str = "/v1/chat/completions";
 pub const USAGE_PATH: &str = "/v1/tollgate/usage";
-/// Names the model a downgrade served the request with.
-pub const DOWNGRADE_HEADER: &str = "x-tollgate-downgraded-to";
-pub const UPGRADE_HEADER: &str = "x-tollgate-upgrade-url";
-pub use crate::fallback::{DEPLOYMENT_HEADER, PLAN_HEADER, RETRY_HEADER, START_HEADER};
+use crate::headers::{DOWNGRADE_HEADER, UPGRADE_HEADER};
 
 /// What kind of request this is, from its method and path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +72,7 @@ pub struct Facts<'a> {
     pub secrets: &'a dyn Fn(&str) -> Option<Vec<u8>>,
 }
 
-/// The warning a soft limit asks the response to carry.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Warning {
-    /// `x-tollgate-warning` (ASCII).
-    pub header: String,
-    /// The `tollgate` object for JSON bodies / the SSE comment, when the tier opts in.
-    pub object: Option<Value>,
-}
+use crate::message::Warning;
 
 /// A request that goes on to the provider.
 #[derive(Debug)]
@@ -344,7 +334,7 @@ fn refusal(admission: &Admission, rules: &TierRules, facts: &Facts) -> Option<Lo
     let kind = match status.metric {
         Metric::Requests | Metric::Concurrent => "requests",
         Metric::CostMicros => "cost",
-        _ => "tokens",
+        Metric::InputTokens | Metric::OutputTokens | Metric::TotalTokens => "tokens",
     };
     let rendered = match requested {
         Some(requested) => message::Rendered {
@@ -502,7 +492,7 @@ pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store:
 /// what they pay (the policy's identity and tier headers), and every `x-tollgate-*` header —
 /// only Tollgate sets those (which cluster, which attempt).
 pub fn is_private_request_header(policy: &Policy, name: &str) -> bool {
-    name.starts_with(crate::answer::TOLLGATE_HEADER_PREFIX) || policy.private_request_headers().any(|h| h == name)
+    name.starts_with(crate::headers::PREFIX) || policy.private_request_headers().any(|h| h == name)
 }
 
 /// What a limit's numbers count.
@@ -511,7 +501,7 @@ pub fn unit(metric: Metric) -> &'static str {
         Metric::Requests => "requests",
         Metric::Concurrent => "requests in flight",
         Metric::CostMicros => "usd_micros",
-        _ => "tokens",
+        Metric::InputTokens | Metric::OutputTokens | Metric::TotalTokens => "tokens",
     }
 }
 

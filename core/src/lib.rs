@@ -20,6 +20,8 @@
 //!
 //! Time is always an argument: epoch milliseconds from the host.
 
+#![warn(missing_docs)]
+
 pub mod answer;
 pub mod attempt;
 pub mod config;
@@ -31,6 +33,7 @@ pub mod fault;
 pub mod forward;
 pub mod gate;
 pub mod guard;
+pub mod headers;
 pub mod identity;
 pub mod message;
 pub mod openai;

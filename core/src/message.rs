@@ -78,7 +78,15 @@ use crate::duration::openai_duration;
 use crate::sse::write_comment;
 
 /// The response header that carries a warning's facts (see [`warning_header`]).
-pub const WARNING_HEADER: &str = "x-tollgate-warning";
+
+/// The warning a soft limit asks the response to carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warning {
+    /// `x-tollgate-warning` (ASCII).
+    pub header: String,
+    /// The `tollgate` object for JSON bodies / the SSE comment, when the tier opts in.
+    pub object: Option<Value>,
+}
 
 /// The member [`inject_into_completion`] adds to a completion body.
 pub const BODY_MEMBER: &str = "tollgate";
@@ -568,7 +576,7 @@ fn epoch_secs_ceil(epoch_ms: u64) -> u64 {
 /// The largest RFC 8941 sf-integer.
 const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
 
-/// The value of the [`WARNING_HEADER`]: an RFC 8941 structured-field dictionary (§3.2) of the
+/// The value of the [`crate::headers::WARNING_HEADER`]: an RFC 8941 structured-field dictionary (§3.2) of the
 /// facts, members in this order:
 ///
 /// ```text

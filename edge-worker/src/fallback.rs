@@ -28,7 +28,7 @@ use tollgate_core::attempt::{self, Attempts, Next, Reason, Seen};
 use tollgate_core::ending::Ending;
 use tollgate_core::fallback::{quota_from_headers, retry_after_ms, Alias, Failure, Outcome};
 use tollgate_core::forward as core_forward;
-use tollgate_core::gate::Warning;
+use tollgate_core::message::Warning;
 use tollgate_core::openai::ChatRequest;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::Math;

@@ -184,7 +184,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         Dispatch::Alias { alias, request, headers, warning, .. } => {
             let mut headers = headers;
             if let Some(w) = &warning {
-                headers.push((tollgate_core::message::WARNING_HEADER, w.header.clone()));
+                headers.push((tollgate_core::headers::WARNING_HEADER, w.header.clone()));
             }
             let call = fallback::Call { env: &env, ctx: &ctx, policy: &policy, objects: &objects, passed: &passed, headers, warning };
             fallback::handle(call, alias, &request, finish).await

@@ -21,7 +21,8 @@ use proxy_wasm::types::Action;
 use tollgate_core::answer::{Answer, BodyPlan};
 use tollgate_core::attempt::{self, Attempts};
 use tollgate_core::ending::Ending;
-use tollgate_core::fallback::{Failure, DEPLOYMENT_HEADER, RETRY_HEADER};
+use tollgate_core::fallback::Failure;
+use tollgate_core::headers::{CLUSTER_HEADER, DEPLOYMENT_HEADER, DOWNGRADE_HEADER, RETRY_HEADER, WARNING_HEADER};
 use tollgate_core::fault::ApiError;
 use tollgate_core::forward::{self, Dispatch};
 use tollgate_core::gate::{self, Admitted, Facts, Gate, Kind, Refused};
@@ -241,7 +242,7 @@ impl Downstream {
             }
             Dispatch::Alias { alias, request, rewritten, mut headers, warning } => {
                 if let Some(w) = &warning {
-                    headers.push((tollgate_core::message::WARNING_HEADER, w.header.clone()));
+                    headers.push((WARNING_HEADER, w.header.clone()));
                 }
                 let alias = AliasRequest { alias, request: &request, rewritten, headers, warning };
                 self.forward_alias(alias, body_size, now, lease_id ^ now_ns)
@@ -265,7 +266,7 @@ impl Downstream {
         if admitted.warning.is_some() {
             m.add(Metric::Warnings);
         }
-        if admitted.headers.iter().any(|(k, _)| *k == gate::DOWNGRADE_HEADER) {
+        if admitted.headers.iter().any(|(k, _)| *k == DOWNGRADE_HEADER) {
             m.add(Metric::Downgrades);
         }
     }
@@ -316,7 +317,7 @@ impl Downstream {
             let bytes = serde_json::to_vec(a.request).unwrap_or_default();
             ok &= http::replace_request_body(&bytes, body_size).is_ok();
         }
-        ok &= abi::set_header(map, http::CLUSTER_HEADER, &plan.route_value()).is_ok();
+        ok &= abi::set_header(map, CLUSTER_HEADER, &plan.route_value()).is_ok();
         if !ok {
             return self.host_failure("routing the request to its deployments", abi::Status(0));
         }
@@ -521,7 +522,7 @@ struct AliasRequest<'a> {
     request: &'a tollgate_core::openai::ChatRequest,
     rewritten: bool,
     headers: Vec<(&'static str, String)>,
-    warning: Option<tollgate_core::gate::Warning>,
+    warning: Option<tollgate_core::message::Warning>,
 }
 
 /// Whether the answer in hand is Envoy's own because the provider was not reached, and how it

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use tollgate_core::attempt::Attempts;
-use tollgate_core::gate::Warning;
+use tollgate_core::message::Warning;
 use tollgate_core::usage::Usage;
 
 /// Requests in flight on one worker thread beyond which the oldest entry is dropped.

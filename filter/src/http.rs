@@ -3,6 +3,7 @@
 //! decision is made here; every list and rule comes from core.
 
 use tollgate_core::answer::Head;
+use tollgate_core::headers::CLUSTER_HEADER;
 use tollgate_core::fault::{ApiError, Fault};
 use tollgate_core::provider::{CLIENT_ONLY_REQUEST_HEADERS, PROVIDER_REQUEST_HEADERS};
 use tollgate_core::render::LocalResponse;
@@ -10,10 +11,6 @@ use tollgate_core::translate::UpstreamRequest;
 
 use crate::abi::{self, Status};
 
-/// The request header that names the provider's Envoy cluster (or an alias's aggregate
-/// cluster); Envoy's routes match on it. Only the filter sets it: a client's own is removed
-/// with every other `x-tollgate-*` header before routing.
-pub const CLUSTER_HEADER: &str = "x-tollgate-cluster";
 
 /// A header map as text (values decoded lossily: only names and a few known values are read).
 pub fn header_pairs(map: u32) -> Result<Vec<(String, String)>, Status> {
@@ -78,7 +75,7 @@ pub struct Destination<'a> {
     pub authority: Option<&'a str>,
     /// The provider's key header, when the filter adds it (upstream role).
     pub key: Option<(&'static str, String)>,
-    /// The cluster to route to ([`CLUSTER_HEADER`]), when the filter picks one (downstream).
+    /// The cluster to route to (`x-tollgate-cluster`), when the filter picks one (downstream).
     pub cluster: Option<&'a str>,
 }
 

@@ -995,3 +995,34 @@ fn without_header_stop_a_chat_request_is_answered_by_the_watchdog_not_hung() {
     let ex = send(&mut vm, HttpRequest::get("/v1/models").header("x-tollgate-user", "ivan"));
     assert_eq!(ex.status, 200, "{}", ex.body_text());
 }
+
+/// A clock that fails between a request's admission and its settlement never loses counts:
+/// the settlement runs at the last time the request saw (its admission), never at time 0,
+/// which would prune every live count on the key as long expired.
+#[test]
+fn a_clock_that_fails_after_admission_loses_no_count() {
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(T0);
+    let mut vm = load(&host, &policy(r#"[{"window": "day", "requests": 10}, {"window": "day", "total_tokens": 1000}, {"concurrent": 3}]"#, "{}"));
+    for remaining in ["9", "8", "7"] {
+        assert_allowed(&send(&mut vm, chat(Some("cleo"))), "10", remaining, "10h14m29.75s");
+    }
+    let clock = host.clock().clone();
+    vm.set_upstream(move |_| {
+        // The host's clock fails while the provider answers: settlement cannot read it.
+        clock.break_it();
+        UpstreamResponse::new(200).header("content-type", "application/json").body(
+            r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":6,"total_tokens":11}}"#,
+        )
+    });
+    let ex = send(&mut vm, chat(Some("cleo")));
+    assert_eq!(ex.status, 200, "{}", ex.body_text());
+    host.clock().set_epoch_ms(T0 + 1_000);
+    vm.set_upstream(openai_like(Arc::new(AtomicUsize::new(0))));
+    let usage = send(&mut vm, HttpRequest::get("/v1/tollgate/usage").header("x-tollgate-user", "cleo"));
+    let v: serde_json::Value = serde_json::from_slice(&usage.body).unwrap();
+    let used = |metric: &str| v["limits"].as_array().unwrap().iter().find(|l| l["metric"] == metric).unwrap()["used"].as_u64().unwrap();
+    assert_eq!(used("requests"), 4, "{v}");
+    assert!(used("total_tokens") >= 11, "{v}");
+    assert_eq!(used("concurrent"), 0, "the lease is back: {v}");
+}

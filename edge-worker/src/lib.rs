@@ -1,7 +1,11 @@
 //! # tollgate-edge-worker
 //!
-//! Tollgate as a Cloudflare Worker (workers-rs). A thin adapter: every decision is made by
-//! `tollgate-core`'s gate; this crate reads host data, calls core, and applies the result.
+//! Tollgate as a Cloudflare Worker (workers-rs). A thin adapter: every decision is
+//! `tollgate-core`'s — the gate, what the request becomes upstream
+//! ([`tollgate_core::forward::dispatch`]), the answer's pipeline ([`tollgate_core::answer`]), an
+//! alias's attempts ([`tollgate_core::attempt`]), what the request costs however it ends
+//! ([`tollgate_core::ending`]) and the store protocol ([`tollgate_core::ops`]). This crate turns
+//! the request into core inputs, does the I/O core's plans ask for, and nothing else.
 //!
 //! For each request, `fetch`:
 //! 1. loads the policy ([`config`]: KV `TOLLGATE_CONFIG`/`policy`, else the var
@@ -10,35 +14,31 @@
 //! 2. gathers the request's facts for core: its headers, the client address from
 //!    `cf-connecting-ip`, the worker's `Date.now()`, and the Worker secrets the identity
 //!    sources name (signed identity tokens);
-//! 3. by kind (`gate::classify`): `GET /v1/tollgate/usage` answers the caller's own limits
-//!    (peeked from the counter objects); `POST /v1/chat/completions` checks a declared
-//!    `content-length` against the tier's size guard, reads the body and runs
-//!    `gate::prepare_chat` (400 bad body, 404 unknown model, 401 bad identity token, the
-//!    tier's guards); anything else runs `gate::prepare_other` (zero token estimate);
-//! 4. admits the request over the counter objects ([`admission::admit`], one Durable Object
-//!    per identity, sharded tier and global aggregates: [`counter`]) and lets core conclude:
-//!    core's 429 (localized, `retry-after`, `x-ratelimit-*`), or `store.on_failure` when an
-//!    object cannot be reached (`deny`: core's retryable 503; `allow`: forwarded uncounted);
-//! 5. forwards what core admitted: a model alias through the fallback loop over its
-//!    deployments ([`fallback`]; provider health in [`health`]); translated to the model's
-//!    provider when the policy maps models ([`translation`]), else to the var `UPSTREAM_URL` (method, path+query, headers
-//!    minus hop-by-hop ones and the policy's private identity/tier headers; a chat body as read,
-//!    or re-serialised when core rewrote it — a downgrade, a capped `max_tokens`);
-//! 6. answers with the upstream's response minus the provider's `x-ratelimit-*` headers, plus
-//!    the client's, `x-tollgate-downgraded-to` after a downgrade, and `x-tollgate-warning`
-//!    near a soft limit (with the tier's warning object in a JSON completion, or as an SSE
-//!    comment before `data: [DONE]`);
-//! 7. settles the request when it ends, in `ctx.wait_until` (the client is not delayed): a
-//!    non-stream answer when its body has been read, a stream when it ends — or when the
-//!    client goes away: the runtime cancels the response stream, which drops it, and the
-//!    [`forward::Finish`] guard inside hands the usage seen so far to the waiting settlement.
-//!    (Measured under `wrangler dev`: the runtime notices the client has gone when the worker
-//!    next has a chunk to write, so a silent upstream holds the request's lease until it sends
-//!    more, ends, or the lease's TTL passes.)
-//!    Settling replaces token reservations with the provider's reported usage (none reported:
-//!    the reservation stays the charge), priced for the deployment that served when the model
-//!    was an alias, and releases the concurrency lease (an alias request nothing served is
-//!    released instead: it does not count); leases not
+//! 3. by kind (`gate::classify`): `GET /v1/tollgate/usage` answers core's usage body (peeked
+//!    from the counter objects); `POST /v1/chat/completions` checks a declared `content-length`
+//!    against the tier's size guard, reads the body and runs `gate::prepare_chat`; anything else
+//!    runs `gate::prepare_other` (zero token estimate);
+//! 4. admits the request by driving core's admission machine over the counter objects
+//!    ([`store`]: one Durable Object per identity and per IP, sharded tier and global
+//!    aggregates, [`counter`]) and lets core conclude: core's 429, or `store.on_failure` when an
+//!    object cannot be reached;
+//! 5. sends what core's [`tollgate_core::forward::dispatch`] says: a chat completion to its
+//!    provider ([`translation`]: `base_url`, the key from the Worker secret the policy names, the
+//!    client headers the var `PROVIDER_PASS_HEADERS` lists), an alias through the fetch loop over
+//!    core's attempts ([`fallback`], health in [`health`]), anything else — and chat completions
+//!    when the policy maps no models — to the var `UPSTREAM_URL` (method, path+query, headers
+//!    minus hop-by-hop and Tollgate's own; the body core says);
+//! 6. serves the answer through core's pipeline ([`forward::serve`]): the provider's account
+//!    headers removed, the client's own set, the body streamed through core chunk by chunk (usage
+//!    tapped, the warning comment before `[DONE]`, a broken stream ended with an OpenAI error
+//!    event) or read whole and replaced (usage read, the warning object added, errors in
+//!    OpenAI's format);
+//! 7. settles the request in `ctx.wait_until` once its answer is over — or when the client goes
+//!    away: the runtime drops the response stream and the [`forward::Finish`] inside hands the
+//!    answer's [`tollgate_core::ending::Ending`] to the waiting settlement, which runs core's
+//!    settlement machine by the one ending rule. (Measured under `wrangler dev`: the runtime
+//!    notices the client has gone when the worker next has a chunk to write, so a silent upstream
+//!    holds the request's lease until it sends more, ends, or the lease's TTL passes.) Leases not
 //!    released (a settlement that could not reach an object) expire after
 //!    `store.lease_ttl_seconds`;
 //! 8. posts webhook events (`policy.notify`) with `fetch` in `ctx.wait_until`: admission's

@@ -3,7 +3,7 @@
 //!
 //! An [`Answer`] is made when a request is forwarded and sees the provider's answer through:
 //! 1. [`Answer::head`] with the status and the response header names: which provider headers go
-//!    ([`crate::provider::is_provider_only_response_header`], and any `x-tollgate-*` a provider
+//!    (`crate::provider::is_provider_only_response_header`, and any `x-tollgate-*` a provider
 //!    sent: only Tollgate speaks for Tollgate), which headers the client gets (its own
 //!    `x-ratelimit-*`, the warning, a downgrade, the serving deployment), and what to do with
 //!    the body ([`BodyPlan`]);
@@ -107,7 +107,7 @@ impl Answer {
 
     /// The deployment of an alias that serves this answer: named to the client
     /// (`x-tollgate-deployment`), and its price applies when the request is settled.
-    pub fn served_by(&mut self, deployment: &str) {
+    pub(crate) fn served_by(&mut self, deployment: &str) {
         self.headers.retain(|(k, _)| *k != headers::DEPLOYMENT_HEADER);
         self.headers.push((headers::DEPLOYMENT_HEADER, deployment.to_owned()));
         self.served_by = Some(deployment.to_owned());
@@ -252,11 +252,6 @@ impl Answer {
 
     fn is_stream(&self) -> bool {
         matches!(&self.body, Body::Chat { stream: true, .. })
-    }
-
-    /// Whether a streamed answer is still flowing (neither ended nor broken).
-    pub fn is_streaming(&self) -> bool {
-        self.phase == Phase::Streaming
     }
 
     /// How the request ended, as far as the answer knows (see [`crate::ending`]): a stream cut

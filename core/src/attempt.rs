@@ -2,7 +2,7 @@
 //! attempt's outcome means (answer it, or fall back), what provider health records, and the
 //! answer when no attempt served. Every host asks here; none decides it itself.
 //!
-//! - [`plan`]: the deployments' order for one request from their health ([`choose`]); every
+//! - [`plan`]: the deployments' order for one request from their health (`choose`); every
 //!   deployment cooling down is a 503 with `retry-after`, and the request was not sent
 //!   ([`crate::ending::Ending::NotSent`]).
 //! - [`Attempts`]: attempt `n` goes to the `n`-th deployment of the plan — a host that can skip
@@ -21,9 +21,15 @@ use crate::render::{self, LocalResponse};
 /// What a host saw of one attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
-    /// The provider answered with this status (`quota`: what its headers say is left;
-    /// `retry_after_ms`: its `retry-after`).
-    Answer { status: u16, quota: Quota, retry_after_ms: Option<u64> },
+    /// The provider answered.
+    Answer {
+        /// The answer's HTTP status.
+        status: u16,
+        /// What the provider's headers say is left of its quota.
+        quota: Quota,
+        /// The provider's `retry-after`, in milliseconds.
+        retry_after_ms: Option<u64>,
+    },
     /// No answer: refused connection, timeout, reset before the response headers.
     NoAnswer(Failure),
     /// A streamed answer broke after its first bytes reached the client.

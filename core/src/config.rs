@@ -164,33 +164,46 @@ struct RawAdmin {
 /// What a tier does besides its limits.
 #[derive(Debug, Clone, Default)]
 pub struct TierRules {
+    /// The tier's abuse guards.
     pub guards: Guards,
+    /// The tier's refusal and warning messages.
     pub messages: Messages,
+    /// Whether a request that names no output limit is sent with `max_tokens` set to its output
+    /// reservation, so it cannot use more output tokens than were reserved (`cap_output`).
     pub cap_output: bool,
 }
 
 /// Where threshold events are posted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notify {
+    /// Envoy: the cluster the webhook is reached through.
     pub cluster: Option<String>,
+    /// The webhook URL (the worker fetches it; Envoy uses its path and host).
     pub url: String,
     /// `host[:port]` of `url`.
     pub authority: String,
     /// Path and query of `url`.
     pub path: String,
+    /// How long one post may take, in milliseconds.
     pub timeout_ms: u32,
 }
 
 /// A validated policy, shared read-only by every request.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// Who is asking and which tier applies: the `identity` and `tier` sections.
     pub identity: IdentityConfig,
+    /// Every tier's limits, the global ones and the price table.
     pub limits: LimitSet,
     rules: BTreeMap<String, TierRules>,
+    /// How many times an update of the counter store is retried after a conflict
+    /// (`store.max_retries`).
     pub max_retries: u32,
+    /// What happens to a request when the counter store fails (`store.on_failure`).
     pub on_failure: FailureMode,
     /// Providers and the model map (empty: no translation).
     pub routes: Routes,
+    /// Where `notify` threshold events are posted (`None`: nowhere).
     pub notify: Option<Notify>,
     /// Secret name of the admin key (worker usage listing).
     pub admin_key_secret: Option<String>,
@@ -200,14 +213,14 @@ pub struct Policy {
     pub health: HealthSettings,
 }
 
-pub use crate::identity::{IdentitySource, Subject};
-
-pub const MAX_RETRIES_LIMIT: u32 = 1000;
-pub const MAX_SLOTS: u32 = 1 << 24;
-pub const MAX_MEMBERS_PER_SLOT: u32 = 1024;
-pub const MAX_CONCURRENT: u64 = 65_535;
+pub(crate) const MAX_RETRIES_LIMIT: u32 = 1000;
+pub(crate) const MAX_SLOTS: u32 = 1 << 24;
+pub(crate) const MAX_MEMBERS_PER_SLOT: u32 = 1024;
+pub(crate) const MAX_CONCURRENT: u64 = 65_535;
 
 impl Policy {
+    /// Parses and validates a policy from its JSON text. Every error names the JSON path it is
+    /// about.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ConfigError::Empty);
@@ -414,7 +427,7 @@ impl Policy {
 
     /// The request headers the policy reads who the user is and what they pay from: Tollgate's
     /// business only, never forwarded (see [`crate::gate::is_private_request_header`]).
-    pub fn private_request_headers(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn private_request_headers(&self) -> impl Iterator<Item = &str> {
         self.identity.private_headers()
     }
 
@@ -425,14 +438,16 @@ impl Policy {
     }
 
     /// Does any tier limit the request body's size (`guards.max_body_bytes`)?
-    pub fn limits_body_size(&self) -> bool {
+    pub(crate) fn limits_body_size(&self) -> bool {
         self.rules.values().any(|r| r.guards.max_body_bytes().is_some())
     }
 
+    /// The limits of `tier` itself, global ones not included (none for an unknown tier).
     pub fn limits_of(&self, tier: &str) -> &[Limit] {
         self.limits.tiers.get(tier).map_or(&[], Vec::as_slice)
     }
 
+    /// Every tier the policy declares, by name, sorted.
     pub fn tier_names(&self) -> impl Iterator<Item = &str> {
         self.limits.tiers.keys().map(String::as_str)
     }

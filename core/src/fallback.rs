@@ -12,7 +12,7 @@
 //! ```
 //! - An alias is a client-visible model name served by an ordered list of *deployments*: names
 //!   in `models` (each with its provider, upstream model, default_max_tokens and price).
-//! - [`choose`] orders the deployments for one request from their [`Health`]: the first is
+//! - `choose` orders the deployments for one request from their [`Health`]: the first is
 //!   picked by the alias's [`Strategy`] among the available ones, the rest follow in the
 //!   alias's order ([`Plan`]). When every deployment is cooling down, the request is answered
 //!   with a 503 ([`crate::render::unavailable`]).
@@ -22,7 +22,7 @@
 //!   exhausted steers new requests away until its reset. A healthy answer writes nothing.
 //!
 //! The health record is one small binary value per deployment (`tg2:h:<deployment>`), updated
-//! with compare-and-set like the counters ([`crate::store::update`]). Garbled or foreign bytes
+//! with compare-and-set like the counters (`crate::store::update`). Garbled or foreign bytes
 //! read as healthy: health only ever steers, it never refuses on its own.
 
 use std::collections::BTreeMap;
@@ -31,17 +31,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, ConfigError};
 
-pub const HEALTH_KEY_PREFIX: &str = "tg2:h:";
+pub(crate) const HEALTH_KEY_PREFIX: &str = "tg2:h:";
 
 /// The store key of a deployment's health record.
-pub fn health_key(deployment: &str) -> String {
+pub(crate) fn health_key(deployment: &str) -> String {
     format!("{HEALTH_KEY_PREFIX}{deployment}")
 }
 
-pub const MAX_DEPLOYMENTS: usize = 10;
-pub const MAX_ATTEMPTS: u32 = 10;
-pub const MAX_WEIGHT: u32 = 1000;
-pub const MAX_ALIASES: usize = 1000;
+pub(crate) const MAX_DEPLOYMENTS: usize = 10;
+pub(crate) const MAX_ATTEMPTS: u32 = 10;
+pub(crate) const MAX_WEIGHT: u32 = 1000;
+pub(crate) const MAX_ALIASES: usize = 1000;
 
 /// How an alias picks the deployment tried first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -57,6 +57,7 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// The strategy's name in the config (`priority`, `weighted`, `least_recently_failed`).
     pub fn name(self) -> &'static str {
         match self {
             Strategy::Priority => "priority",
@@ -69,15 +70,20 @@ impl Strategy {
 /// One deployment of an alias: a name in `models`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployment {
+    /// The deployment's model: a name in the policy's `models`.
     pub model: String,
+    /// Its share of the picks under the `weighted` strategy.
     pub weight: u32,
 }
 
 /// A validated alias.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alias {
+    /// The client-visible name the alias answers to.
     pub name: String,
+    /// Its deployments, in the configured order.
     pub deployments: Vec<Deployment>,
+    /// How the deployment tried first is picked.
     pub strategy: Strategy,
     /// Resolved: the alias's (or `fallback.max_attempts`), at most the number of deployments.
     pub max_attempts: u32,
@@ -192,7 +198,9 @@ impl FallbackSettings {
 pub struct HealthSettings {
     /// Failures within `window_ms` that start a cooldown.
     pub failures: u32,
+    /// How long the failure window lasts, in milliseconds.
     pub window_ms: u64,
+    /// How long a deployment cools down once `failures` is reached, in milliseconds.
     pub cooldown_ms: u64,
     /// Cap for a provider's `retry-after` and quota resets.
     pub max_cooldown_ms: u64,
@@ -465,7 +473,7 @@ fn parse_deployment(v: serde_json::Value, path: &str) -> Result<Deployment, Conf
 // Health
 
 /// First byte of an encoded [`Health`] (format and version).
-pub const HEALTH_FORMAT: u8 = 0x48; // 'H', version 1
+pub(crate) const HEALTH_FORMAT: u8 = 0x48; // 'H', version 1
 const HEALTH_LEN: usize = 1 + 8 + 4 + 8 + 8 + 8;
 
 /// One deployment's shared health record (compact binary, version byte first).
@@ -473,6 +481,7 @@ const HEALTH_LEN: usize = 1 + 8 + 4 + 8 + 8 + 8;
 pub struct Health {
     /// Start of the window `failures` are counted in.
     pub window_start_ms: u64,
+    /// Failures counted in the current window.
     pub failures: u32,
     /// Not tried before this (failures, `retry-after`).
     pub cooldown_until_ms: u64,
@@ -499,7 +508,7 @@ impl Health {
         })
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEALTH_LEN);
         out.push(HEALTH_FORMAT);
         out.extend_from_slice(&self.window_start_ms.to_le_bytes());
@@ -511,10 +520,11 @@ impl Health {
     }
 
     /// When the deployment may be chosen again: `max(cooldown_until, steer_until)`.
-    pub fn available_at(&self) -> u64 {
+    pub(crate) fn available_at(&self) -> u64 {
         self.cooldown_until_ms.max(self.steer_until_ms)
     }
 
+    /// Whether the deployment may be chosen at `now_ms`: neither cooling down nor steered away.
     pub fn is_available(&self, now_ms: u64) -> bool {
         now_ms >= self.available_at()
     }
@@ -523,7 +533,9 @@ impl Health {
 /// What the provider said about its remaining quota (after a successful answer).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Quota {
+    /// Requests the provider says are left.
     pub remaining_requests: Option<u64>,
+    /// Tokens the provider says are left (the least of its token quotas).
     pub remaining_tokens: Option<u64>,
     /// Milliseconds from now until the binding quota resets.
     pub reset_after_ms: Option<u64>,
@@ -625,7 +637,7 @@ fn parse_count(v: &str) -> Option<u64> {
 
 /// A Go duration (`6m0s`, `1h2m3.5s`, `20ms`, `1.5µs`) or bare seconds (`2`, `0.5`), in
 /// milliseconds rounded up.
-pub fn parse_go_duration_ms(v: &str) -> Option<u64> {
+pub(crate) fn parse_go_duration_ms(v: &str) -> Option<u64> {
     let v = v.trim();
     if v.is_empty() || v.len() > 64 {
         return None;
@@ -713,8 +725,18 @@ pub fn retry_after_ms(value: &str, now_ms: u64) -> Option<u64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Outcome {
-    Failed { failure: Failure, retry_after_ms: Option<u64> },
-    Served { quota: Quota },
+    /// The attempt failed in a way the policy falls back on.
+    Failed {
+        /// How it failed.
+        failure: Failure,
+        /// The provider's `retry-after`, in milliseconds.
+        retry_after_ms: Option<u64>,
+    },
+    /// The provider served the request.
+    Served {
+        /// What the provider's headers say is left of its quota.
+        quota: Quota,
+    },
 }
 
 /// The next health record after an attempt's outcome. `None` = nothing to write (the success
@@ -777,12 +799,14 @@ pub fn next_health(prev: Option<&Health>, outcome: &Outcome, settings: &HealthSe
 /// The attempt order for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
+    /// The alias's name.
     pub alias: String,
     /// First = chosen by the strategy among the available; then every other deployment in the
     /// alias's order.
     pub order: Vec<String>,
     /// Per `order` entry: available now (not cooling down, not steered away).
     pub available: Vec<bool>,
+    /// The most attempts the request may make (resolved from the alias's `max_attempts`).
     pub max_attempts: u32,
 }
 
@@ -808,7 +832,7 @@ impl Plan {
 
 /// The choice for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Choice {
+pub(crate) enum Choice {
     Plan(Plan),
     /// Every deployment is cooling down: retry after the soonest is available again (at least
     /// 1000 ms).
@@ -825,7 +849,7 @@ fn mix(seed: u64) -> u64 {
 
 /// Orders `alias`'s deployments for one request from their health. `seed`: any u64 the host has
 /// (time ^ a request counter); the weighted pick is deterministic in it.
-pub fn choose(alias: &Alias, health: &dyn Fn(&str) -> Health, now_ms: u64, seed: u64) -> Choice {
+pub(crate) fn choose(alias: &Alias, health: &dyn Fn(&str) -> Health, now_ms: u64, seed: u64) -> Choice {
     let records: Vec<Health> = alias.deployments.iter().map(|d| health(&d.model)).collect();
     let available: Vec<bool> = records.iter().map(|h| h.is_available(now_ms)).collect();
     let candidates = || (0..alias.deployments.len()).filter(|&i| available[i]);

@@ -22,13 +22,17 @@ pub enum Fault {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("{message}")]
 pub struct ApiError {
+    /// Whose fault it is.
     pub fault: Fault,
+    /// The HTTP status.
     pub status: u16,
     /// OpenAI's `error.type`, e.g. `invalid_request_error`, `rate_limit_error`, `server_error`.
     pub kind: &'static str,
     /// OpenAI's `error.code`, e.g. `unsupported_parameter`, `rate_limit_exceeded`.
     pub code: Option<String>,
+    /// OpenAI's `error.param`: the request field at fault, if one is.
     pub param: Option<String>,
+    /// OpenAI's `error.message`: what the client reads.
     pub message: String,
     /// `retry-after` seconds the provider asked for, kept for the client.
     pub retry_after: Option<u64>,
@@ -80,7 +84,7 @@ impl ApiError {
     }
 
     /// A 502 for a provider answer that cannot be read.
-    pub fn bad_upstream(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_upstream(message: impl Into<String>) -> Self {
         ApiError {
             fault: Fault::Provider,
             status: 502,

@@ -37,8 +37,8 @@ use crate::routing::Route;
 use crate::store::{CasStore, StoreError};
 use crate::fault::ApiError;
 
-pub const CHAT_PATH: &str = "/v1/chat/completions";
-pub const USAGE_PATH: &str = "/v1/tollgate/usage";
+pub(crate) const CHAT_PATH: &str = "/v1/chat/completions";
+pub(crate) const USAGE_PATH: &str = "/v1/tollgate/usage";
 use crate::headers::{DOWNGRADE_HEADER, UPGRADE_HEADER};
 
 /// What kind of request this is, from its method and path.
@@ -52,6 +52,7 @@ pub enum Kind {
     Other,
 }
 
+/// What kind of request a method and path make (the path's query and fragment are ignored).
 pub fn classify(method: Option<&str>, path: Option<&str>) -> Kind {
     let path = path.map(|p| p.split(['?', '#']).next().unwrap_or(p));
     match (method, path) {
@@ -67,6 +68,7 @@ pub struct Facts<'a> {
     pub header: &'a dyn Fn(&str) -> Option<String>,
     /// Envoy's `source.address`; the worker's `cf-connecting-ip`.
     pub peer_address: Option<&'a str>,
+    /// The host's clock, in epoch milliseconds.
     pub now_ms: u64,
     /// A host secret's bytes by name (signed identity tokens).
     pub secrets: &'a dyn Fn(&str) -> Option<Vec<u8>>,
@@ -84,16 +86,18 @@ pub struct Admitted<'p> {
     pub rewritten: bool,
     /// Where it goes, when the policy maps models (`None` for an alias).
     pub route: Option<Route<'p>>,
-    /// The alias that serves it (its deployments are tried per [`crate::fallback::choose`]).
+    /// The alias that serves it (its deployments are tried per `crate::fallback::choose`).
     pub alias: Option<&'p Alias>,
     /// What to settle when the request ends (empty when the store failed and the policy
     /// allowed the request anyway).
     pub ticket: Option<Ticket>,
     /// Headers for the client's response.
     pub headers: Vec<(&'static str, String)>,
+    /// The warning a soft limit asks the response to carry, if one was reached.
     pub warning: Option<Warning>,
     /// Webhook event bodies to post.
     pub events: Vec<Vec<u8>>,
+    /// The requester's tier.
     pub tier: String,
     /// Members evicted from full slots, and releases that failed.
     pub evicted: u32,
@@ -110,10 +114,20 @@ pub enum Refused {
     StoreFailed,
 }
 
+/// What the gate decided for a request: forward it, or answer it locally.
 #[derive(Debug)]
 pub enum Gate<'p> {
+    /// Forward it to the provider.
     Forward(Box<Admitted<'p>>),
-    Reply { response: LocalResponse, why: Refused, store_error: Option<StoreError> },
+    /// Answer it locally.
+    Reply {
+        /// The answer.
+        response: LocalResponse,
+        /// Why the request was refused.
+        why: Refused,
+        /// The counter store's failure, when the refusal is the policy's answer to it.
+        store_error: Option<StoreError>,
+    },
 }
 
 fn reply(response: LocalResponse, why: Refused) -> Gate<'static> {
@@ -144,7 +158,9 @@ pub fn check_declared_length(policy: &Policy, facts: &Facts, content_length: Opt
 /// A request ready for admission: who is counted, and for what.
 #[derive(Debug)]
 pub struct Pending<'p> {
+    /// Who the request is counted for.
     pub who: Who,
+    /// What the request is estimated to use.
     pub estimate: Estimate,
     request: Option<ChatRequest>,
     route: Option<Route<'p>>,
@@ -155,6 +171,7 @@ pub struct Pending<'p> {
 /// The outcome of preparing a request: admit it, or answer it now.
 #[derive(Debug)]
 pub enum Prepared<'p> {
+    /// Run it through the limits.
     Admit(Box<Pending<'p>>),
     /// Bad body, unknown model, a guard, a bad identity token ([`Refused::Invalid`]).
     Reply(LocalResponse),
@@ -369,7 +386,7 @@ fn refusal(admission: &Admission, rules: &TierRules, facts: &Facts) -> Option<Lo
 
 /// OpenAI's `x-ratelimit-*` headers for the most restrictive request limit and the most
 /// restrictive token limit.
-pub fn limit_headers(statuses: &[LimitStatus]) -> Vec<(&'static str, String)> {
+pub(crate) fn limit_headers(statuses: &[LimitStatus]) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if let Some(s) = binding(statuses, |m| m == Metric::Requests) {
         out.extend(render::rate_limit_headers(s.limit, s.remaining, s.reset_ms));
@@ -506,7 +523,7 @@ pub fn unit(metric: Metric) -> &'static str {
 }
 
 /// One limit's state as JSON (usage endpoint, simulator).
-pub fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
+pub(crate) fn status_json(s: &LimitStatus, now_ms: u64) -> Value {
     json!({
         "name": s.name,
         "scope": s.scope.name(),

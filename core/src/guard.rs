@@ -6,7 +6,7 @@
 //! "guards": { "max_body_bytes": 65536, "max_prompt_tokens": 8000, "max_tokens": 2048,
 //!             "default_max_tokens": 1024, "max_messages": 64, "models": ["scalix-free", "small"] }
 //! ```
-//! - `max_body_bytes`: the largest request body, checked by [`Guards::check_body_size`] on the
+//! - `max_body_bytes`: the largest request body, checked by `Guards::check_body_size` on the
 //!   `Content-Length` before any body byte is read, and again on the real length (a chunked
 //!   body has no `Content-Length`). Refused with 413 `request_too_large`.
 //! - `models`: the client-visible models the tier may use (whether each exists in the model map
@@ -17,31 +17,31 @@
 //! - `max_prompt_tokens`: the largest *estimated* prompt ([`estimate_prompt_tokens`]). Refused
 //!   with 400 `context_length_exceeded`, OpenAI's own code for a prompt that is too long.
 //! - `default_max_tokens`: the output reservation for a request that names no limit (see
-//!   [`output_reservation`]); at most `max_tokens`.
+//!   `output_reservation`); at most `max_tokens`.
 //!
 //! Zero values are refused rather than read as "block everything" (to block a tier, remove it
 //! from the tiers its users can reach); an empty `models` list likewise.
 //!
-//! Every refusal is a [`GuardError`]: the client's fault, a 4xx in OpenAI's error format
-//! ([`GuardError::to_response`]), with [`GuardError::code`] as its metric label.
+//! Every refusal is a `GuardError`: the client's fault, a 4xx in OpenAI's error format
+//! (`GuardError::to_response`), with `GuardError::code` as its metric label.
 //!
 //! # The prompt-token estimate
 //! [`estimate_prompt_tokens`] is an **estimate**, not a tokenizer: no tokenizer table fits in a
 //! proxy-wasm filter, and the providers' tokenizers differ anyway. It is deterministic, cheap
 //! (one pass, no allocation), never panics (saturating arithmetic) and never decreases when text
 //! is added. The rules:
-//! - per message: [`MESSAGE_OVERHEAD`] (4) tokens, plus `ceil(bytes / 4)` where `bytes` is the
+//! - per message: `MESSAGE_OVERHEAD` (4) tokens, plus `ceil(bytes / 4)` where `bytes` is the
 //!   UTF-8 length of all of the message's text taken together: the content string or its text
 //!   parts, `name`, each tool call's function name and arguments, `tool_call_id`,
 //!   `reasoning_content` and `refusal`;
-//! - per image part: [`IMAGE_LOW_DETAIL`] (85) tokens when `detail` is `"low"`, else
-//!   [`IMAGE_OTHER_DETAIL`] (765). Both are flat per-image assumptions (OpenAI's tile formula:
+//! - per image part: `IMAGE_LOW_DETAIL` (85) tokens when `detail` is `"low"`, else
+//!   `IMAGE_OTHER_DETAIL` (765). Both are flat per-image assumptions (OpenAI's tile formula:
 //!   85 base, plus 170 per 512 px tile; 765 = a 1024×1024 image's four tiles). The image's size
 //!   is unknown here and real counts vary by model: a 2560 px photo counted 2245 prompt tokens
 //!   on gpt-5-nano (see the fixture test below), so large images are *under*-estimated;
-//! - per `input_audio` or `file` part: a flat [`AUDIO_OR_FILE`] (1000) tokens;
+//! - per `input_audio` or `file` part: a flat `AUDIO_OR_FILE` (1000) tokens;
 //! - `tools`: `ceil(bytes of the tools' compact JSON / 4)`;
-//! - [`PRIMING`] (3) tokens for the reply's priming;
+//! - `PRIMING` (3) tokens for the reply's priming;
 //! - the sum, but at least [`PROMPT_FLOOR`] (16).
 //!
 //! Fields outside these (e.g. `response_format`, unknown message fields) are not counted; the
@@ -58,7 +58,6 @@ use thiserror::Error;
 use crate::error::ConfigError;
 use crate::openai::{ChatRequest, Content, ContentPart, Message};
 use crate::render::{openai_error_with_param, LocalResponse};
-use crate::fault::Fault;
 
 /// The least any prompt is estimated at. A reservation is taken before the provider answers
 /// and settled afterwards: a zero (an empty message list, say) would let a client send
@@ -70,28 +69,28 @@ pub const PROMPT_FLOOR: u64 = 16;
 /// lets a request without a limit run to the model's maximum, which is too much to reserve;
 /// 1024 tokens covers a typical chat answer, and the reservation is settled against the real
 /// usage afterwards.
-pub const DEFAULT_OUTPUT_RESERVATION: u64 = 1024;
+pub(crate) const DEFAULT_OUTPUT_RESERVATION: u64 = 1024;
 
 /// The most choices (`n`) a reservation counts: OpenAI's documented maximum for `n`. A larger
 /// `n` is the provider's to refuse; it must not make one request reserve without bound.
-pub const MAX_N: u64 = 128;
+pub(crate) const MAX_N: u64 = 128;
 
 /// Estimated tokens of framing per message (role and separators).
-pub const MESSAGE_OVERHEAD: u64 = 4;
+pub(crate) const MESSAGE_OVERHEAD: u64 = 4;
 /// Estimated tokens that prime the reply.
-pub const PRIMING: u64 = 3;
+pub(crate) const PRIMING: u64 = 3;
 /// Estimated tokens for an image part with `detail: "low"`.
-pub const IMAGE_LOW_DETAIL: u64 = 85;
+pub(crate) const IMAGE_LOW_DETAIL: u64 = 85;
 /// Estimated tokens for any other image part (flat: the image's size is unknown here).
-pub const IMAGE_OTHER_DETAIL: u64 = 765;
+pub(crate) const IMAGE_OTHER_DETAIL: u64 = 765;
 /// Estimated tokens for an `input_audio` or `file` part.
-pub const AUDIO_OR_FILE: u64 = 1000;
+pub(crate) const AUDIO_OR_FILE: u64 = 1000;
 
 /// A tier's `guards` object as written. The caller deserializes it (as part of its tier) and
 /// passes it to [`Guards::validate`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawGuards {
+pub(crate) struct RawGuards {
     pub max_body_bytes: Option<u64>,
     pub max_prompt_tokens: Option<u64>,
     pub max_tokens: Option<u64>,
@@ -126,7 +125,7 @@ fn join(path: &str, field: &str) -> String {
 impl Guards {
     /// Validates `raw`; `path` is where it sits in the policy (`tiers.free.guards`), and every
     /// error names the field below it (`tiers.free.guards.max_tokens: must be at least 1`).
-    pub fn validate(raw: RawGuards, path: &str) -> Result<Guards, ConfigError> {
+    pub(crate) fn validate(raw: RawGuards, path: &str) -> Result<Guards, ConfigError> {
         for (field, value) in [
             ("max_body_bytes", raw.max_body_bytes),
             ("max_prompt_tokens", raw.max_prompt_tokens),
@@ -173,22 +172,27 @@ impl Guards {
         })
     }
 
+    /// The largest request body allowed, in bytes (`max_body_bytes`).
     pub fn max_body_bytes(&self) -> Option<u64> {
         self.max_body_bytes
     }
 
+    /// The largest estimated prompt allowed, in tokens (`max_prompt_tokens`).
     pub fn max_prompt_tokens(&self) -> Option<u64> {
         self.max_prompt_tokens
     }
 
+    /// The largest output limit a request may ask for (`max_tokens`).
     pub fn max_tokens(&self) -> Option<u64> {
         self.max_tokens
     }
 
+    /// The output reservation for a request that names no output limit (`default_max_tokens`).
     pub fn default_max_tokens(&self) -> Option<u64> {
         self.default_max_tokens
     }
 
+    /// The most messages one request may carry (`max_messages`).
     pub fn max_messages(&self) -> Option<u64> {
         self.max_messages
     }
@@ -199,13 +203,13 @@ impl Guards {
     }
 
     /// Whether the tier may use `model` (exact, case-sensitive, as the model map matches).
-    pub fn allows_model(&self, model: &str) -> bool {
+    pub(crate) fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.iter().any(|a| a == model))
     }
 
     /// Refuses a body longer than `max_body_bytes`. Call it with the `Content-Length` before
     /// reading the body, and with the real length (or the bytes received so far) once known.
-    pub fn check_body_size(&self, len: u64) -> Result<(), GuardError> {
+    pub(crate) fn check_body_size(&self, len: u64) -> Result<(), GuardError> {
         match self.max_body_bytes {
             Some(limit) if len > limit => Err(GuardError::BodyTooLarge { limit, len }),
             _ => Ok(()),
@@ -215,7 +219,7 @@ impl Guards {
     /// Checks a parsed request, in this order: model allowlist, message count, requested
     /// output tokens, then the estimated prompt (`estimated_prompt_tokens`, from
     /// [`estimate_prompt_tokens`], passed in so that it is computed once per request).
-    pub fn check(&self, req: &ChatRequest, estimated_prompt_tokens: u64) -> Result<(), GuardError> {
+    pub(crate) fn check(&self, req: &ChatRequest, estimated_prompt_tokens: u64) -> Result<(), GuardError> {
         if !self.allows_model(&req.model) {
             return Err(GuardError::ModelNotAllowed { model: req.model.clone() });
         }
@@ -246,7 +250,7 @@ impl Guards {
 /// Why a guard refused a request. Always the client's fault; the message (`Display`) is what
 /// the client reads.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-pub enum GuardError {
+pub(crate) enum GuardError {
     /// The body is longer than `max_body_bytes`. `len` is the length checked: a
     /// `Content-Length`, or the bytes received so far.
     #[error("The request body is too large: this plan allows at most {limit} bytes.")]
@@ -299,8 +303,9 @@ impl GuardError {
         "invalid_request_error"
     }
 
-    pub fn fault(&self) -> Fault {
-        Fault::Client
+    #[cfg(test)]
+    pub(crate) fn fault(&self) -> crate::fault::Fault {
+        crate::fault::Fault::Client
     }
 
     /// The complete local response in OpenAI's dialect.
@@ -393,7 +398,7 @@ pub fn estimate_prompt_tokens(req: &ChatRequest) -> u64 {
     total.max(PROMPT_FLOOR)
 }
 
-/// How many choices a reservation counts: `n`, at least 1, at most [`MAX_N`].
+/// How many choices a reservation counts: `n`, at least 1, at most `MAX_N`.
 pub fn choices(req: &ChatRequest) -> u64 {
     req.n.unwrap_or(1).clamp(1, MAX_N)
 }
@@ -402,7 +407,7 @@ pub fn choices(req: &ChatRequest) -> u64 {
 /// `max_tokens`, else the tier's `default_max_tokens`, else `model_default` (the model map's
 /// `default_max_tokens`), else [`DEFAULT_OUTPUT_RESERVATION`]; never above the tier's
 /// `max_tokens`. Multiplied by [`choices`], saturating.
-pub fn output_reservation(req: &ChatRequest, guards: &Guards, model_default: Option<u64>) -> u64 {
+pub(crate) fn output_reservation(req: &ChatRequest, guards: &Guards, model_default: Option<u64>) -> u64 {
     let per_choice = req
         .max_output_tokens()
         .or(guards.default_max_tokens)
@@ -415,6 +420,7 @@ pub fn output_reservation(req: &ChatRequest, guards: &Guards, model_default: Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::Fault;
     use crate::openai::{FunctionCall, FunctionDef, ImageUrl, Role, Tool, ToolCall};
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};

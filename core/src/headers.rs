@@ -15,6 +15,6 @@ pub const RETRY_HEADER: &str = "x-tollgate-retry";
 /// Response header naming the model a downgrade served the request with.
 pub const DOWNGRADE_HEADER: &str = "x-tollgate-downgraded-to";
 /// Response header with the tier's upgrade link, on a refusal.
-pub const UPGRADE_HEADER: &str = "x-tollgate-upgrade-url";
+pub(crate) const UPGRADE_HEADER: &str = "x-tollgate-upgrade-url";
 /// Response header with a soft limit's warning (RFC 8941 parameters).
 pub const WARNING_HEADER: &str = "x-tollgate-warning";

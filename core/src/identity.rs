@@ -56,23 +56,22 @@ use thiserror::Error;
 
 use crate::error::{invalid, ConfigError};
 use crate::render::{openai_error, LocalResponse};
-use crate::fault::Fault;
 
 /// How late (after its expiry) a signed token is still accepted, unless configured.
-pub const DEFAULT_MAX_SKEW_SECONDS: u64 = 30;
+pub(crate) const DEFAULT_MAX_SKEW_SECONDS: u64 = 30;
 /// The largest `max_skew_seconds` a policy may give.
-pub const MAX_SKEW_LIMIT_SECONDS: u64 = 3600;
+pub(crate) const MAX_SKEW_LIMIT_SECONDS: u64 = 3600;
 /// A signed token whose expiry lies further ahead than this is refused.
-pub const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
+pub(crate) const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 /// The header `client_ip` sources with `trusted_hops > 0` read.
-pub const FORWARDED_FOR: &str = "x-forwarded-for";
+pub(crate) const FORWARDED_FOR: &str = "x-forwarded-for";
 
 const SOURCE_KINDS: &str = "signed_header, header, user_field, api_key_header, session_header, client_ip";
 
 /// The `identity` section as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIdentity {
+pub(crate) struct RawIdentity {
     header: Option<String>,
     sources: Option<Vec<RawSource>>,
 }
@@ -80,7 +79,7 @@ pub struct RawIdentity {
 /// The `tier` section as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTierSelect {
+pub(crate) struct RawTierSelect {
     header: Option<String>,
     #[serde(default)]
     api_keys: BTreeMap<String, String>,
@@ -132,11 +131,17 @@ pub struct IdentityConfig {
 /// How the subject was identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentitySource {
+    /// A `signed_header` token.
     SignedHeader,
+    /// A plain `header`.
     Header,
+    /// The request body's `user` field.
     UserField,
+    /// An `api_key_header` (its key's digest).
     ApiKey,
+    /// A `session_header`.
     Session,
+    /// The client's address (`client_ip`).
     ClientIp,
     /// No source yielded a value: all such requests share one bucket.
     Unidentified,
@@ -152,7 +157,9 @@ pub struct Subject {
     /// to identified users; `None` when the address is unknown. Equals `key` when the subject
     /// was identified by its address.
     pub ip_key: Option<String>,
+    /// The tier whose limits and rules apply.
     pub tier: String,
+    /// Which source identified the subject.
     pub source: IdentitySource,
 }
 
@@ -176,16 +183,20 @@ pub struct RequestFacts<'a> {
 /// `expiry` is unix seconds, `signature` the HMAC-SHA256 of the bytes `<id>.<expiry>` under the
 /// secret, in base64url without padding (standard base64, padded or not, is accepted too).
 /// A correctly signed token is accepted until `expiry + max_skew_seconds` (whole seconds of
-/// `now_ms`); an expiry more than [`MAX_TOKEN_LIFETIME_SECONDS`] ahead is refused. The
+/// `now_ms`); an expiry more than `MAX_TOKEN_LIFETIME_SECONDS` ahead is refused. The
 /// signature is checked (in constant time) before the expiry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
 pub enum IdentityError {
+    /// The token is not `<id>.<expiry>.<signature>` with a numeric expiry and a base64 signature.
     #[error("The identity token is malformed.")]
     Malformed,
+    /// The signature does not match: the token was not minted with the secret.
     #[error("The identity token's signature is invalid.")]
     BadSignature,
+    /// The expiry, plus the allowed skew, has passed.
     #[error("The identity token has expired.")]
     Expired,
+    /// The expiry is further ahead than a token may live.
     #[error("The identity token's expiry is too far in the future.")]
     TooFarAhead,
     /// The adapter supplied no (or empty) bytes for the source's secret: the operator's fault.
@@ -195,7 +206,8 @@ pub enum IdentityError {
 
 impl IdentityError {
     /// A short label for metrics.
-    pub fn kind(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             IdentityError::Malformed => "malformed",
             IdentityError::BadSignature => "bad_signature",
@@ -205,10 +217,11 @@ impl IdentityError {
         }
     }
 
-    pub fn fault(&self) -> Fault {
+    #[cfg(test)]
+    pub(crate) fn fault(&self) -> crate::fault::Fault {
         match self {
-            IdentityError::MissingSecret => Fault::Gateway,
-            _ => Fault::Client,
+            IdentityError::MissingSecret => crate::fault::Fault::Gateway,
+            _ => crate::fault::Fault::Client,
         }
     }
 
@@ -221,7 +234,7 @@ impl IdentityError {
 impl IdentityConfig {
     /// Validates the two sections; `tier_names` are the policy's tiers. Errors name their
     /// path (`identity.sources[0].secret: …`).
-    pub fn validate(
+    pub(crate) fn validate(
         identity: RawIdentity,
         tier: RawTierSelect,
         tier_names: &BTreeSet<String>,
@@ -300,7 +313,7 @@ impl IdentityConfig {
     /// Request headers that are Tollgate's business only (who the user is, what they pay):
     /// the signed and plain identity headers and the tier header. Adapters do not forward
     /// them. The API key and session headers are left alone.
-    pub fn private_headers(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn private_headers(&self) -> impl Iterator<Item = &str> {
         self.sources
             .iter()
             .filter_map(|s| match s {
@@ -312,7 +325,8 @@ impl IdentityConfig {
 
     /// Whether a source reads the body's `user` field (an adapter that resolves at request
     /// headers must then wait for the body).
-    pub fn reads_user_field(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn reads_user_field(&self) -> bool {
         self.sources.contains(&Source::UserField)
     }
 
@@ -581,6 +595,7 @@ pub(crate) fn subject_key(material: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fault::Fault;
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
     use proptest::prelude::*;
 

@@ -47,24 +47,48 @@ pub const DEFAULT_MAX_ELEMENT_SIZE: usize = 8 * 1024 * 1024;
 pub enum JsonArrayError {
     /// The first byte that is not whitespace is not `[` (for example an error object).
     #[error("response is not a JSON array: expected '[' at byte {offset}, found {}", show(.found))]
-    NotAnArray { offset: u64, found: u8 },
+    NotAnArray {
+        /// The byte's position in the body.
+        offset: u64,
+        /// The byte found instead.
+        found: u8,
+    },
     /// A byte that cannot come next: garbage between elements, a missing or extra comma, a
     /// mismatched closing bracket, or anything but whitespace after the closing `]`.
     #[error("malformed JSON array stream: expected {expected} at byte {offset}, found {}", show(.found))]
-    Unexpected { offset: u64, found: u8, expected: &'static str },
+    Unexpected {
+        /// The byte's position in the body.
+        offset: u64,
+        /// The byte found.
+        found: u8,
+        /// What could have come next, in words (`',' or ']' after an array element`).
+        expected: &'static str,
+    },
     /// Element `index` (0-based) grew past the limit before it ended.
     #[error("JSON array element {index} is larger than {limit} bytes")]
-    ElementTooLarge { index: usize, limit: usize },
+    ElementTooLarge {
+        /// The element's position in the array.
+        index: usize,
+        /// The decoder's element size limit, in bytes.
+        limit: usize,
+    },
     /// Element `index` (0-based) is framed correctly but is not valid JSON.
     #[error("JSON array element {index} is not valid JSON: {source}")]
     InvalidElement {
+        /// The element's position in the array.
         index: usize,
+        /// Why `serde_json` refused it.
         #[source]
         source: serde_json::Error,
     },
     /// The body ended before the array's closing `]` (from [`JsonArrayDecoder::finish`]).
     #[error("JSON array stream truncated {context}, after {offset} bytes")]
-    Truncated { offset: u64, context: &'static str },
+    Truncated {
+        /// Bytes received in all.
+        offset: u64,
+        /// Where the body ended, in words (`inside an array element`).
+        context: &'static str,
+    },
 }
 
 impl JsonArrayError {
@@ -170,6 +194,7 @@ impl JsonArrayDecoder {
         }
     }
 
+    /// The most bytes one element may take (see [`JsonArrayDecoder::with_max_element_size`]).
     pub fn max_element_size(&self) -> usize {
         self.max_element_size
     }
@@ -182,7 +207,7 @@ impl JsonArrayDecoder {
     /// The next complete element's bytes, exactly as received (no surrounding whitespace),
     /// without parsing them: for deserialising into a typed struct or forwarding verbatim.
     /// Takes from the same queue as [`Iterator::next`].
-    pub fn next_raw(&mut self) -> Option<Result<Vec<u8>, JsonArrayError>> {
+    pub(crate) fn next_raw(&mut self) -> Option<Result<Vec<u8>, JsonArrayError>> {
         self.out.pop_front().map(|item| item.map(|(_, bytes)| bytes))
     }
 

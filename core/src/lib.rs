@@ -25,9 +25,9 @@
 pub mod answer;
 pub mod attempt;
 pub mod config;
-pub mod duration;
+pub(crate) mod duration;
 pub mod ending;
-pub mod error;
+pub(crate) mod error;
 pub mod fallback;
 pub mod fault;
 pub mod forward;
@@ -52,7 +52,7 @@ pub mod json_array;
 pub mod limits;
 pub mod sse;
 
-pub use config::{ConfigError, FailureMode, Policy, Subject};
+pub use config::{ConfigError, FailureMode, Policy};
 pub use render::LocalResponse;
 pub use store::{CasStore, MemoryStore, StoreError, Version, Written};
 pub use window::{Timestamp, Window};

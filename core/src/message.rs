@@ -11,12 +11,12 @@
 //!   "warn":  { "en": "You have used {percent}% of your {metric} for this {window}." }
 //! }
 //! ```
-//! Every field is optional; unknown fields are errors. [`Messages::validate`] checks:
+//! Every field is optional; unknown fields are errors. `Messages::validate` checks:
 //! - locale tags (`default_locale` and every map key) are BCP 47-ish: a basic language range
 //!   without the wildcard (RFC 4647 §2.1: `1*8ALPHA *("-" 1*8alphanum)`), e.g. `en`, `ar`,
 //!   `pt-BR`. Tags compare case-insensitively; a map may not give one tag twice in two cases.
 //! - `default_locale` (default `en`) has a template in every map that is given. A map that is
-//!   not given uses the built-in English text ([`BLOCK_EN`], [`WARN_EN`]).
+//!   not given uses the built-in English text (`BLOCK_EN`, `WARN_EN`).
 //! - templates are non-empty and use only the placeholders below; `{{` and `}}` are literal
 //!   braces, any other lone brace is an error. `{upgrade_url}` needs `upgrade_url` to be set.
 //! - `upgrade_url` is an `http://` or `https://` URL with a host and no spaces or control
@@ -35,14 +35,14 @@
 //! | `{metric}`      | what is counted, as the caller names it: `requests`, `total tokens`     |
 //! | `{window}`      | the window, as the caller names it: `day`, `minute`, `rate`             |
 //! | `{reset}`       | when the window resets, RFC 3339 UTC to the second: `2026-11-22T00:00:00Z` |
-//! | `{reset_in}`    | the time until then in OpenAI's duration text: `6m0s` (see [`crate::duration`]) |
+//! | `{reset_in}`    | the time until then in OpenAI's duration text: `6m0s` (see `crate::duration`) |
 //! | `{upgrade_url}` | the tier's `upgrade_url`                                                |
 //!
 //! Numbers are ASCII digits without grouping in every locale; `{metric}` and `{window}` are
 //! inserted as given (a translated template may prefer its own words to them).
 //!
 //! ## Choosing the locale
-//! [`Messages::negotiate`] reads `Accept-Language` (RFC 9110 §12.5.4) and applies RFC 4647 §3.4
+//! The locale is chosen from `Accept-Language` (RFC 9110 §12.5.4) by RFC 4647 §3.4
 //! *lookup*: ranges are taken by weight, highest first (header order breaks ties); for each,
 //! "the language range is progressively truncated from the end until a matching language tag is
 //! located" (`ar-SA` finds `ar`; a range never finds a longer tag: `pt` does not find `pt-BR`),
@@ -56,13 +56,13 @@
 //! ## How a warning reaches the client
 //! A warning must not break a client that knows nothing about Tollgate, so there are three
 //! channels, all pure functions here; the adapter picks and applies them:
-//! 1. [`warning_header`] — the `x-tollgate-warning` response header, always safe to add. ASCII
+//! 1. `warning_header` — the `x-tollgate-warning` response header, always safe to add. ASCII
 //!    only (a header cannot carry Arabic reliably), so it holds the facts, not the text: an
 //!    RFC 8941 structured-field dictionary,
 //!    `metric="total tokens", window="day", limit=10000, used=8123, remaining=1877, percent=81, threshold=80, reset=1795305600`.
-//! 2. [`body_object`] + [`inject_into_completion`] — when the tier has `body_object: true`, a
+//! 2. `body_object` + `inject_into_completion` — when the tier has `body_object: true`, a
 //!    `"tollgate"` member added to a non-streamed chat-completion body, with the localized text.
-//! 3. [`body_object`] + [`sse_comment`] — for a streamed response, the same object in an SSE
+//! 3. `body_object` + `sse_comment` — for a streamed response, the same object in an SSE
 //!    comment line, which every conforming client ignores (WHATWG HTML, server-sent events:
 //!    "If the line starts with a U+003A COLON character (:) — Ignore the line.").
 
@@ -77,8 +77,6 @@ use crate::error::ConfigError;
 use crate::duration::openai_duration;
 use crate::sse::write_comment;
 
-/// The response header that carries a warning's facts (see [`warning_header`]).
-
 /// The warning a soft limit asks the response to carry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Warning {
@@ -89,20 +87,20 @@ pub struct Warning {
 }
 
 /// The member [`inject_into_completion`] adds to a completion body.
-pub const BODY_MEMBER: &str = "tollgate";
+pub(crate) const BODY_MEMBER: &str = "tollgate";
 
 /// The built-in block text (English), used when a tier gives no `block` templates.
-pub const BLOCK_EN: &str =
+pub(crate) const BLOCK_EN: &str =
     "Usage limit reached for {metric} ({window}): Limit {limit}, Used {used}. Please try again in {reset_in}.";
 
 /// The built-in warning text (English), used when a tier gives no `warn` templates.
-pub const WARN_EN: &str = "You have used {percent}% of your {metric} limit ({window}): Limit {limit}, Used {used}, \
+pub(crate) const WARN_EN: &str = "You have used {percent}% of your {metric} limit ({window}): Limit {limit}, Used {used}, \
                            Remaining {remaining}. It resets in {reset_in}.";
 
 /// The `messages` object of a tier as written; [`Messages::validate`] checks it.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawMessages {
+pub(crate) struct RawMessages {
     default_locale: Option<String>,
     upgrade_url: Option<String>,
     #[serde(default)]
@@ -113,14 +111,14 @@ pub struct RawMessages {
 
 /// Which message: the one for a refused request, or the one for a warning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MessageKind {
+pub(crate) enum MessageKind {
     Block,
     Warn,
 }
 
 /// What a message is about. `metric` and `window` are the caller's words, inserted as given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LimitFacts<'a> {
+pub(crate) struct LimitFacts<'a> {
     /// What is counted, e.g. `requests`, `total tokens`, `cost (USD)`.
     pub metric: &'a str,
     /// The window, e.g. `day`, `minute`, `rate`.
@@ -158,7 +156,9 @@ impl LimitFacts<'_> {
 /// A rendered message and the locale it is in (a configured tag, as the config spells it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
+    /// The message, placeholders filled.
     pub text: String,
+    /// The locale tag it is in, as the config spells it.
     pub locale: String,
 }
 
@@ -186,7 +186,7 @@ impl Default for Messages {
 impl Messages {
     /// Validates a tier's `messages`; `path` is where it sits (`tiers.free.messages`) and
     /// prefixes every error's path.
-    pub fn validate(raw: RawMessages, path: &str) -> Result<Messages, ConfigError> {
+    pub(crate) fn validate(raw: RawMessages, path: &str) -> Result<Messages, ConfigError> {
         let default_locale = match raw.default_locale {
             Some(tag) if is_locale_tag(&tag) => tag,
             Some(tag) => return Err(invalid(format!("{path}.default_locale"), bad_tag(&tag))),
@@ -210,22 +210,23 @@ impl Messages {
 
     /// The locale `kind`'s message is rendered in for a request with this `Accept-Language`
     /// (see the module docs). Never fails: anything unusable falls back to `default_locale`.
-    pub fn negotiate(&self, kind: MessageKind, accept_language: Option<&str>) -> &str {
+    #[cfg(test)]
+    pub(crate) fn negotiate(&self, kind: MessageKind, accept_language: Option<&str>) -> &str {
         &self.templates(kind).lookup(accept_language).locale
     }
 
     /// `kind`'s message in the negotiated locale, placeholders filled from `facts`.
-    pub fn render(&self, kind: MessageKind, accept_language: Option<&str>, facts: &LimitFacts) -> Rendered {
+    pub(crate) fn render(&self, kind: MessageKind, accept_language: Option<&str>, facts: &LimitFacts) -> Rendered {
         let chosen = self.templates(kind).lookup(accept_language);
         Rendered { text: chosen.template.render(facts, self.upgrade_url()), locale: chosen.locale.clone() }
     }
 
-    pub fn upgrade_url(&self) -> Option<&str> {
+    pub(crate) fn upgrade_url(&self) -> Option<&str> {
         self.upgrade_url.as_deref()
     }
 
     /// Whether the tier wants the `"tollgate"` object in bodies and streams (see
-    /// [`body_object`]).
+    /// `body_object`).
     pub fn body_object(&self) -> bool {
         self.body_object
     }
@@ -591,7 +592,7 @@ const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
 ///
 /// Always printable ASCII, so it is a valid header value on every host. Parsers that know
 /// RFC 8941 read it as a dictionary; a client that does not can split on `, ` and `=`.
-pub fn warning_header(facts: &LimitFacts, threshold_percent: u32) -> String {
+pub(crate) fn warning_header(facts: &LimitFacts, threshold_percent: u32) -> String {
     let mut out = String::with_capacity(160);
     out.push_str("metric=");
     push_sf_string(&mut out, facts.metric);
@@ -636,7 +637,7 @@ fn push_sf_string(out: &mut String, s: &str) {
 /// ```
 /// `upgrade_url` is `null` when there is none; `reset` is [`rfc3339`]; `message` and `locale`
 /// come from [`Messages::render`].
-pub fn body_object(facts: &LimitFacts, message: &Rendered, upgrade_url: Option<&str>) -> Value {
+pub(crate) fn body_object(facts: &LimitFacts, message: &Rendered, upgrade_url: Option<&str>) -> Value {
     json!({
         "metric": facts.metric,
         "window": facts.window,
@@ -660,7 +661,7 @@ pub fn body_object(facts: &LimitFacts, message: &Rendered, upgrade_url: Option<&
 /// object's last member (before the whitespace and the closing `}`), so every other byte is
 /// unchanged. The caller must fix `content-length` (and must not call this on an encoded body:
 /// such a body does not parse and yields `None`).
-pub fn inject_into_completion(body: &[u8], object: &Value) -> Option<Vec<u8>> {
+pub(crate) fn inject_into_completion(body: &[u8], object: &Value) -> Option<Vec<u8>> {
     // Checks the whole body without building it: members' values are skipped, not decoded.
     let members: BTreeMap<String, IgnoredAny> = serde_json::from_slice(body).ok()?;
     if members.contains_key(BODY_MEMBER) {
@@ -691,7 +692,7 @@ pub fn inject_into_completion(body: &[u8], object: &Value) -> Option<Vec<u8>> {
 /// the empty string and return" — but would end a half-sent event, so the caller inserts this
 /// only between events (e.g. before `data: [DONE]`). Clients that see comments at all (as
 /// OpenAI SDK users do OpenRouter's `: OPENROUTER PROCESSING`) skip them.
-pub fn sse_comment(object: &Value) -> Vec<u8> {
+pub(crate) fn sse_comment(object: &Value) -> Vec<u8> {
     let json = serde_json::to_string(object).unwrap_or_default();
     let mut out = String::with_capacity(json.len() + 14);
     write_comment(&mut out, &format!("{BODY_MEMBER} {json}"));

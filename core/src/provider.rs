@@ -17,6 +17,7 @@ pub enum ProviderKind {
 /// Where a request goes: the provider's kind and the upstream model, plus per-model defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// The API the provider speaks.
     pub kind: ProviderKind,
     /// The provider's model name (the client may have used an alias).
     pub upstream_model: String,
@@ -33,18 +34,6 @@ impl ProviderKind {
             ProviderKind::Anthropic => ("x-api-key", key.to_owned()),
             ProviderKind::Gemini => ("x-goog-api-key", key.to_owned()),
             ProviderKind::OpenAi => ("authorization", format!("Bearer {key}")),
-        }
-    }
-}
-
-
-impl ProviderKind {
-    /// The request headers a translator for this kind sets besides `content-type` (version pins):
-    /// see [`PROVIDER_REQUEST_HEADERS`].
-    pub fn pinned_headers(self) -> &'static [&'static str] {
-        match self {
-            ProviderKind::Anthropic => &["anthropic-version", "anthropic-beta"],
-            ProviderKind::Gemini | ProviderKind::OpenAi => &[],
         }
     }
 }
@@ -84,13 +73,13 @@ const PROVIDER_RESPONSE_HEADERS: [&str; 6] =
 
 /// Whether a provider's response header (lower-case name) stays with the gateway: every host
 /// removes these from every answer that came from a provider, translated or passed through.
-pub fn is_provider_only_response_header(name: &str) -> bool {
+pub(crate) fn is_provider_only_response_header(name: &str) -> bool {
     PROVIDER_RESPONSE_HEADERS.contains(&name) || PROVIDER_RESPONSE_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
 /// How a provider's stream is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// Server-sent events (OpenAI, Anthropic, Gemini with `alt=sse`).
     Sse,
     /// One JSON array streamed element by element (Gemini's `streamGenerateContent` without
@@ -100,7 +89,7 @@ pub enum Framing {
 
 impl ProviderKind {
     /// The framing of this kind's stream answer to a request sent to `path`.
-    pub fn framing(self, path: &str) -> Framing {
+    pub(crate) fn framing(self, path: &str) -> Framing {
         if self == ProviderKind::Gemini && !path.contains("alt=sse") {
             Framing::JsonArray
         } else {

@@ -12,33 +12,24 @@ use crate::duration::{openai_duration, retry_after_secs};
 /// A response the adapter sends instead of forwarding the request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalResponse {
+    /// The HTTP status.
     pub status: u16,
+    /// Response headers, names in lower case.
     pub headers: Vec<(&'static str, String)>,
+    /// The body: OpenAI's error JSON, or the JSON the endpoint answers with.
     pub body: Vec<u8>,
 }
 
-pub const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
-pub const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
-pub const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
+pub(crate) const LIMIT_REQUESTS: &str = "x-ratelimit-limit-requests";
+pub(crate) const REMAINING_REQUESTS: &str = "x-ratelimit-remaining-requests";
+pub(crate) const RESET_REQUESTS: &str = "x-ratelimit-reset-requests";
 
-/// OpenAI's rate-limit headers as a provider sends them. They describe the operator's
-/// organisation-wide provider limits, which are none of the client's business: adapters remove
-/// them from upstream responses and set the client's own (from [`allowed_headers`]) instead.
-pub const PROVIDER_RATE_LIMIT_HEADERS: [&str; 6] = [
-    LIMIT_REQUESTS,
-    REMAINING_REQUESTS,
-    RESET_REQUESTS,
-    LIMIT_TOKENS,
-    REMAINING_TOKENS,
-    RESET_TOKENS,
-];
-
-pub const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
-pub const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
-pub const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
+pub(crate) const LIMIT_TOKENS: &str = "x-ratelimit-limit-tokens";
+pub(crate) const REMAINING_TOKENS: &str = "x-ratelimit-remaining-tokens";
+pub(crate) const RESET_TOKENS: &str = "x-ratelimit-reset-tokens";
 
 /// OpenAI's request headers for one limit.
-pub fn rate_limit_headers(limit: u64, remaining: u64, reset_ms: u64) -> Vec<(&'static str, String)> {
+pub(crate) fn rate_limit_headers(limit: u64, remaining: u64, reset_ms: u64) -> Vec<(&'static str, String)> {
     vec![
         (LIMIT_REQUESTS, limit.to_string()),
         (REMAINING_REQUESTS, remaining.to_string()),
@@ -47,7 +38,7 @@ pub fn rate_limit_headers(limit: u64, remaining: u64, reset_ms: u64) -> Vec<(&'s
 }
 
 /// OpenAI's token headers for one limit.
-pub fn token_limit_headers(limit: u64, remaining: u64, reset_ms: u64) -> Vec<(&'static str, String)> {
+pub(crate) fn token_limit_headers(limit: u64, remaining: u64, reset_ms: u64) -> Vec<(&'static str, String)> {
     vec![
         (LIMIT_TOKENS, limit.to_string()),
         (REMAINING_TOKENS, remaining.to_string()),
@@ -75,7 +66,7 @@ pub fn unavailable(retry_after_ms: u64) -> LocalResponse {
 }
 
 /// [`unavailable`] naming the model (alias) the client asked for.
-pub fn unavailable_model(alias: &str, retry_after_ms: u64) -> LocalResponse {
+pub(crate) fn unavailable_model(alias: &str, retry_after_ms: u64) -> LocalResponse {
     unavailable_message(&format!("Every deployment of model {alias:?} is cooling down"), retry_after_ms)
 }
 
@@ -128,7 +119,7 @@ pub fn openai_error(status: u16, message: &str, kind: &str, code: &str) -> Local
 
 /// [`openai_error`] with `error.param` naming the request field at fault (OpenAI sets it, e.g.
 /// `"max_tokens"`, when one parameter is the problem).
-pub fn openai_error_with_param(status: u16, message: &str, kind: &str, code: &str, param: Option<&str>) -> LocalResponse {
+pub(crate) fn openai_error_with_param(status: u16, message: &str, kind: &str, code: &str, param: Option<&str>) -> LocalResponse {
     let envelope = ErrorEnvelope { error: ErrorBody { message, kind, param, code } };
     LocalResponse {
         status,

@@ -68,7 +68,9 @@ pub(crate) struct RawModel {
 /// A provider as validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provider {
+    /// Its name in the policy's `providers`.
     pub name: String,
+    /// The API it speaks.
     pub kind: ProviderKind,
     /// The Envoy cluster reaching it.
     pub cluster: String,
@@ -81,10 +83,13 @@ pub struct Provider {
 /// Where one client-visible model goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route<'a> {
+    /// The provider serving the model.
     pub provider: &'a Provider,
+    /// What the request is translated for: the provider's kind and model.
     pub target: Target,
 }
 
+/// The policy's providers, model map and aliases: where every client-visible model goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routes {
     providers: BTreeMap<String, (Provider, Option<u64>)>,
@@ -206,7 +211,8 @@ impl Routes {
     }
 
     /// Every client-visible name: the models, then the aliases (each sorted).
-    pub fn client_names(&self) -> impl Iterator<Item = &str> {
+    #[cfg(test)]
+    pub(crate) fn client_names(&self) -> impl Iterator<Item = &str> {
         self.model_names().chain(self.aliases.keys().map(String::as_str))
     }
 
@@ -217,10 +223,11 @@ impl Routes {
 
     /// The output reservation default for an alias: the largest of its deployments'
     /// `default_max_tokens` (`None` when none has one).
-    pub fn alias_default_max_tokens(&self, alias: &Alias) -> Option<u64> {
+    pub(crate) fn alias_default_max_tokens(&self, alias: &Alias) -> Option<u64> {
         alias.deployment_names().filter_map(|d| self.route(d).and_then(|r| r.target.default_max_tokens)).max()
     }
 
+    /// Every provider, sorted by name.
     pub fn providers(&self) -> impl Iterator<Item = &Provider> {
         self.providers.values().map(|(p, _)| p)
     }

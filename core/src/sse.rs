@@ -105,7 +105,10 @@ pub enum SseError {
     /// exceeded the limit. Nothing of it is dispatched; decoding resumes after the next blank
     /// line.
     #[error("server-sent event larger than {limit} bytes: discarded up to the next blank line")]
-    EventTooLarge { limit: usize },
+    EventTooLarge {
+        /// The decoder's event size limit, in bytes.
+        limit: usize,
+    },
 }
 
 impl SseError {
@@ -228,6 +231,7 @@ impl SseDecoder {
         }
     }
 
+    /// The most bytes one event may take (see [`SseDecoder::with_max_event_size`]).
     pub fn max_event_size(&self) -> usize {
         self.max_event_size
     }

@@ -3,7 +3,7 @@
 //! Counters live in host storage (proxy-wasm shared data, a Durable Object, the in-memory store
 //! below). The protocol is the portable one: read `(value, version)`, decide in a pure function,
 //! write back naming the version that was read, and on a conflict start over — a bounded number
-//! of times ([`update`]).
+//! of times (`update`).
 
 use thiserror::Error;
 
@@ -22,8 +22,13 @@ pub enum Written {
 /// A host's storage failed in a way retrying will not fix, or retries ran out.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum StoreError {
+    /// Every compare-and-set attempt lost to a concurrent writer.
     #[error("counter store is contended: {attempts} compare-and-set attempts failed")]
-    Contended { attempts: u32 },
+    Contended {
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// The host's storage failed; the text says how.
     #[error("counter store failed: {0}")]
     Host(&'static str),
 }
@@ -38,6 +43,8 @@ impl StoreError {
     }
 }
 
+/// The compare-and-set storage a host gives core: where counters and health records live
+/// (proxy-wasm shared data, a Durable Object, [`MemoryStore`]).
 pub trait CasStore {
     /// Current value and version, or `None` when the key does not exist.
     fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError>;
@@ -49,14 +56,14 @@ pub trait CasStore {
 }
 
 /// What a pure step decided: `Some(bytes)` to write, `None` to leave the value as it is.
-pub struct Step<T> {
+pub(crate) struct Step<T> {
     pub result: T,
     pub write: Option<Vec<u8>>,
 }
 
 /// Load → decide → compare-and-set, retried up to `max_retries` times after the first attempt.
 /// `decide` sees the current bytes (or `None`) and must be pure: it may run several times.
-pub fn update<S, T, F>(store: &mut S, key: &str, max_retries: u32, mut decide: F) -> Result<T, StoreError>
+pub(crate) fn update<S, T, F>(store: &mut S, key: &str, max_retries: u32, mut decide: F) -> Result<T, StoreError>
 where
     S: CasStore + ?Sized,
     F: FnMut(Option<&[u8]>) -> Step<T>,
@@ -84,18 +91,23 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn get(&self, key: &str) -> Option<&[u8]> {
+    #[cfg(test)]
+    pub(crate) fn get(&self, key: &str) -> Option<&[u8]> {
         self.entries.get(key).map(|(v, _)| v.as_slice())
     }
+    /// How many keys are stored.
     pub fn len(&self) -> usize {
         self.entries.len()
     }
+    /// Whether no key is stored.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+    /// Every stored key and its value, in no particular order.
     pub fn values(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.entries.iter().map(|(k, (v, _))| (k.as_str(), v.as_slice()))
     }

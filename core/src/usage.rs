@@ -13,12 +13,18 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Token usage of one request, as the provider reported it (`None`: not reported).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Prompt tokens the provider reported, cached ones included.
     pub input: Option<u64>,
+    /// Generated tokens the provider reported, reasoning included.
     pub output: Option<u64>,
+    /// Prompt tokens served from the provider's cache (part of `input`).
     pub cached_read: Option<u64>,
+    /// Prompt tokens written to the provider's cache (part of `input`; Anthropic only).
     pub cache_write: Option<u64>,
+    /// Thinking tokens (part of `output`).
     pub reasoning: Option<u64>,
 }
 
@@ -30,7 +36,7 @@ impl Usage {
 
     /// Fields `later` knows replace this one's (streams report usage in several events, the
     /// later ones cumulative).
-    pub fn merge(&mut self, later: Usage) {
+    pub(crate) fn merge(&mut self, later: Usage) {
         let keep = |a: &mut Option<u64>, b: Option<u64>| {
             if b.is_some() {
                 *a = b;
@@ -43,7 +49,8 @@ impl Usage {
         keep(&mut self.reasoning, later.reasoning);
     }
 
-    pub fn is_empty(&self) -> bool {
+    /// Whether the provider reported nothing at all.
+    pub(crate) fn is_empty(&self) -> bool {
         *self == Usage::default()
     }
 }

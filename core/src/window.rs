@@ -5,7 +5,7 @@
 //! Objects share one counter, so the window must be computable from absolute time (and the
 //! configured [`Zone`]) alone.
 //!
-//! [`Window::bounds`] is the UTC calendar, in integer arithmetic. [`Window::bounds_in`] follows
+//! [`Window::bounds`] is the UTC calendar, in integer arithmetic. `Window::bounds_in` follows
 //! a [`Zone`], whose rules come from the IANA time zone database that `jiff` bundles into the
 //! binary (no file system, no system time zone: the same answers natively and in
 //! `wasm32-unknown-unknown`). In a zone:
@@ -43,11 +43,15 @@ const MAX_STEPS: usize = 8;
 /// A calendar window a limit is counted over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Window {
+    /// A clock minute.
     Minute,
+    /// A clock hour in the policy's time zone.
     Hour,
+    /// A calendar day: midnight to midnight in the policy's time zone.
     Day,
     /// An ISO week: Monday 00:00 to the next Monday 00:00.
     Week,
+    /// A calendar month: from midnight on its first day to midnight on the next month's.
     Month,
 }
 
@@ -61,7 +65,7 @@ pub struct Zone {
 }
 
 impl Zone {
-    pub fn utc() -> Zone {
+    pub(crate) fn utc() -> Zone {
         Zone { tz: TimeZone::UTC, utc: true }
     }
 
@@ -77,7 +81,7 @@ impl Zone {
         Ok(Zone { tz, utc })
     }
 
-    /// The canonical IANA name (`"UTC"` for [`Zone::utc`]).
+    /// The canonical IANA name (`"UTC"` for `Zone::utc`).
     pub fn name(&self) -> &str {
         // Every `Zone` is UTC or was found in the database by name, so the name is always there.
         self.tz.iana_name().unwrap_or("UTC")
@@ -85,8 +89,9 @@ impl Zone {
 }
 
 impl Window {
-    pub const ALL: [Window; 5] = [Window::Minute, Window::Hour, Window::Day, Window::Week, Window::Month];
+    pub(crate) const ALL: [Window; 5] = [Window::Minute, Window::Hour, Window::Day, Window::Week, Window::Month];
 
+    /// The window's name in the config (`minute`, `hour`, `day`, `week`, `month`).
     pub fn name(self) -> &'static str {
         match self {
             Window::Minute => "minute",
@@ -97,7 +102,7 @@ impl Window {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Window> {
+    pub(crate) fn from_name(name: &str) -> Option<Window> {
         Window::ALL.into_iter().find(|w| w.name() == name)
     }
 
@@ -149,7 +154,7 @@ impl Window {
     /// milliseconds (see the module docs for what a day or an hour is around DST changes).
     /// `start <= now < end` for every `now` up to the end of year 9999; a UTC zone takes
     /// [`Window::bounds`]' arithmetic.
-    pub fn bounds_in(self, now: Timestamp, zone: &Zone) -> (Timestamp, Timestamp) {
+    pub(crate) fn bounds_in(self, now: Timestamp, zone: &Zone) -> (Timestamp, Timestamp) {
         if zone.utc {
             return self.bounds(now);
         }

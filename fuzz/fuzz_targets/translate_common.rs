@@ -36,7 +36,8 @@ use tollgate_core::openai::{ChatChunk, ChatCompletion, ChatRequest};
 use tollgate_core::render::LocalResponse;
 use tollgate_core::sse::{SseDecoder, SseEvent};
 use tollgate_core::translate::exchange::Exchange;
-use tollgate_core::translate::{ProviderKind, ResponseMeta, Target, ApiError};
+use tollgate_core::fault::ApiError;
+use tollgate_core::translate::{ProviderKind, ResponseMeta, Target};
 use tollgate_core::usage::Usage;
 
 /// Inputs shorter than this are also fed byte at a time.

@@ -15,7 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use tollgate_core::openai::{ChatCompletion, ChatRequest};
 use tollgate_core::translate::exchange::Exchange;
 use tollgate_core::translate::openai_gemini::OpenAiGemini;
-use tollgate_core::translate::{Pair, ProviderKind, ResponseMeta, StreamOut, Target, ApiError, UpstreamRequest};
+use tollgate_core::fault::ApiError;
+use tollgate_core::translate::{Pair, ProviderKind, ResponseMeta, StreamOut, Target, UpstreamRequest};
 use tollgate_core::usage::Usage;
 
 /// `OpenAiGemini` with the array stream's path.

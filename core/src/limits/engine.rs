@@ -27,7 +27,9 @@ use crate::window::Window;
 /// A model's price, in micro-dollars per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Price {
+    /// Micro-dollars per million prompt tokens.
     pub input: u64,
+    /// Micro-dollars per million output tokens.
     pub output: u64,
     /// Prompt tokens served from the provider's cache (defaults to the input price).
     pub cached_input: u64,
@@ -47,11 +49,15 @@ impl Price {
 /// Every limit of a policy, and how they are stored.
 #[derive(Debug, Clone)]
 pub struct LimitSet {
+    /// What every step on the store needs: time zone, member cap, lease lifetime.
     pub settings: Settings,
     /// Keys per identity (and per IP) kind; 0: one key per identity.
     pub slots: u32,
+    /// Each tier's own limits, by tier name.
     pub tiers: BTreeMap<String, Vec<Limit>>,
+    /// The limits over every request (`global.limits`).
     pub global: Vec<Limit>,
+    /// The price table, by model name.
     pub prices: BTreeMap<String, Price>,
     /// Calendar counters every member of a scope keeps (the union over tiers).
     pub tracked: BTreeMap<Scope, Vec<(Metric, Window)>>,
@@ -60,8 +66,11 @@ pub struct LimitSet {
 /// Who a request is counted for (hashed keys only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Who {
+    /// The subject's bucket.
     pub identity_key: String,
+    /// The client address's bucket, for per-address limits (`None`: address unknown).
     pub ip_key: Option<String>,
+    /// The tier whose limits apply.
     pub tier: String,
 }
 
@@ -70,7 +79,9 @@ pub struct Who {
 pub struct Estimate {
     /// The model the client asked for (the price-table key); `None` when unknown.
     pub model: Option<String>,
+    /// Estimated prompt tokens.
     pub input_tokens: u64,
+    /// Output tokens reserved.
     pub output_tokens: u64,
 }
 
@@ -127,14 +138,20 @@ impl Ticket {
     }
 }
 
+/// The outcome of admission over every key a request touches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Admission {
+    /// Whether every limit had room (the refusal, when one had not).
     pub verdict: Verdict,
     /// Every limit that applied, after this request when it was admitted.
     pub statuses: Vec<LimitStatus>,
+    /// The model a downgrade threshold asks for, if one was reached.
     pub downgrade: Option<String>,
+    /// The `warn` thresholds reached.
     pub warnings: Vec<Reached>,
+    /// The `notify` thresholds reached for the first time in their window.
     pub notify: Vec<Reached>,
+    /// What to settle when the request ends.
     pub ticket: Ticket,
     /// Members with live state evicted from full slots (a metric for the operator).
     pub evicted: u32,
@@ -168,7 +185,7 @@ impl Admission {
     }
 }
 
-pub fn binding(statuses: &[LimitStatus], pick: impl Fn(Metric) -> bool) -> Option<&LimitStatus> {
+pub(crate) fn binding(statuses: &[LimitStatus], pick: impl Fn(Metric) -> bool) -> Option<&LimitStatus> {
     statuses
         .iter()
         .filter(|s| pick(s.metric))
@@ -227,7 +244,8 @@ impl LimitSet {
     }
 
     /// The plan of one of `who`'s keys (`None`: no limit of `who` is stored under `key`).
-    pub fn plan_for(&self, who: &Who, key: &str) -> Option<KeyPlan<'_>> {
+    #[cfg(test)]
+    pub(crate) fn plan_for(&self, who: &Who, key: &str) -> Option<KeyPlan<'_>> {
         self.plans(who).into_iter().find(|p| p.key == key)
     }
 
@@ -237,7 +255,7 @@ impl LimitSet {
     }
 
     /// The limits a tier's member of a `scope` key is checked against (global: the global ones).
-    pub fn part_limits(&self, tier: &str, scope: Scope) -> Vec<&Limit> {
+    pub(crate) fn part_limits(&self, tier: &str, scope: Scope) -> Vec<&Limit> {
         match scope {
             Scope::Global => self.global.iter().collect(),
             _ => self.tiers.get(tier).map_or(vec![], |ls| ls.iter().filter(|l| l.scope == scope).collect()),
@@ -245,7 +263,7 @@ impl LimitSet {
     }
 
     /// The plan of one key with the given limits, and the calendar counters its scope tracks.
-    pub fn key_plan<'l>(&'l self, key: String, tag: u64, scope: Scope, limits: Vec<&'l Limit>) -> KeyPlan<'l> {
+    pub(crate) fn key_plan<'l>(&'l self, key: String, tag: u64, scope: Scope, limits: Vec<&'l Limit>) -> KeyPlan<'l> {
         let tracked = match scope {
             Scope::Identity | Scope::Ip => self.tracked.get(&scope).cloned().unwrap_or_default(),
             _ => vec![],
@@ -253,7 +271,7 @@ impl LimitSet {
         KeyPlan { key, tag, scope, limits, tracked }
     }
 
-    pub fn price(&self, model: Option<&str>) -> Option<&Price> {
+    pub(crate) fn price(&self, model: Option<&str>) -> Option<&Price> {
         self.prices.get(model?)
     }
 
@@ -272,24 +290,6 @@ impl LimitSet {
             _ => None,
         };
         Actual::used(usage.input, usage.output, cost)
-    }
-
-    /// Does any limit of the tier need token estimates (tokens or cost)?
-    pub fn counts_tokens(&self, tier: &str) -> bool {
-        let uses = |l: &Limit| l.metric.is_tokens() || l.metric == Metric::CostMicros;
-        self.tiers.get(tier).is_some_and(|ls| ls.iter().any(uses))
-            || self.global.iter().any(uses)
-            || self.tracked.values().flatten().any(|(m, _)| m.is_tokens() || *m == Metric::CostMicros)
-    }
-
-    /// The largest output reservation that still fits every token limit's remaining budget for
-    /// this request (`None`: no token limit applies) — for capping `max_tokens` upstream.
-    pub fn output_budget(statuses: &[LimitStatus], reserved_output: u64) -> Option<u64> {
-        statuses
-            .iter()
-            .filter(|s| matches!(s.metric, Metric::OutputTokens | Metric::TotalTokens) && s.window.is_some())
-            .map(|s| s.remaining.saturating_add(reserved_output))
-            .min()
     }
 }
 

@@ -1,6 +1,6 @@
 //! The pure steps on one store key: reserve at admission, settle (or release) when the request
 //! ends. Each step takes the stored bytes and returns its result and the bytes to write
-//! (`None`: nothing changed), so it runs inside [`crate::store::update`]'s compare-and-set loop
+//! (`None`: nothing changed), so it runs inside `crate::store::update`'s compare-and-set loop
 //! or inside a Durable Object unchanged.
 //!
 //! Arithmetic rules (tested below):
@@ -21,16 +21,13 @@ use crate::window::{Timestamp, Window, Zone};
 pub struct Amounts<T>(pub [T; 6]);
 
 impl<T: Copy> Amounts<T> {
-    pub fn get(&self, m: Metric) -> T {
+    pub(crate) fn get(&self, m: Metric) -> T {
         self.0[m.id() as usize - 1]
-    }
-    pub fn set(&mut self, m: Metric, v: T) {
-        self.0[m.id() as usize - 1] = v;
     }
 }
 
 /// What a request asks for at admission.
-pub type Demand = Amounts<u64>;
+pub(crate) type Demand = Amounts<u64>;
 
 impl Demand {
     /// One request with these token and cost estimates, taking one concurrency slot.
@@ -50,7 +47,7 @@ impl Actual {
 
     /// The request was sent but nothing was served: it still counts as a request, but no tokens
     /// and no cost ([`crate::ending`]).
-    pub fn not_served() -> Actual {
+    pub(crate) fn not_served() -> Actual {
         Amounts([None, Some(0), Some(0), Some(0), Some(0), Some(0)])
     }
 
@@ -67,9 +64,13 @@ impl Actual {
 /// The limits one store key is checked against, and the member they apply to.
 #[derive(Debug, Clone)]
 pub struct KeyPlan<'a> {
+    /// The store key.
     pub key: String,
+    /// The member's tag in the key's record.
     pub tag: u64,
+    /// Whose key it is.
     pub scope: Scope,
+    /// The limits the member is checked against.
     pub limits: Vec<&'a Limit>,
     /// Calendar counters kept for the member even when its tier does not limit them, so a
     /// tier change mid-window keeps an exact count.
@@ -79,23 +80,30 @@ pub struct KeyPlan<'a> {
 /// Store-wide settings a step needs.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The time zone calendar windows follow.
     pub zone: Zone,
     /// Most members one key holds before the ones expiring first are evicted.
     pub member_cap: usize,
+    /// How long a concurrency lease lives unless released, in milliseconds.
     pub lease_ttl_ms: u64,
 }
 
 /// Where one limit stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitStatus {
+    /// The limit's name (`total_tokens/day`, or as configured).
     pub name: String,
+    /// Whose usage it counts.
     pub scope: Scope,
+    /// What it counts.
     pub metric: Metric,
     /// `None` for rate and concurrency limits.
     pub window: Option<Window>,
+    /// The most it allows (a rate limit: its burst).
     pub limit: u64,
     /// Counted so far, including this request's reservation when it was admitted.
     pub used: u64,
+    /// What is left: `limit` less `used`, at least 0.
     pub remaining: u64,
     /// Milliseconds until the window resets (rate: until one more unit fits; concurrency: 0).
     pub reset_ms: u64,
@@ -111,38 +119,62 @@ impl LimitStatus {
 /// A soft threshold reached: a warning for the client, or a webhook event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reached {
+    /// Where the limit stands.
     pub status: LimitStatus,
+    /// The threshold's percentage.
     pub threshold: u32,
     /// Start of the window the threshold was reached in (epoch ms).
     pub window_start: Timestamp,
 }
 
+/// Whether a reservation fits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Verdict {
+    /// Every limit has room.
     Allowed,
     /// Over a limit now; `retry_after_ms` is when every refusing limit has room again.
-    Denied { status: LimitStatus, retry_after_ms: u64 },
+    Denied {
+        /// Where a refusing limit stands.
+        status: LimitStatus,
+        /// Milliseconds until every refusing limit has room again.
+        retry_after_ms: u64,
+    },
     /// The reservation alone exceeds a limit: it can never fit.
-    TooLarge { status: LimitStatus, requested: u64 },
+    TooLarge {
+        /// Where that limit stands.
+        status: LimitStatus,
+        /// The amount the request would reserve on it.
+        requested: u64,
+    },
 }
 
 /// What a reservation charged, kept by the adapter until the request ends.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Receipt {
+    /// Calendar counters charged: metric, window, window start (minutes since the epoch), amount.
     pub counters: Vec<(Metric, Window, u32, u64)>,
+    /// Rate states advanced: metric, rate id, units, emission interval in nanoseconds.
     pub rates: Vec<(Metric, u32, u64, u64)>,
+    /// The concurrency lease taken, by id.
     pub lease: Option<u64>,
 }
 
+/// What a reservation on one key decided, and the receipt to settle it with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reserved {
+    /// Whether the reservation fits.
     pub verdict: Verdict,
+    /// Where each of the key's limits stands (after this request, when it was allowed).
     pub statuses: Vec<LimitStatus>,
     /// The model a downgrade threshold asks for, if any was reached.
     pub downgrade: Option<String>,
+    /// The `warn` thresholds reached.
     pub warnings: Vec<Reached>,
+    /// The `notify` thresholds reached for the first time in their window.
     pub notify: Vec<Reached>,
+    /// What the reservation charged.
     pub receipt: Receipt,
+    /// Members with live state evicted from the key's full record.
     pub evicted: u32,
 }
 
@@ -160,7 +192,7 @@ fn gcra(limit: &Limit) -> Option<(u64, u64, u64)> {
 }
 
 /// A stable id for a rate limit's GCRA state (FNV-1a over its parameters).
-pub fn rate_id(limit: &Limit) -> u32 {
+pub(crate) fn rate_id(limit: &Limit) -> u32 {
     let Span::Rate { period_ms, burst } = limit.span else { return 0 };
     let mut h: u32 = 0x811c_9dc5;
     for b in period_ms.to_le_bytes().iter().chain(&limit.max.to_le_bytes()).chain(&burst.to_le_bytes()) {
@@ -200,7 +232,7 @@ fn status(limit: &Limit, member: &Member, now: Timestamp, s: &Settings) -> Limit
 }
 
 /// Where every limit of `plan` stands, without changing anything (the usage endpoint).
-pub fn peek(bytes: Option<&[u8]>, plan: &KeyPlan, now: Timestamp, s: &Settings) -> Vec<LimitStatus> {
+pub(crate) fn peek(bytes: Option<&[u8]>, plan: &KeyPlan, now: Timestamp, s: &Settings) -> Vec<LimitStatus> {
     let record = bytes.map(Record::decode).unwrap_or_default();
     let member = record.member(plan.tag).cloned().unwrap_or_default();
     plan.limits.iter().map(|l| status(l, &member, now, s)).collect()
@@ -209,7 +241,7 @@ pub fn peek(bytes: Option<&[u8]>, plan: &KeyPlan, now: Timestamp, s: &Settings) 
 /// Reserves `demand` on one key. `demand_for(model)` gives the demand when the request is served
 /// by a downgrade `model` (`None`: the requested model); `downgraded` is a downgrade an earlier
 /// key already decided.
-pub fn reserve(
+pub(crate) fn reserve(
     bytes: Option<&[u8]>,
     plan: &KeyPlan,
     demand_for: &dyn Fn(Option<&str>) -> Demand,
@@ -377,7 +409,7 @@ fn fire_notifications(limits: &[&Limit], member: &mut Member, now: Timestamp, s:
 
 /// Settles a reservation: replaces what was reserved with `actual`, releases the lease.
 /// Returns the notify thresholds this reaches, and the bytes to write.
-pub fn settle(
+pub(crate) fn settle(
     bytes: Option<&[u8]>,
     plan: &KeyPlan,
     receipt: &Receipt,

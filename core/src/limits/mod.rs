@@ -37,9 +37,13 @@ use crate::window::Window;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
+    /// Requests, each counting one.
     Requests,
+    /// Prompt tokens.
     InputTokens,
+    /// Output tokens.
     OutputTokens,
+    /// Prompt and output tokens together.
     TotalTokens,
     /// Integer micro-dollars from the policy's price table.
     #[serde(rename = "cost_usd")]
@@ -49,7 +53,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 6] = [
+    pub(crate) const ALL: [Metric; 6] = [
         Metric::Requests,
         Metric::InputTokens,
         Metric::OutputTokens,
@@ -86,7 +90,7 @@ impl Metric {
     }
 
     /// Token metrics are described by OpenAI's `x-ratelimit-*-tokens` headers.
-    pub fn is_tokens(self) -> bool {
+    pub(crate) fn is_tokens(self) -> bool {
         matches!(self, Metric::InputTokens | Metric::OutputTokens | Metric::TotalTokens)
     }
 }
@@ -106,6 +110,7 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// The scope's name in the config (`per`).
     pub fn name(self) -> &'static str {
         match self {
             Scope::Identity => "identity",
@@ -122,7 +127,12 @@ pub enum Span {
     /// Calendar window in the policy's time zone.
     Window(Window),
     /// GCRA: `max` per `period_ms` on average, at most `burst` at once.
-    Rate { period_ms: u64, burst: u64 },
+    Rate {
+        /// The period `max` units are spread over, in milliseconds.
+        period_ms: u64,
+        /// The most units at once.
+        burst: u64,
+    },
     /// In flight now (concurrency).
     Now,
 }
@@ -130,15 +140,22 @@ pub enum Span {
 /// What a soft threshold does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
+    /// Let requests through with a warning.
     Warn,
+    /// Serve requests with this model instead.
     Downgrade(String),
+    /// Refuse requests that would go above the threshold.
     Block,
+    /// Post a webhook event, once per window.
     Notify,
 }
 
+/// A soft threshold: what happens at a percentage of the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Threshold {
+    /// The percentage of the limit it is at.
     pub percent: u32,
+    /// What happens there.
     pub action: Action,
 }
 
@@ -148,10 +165,15 @@ pub struct Limit {
     /// `metric/window` (e.g. `total_tokens/day`), `metric/rate`, `concurrent`, or the
     /// configured name.
     pub name: String,
+    /// Whose usage it counts.
     pub scope: Scope,
+    /// What it counts.
     pub metric: Metric,
+    /// Over what time it counts.
     pub span: Span,
+    /// The most usage allowed (a rate limit: per period).
     pub max: u64,
+    /// Its soft thresholds, as configured.
     pub thresholds: Vec<Threshold>,
 }
 
@@ -166,6 +188,7 @@ impl Limit {
         }
     }
 
+    /// The calendar window a window limit counts over (`None` for rate and concurrency limits).
     pub fn window(&self) -> Option<Window> {
         match self.span {
             Span::Window(w) => Some(w),
@@ -255,7 +278,7 @@ pub(crate) struct RawLimit {
 }
 
 /// Largest percentage a threshold may name.
-pub const MAX_PERCENT: u32 = 1000;
+pub(crate) const MAX_PERCENT: u32 = 1000;
 
 impl RawLimit {
     /// Validates one limit at `path` (e.g. `tiers.free.limits[2]`). `global` says whether it
@@ -391,7 +414,7 @@ fn default_name(scope: Scope, metric: Metric, span: Span) -> String {
 }
 
 /// US dollars → integer micro-dollars, rounded to nearest.
-pub fn usd_to_micros(usd: f64) -> u64 {
+pub(crate) fn usd_to_micros(usd: f64) -> u64 {
     if !usd.is_finite() || usd <= 0.0 {
         return 0;
     }

@@ -17,14 +17,18 @@
 use crate::limits::Metric;
 use crate::window::{Timestamp, Window, Zone};
 
-pub const VERSION: u8 = 2;
+pub(crate) const VERSION: u8 = 2;
+/// Bytes of one encoded calendar counter.
 pub const COUNTER_LEN: usize = 15;
+/// Bytes of one encoded rate (GCRA) state.
 pub const RATE_LEN: usize = 13;
+/// Bytes of one encoded concurrency lease.
 pub const LEASE_LEN: usize = 16;
+/// Bytes of a member's header: its tag and list lengths.
 pub const MEMBER_HEADER_LEN: usize = 12;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counter {
+pub(crate) struct Counter {
     pub metric: Metric,
     pub window: Window,
     /// Window start, in whole minutes since the epoch.
@@ -35,7 +39,7 @@ pub struct Counter {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
+pub(crate) struct Rate {
     pub metric: Metric,
     pub id: u32,
     /// GCRA theoretical arrival time, epoch nanoseconds.
@@ -43,13 +47,13 @@ pub struct Rate {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub id: u64,
     pub expires_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Member {
+pub(crate) struct Member {
     pub tag: u64,
     pub counters: Vec<Counter>,
     pub rates: Vec<Rate>,
@@ -57,11 +61,11 @@ pub struct Member {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     pub members: Vec<Member>,
 }
 
-pub fn start_minute(start_ms: Timestamp) -> u32 {
+pub(crate) fn start_minute(start_ms: Timestamp) -> u32 {
     (start_ms / 60_000).min(u32::MAX as u64) as u32
 }
 
@@ -70,7 +74,7 @@ impl Member {
         self.counters.iter().find(|c| c.metric == metric && c.window == window)
     }
 
-    pub fn counter_mut(&mut self, metric: Metric, window: Window) -> &mut Counter {
+    pub(crate) fn counter_mut(&mut self, metric: Metric, window: Window) -> &mut Counter {
         let i = match self.counters.iter().position(|c| c.metric == metric && c.window == window) {
             Some(i) => i,
             None => {
@@ -104,7 +108,7 @@ impl Member {
     }
 
     /// When everything this member holds has expired (for choosing whom to evict).
-    pub fn expires(&self, zone: &Zone) -> Timestamp {
+    pub(crate) fn expires(&self, zone: &Zone) -> Timestamp {
         let counters = self.counters.iter().map(|c| c.window.bounds_in(c.start_min as u64 * 60_000, zone).1);
         let rates = self.rates.iter().map(|r| r.tat_ns / 1_000_000);
         let leases = self.leases.iter().map(|l| l.expires_ms);
@@ -115,7 +119,7 @@ impl Member {
         self.counters.is_empty() && self.rates.is_empty() && self.leases.is_empty()
     }
 
-    pub fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         MEMBER_HEADER_LEN + self.counters.len() * COUNTER_LEN + self.rates.len() * RATE_LEN + self.leases.len() * LEASE_LEN
     }
 }

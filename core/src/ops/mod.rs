@@ -6,7 +6,7 @@
 //! the record stored under [`Op::key`], returning the [`Reply`] and the bytes to write (`None`:
 //! unchanged). Every store backend runs that same function:
 //! - a compare-and-set store (proxy-wasm shared data, the in-memory test store) inside
-//!   [`crate::store::update`]'s load → decide → compare-and-set loop ([`sync::run`]);
+//!   `crate::store::update`'s load → decide → compare-and-set loop ([`sync::run`]);
 //! - a Durable Object between its storage `get` and `put` (single-threaded: no CAS needed);
 //! - next, a remote store service (Redis), atomically per key.
 //!
@@ -61,7 +61,7 @@ pub struct Part {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
-    /// Reserve a request's estimate on every limit of the part ([`ledger::reserve`]).
+    /// Reserve a request's estimate on every limit of the part (`ledger::reserve`).
     Reserve {
         /// The store key.
         key: String,
@@ -76,7 +76,7 @@ pub enum Op {
         /// Epoch milliseconds.
         now: Timestamp,
     },
-    /// Replace a reservation with what was used ([`ledger::settle`]); with
+    /// Replace a reservation with what was used (`ledger::settle`); with
     /// [`Actual::nothing`] it releases it. Always releases the concurrency lease.
     Settle {
         /// The store key.

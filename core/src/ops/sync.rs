@@ -1,5 +1,5 @@
 //! The synchronous driver: runs a [`Machine`] against a [`CasStore`] (proxy-wasm shared data,
-//! the in-memory store), each op inside [`update`]'s load → apply → compare-and-set loop.
+//! the in-memory store), each op inside `update`'s load → apply → compare-and-set loop.
 
 use crate::fallback::HealthSettings;
 use crate::limits::engine::LimitSet;

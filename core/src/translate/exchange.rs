@@ -16,7 +16,6 @@
 use crate::json_array::JsonArrayDecoder;
 use crate::openai::{ChatChunk, ChatRequest, WireUsage};
 use crate::render::LocalResponse;
-use crate::routing::{Provider, Route, Routes};
 use crate::sse::{write_comment, write_event, SseDecoder, SseEvent};
 use crate::usage::Usage;
 
@@ -28,36 +27,6 @@ use super::{parse_retry_after, Pair, ProviderKind, ResponseMeta, StreamOut, Targ
 enum Framing {
     Sse(SseDecoder),
     JsonArray(JsonArrayDecoder),
-}
-
-/// A client request parsed and routed: what every host does first.
-pub struct Routed<'a> {
-    pub request: ChatRequest,
-    pub route: Route<'a>,
-}
-
-/// Parses the client's body as a chat completion request and routes its model. `Err` is the
-/// error to answer with (400 unreadable body, 404 unknown model).
-pub fn route_request<'a>(routes: &'a Routes, body: &[u8]) -> Result<Routed<'a>, ApiError> {
-    let request: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::unreadable_body(&e))?;
-    let route = routes.route(&request.model).ok_or_else(|| ApiError::model_not_found(&request.model))?;
-    Ok(Routed { request, route })
-}
-
-impl Routed<'_> {
-    /// The provider the request goes to.
-    pub fn provider(&self) -> &Provider {
-        self.route.provider
-    }
-
-    /// Builds the exchange (`id` and `created` from the host) and the upstream request; `Err`
-    /// is a request the backend cannot serve, in OpenAI's terms.
-    pub fn start(&self, id: String, created: u64) -> Result<(Exchange, UpstreamRequest), ApiError> {
-        let meta = ResponseMeta { id, model: self.request.model.clone(), created };
-        let mut exchange = Exchange::for_kind(self.route.target.kind, meta);
-        let upstream = exchange.request(&self.request, &self.route.target)?;
-        Ok((exchange, upstream))
-    }
 }
 
 /// The state of one translated request.
@@ -77,6 +46,8 @@ pub struct Exchange {
 }
 
 impl Exchange {
+    /// An exchange over any pair translator ([`Exchange::for_kind`] picks the pair of a provider
+    /// kind).
     pub fn new(pair: Box<dyn Pair>, meta: ResponseMeta) -> Self {
         Exchange { pair, meta, client_wants_usage: false, framing: None, closed: false, stream_error: None, written: 0, closing_comment: None }
     }
@@ -211,7 +182,7 @@ impl Exchange {
 
     /// Bytes (whole SSE lines, e.g. `message::sse_comment`) to write just before a successful
     /// stream's `[DONE]`; nothing is written when the stream ends in an error.
-    pub fn set_closing_comment(&mut self, comment: Vec<u8>) {
+    pub(crate) fn set_closing_comment(&mut self, comment: Vec<u8>) {
         self.closing_comment = Some(comment);
     }
 
@@ -279,8 +250,39 @@ fn drain_array(d: &mut JsonArrayDecoder, pair: &mut dyn Pair, items: &mut Vec<St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::{Provider, Route, Routes};
     use crate::test_support::fixtures_dir as fixtures;
     use std::path::PathBuf;
+
+    /// A client request parsed and routed: what every host does first.
+    struct Routed<'a> {
+        request: ChatRequest,
+        route: Route<'a>,
+    }
+
+    /// Parses the client's body as a chat completion request and routes its model. `Err` is the
+    /// error to answer with (400 unreadable body, 404 unknown model).
+    fn route_request<'a>(routes: &'a Routes, body: &[u8]) -> Result<Routed<'a>, ApiError> {
+        let request: ChatRequest = serde_json::from_slice(body).map_err(|e| ApiError::unreadable_body(&e))?;
+        let route = routes.route(&request.model).ok_or_else(|| ApiError::model_not_found(&request.model))?;
+        Ok(Routed { request, route })
+    }
+
+    impl Routed<'_> {
+        /// The provider the request goes to.
+        fn provider(&self) -> &Provider {
+            self.route.provider
+        }
+
+        /// Builds the exchange (`id` and `created` from the host) and the upstream request; `Err`
+        /// is a request the backend cannot serve, in OpenAI's terms.
+        fn start(&self, id: String, created: u64) -> Result<(Exchange, UpstreamRequest), ApiError> {
+            let meta = ResponseMeta { id, model: self.request.model.clone(), created };
+            let mut exchange = Exchange::for_kind(self.route.target.kind, meta);
+            let upstream = exchange.request(&self.request, &self.route.target)?;
+            Ok((exchange, upstream))
+        }
+    }
 
     fn meta() -> ResponseMeta {
         ResponseMeta { id: "chatcmpl-tg".to_owned(), model: "client-model".to_owned(), created: 1_700_000_000 }

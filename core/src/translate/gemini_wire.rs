@@ -84,6 +84,7 @@ impl Part {
     }
 
     /// Whether one of the `data` members is set (a part with none is empty).
+    #[cfg(test)]
     pub fn has_data(&self) -> bool {
         self.text.is_some()
             || self.inline_data.is_some()

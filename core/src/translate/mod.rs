@@ -10,10 +10,10 @@
 //! the host, e.g. Envoy's credential injector) adds them.
 
 pub mod exchange;
-pub mod gemini_wire;
-pub mod openai_anthropic;
+pub(crate) mod gemini_wire;
+pub(crate) mod openai_anthropic;
 pub mod openai_gemini;
-pub mod openai_openai;
+pub(crate) mod openai_openai;
 
 
 use crate::openai::{ChatChunk, ChatCompletion, ChatRequest};
@@ -27,7 +27,9 @@ pub struct UpstreamRequest {
     /// Path and query, e.g. `/v1/messages` or
     /// `/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse`.
     pub path: String,
+    /// Headers the translator sets (`content-type`, a provider's version pin): never credentials.
     pub headers: Vec<(&'static str, String)>,
+    /// The body, in the provider's dialect.
     pub body: Vec<u8>,
     /// Whether the response will be a stream.
     pub stream: bool,
@@ -78,8 +80,11 @@ pub trait Pair {
 /// the creation time (epoch seconds, from the host: core reads no clock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResponseMeta {
+    /// The completion id the client sees (`chatcmpl-…`).
     pub id: String,
+    /// The model name the client asked for.
     pub model: String,
+    /// Creation time in epoch seconds, from the host.
     pub created: u64,
 }
 
@@ -104,7 +109,7 @@ pub(crate) fn tool_arguments(arguments: &str, param: &str) -> Result<serde_json:
 }
 
 /// `retry-after` as whole seconds, when a provider sent one we can read.
-pub fn parse_retry_after(value: Option<&str>) -> Option<u64> {
+pub(crate) fn parse_retry_after(value: Option<&str>) -> Option<u64> {
     let v = value?.trim();
     v.parse::<u64>().ok().or_else(|| v.parse::<f64>().ok().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f.ceil() as u64))
 }

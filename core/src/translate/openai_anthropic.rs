@@ -85,7 +85,7 @@ use crate::translate::{Pair, ResponseMeta, StreamOut, Target, UpstreamRequest};
 use crate::usage::Usage;
 
 #[path = "anthropic_wire.rs"]
-pub mod wire;
+pub(crate) mod wire;
 
 use wire::{
     Block, BlockDelta, ErrorBody, ErrorEnvelope, ImageSource, MessageContent, MessagesRequest, MessagesResponse,

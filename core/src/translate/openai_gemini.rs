@@ -2,7 +2,7 @@
 //!
 //! [`OpenAiGemini`] is one request's translator: [`Pair::request`] writes the Gemini request,
 //! [`Pair::response`] / [`Pair::event`] + [`Pair::end`] read the answer back into OpenAI's
-//! shape, [`Pair::error`] maps Gemini's error bodies. Wire types are in [`super::gemini_wire`].
+//! shape, [`Pair::error`] maps Gemini's error bodies. Wire types are in `super::gemini_wire`.
 //!
 //! # Request
 //! `POST /v1beta/models/{model}:generateContent`, or `:streamGenerateContent?alt=sse` for a
@@ -31,13 +31,13 @@
 //!   has no strict mode; requiring it would lock out most agent frameworks, which send it by
 //!   default). `tool_choice`: `auto` → `AUTO`, `none` → `NONE`, `required` → `ANY`, a named
 //!   function → `ANY` + `allowedFunctionNames`.
-//! - `reasoning_effort` → `thinkingConfig`, see [`thinking_config`].
+//! - `reasoning_effort` → `thinkingConfig`, see `thinking_config`.
 //!
 //! Refused with a 400 naming the parameter (a dropped parameter could change the answer):
 //! `logit_bias`, `logprobs: true`, `top_logprobs` (Gemini's logprobs are not mapped),
 //! `parallel_tool_calls: false` (Gemini cannot be limited to one call), `n` above 8,
 //! `modalities` other than text, other tool types, the legacy `function` role, `file_id`
-//! parts, and every unknown top-level field except [`HARMLESS_EXTRA_FIELDS`]. Accepted and not
+//! parts, and every unknown top-level field except `HARMLESS_EXTRA_FIELDS`. Accepted and not
 //! sent: `user`, `stream_options` (the wrapper's), `strict`, a message's `name`, and
 //! `reasoning_content` on assistant turns (Gemini takes earlier thinking back only as
 //! signatures).
@@ -51,7 +51,7 @@
 //! rejects a later request whose function-call parts lack it. OpenAI clients echo a tool call's
 //! `id` back verbatim (in the assistant message's `tool_calls` and in the `tool` message's
 //! `tool_call_id`), whereas many drop fields they do not know, so the signature rides in the
-//! id: `<id>__thought__<signature>` ([`THOUGHT_SIGNATURE_SEPARATOR`], the same convention
+//! id: `<id>__thought__<signature>` (`THOUGHT_SIGNATURE_SEPARATOR`, the same convention
 //! LiteLLM uses). On the way back the suffix is split off into `thoughtSignature`, and the part
 //! before it is sent as the `functionCall` / `functionResponse` `id`. Signatures on text parts
 //! (optional for Gemini) have no place in OpenAI's format and are dropped.
@@ -92,7 +92,7 @@
 //! # Errors
 //! Gemini's `{"error": {code, message, status, details}}` (also wrapped in an array, as the
 //! array stream sends it) → OpenAI's error with only `message` kept (details may echo request
-//! data, e.g. a rejected key): see [`map_error`] for the table. `retry_after` is the
+//! data, e.g. a rejected key): see `map_error` for the table. `retry_after` is the
 //! provider's `retry-after` header, else `RetryInfo.retryDelay` rounded up.
 
 use std::collections::HashMap;
@@ -109,14 +109,14 @@ use crate::openai::{
 use crate::usage::Usage;
 
 /// Separates a tool call id from the Gemini thought signature it carries.
-pub const THOUGHT_SIGNATURE_SEPARATOR: &str = "__thought__";
+pub(crate) const THOUGHT_SIGNATURE_SEPARATOR: &str = "__thought__";
 
 /// Unknown top-level request fields that are accepted and not sent: they are bookkeeping for
 /// OpenAI (stored completions, cache routing, abuse tracking) and cannot change Gemini's answer.
-pub const HARMLESS_EXTRA_FIELDS: &[&str] = &["metadata", "prompt_cache_key", "safety_identifier", "store"];
+pub(crate) const HARMLESS_EXTRA_FIELDS: &[&str] = &["metadata", "prompt_cache_key", "safety_identifier", "store"];
 
 /// Gemini's limit on `candidateCount`.
-pub const MAX_CANDIDATES: u64 = 8;
+pub(crate) const MAX_CANDIDATES: u64 = 8;
 
 /// The OpenAI ↔ Gemini translator for one request.
 #[derive(Debug, Clone)]
@@ -146,6 +146,8 @@ struct ChoiceState {
 }
 
 impl OpenAiGemini {
+    /// A translator for one request; its OpenAI objects carry `meta`'s id, model and creation
+    /// time.
     pub fn new(meta: ResponseMeta) -> Self {
         OpenAiGemini { meta, n: 1, usage: Usage::default(), generated_ids: 0, choices: Vec::new(), elements: 0 }
     }
@@ -155,7 +157,7 @@ impl OpenAiGemini {
 // request
 
 /// The Gemini request body for `req`.
-pub fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateContentRequest, ApiError> {
+pub(crate) fn build_request(req: &ChatRequest, target: &Target) -> Result<g::GenerateContentRequest, ApiError> {
     refuse_unsupported(req)?;
 
     let (system, contents) = contents(req)?;
@@ -294,7 +296,7 @@ fn generation_config(req: &ChatRequest) -> Result<g::GenerationConfig, ApiError>
 /// effort is `none`. Other values (e.g. `xhigh`) are a 400: Gemini has nothing above `high`.
 /// A model that does not support the value chosen (e.g. `minimal` on Gemini 3 Pro, a zero
 /// budget on 2.5 Pro) answers with its own 400, passed on.
-pub fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::ThinkingConfig, ApiError> {
+pub(crate) fn thinking_config(effort: &str, upstream_model: &str) -> Result<g::ThinkingConfig, ApiError> {
     let (budget, level) = match effort {
         "none" => (0, "minimal"),
         "minimal" => (512, "minimal"),
@@ -488,7 +490,7 @@ fn guess_mime(url: &str) -> Option<&'static str> {
 }
 
 /// `(id, thought signature)` of a tool call id written by [`OpenAiGemini`].
-pub fn split_tool_call_id(id: &str) -> (&str, Option<&str>) {
+pub(crate) fn split_tool_call_id(id: &str) -> (&str, Option<&str>) {
     match id.split_once(THOUGHT_SIGNATURE_SEPARATOR) {
         Some((base, sig)) if !sig.is_empty() => (base, Some(sig)),
         Some((base, _)) => (base, None),
@@ -608,7 +610,7 @@ fn model_path(model: &str, stream: bool) -> Result<String, ApiError> {
 // response
 
 /// The normalised usage of one `usageMetadata` (see the module docs for the rules).
-pub fn usage_from(u: &g::UsageMetadata) -> Usage {
+pub(crate) fn usage_from(u: &g::UsageMetadata) -> Usage {
     let input = u.prompt_token_count.map(|p| p.saturating_add(u.tool_use_prompt_token_count.unwrap_or(0)));
     let output = match (u.candidates_token_count, u.total_token_count, input) {
         (Some(c), _, _) => Some(c.saturating_add(u.thoughts_token_count.unwrap_or(0))),
@@ -792,7 +794,7 @@ fn parse_element(data: &[u8]) -> Result<g::GenerateContentResponse, ApiError> {
 ///
 /// An invalid key is the gateway's key, not the client's: a 401 would tell the client its own
 /// credentials were refused, so it is reported as a 502 with a message that says whose.
-pub fn map_error(http_status: Option<u16>, retry_after: Option<u64>, body: Option<&g::ErrorBody>) -> ApiError {
+pub(crate) fn map_error(http_status: Option<u16>, retry_after: Option<u64>, body: Option<&g::ErrorBody>) -> ApiError {
     let http = http_status
         .filter(|s| (400..=599).contains(s))
         .or_else(|| body.and_then(|b| b.code).and_then(|c| u16::try_from(c).ok()).filter(|s| (400..=599).contains(s)))

@@ -399,18 +399,8 @@ impl Policy {
             Some(a) => Some(a.key_secret),
             None => None,
         };
-        let limits = LimitSet {
-            settings: Settings {
-                zone,
-                member_cap: store.members_per_slot as usize,
-                lease_ttl_ms: store.lease_ttl_seconds * 1000,
-            },
-            slots: store.slots,
-            tiers,
-            global,
-            prices,
-            tracked,
-        };
+        let settings = Settings { zone, member_cap: store.members_per_slot as usize, lease_ttl_ms: store.lease_ttl_seconds * 1000 };
+        let limits = LimitSet::new(settings, store.slots, tiers, global, prices, tracked);
         Ok(Policy {
             identity,
             limits,

@@ -30,6 +30,8 @@ use crate::translate::exchange::Exchange;
 use crate::translate::{ResponseMeta, UpstreamRequest};
 
 /// What the host sends upstream for an admitted request (module docs).
+// One per request, moved once: boxing the big variants would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Dispatch<'p> {
     /// A chat completion for a mapped model, translated for `provider`.
     Provider {

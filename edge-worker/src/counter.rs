@@ -85,7 +85,7 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 
 /// Where an op's record lives inside its object: a counter object holds one record; the
 /// health object one per deployment.
-pub fn storage_key(op: &Op) -> String {
+pub fn storage_key(op: &Op<'_>) -> String {
     match op {
         Op::HealthRead { .. } | Op::HealthReport { .. } => op.key().into_owned(),
         Op::Reserve { .. } | Op::Settle { .. } | Op::Peek { .. } => RECORD_KEY.to_owned(),
@@ -142,7 +142,7 @@ impl DurableObject for QuotaCounter {
 impl QuotaCounter {
     /// Reads the op's record, runs core's [`apply`], writes what it says — with no await
     /// between the `get` resolving and the `put` (see the module docs).
-    async fn run(&self, policy: &Policy, op: &Op) -> Result<Reply, &'static str> {
+    async fn run(&self, policy: &Policy, op: &Op<'_>) -> Result<Reply, &'static str> {
         let storage = self.state.storage();
         let raw = storage.as_raw();
         let key = storage_key(op);
@@ -210,7 +210,7 @@ impl std::fmt::Display for CounterError {
 #[allow(async_fn_in_trait)]
 pub trait Counters {
     /// Runs `ops`, in order, on the object named `name`.
-    async fn call(&self, name: &str, ops: &[Op]) -> Result<Vec<Reply>, CounterError>;
+    async fn call(&self, name: &str, ops: &[Op<'_>]) -> Result<Vec<Reply>, CounterError>;
 }
 
 /// The `QUOTA_COUNTER` namespace (or why it is missing: then every call fails, and
@@ -218,7 +218,7 @@ pub trait Counters {
 pub struct Objects(pub Result<ObjectNamespace, String>);
 
 impl Counters for Objects {
-    async fn call(&self, name: &str, ops: &[Op]) -> Result<Vec<Reply>, CounterError> {
+    async fn call(&self, name: &str, ops: &[Op<'_>]) -> Result<Vec<Reply>, CounterError> {
         let namespace = self.0.as_ref().map_err(|e| CounterError::Setup(e.clone()))?;
         let stub = namespace.id_from_name(name).and_then(|id| id.get_stub()).map_err(|e| CounterError::Setup(e.to_string()))?;
         let body = serde_json::to_string(ops).map_err(|e| CounterError::Setup(e.to_string()))?;
@@ -263,7 +263,7 @@ pub(crate) mod tests {
     }
 
     impl Counters for MemoryObjects {
-        async fn call(&self, name: &str, ops: &[Op]) -> Result<Vec<Reply>, CounterError> {
+        async fn call(&self, name: &str, ops: &[Op<'_>]) -> Result<Vec<Reply>, CounterError> {
             self.calls.borrow_mut().push(name.to_owned());
             if self.fail.borrow().as_deref().is_some_and(|f| name.starts_with(f)) {
                 return Err(CounterError::Status(503));

@@ -60,7 +60,7 @@ pub async fn read<C: Counters>(counters: &C, names: &[&str], now: u64) -> (Vec<H
     if let Some(all) = fresh {
         return (all, None);
     }
-    let ops: Vec<Op> = names.iter().take(MAX_READ).map(|d| Op::HealthRead { deployment: (*d).to_owned() }).collect();
+    let ops: Vec<Op> = names.iter().take(MAX_READ).map(|d| Op::HealthRead { deployment: (*d).into() }).collect();
     let error = match counters.call(HEALTH_OBJECT, &ops).await {
         Ok(replies) => {
             for (name, reply) in names.iter().zip(replies) {
@@ -90,7 +90,7 @@ pub fn note(name: &str, outcome: &Outcome, settings: &HealthSettings, now: u64) 
 
 /// Tells the object; its answer (the stored record) replaces this isolate's copy.
 pub async fn report<C: Counters>(counters: &C, name: &str, outcome: Outcome, now: u64) -> Result<(), CounterError> {
-    let op = Op::HealthReport { deployment: name.to_owned(), outcome, now };
+    let op = Op::HealthReport { deployment: name.into(), outcome, now };
     match counters.call(HEALTH_OBJECT, std::slice::from_ref(&op)).await?.pop() {
         Some(Reply::Health(h)) => {
             remember(name, h, now);

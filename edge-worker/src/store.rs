@@ -28,6 +28,7 @@ pub async fn drive<C: Counters, M: Machine>(counters: &C, shards: u32, identity_
                     None => key,
                 };
                 let reply = counters.call(&name, std::slice::from_ref(&op)).await.map_err(|e| e.store_error());
+                drop(op); // it borrows the machine
                 machine.reply(reply.and_then(|mut r| r.pop().ok_or(StoreError::Host("the counter object answered nothing"))));
             }
         }

@@ -94,7 +94,7 @@ impl Upstream {
         if now == 0 {
             return;
         }
-        let op = Op::HealthReport { deployment: deployment.to_owned(), outcome, now };
+        let op = Op::HealthReport { deployment: deployment.into(), outcome, now };
         if sync::run_op(&mut SharedData, (&*self.shared.policy).into(), &op).is_err() {
             self.shared.metrics.add(Metric::StoreFailures);
         }

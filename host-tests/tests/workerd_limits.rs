@@ -469,7 +469,9 @@ fn usage_endpoint_shows_zeros_and_the_tier_limits_for_a_fresh_caller() {
     // The global concurrency limit is a sharded aggregate: each of the default 4 shards
     // enforces (and reports) a quarter of scalix.json's 64.
     let global_share = 64 / 4;
-    let cases: [(&[(&str, &str)], &str, Vec<(&str, u64)>); 3] = [
+    // (request headers, the tier the caller is in, each limit's name and size)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, Vec<(&'a str, u64)>);
+    let cases: [Case<'_>; 3] = [
         (
             &[("x-scalix-user", "new-free")],
             "free",

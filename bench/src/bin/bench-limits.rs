@@ -250,7 +250,7 @@ fn keyspace_report(counts: &[u64], step_ms: u64) -> Result<(), String> {
 /// buffer (length + 1, rounded up to 16 B).
 fn envoy_estimate(s: &Snapshot) -> usize {
     let per_entry = 96 + 8;
-    let avg_value = if s.keys == 0 { 0 } else { s.value_bytes / s.keys };
+    let avg_value = s.value_bytes.checked_div(s.keys).unwrap_or(0);
     s.keys * (per_entry + (avg_value + 1).div_ceil(16) * 16)
 }
 

@@ -14,6 +14,7 @@
 //! `tg2:g`. With `slots = 0` (the worker: one Durable Object per identity) each identity has
 //! its own key.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,9 @@ pub struct LimitSet {
     pub prices: BTreeMap<String, Price>,
     /// Calendar counters every member of a scope keeps (the union over tiers).
     pub tracked: BTreeMap<Scope, Vec<(Metric, Window)>>,
+    /// Each tier's limits split by scope (identity, IP, tier), so a step borrows its part's
+    /// limits instead of collecting them per request.
+    scoped: BTreeMap<String, [Vec<Limit>; 3]>,
 }
 
 /// Who a request is counted for (hashed keys only).
@@ -127,6 +131,10 @@ impl Ticket {
     /// The `i`-th part.
     pub fn part(&self, i: usize) -> Option<&TicketPart> {
         self.parts.get(i)
+    }
+
+    pub(crate) fn part_list(&self) -> &[TicketPart] {
+        &self.parts
     }
 
     pub(crate) fn push(&mut self, key: String, tag: u64, scope: Scope, receipt: Receipt) {
@@ -215,6 +223,25 @@ fn digest(id: &str) -> [u8; 16] {
 }
 
 impl LimitSet {
+    /// A limit set; each tier's limits keep their configured order.
+    pub fn new(
+        settings: Settings,
+        slots: u32,
+        tiers: BTreeMap<String, Vec<Limit>>,
+        global: Vec<Limit>,
+        prices: BTreeMap<String, Price>,
+        tracked: BTreeMap<Scope, Vec<(Metric, Window)>>,
+    ) -> LimitSet {
+        let scoped = tiers
+            .iter()
+            .map(|(name, ls)| {
+                let of = |scope: Scope| ls.iter().filter(|l| l.scope == scope).cloned().collect::<Vec<_>>();
+                (name.clone(), [of(Scope::Identity), of(Scope::Ip), of(Scope::Tier)])
+            })
+            .collect();
+        LimitSet { settings, slots, tiers, global, prices, tracked, scoped }
+    }
+
     /// The keys `who` is counted under, in checking order, with their limits.
     pub fn plans(&self, who: &Who) -> Vec<KeyPlan<'_>> {
         let mut plans = Vec::with_capacity(4);
@@ -251,22 +278,25 @@ impl LimitSet {
 
     /// The plan of one key whose name and tag are already known (a ticket's part): no hashing.
     fn part_plan(&self, tier: &str, key: String, tag: u64, scope: Scope) -> KeyPlan<'_> {
-        self.key_plan(key, tag, scope, self.part_limits(tier, scope))
+        self.key_plan(key.into(), tag, scope, self.part_limits(tier, scope))
     }
 
     /// The limits a tier's member of a `scope` key is checked against (global: the global ones).
-    pub(crate) fn part_limits(&self, tier: &str, scope: Scope) -> Vec<&Limit> {
-        match scope {
-            Scope::Global => self.global.iter().collect(),
-            _ => self.tiers.get(tier).map_or(vec![], |ls| ls.iter().filter(|l| l.scope == scope).collect()),
-        }
+    pub(crate) fn part_limits(&self, tier: &str, scope: Scope) -> &[Limit] {
+        let i = match scope {
+            Scope::Global => return &self.global,
+            Scope::Identity => 0,
+            Scope::Ip => 1,
+            Scope::Tier => 2,
+        };
+        self.scoped.get(tier).map_or(&[], |by_scope| &by_scope[i])
     }
 
     /// The plan of one key with the given limits, and the calendar counters its scope tracks.
-    pub(crate) fn key_plan<'l>(&'l self, key: String, tag: u64, scope: Scope, limits: Vec<&'l Limit>) -> KeyPlan<'l> {
+    pub(crate) fn key_plan<'l>(&'l self, key: Cow<'l, str>, tag: u64, scope: Scope, limits: &'l [Limit]) -> KeyPlan<'l> {
         let tracked = match scope {
-            Scope::Identity | Scope::Ip => self.tracked.get(&scope).cloned().unwrap_or_default(),
-            _ => vec![],
+            Scope::Identity | Scope::Ip => self.tracked.get(&scope).map_or(&[][..], Vec::as_slice),
+            _ => &[],
         };
         KeyPlan { key, tag, scope, limits, tracked }
     }

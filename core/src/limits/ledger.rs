@@ -10,6 +10,8 @@
 //!   usage is never lost, counts never go below zero.
 //! - An unknown actual amount (`None`) keeps the reservation as the charge.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::limits::record::{start_minute, Counter, Lease, Member, Rate, Record};
@@ -65,16 +67,16 @@ impl Actual {
 #[derive(Debug, Clone)]
 pub struct KeyPlan<'a> {
     /// The store key.
-    pub key: String,
+    pub key: Cow<'a, str>,
     /// The member's tag in the key's record.
     pub tag: u64,
     /// Whose key it is.
     pub scope: Scope,
     /// The limits the member is checked against.
-    pub limits: Vec<&'a Limit>,
+    pub limits: &'a [Limit],
     /// Calendar counters kept for the member even when its tier does not limit them, so a
     /// tier change mid-window keeps an exact count.
-    pub tracked: Vec<(Metric, Window)>,
+    pub tracked: &'a [(Metric, Window)],
 }
 
 /// Store-wide settings a step needs.
@@ -258,7 +260,7 @@ pub(crate) fn reserve(
     let mut downgrade = downgraded.map(str::to_owned);
     if downgrade.is_none() {
         let mut best: Option<(u32, &str)> = None;
-        for l in &plan.limits {
+        for l in plan.limits {
             let Span::Window(w) = l.span else { continue };
             let used = member.used(l.metric, w, now, zone);
             for t in &l.thresholds {
@@ -277,7 +279,7 @@ pub(crate) fn reserve(
     let mut too_large: Option<(LimitStatus, u64)> = None;
     let mut denied: Option<(LimitStatus, u64)> = None;
     let mut worst_retry = 0u64;
-    for l in &plan.limits {
+    for l in plan.limits {
         let want = demand.get(l.metric).max(1);
         let refusal = match l.span {
             Span::Window(w) => l.block_at().and_then(|cap| {
@@ -330,7 +332,7 @@ pub(crate) fn reserve(
 
     // Admitted: charge every calendar counter, advance the rates, take a lease.
     let mut receipt = Receipt::default();
-    let mut windows: Vec<(Metric, Window)> = plan.tracked.clone();
+    let mut windows: Vec<(Metric, Window)> = plan.tracked.to_vec();
     windows.extend(plan.limits.iter().filter_map(|l| l.window().map(|w| (l.metric, w))));
     windows.sort();
     windows.dedup();
@@ -344,7 +346,7 @@ pub(crate) fn reserve(
         c.count = c.count.saturating_add(amount);
         receipt.counters.push((m, w, start, amount));
     }
-    for l in &plan.limits {
+    for l in plan.limits {
         let Some((t, _, _)) = gcra(l) else { continue };
         let units = if l.metric == Metric::Requests { 1 } else { demand.get(l.metric).max(1) };
         let id = rate_id(l);
@@ -363,7 +365,7 @@ pub(crate) fn reserve(
     }
 
     let mut warnings = Vec::new();
-    for l in &plan.limits {
+    for l in plan.limits {
         let Span::Window(w) = l.span else { continue };
         let st = status(l, &member, now, s);
         let warn = l.thresholds.iter().filter(|t| t.action == Action::Warn && st.used >= percent_of(l.max, t.percent)).map(|t| t.percent).max();
@@ -371,7 +373,7 @@ pub(crate) fn reserve(
             warnings.push(Reached { status: st, threshold, window_start: w.bounds_in(now, zone).0 });
         }
     }
-    let notify = fire_notifications(&plan.limits, &mut member, now, s);
+    let notify = fire_notifications(plan.limits, &mut member, now, s);
     let statuses = plan.limits.iter().map(|l| status(l, &member, now, s)).collect();
     let evicted = record.put(member, now, zone, s.member_cap);
     (
@@ -381,7 +383,7 @@ pub(crate) fn reserve(
 }
 
 /// Marks and returns every notify threshold reached and not yet fired in the current window.
-fn fire_notifications(limits: &[&Limit], member: &mut Member, now: Timestamp, s: &Settings) -> Vec<Reached> {
+fn fire_notifications(limits: &[Limit], member: &mut Member, now: Timestamp, s: &Settings) -> Vec<Reached> {
     let mut out = Vec::new();
     for l in limits {
         let Span::Window(w) = l.span else { continue };
@@ -451,7 +453,7 @@ pub(crate) fn settle(
     if let Some(id) = receipt.lease {
         member.leases.retain(|l| l.id != id);
     }
-    let notify = fire_notifications(&plan.limits, &mut member, now, s);
+    let notify = fire_notifications(plan.limits, &mut member, now, s);
     record.put(member, now, zone, s.member_cap);
     if record == original {
         return (notify, None);
@@ -476,8 +478,8 @@ mod tests {
         Settings { zone: Zone::utc(), member_cap: 8, lease_ttl_ms: 60_000 }
     }
 
-    fn plan<'a>(limits: &[&'a Limit]) -> KeyPlan<'a> {
-        KeyPlan { key: "k".into(), tag: 1, scope: Scope::Identity, limits: limits.to_vec(), tracked: vec![] }
+    fn plan(limits: &[Limit]) -> KeyPlan<'_> {
+        KeyPlan { key: "k".into(), tag: 1, scope: Scope::Identity, limits, tracked: &[] }
     }
 
     struct Cell(Option<Vec<u8>>, u64);
@@ -505,7 +507,7 @@ mod tests {
     #[test]
     fn tokens_reserve_then_settle_to_the_reported_usage() {
         let l = limit(r#"{"window":"day","total_tokens":1000}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let r = c.reserve(&p, Demand::request(100, 500, 0), T0);
         assert_eq!(r.verdict, Verdict::Allowed);
@@ -521,7 +523,7 @@ mod tests {
     fn a_reservation_that_can_never_fit_is_its_own_verdict() {
         let l = limit(r#"{"window":"day","total_tokens":1000}"#);
         let mut c = Cell(None, 0);
-        let r = c.reserve(&plan(&[&l]), Demand::request(100, 4096, 0), T0);
+        let r = c.reserve(&plan(std::slice::from_ref(&l)), Demand::request(100, 4096, 0), T0);
         assert!(matches!(r.verdict, Verdict::TooLarge { requested: 4196, .. }), "{:?}", r.verdict);
         assert!(c.0.is_none(), "nothing written");
     }
@@ -529,7 +531,7 @@ mod tests {
     #[test]
     fn settling_after_the_window_ended_counts_in_the_new_window() {
         let l = limit(r#"{"window":"minute","total_tokens":1000}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let r = c.reserve(&p, Demand::request(10, 100, 0), T0);
         let next_minute = T0 + 60_000;
@@ -540,7 +542,7 @@ mod tests {
     #[test]
     fn unknown_usage_keeps_the_reservation() {
         let l = limit(r#"{"window":"day","output_tokens":1000}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let r = c.reserve(&p, Demand::request(10, 300, 0), T0);
         c.settle(&p, &r.receipt, Actual::used(None, None, None), T0 + 5);
@@ -550,7 +552,7 @@ mod tests {
     #[test]
     fn leases_are_released_and_expire() {
         let l = limit(r#"{"concurrent":2}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let a = c.reserve(&p, Demand::request(1, 1, 0), T0);
         let b = c.reserve(&p, Demand::request(1, 1, 0), T0);
@@ -566,7 +568,7 @@ mod tests {
     #[test]
     fn gcra_allows_the_burst_then_the_rate() {
         let l = limit(r#"{"rate":{"per":"minute","burst":3},"requests":60}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         for _ in 0..3 {
             assert_eq!(c.reserve(&p, Demand::request(1, 1, 0), T0).verdict, Verdict::Allowed);
@@ -584,7 +586,7 @@ mod tests {
         let l = limit(
             r#"{"window":"day","requests":10,"soft":[{"at":80,"action":"warn"},{"at":100,"action":"downgrade","model":"small"},{"at":120,"action":"block"}]}"#,
         );
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let mut seen = vec![];
         for _ in 0..13 {
@@ -605,7 +607,7 @@ mod tests {
     #[test]
     fn notify_fires_once_per_window_even_when_usage_dips() {
         let l = limit(r#"{"window":"day","total_tokens":100,"soft":[{"at":50,"action":"notify"},{"at":90,"action":"notify"}]}"#);
-        let p = plan(&[&l]);
+        let p = plan(std::slice::from_ref(&l));
         let mut c = Cell(None, 0);
         let r1 = c.reserve(&p, Demand::request(30, 30, 0), T0);
         assert_eq!(r1.notify.iter().map(|n| n.threshold).collect::<Vec<_>>(), vec![50]);
@@ -625,11 +627,11 @@ mod tests {
     fn tracked_counters_follow_a_member_across_tiers() {
         let free = limit(r#"{"window":"hour","requests":3}"#);
         let mut p = plan(&[]);
-        p.tracked = vec![(Metric::Requests, Window::Hour)];
+        p.tracked = &[(Metric::Requests, Window::Hour)];
         let mut c = Cell(None, 0);
         c.reserve(&p, Demand::request(1, 1, 0), T0);
         c.reserve(&p, Demand::request(1, 1, 0), T0);
-        let p2 = plan(&[&free]);
+        let p2 = plan(std::slice::from_ref(&free));
         let r = c.reserve(&p2, Demand::request(1, 1, 0), T0);
         assert_eq!(r.statuses[0].used, 3);
         assert!(matches!(c.reserve(&p2, Demand::request(1, 1, 0), T0).verdict, Verdict::Denied { .. }));
@@ -642,7 +644,7 @@ mod tests {
         let s = Settings { member_cap: 2, ..settings() };
         let mut bytes: Option<Vec<u8>> = None;
         let mut run = |tag: u64, l: &Limit| {
-            let p = KeyPlan { key: "k".into(), tag, scope: Scope::Identity, limits: vec![l], tracked: vec![] };
+            let p = KeyPlan { key: "k".into(), tag, scope: Scope::Identity, limits: std::slice::from_ref(l), tracked: &[] };
             let (r, w) = reserve(bytes.as_deref(), &p, &|_| Demand::request(1, 1, 0), None, 1, T0, &s);
             bytes = w;
             r.evicted
@@ -662,7 +664,7 @@ mod tests {
         #[test]
         fn settled_counts_equal_actual_usage(ops in proptest::collection::vec((0u64..400, 0u64..400, 0u64..500, 0u64..500), 1..40)) {
             let l = limit(r#"{"window":"day","total_tokens":100000000}"#);
-            let p = plan(&[&l]);
+            let p = plan(std::slice::from_ref(&l));
             let mut c = Cell(None, 0);
             let mut receipts = vec![];
             let mut expected = 0u64;
@@ -682,7 +684,7 @@ mod tests {
         #[test]
         fn requests_admit_exactly_the_limit(limit_n in 1u64..50, attempts in 1usize..120) {
             let l = limit(&format!(r#"{{"window":"hour","requests":{limit_n}}}"#));
-            let p = plan(&[&l]);
+            let p = plan(std::slice::from_ref(&l));
             let mut c = Cell(None, 0);
             let admitted = (0..attempts).filter(|_| c.reserve(&p, Demand::request(1, 1, 0), T0).verdict == Verdict::Allowed).count();
             prop_assert_eq!(admitted as u64, limit_n.min(attempts as u64));

@@ -5,8 +5,10 @@
 //! backend, so one loop serves every store: [`super::sync::run`] over a compare-and-set store,
 //! an `await` per step in the worker (a Durable Object per key), a remote store service next.
 
+use std::borrow::Cow;
+
 use crate::fallback::Health;
-use crate::limits::engine::{Admission, Estimate, LimitSet, Ticket, Who};
+use crate::limits::engine::{Admission, Estimate, LimitSet, Ticket, TicketPart, Who};
 use crate::limits::ledger::{Actual, KeyPlan, LimitStatus, Reached, Verdict};
 use crate::store::StoreError;
 use crate::window::Timestamp;
@@ -14,10 +16,13 @@ use crate::window::Timestamp;
 use super::{Op, Part, Reply};
 
 /// What a machine wants next.
+// Returned and matched at once, never stored: boxing the op would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum Next<T> {
-    /// Run this op and hand its outcome to [`Machine::reply`].
-    Op(Op),
+pub enum Next<'m, T> {
+    /// Run this op and hand its outcome to [`Machine::reply`] (the op borrows the machine: run
+    /// it, then reply).
+    Op(Op<'m>),
     /// The machine is done.
     Done(T),
 }
@@ -28,7 +33,7 @@ pub trait Machine {
     type Output;
     /// The next op, or the output. After `Done`, the machine is spent: later calls answer `Done`
     /// again with what is left (an empty output).
-    fn next(&mut self) -> Next<Self::Output>;
+    fn next(&mut self) -> Next<'_, Self::Output>;
     /// The outcome of the op [`Machine::next`] gave last (`Err`: the backend failed or gave up).
     fn reply(&mut self, reply: Result<Reply, StoreError>);
 }
@@ -37,8 +42,13 @@ fn unexpected() -> StoreError {
     StoreError::Host("the store answered another op")
 }
 
-fn part(plan: &KeyPlan<'_>, tier: &str) -> Part {
-    Part { tier: tier.to_owned(), tag: plan.tag, scope: plan.scope, shard: None }
+fn part<'m>(tag: u64, scope: crate::limits::Scope, tier: &'m str) -> Part<'m> {
+    Part { tier: Cow::Borrowed(tier), tag, scope, shard: None }
+}
+
+/// The op releasing (`Actual::nothing`) or settling one part of a ticket.
+fn settle<'m>(ticket: &'m Ticket, p: &'m TicketPart, actual: Actual, now: Timestamp) -> Op<'m> {
+    Op::Settle { key: Cow::Borrowed(&p.key), part: part(p.tag, p.scope, &ticket.who.tier), receipt: Cow::Borrowed(&p.receipt), actual, now }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +90,7 @@ impl<'a> Admitting<'a> {
     }
 
     fn record(&mut self, reserved: crate::limits::ledger::Reserved) {
-        let Some(plan) = self.plans.get(self.next) else { return };
+        let Some(plan) = self.plans.get_mut(self.next) else { return };
         self.next += 1;
         let a = &mut self.admission;
         a.statuses.extend(reserved.statuses);
@@ -98,7 +108,7 @@ impl<'a> Admitting<'a> {
         }
         a.warnings.extend(reserved.warnings);
         a.notify.extend(reserved.notify);
-        a.ticket.push(plan.key.clone(), plan.tag, plan.scope, reserved.receipt);
+        a.ticket.push(std::mem::take(&mut plan.key).into_owned(), plan.tag, plan.scope, reserved.receipt);
     }
 
     fn finish(&mut self) -> Result<Admission, StoreError> {
@@ -120,34 +130,25 @@ impl<'a> Admitting<'a> {
 impl Machine for Admitting<'_> {
     type Output = Result<Admission, StoreError>;
 
-    fn next(&mut self) -> Next<Self::Output> {
-        loop {
-            match self.phase {
-                Phase::Reserving => {
-                    let Some(plan) = self.plans.get(self.next) else { return Next::Done(self.finish()) };
-                    return Next::Op(Op::Reserve {
-                        key: plan.key.clone(),
-                        part: part(plan, &self.admission.ticket.who.tier),
-                        estimate: self.estimate.clone(),
-                        downgraded: self.admission.downgrade.clone(),
-                        lease_id: self.lease_id,
-                        now: self.now,
-                    });
-                }
-                Phase::Releasing(i) => match self.admission.ticket.part(i) {
-                    Some(p) => {
-                        return Next::Op(Op::Settle {
-                            key: p.key.clone(),
-                            part: Part { tier: self.admission.ticket.who.tier.clone(), tag: p.tag, scope: p.scope, shard: None },
-                            receipt: p.receipt.clone(),
-                            actual: Actual::nothing(),
-                            now: self.now,
-                        })
-                    }
-                    None => self.phase = Phase::Done,
-                },
-                Phase::Done => return Next::Done(self.finish()),
+    fn next(&mut self) -> Next<'_, Self::Output> {
+        match self.phase {
+            Phase::Reserving if self.next < self.plans.len() => {
+                let plan = &self.plans[self.next];
+                let ticket = &self.admission.ticket;
+                Next::Op(Op::Reserve {
+                    key: Cow::Borrowed(&plan.key),
+                    part: part(plan.tag, plan.scope, &ticket.who.tier),
+                    estimate: Cow::Borrowed(&self.estimate),
+                    downgraded: self.admission.downgrade.as_deref().map(Cow::Borrowed),
+                    lease_id: self.lease_id,
+                    now: self.now,
+                })
             }
+            Phase::Releasing(i) if i < self.admission.ticket.part_list().len() => {
+                let ticket = &self.admission.ticket;
+                Next::Op(settle(ticket, &ticket.part_list()[i], Actual::nothing(), self.now))
+            }
+            Phase::Reserving | Phase::Releasing(_) | Phase::Done => Next::Done(self.finish()),
         }
     }
 
@@ -190,34 +191,30 @@ pub struct Settled {
 
 /// Settlement: every part of a ticket settled with the same [`Actual`] (or released with
 /// [`Actual::nothing`]). A failing key does not stop the others.
-pub struct Settling {
-    ops: std::vec::IntoIter<Op>,
+pub struct Settling<'t> {
+    ticket: &'t Ticket,
+    actual: Actual,
+    now: Timestamp,
+    next: usize,
     out: Settled,
 }
 
-impl Settling {
+impl<'t> Settling<'t> {
     /// Settles every part of `ticket` with `actual`.
-    pub fn new(ticket: &Ticket, actual: Actual, now: Timestamp) -> Self {
-        let ops: Vec<Op> = ticket
-            .parts()
-            .map(|p| Op::Settle {
-                key: p.key.clone(),
-                part: Part { tier: ticket.who.tier.clone(), tag: p.tag, scope: p.scope, shard: None },
-                receipt: p.receipt.clone(),
-                actual,
-                now,
-            })
-            .collect();
-        Settling { ops: ops.into_iter(), out: Settled::default() }
+    pub fn new(ticket: &'t Ticket, actual: Actual, now: Timestamp) -> Self {
+        Settling { ticket, actual, now, next: 0, out: Settled::default() }
     }
 }
 
-impl Machine for Settling {
+impl Machine for Settling<'_> {
     type Output = Settled;
 
-    fn next(&mut self) -> Next<Settled> {
-        match self.ops.next() {
-            Some(op) => Next::Op(op),
+    fn next(&mut self) -> Next<'_, Settled> {
+        match self.ticket.part(self.next) {
+            Some(p) => {
+                self.next += 1;
+                Next::Op(settle(self.ticket, p, self.actual, self.now))
+            }
             None => Next::Done(std::mem::take(&mut self.out)),
         }
     }
@@ -238,29 +235,32 @@ impl Machine for Settling {
 
 /// Where every limit of `who` stands (the usage endpoint): one peek per key; the first failure
 /// ends it.
-pub struct Peeking {
-    ops: std::vec::IntoIter<Op>,
+pub struct Peeking<'a> {
+    plans: Vec<KeyPlan<'a>>,
+    tier: String,
+    now: Timestamp,
+    next: usize,
     out: Result<Vec<LimitStatus>, StoreError>,
 }
 
-impl Peeking {
+impl<'a> Peeking<'a> {
     /// Peeks every key `who` is counted under.
-    pub fn new(set: &LimitSet, who: &Who, now: Timestamp) -> Self {
-        let ops: Vec<Op> = set.plans(who).iter().map(|plan| Op::Peek { key: plan.key.clone(), part: part(plan, &who.tier), now }).collect();
-        Peeking { ops: ops.into_iter(), out: Ok(Vec::new()) }
+    pub fn new(set: &'a LimitSet, who: &Who, now: Timestamp) -> Self {
+        Peeking { plans: set.plans(who), tier: who.tier.clone(), now, next: 0, out: Ok(Vec::new()) }
     }
 }
 
-impl Machine for Peeking {
+impl Machine for Peeking<'_> {
     type Output = Result<Vec<LimitStatus>, StoreError>;
 
-    fn next(&mut self) -> Next<Self::Output> {
-        if self.out.is_ok() {
-            if let Some(op) = self.ops.next() {
-                return Next::Op(op);
+    fn next(&mut self) -> Next<'_, Self::Output> {
+        match self.plans.get(self.next) {
+            Some(plan) if self.out.is_ok() => {
+                self.next += 1;
+                Next::Op(Op::Peek { key: Cow::Borrowed(&plan.key), part: part(plan.tag, plan.scope, &self.tier), now: self.now })
             }
+            _ => Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new()))),
         }
-        Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new())))
     }
 
     fn reply(&mut self, reply: Result<Reply, StoreError>) {
@@ -274,26 +274,29 @@ impl Machine for Peeking {
 
 /// The health of each of an alias's deployments (same order). A record that cannot be read is
 /// healthy: health only ever steers, it never refuses on its own; `failed` says how many.
-pub struct ReadingHealth {
-    ops: std::vec::IntoIter<Op>,
+pub struct ReadingHealth<'d> {
+    deployments: Vec<&'d str>,
+    next: usize,
     out: (Vec<Health>, u32),
 }
 
-impl ReadingHealth {
+impl<'d> ReadingHealth<'d> {
     /// Reads the records of `deployments`.
-    pub fn new<'d>(deployments: impl IntoIterator<Item = &'d str>) -> Self {
-        let ops: Vec<Op> = deployments.into_iter().map(|d| Op::HealthRead { deployment: d.to_owned() }).collect();
-        ReadingHealth { ops: ops.into_iter(), out: (Vec::new(), 0) }
+    pub fn new(deployments: impl IntoIterator<Item = &'d str>) -> Self {
+        ReadingHealth { deployments: deployments.into_iter().collect(), next: 0, out: (Vec::new(), 0) }
     }
 }
 
-impl Machine for ReadingHealth {
+impl Machine for ReadingHealth<'_> {
     /// The records, and how many could not be read.
     type Output = (Vec<Health>, u32);
 
-    fn next(&mut self) -> Next<Self::Output> {
-        match self.ops.next() {
-            Some(op) => Next::Op(op),
+    fn next(&mut self) -> Next<'_, Self::Output> {
+        match self.deployments.get(self.next) {
+            Some(d) => {
+                self.next += 1;
+                Next::Op(Op::HealthRead { deployment: Cow::Borrowed(d) })
+            }
             None => Next::Done(std::mem::take(&mut self.out)),
         }
     }

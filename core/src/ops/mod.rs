@@ -23,6 +23,8 @@
 pub mod machine;
 pub mod sync;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::fallback::{health_key, next_health, Health, HealthSettings, Outcome};
@@ -45,9 +47,9 @@ pub struct Shard {
 /// One member of one key: the tier whose limits apply, the member's tag in the record, the
 /// key's scope, and the shard when the host splits aggregates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Part {
+pub struct Part<'a> {
     /// The tier whose limits apply (tier and global aggregates: its limits of that scope).
-    pub tier: String,
+    pub tier: Cow<'a, str>,
     /// The member's tag inside the record (0 for aggregates).
     pub tag: u64,
     /// Whose key it is.
@@ -57,20 +59,21 @@ pub struct Part {
     pub shard: Option<Shard>,
 }
 
-/// One operation on one stored record.
+/// One operation on one stored record. It borrows what the machine that made it holds (a
+/// driver runs it before asking for the next one); deserialized, it owns its strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Op {
+pub enum Op<'a> {
     /// Reserve a request's estimate on every limit of the part (`ledger::reserve`).
     Reserve {
         /// The store key.
-        key: String,
+        key: Cow<'a, str>,
         /// Whose limits.
-        part: Part,
+        part: Part<'a>,
         /// What the request is admitted with.
-        estimate: Estimate,
+        estimate: Cow<'a, Estimate>,
         /// A downgrade an earlier key decided (the demand is priced for that model).
-        downgraded: Option<String>,
+        downgraded: Option<Cow<'a, str>>,
         /// The concurrency lease's id.
         lease_id: u64,
         /// Epoch milliseconds.
@@ -80,11 +83,11 @@ pub enum Op {
     /// [`Actual::nothing`] it releases it. Always releases the concurrency lease.
     Settle {
         /// The store key.
-        key: String,
+        key: Cow<'a, str>,
         /// Whose limits.
-        part: Part,
+        part: Part<'a>,
         /// What the reservation charged on this key.
-        receipt: Receipt,
+        receipt: Cow<'a, Receipt>,
         /// What to charge instead (`None` fields: keep the reservation).
         actual: Actual,
         /// Epoch milliseconds.
@@ -93,22 +96,22 @@ pub enum Op {
     /// Where every limit of the part stands, changing nothing.
     Peek {
         /// The store key.
-        key: String,
+        key: Cow<'a, str>,
         /// Whose limits.
-        part: Part,
+        part: Part<'a>,
         /// Epoch milliseconds.
         now: Timestamp,
     },
     /// A deployment's health record, changing nothing.
     HealthRead {
         /// The deployment (a name in the policy's `models`).
-        deployment: String,
+        deployment: Cow<'a, str>,
     },
     /// One attempt's outcome on a deployment ([`next_health`]); writes only when the record
     /// changes.
     HealthReport {
         /// The deployment.
-        deployment: String,
+        deployment: Cow<'a, str>,
         /// What happened.
         outcome: Outcome,
         /// Epoch milliseconds.
@@ -131,17 +134,17 @@ pub enum Reply {
     Health(Health),
 }
 
-impl Op {
+impl<'a> Op<'a> {
     /// The store key the op reads and writes.
-    pub fn key(&self) -> std::borrow::Cow<'_, str> {
+    pub fn key(&self) -> Cow<'_, str> {
         match self {
-            Op::Reserve { key, .. } | Op::Settle { key, .. } | Op::Peek { key, .. } => key.as_str().into(),
+            Op::Reserve { key, .. } | Op::Settle { key, .. } | Op::Peek { key, .. } => Cow::Borrowed(key),
             Op::HealthRead { deployment } | Op::HealthReport { deployment, .. } => health_key(deployment).into(),
         }
     }
 
     /// The part the op is about (`None` for health ops).
-    pub fn part_mut(&mut self) -> Option<&mut Part> {
+    pub fn part_mut(&mut self) -> Option<&mut Part<'a>> {
         match self {
             Op::Reserve { part, .. } | Op::Settle { part, .. } | Op::Peek { part, .. } => Some(part),
             Op::HealthRead { .. } | Op::HealthReport { .. } => None,
@@ -184,13 +187,13 @@ pub fn apply(limits: &LimitSet, health: &HealthSettings, op: &Op, stored: Option
 
 /// Runs `f` on the plan of `part` under `key`: the tier's limits of the part's scope, each cut
 /// to its shard's share when the part is a shard of an aggregate.
-fn with_plan<T>(limits: &LimitSet, key: &str, part: &Part, f: impl FnOnce(&KeyPlan<'_>) -> T) -> T {
+fn with_plan<T>(limits: &LimitSet, key: &str, part: &Part<'_>, f: impl FnOnce(&KeyPlan<'_>) -> T) -> T {
     let base = limits.part_limits(&part.tier, part.scope);
     match part.shard {
-        None => f(&limits.key_plan(key.to_owned(), part.tag, part.scope, base)),
+        None => f(&limits.key_plan(key.into(), part.tag, part.scope, base)),
         Some(s) => {
             let owned: Vec<Limit> = base.iter().map(|l| l.shard(s.index, s.of)).collect();
-            f(&limits.key_plan(key.to_owned(), part.tag, part.scope, owned.iter().collect()))
+            f(&limits.key_plan(key.into(), part.tag, part.scope, &owned))
         }
     }
 }
@@ -210,7 +213,7 @@ mod tests {
         .unwrap()
     }
 
-    fn part(scope: Scope, shard: Option<Shard>) -> Part {
+    fn part(scope: Scope, shard: Option<Shard>) -> Part<'static> {
         Part { tier: "d".into(), tag: 7, scope, shard }
     }
 
@@ -218,7 +221,7 @@ mod tests {
         let op = Op::Reserve {
             key: "k".into(),
             part: part(scope, shard),
-            estimate: Estimate { model: None, input_tokens: 0, output_tokens: 0 },
+            estimate: Cow::Owned(Estimate { model: None, input_tokens: 0, output_tokens: 0 }),
             downgraded: None,
             lease_id: 1,
             now: 1_000,
@@ -234,7 +237,7 @@ mod tests {
         let op = Op::Reserve {
             key: "tg2:i:00".into(),
             part: Part { tier: "free".into(), tag: u64::MAX, scope: Scope::Identity, shard: None },
-            estimate: Estimate { model: Some("m".into()), input_tokens: 3, output_tokens: 4 },
+            estimate: Cow::Owned(Estimate { model: Some("m".into()), input_tokens: 3, output_tokens: 4 }),
             downgraded: None,
             lease_id: u64::MAX - 1,
             now: 5,

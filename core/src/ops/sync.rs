@@ -77,7 +77,7 @@ mod tests {
     const ZERO: Estimate = Estimate { model: None, input_tokens: 0, output_tokens: 0 };
 
     fn used(store: &mut MemoryStore, p: &Policy, id: &str) -> Vec<u64> {
-        run(store, (&*p).into(), Peeking::new(&p.limits, &who(id), 1_000)).unwrap().iter().map(|s| s.used).collect()
+        run(store, p.into(), Peeking::new(&p.limits, &who(id), 1_000)).unwrap().iter().map(|s| s.used).collect()
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!   (a 400: the client's own request) is the client's answer, translated, and says nothing about
 //!   the provider: health records it not.
 
+use crate::ending::Ending;
 use crate::fallback::{choose, Alias, Choice, Failure, FallbackSettings, Health, Outcome, Plan, Quota};
 use crate::render::{self, LocalResponse};
 
@@ -212,10 +213,19 @@ impl Attempts {
         render::attempts_exhausted(&self.alias, &tried)
     }
 
-    /// Whether any attempt reached a provider (the all-failed answer is then
-    /// [`crate::ending::Ending::NotServed`], else [`crate::ending::Ending::NotSent`]).
+    /// Whether any attempt reached a provider.
     pub fn reached_a_provider(&self) -> bool {
         self.tried.iter().any(|(_, r)| matches!(r, Reason::Failed(_)))
+    }
+
+    /// How the request ended when no attempt served it: [`Ending::NotServed`] when one reached
+    /// a provider (the request counts), else [`Ending::NotSent`] (nothing counts).
+    pub fn unserved(&self) -> Ending {
+        if self.reached_a_provider() {
+            Ending::NotServed
+        } else {
+            Ending::NotSent
+        }
     }
 }
 
@@ -296,6 +306,7 @@ mod tests {
         assert_eq!(r.status, 502);
         assert!(String::from_utf8_lossy(&r.body).contains("a (500), b (timeout)"));
         assert!(a.reached_a_provider());
+        assert_eq!(a.unserved(), Ending::NotServed, "a provider was called: the request counts");
         // No deployment could take the request as asked: the client's own 400, nothing sent.
         let mut u = Attempts::new(&p, 0, true);
         let refusal = render::openai_error(400, "n > 1 is not supported", "invalid_request_error", "unsupported_parameter");
@@ -303,6 +314,7 @@ mod tests {
         u.failed("b", Reason::Unsupported, None);
         assert_eq!(u.exhausted(), refusal);
         assert!(!u.reached_a_provider());
+        assert_eq!(u.unserved(), Ending::NotSent, "nothing was sent: nothing counts");
     }
 
     #[test]

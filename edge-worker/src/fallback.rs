@@ -137,7 +137,7 @@ pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish
     }
     let mut response = attempts.exhausted();
     response.headers.extend(call.headers.iter().cloned());
-    finish.done(if attempts.reached_a_provider() { Ending::NotServed } else { Ending::NotSent });
+    finish.done(attempts.unserved());
     forward::local(&response)
 }
 

@@ -370,8 +370,7 @@ impl Downstream {
     fn alias_ending(key: &str) -> Ending {
         handoff::with(key, |e| match &e.served {
             Some(d) => Ending::Served { usage: e.usage.unwrap_or_default(), model: Some(d.clone()) },
-            None if e.attempts.reached_a_provider() => Ending::NotServed,
-            None if e.started > 0 => Ending::NotSent,
+            None if e.started > 0 => e.attempts.unserved(),
             None => Ending::Abandoned,
         })
         .unwrap_or(Ending::Abandoned)

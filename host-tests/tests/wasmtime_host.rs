@@ -1003,7 +1003,7 @@ fn without_header_stop_a_chat_request_is_answered_by_the_watchdog_not_hung() {
 fn a_clock_that_fails_after_admission_loses_no_count() {
     let host = Host::new(SharedStore::envoy());
     host.clock().set_epoch_ms(T0);
-    let mut vm = load(&host, &policy(r#"[{"window": "day", "requests": 10}, {"window": "day", "total_tokens": 1000}, {"concurrent": 3}]"#, "{}"));
+    let mut vm = load(&host, &policy(r#"[{"window": "day", "requests": 10}, {"window": "day", "total_tokens": 100000}, {"concurrent": 3}]"#, "{}"));
     for remaining in ["9", "8", "7"] {
         assert_allowed(&send(&mut vm, chat(Some("cleo"))), "10", remaining, "10h14m29.75s");
     }

@@ -125,6 +125,11 @@ pub fn start_mock_provider_with(args: &[&str]) -> (Server, String) {
     let stdout = server.stdout().expect("piped stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("mock provider prints its address");
+    if line.is_empty() {
+        // It exited before binding; its stderr (inherited) is in the test's output above.
+        server.assert_running();
+        panic!("the mock provider closed its stdout without printing its address (its stderr is above)");
+    }
     let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected mock output {line:?}")).to_owned();
     (server, url)
 }

@@ -383,7 +383,7 @@ pub fn simulate(loaded: &Loaded, trace: &str) -> Result<Vec<Line>, TraceError> {
         let lease_id = n as u64 + 1;
         let decision = match gate::admit_chat(policy, &facts, &body, &mut store, lease_id) {
             Gate::Forward(a) => {
-                let served = a.request.as_ref().map(|c| c.model.clone());
+                let served = Some(a.request.model.clone());
                 let downgraded = a.headers.iter().any(|(k, _)| *k == DOWNGRADE_HEADER);
                 let decision = Decision {
                     line: req.line,

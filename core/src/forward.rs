@@ -10,8 +10,7 @@
 //!   (`stream_options.include_usage`, so that token and cost limits settle to what the provider
 //!   reports; the pair removes that chunk again when the client did not ask for it);
 //! - a model alias ([`Dispatch::Alias`]): the host runs the attempts ([`crate::attempt`]),
-//!   each one made by [`attempt`];
-//! - any other API call, passed through ([`Dispatch::Other`]).
+//!   each one made by [`attempt`].
 //!
 //! Each comes with the [`Answer`] pipeline its answer goes through. A request its provider
 //! cannot take as asked (an unsupported parameter) is answered at once ([`Dispatch::Reply`]):
@@ -62,11 +61,6 @@ pub enum Dispatch<'p> {
         /// The soft-limit warning the answer carries.
         warning: Option<Warning>,
     },
-    /// Any other API call: forwarded as it is.
-    Other {
-        /// What its answer goes through.
-        answer: Answer,
-    },
     /// Tollgate answers itself: the request was not sent.
     Reply(LocalResponse),
 }
@@ -76,9 +70,7 @@ pub enum Dispatch<'p> {
 pub fn dispatch(mut admitted: Admitted<'_>, id: String, created: u64) -> Dispatch<'_> {
     let headers = std::mem::take(&mut admitted.headers);
     let warning = admitted.warning.take();
-    let Some(request) = admitted.request.take() else {
-        return Dispatch::Other { answer: Answer::other(headers, warning) };
-    };
+    let request = admitted.request;
     if let Some(alias) = admitted.alias {
         return Dispatch::Alias { alias, request, rewritten: admitted.rewritten, headers, warning };
     }

@@ -14,8 +14,8 @@
 //! 5. apply soft-limit actions: a downgrade model, `max_tokens` capped to the reservation when
 //!    the tier has `cap_output`, the warning header and body object, webhook events.
 //!
-//! Other requests are admitted from their headers with a zero token estimate (requests and
-//! concurrency limits only). `GET /v1/tollgate/usage` answers the caller's own usage.
+//! `GET /v1/tollgate/usage` answers the caller's own usage, `GET /v1/models` the models its tier
+//! may use; every other method and path is refused unforwarded and uncounted ([`Kind`]).
 //! [`finish`] settles a request when it ends, however it ends.
 
 use serde_json::{json, Value};
@@ -39,26 +39,92 @@ use crate::fault::ApiError;
 
 pub(crate) const CHAT_PATH: &str = "/v1/chat/completions";
 pub(crate) const USAGE_PATH: &str = "/v1/tollgate/usage";
+pub(crate) const MODELS_PATH: &str = "/v1/models";
 use crate::headers::{DOWNGRADE_HEADER, UPGRADE_HEADER};
 
 /// What kind of request this is, from its method and path.
+///
+/// Only the surfaces Tollgate meters or answers itself exist; every other request is refused
+/// before anything is counted or forwarded ([`unknown_surface`]), so no path reaches a provider
+/// unmetered. The one normalization: the query string (from the first `?`) and a fragment are
+/// ignored; the rest must equal the surface's path byte for byte — a trailing slash, a `;`
+/// parameter, percent-encoding, doubled slashes, dot segments or another case make a path no
+/// surface has. (The worker's runtime resolves dot segments before Tollgate sees the URL, and
+/// forwards what it resolved.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A chat completion: admitted once its body is read.
+    /// `POST /v1/chat/completions`: admitted once its body is read.
     Chat,
-    /// The usage endpoint: answered locally.
+    /// `GET /v1/tollgate/usage`: the caller's usage, answered locally.
     Usage,
-    /// Anything else: admitted from its headers.
-    Other,
+    /// `GET /v1/models`: the models the caller's tier may ask for, answered locally.
+    Models,
+    /// Any other method or path: [`unknown_surface`] answers it; nothing is counted or sent.
+    Unknown,
 }
 
-/// What kind of request a method and path make (the path's query and fragment are ignored).
+/// The path without its query string and fragment.
+fn path_only(path: &str) -> &str {
+    path.split(['?', '#']).next().unwrap_or(path)
+}
+
+/// What kind of request a method and path make (see [`Kind`]).
 pub fn classify(method: Option<&str>, path: Option<&str>) -> Kind {
-    let path = path.map(|p| p.split(['?', '#']).next().unwrap_or(p));
-    match (method, path) {
+    match (method, path.map(path_only)) {
         (Some("POST"), Some(CHAT_PATH)) => Kind::Chat,
         (Some("GET"), Some(USAGE_PATH)) => Kind::Usage,
-        _ => Kind::Other,
+        (Some("GET"), Some(MODELS_PATH)) => Kind::Models,
+        _ => Kind::Unknown,
+    }
+}
+
+/// The answer to a [`Kind::Unknown`] request, in OpenAI's format: 405 with `allow` for a
+/// surface's path with another method, else 404. The path is quoted (at most 200 bytes of it).
+pub fn unknown_surface(method: Option<&str>, path: Option<&str>) -> LocalResponse {
+    let method = method.unwrap_or("");
+    let path = path.unwrap_or("");
+    let allowed = match path_only(path) {
+        CHAT_PATH => Some("POST"),
+        USAGE_PATH | MODELS_PATH => Some("GET"),
+        _ => None,
+    };
+    let mut end = path.len().min(200);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    let shown = &path[..end];
+    let served = "this gateway serves POST /v1/chat/completions, GET /v1/models and GET /v1/tollgate/usage";
+    match allowed {
+        Some(allow) => {
+            let mut r = render::openai_error(405, &format!("Method {method} is not allowed on {shown} ({served})."), "invalid_request_error", "method_not_allowed");
+            r.headers.push(("allow", allow.to_owned()));
+            r
+        }
+        None => render::openai_error(404, &format!("Invalid URL ({method} {shown}): {served}."), "invalid_request_error", "unknown_url"),
+    }
+}
+
+/// `GET /v1/models`: the models and aliases the caller's tier may ask for, in OpenAI's list
+/// format. Counts nothing. A policy without a `models` map does not know which models its
+/// upstream serves: 404.
+pub fn models_list(policy: &Policy, facts: &Facts) -> LocalResponse {
+    if !policy.routes.is_enabled() {
+        return render::openai_error(404, "This gateway has no model list: its policy maps no models.", "invalid_request_error", "unknown_url");
+    }
+    let subject = match resolve(policy, facts, None) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let guards = &policy.rules(&subject.tier).guards;
+    let names = policy.routes.model_names().chain(policy.routes.aliases().map(|a| a.name.as_str()));
+    let data: Vec<Value> = names
+        .filter(|name| guards.models().is_none_or(|allowed| allowed.iter().any(|m| m == name)))
+        .map(|name| json!({ "id": name, "object": "model", "created": 0, "owned_by": "tollgate" }))
+        .collect();
+    LocalResponse {
+        status: 200,
+        headers: vec![("content-type", "application/json".to_owned()), ("cache-control", "no-store".to_owned())],
+        body: serde_json::to_vec(&json!({ "object": "list", "data": data })).unwrap_or_default(),
     }
 }
 
@@ -80,7 +146,7 @@ use crate::message::Warning;
 #[derive(Debug)]
 pub struct Admitted<'p> {
     /// The chat request as it must be forwarded (model after a downgrade, capped max tokens).
-    pub request: Option<ChatRequest>,
+    pub request: ChatRequest,
     /// Whether `request` differs from the client's body (hosts that do not translate must
     /// then replace the body).
     pub rewritten: bool,
@@ -162,7 +228,7 @@ pub struct Pending<'p> {
     pub who: Who,
     /// What the request is estimated to use.
     pub estimate: Estimate,
-    request: Option<ChatRequest>,
+    request: ChatRequest,
     route: Option<Route<'p>>,
     /// The alias asked for (`route` is then `None`).
     pub alias: Option<&'p Alias>,
@@ -208,22 +274,7 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
     };
     let output = output_reservation(&request, &rules.guards, model_default);
     let estimate = Estimate { model: Some(request.model.clone()), input_tokens: prompt, output_tokens: output };
-    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request: Some(request), route, alias }))
-}
-
-/// Prepares a request that is not a chat completion, from its headers alone (a zero token
-/// estimate: requests and concurrency limits count it).
-pub fn prepare_other<'p>(policy: &'p Policy, facts: &Facts) -> Prepared<'p> {
-    match resolve(policy, facts, None) {
-        Ok(subject) => Prepared::Admit(Box::new(Pending {
-            who: who(&subject),
-            estimate: Estimate { model: None, input_tokens: 0, output_tokens: 0 },
-            request: None,
-            route: None,
-            alias: None,
-        })),
-        Err(r) => Prepared::Reply(r),
-    }
+    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request, route, alias }))
 }
 
 impl<'p> Pending<'p> {
@@ -239,12 +290,11 @@ impl<'p> Pending<'p> {
         if let Some(response) = refusal(&admission, rules, facts) {
             return reply(response, Refused::Limited);
         }
-        let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone());
-        let Some(mut request) = request else {
-            return Gate::Forward(Box::new(admitted));
-        };
+        let downgrade = admission.ticket.model.clone().filter(|m| *m != request.model);
+        let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone(), request);
+        let request = &mut admitted.request;
         let mut rewritten = false;
-        if let Some(model) = admitted.ticket.as_ref().and_then(|t| t.model.clone()).filter(|m| *m != request.model) {
+        if let Some(model) = downgrade {
             // A downgrade: the ticket already prices the model that serves the request (an
             // alias at its most expensive deployment).
             if let Some(r) = policy.routes.route(&model) {
@@ -259,11 +309,10 @@ impl<'p> Pending<'p> {
             rewritten = true;
         }
         if rules.cap_output && request.max_completion_tokens.is_none() && request.max_tokens.is_none() {
-            let per_choice = estimate.output_tokens / crate::guard::choices(&request).max(1);
+            let per_choice = estimate.output_tokens / crate::guard::choices(request).max(1);
             request.max_tokens = Some(per_choice.max(1));
             rewritten = true;
         }
-        admitted.request = Some(request);
         admitted.rewritten = rewritten;
         admitted.route = route;
         admitted.alias = alias;
@@ -276,11 +325,6 @@ pub fn admit_chat<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, b
     run(policy, facts, prepare_chat(policy, facts, body), store, lease_id)
 }
 
-/// Prepare, admit against a [`CasStore`], conclude: the whole gate for any other request.
-pub fn admit_other<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, store: &mut S, lease_id: u64) -> Gate<'p> {
-    run(policy, facts, prepare_other(policy, facts), store, lease_id)
-}
-
 fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Prepared<'p>, store: &mut S, lease_id: u64) -> Gate<'p> {
     match prepared {
         Prepared::Reply(r) => reply(r, Refused::Invalid),
@@ -291,7 +335,7 @@ fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Pr
     }
 }
 
-fn store_failed<'p>(policy: &Policy, e: StoreError, request: Option<ChatRequest>, route: Option<Route<'p>>, alias: Option<&'p Alias>, tier: String) -> Gate<'p> {
+fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route: Option<Route<'p>>, alias: Option<&'p Alias>, tier: String) -> Gate<'p> {
     match policy.on_failure {
         FailureMode::Deny => Gate::Reply { response: render::store_unavailable(), why: Refused::StoreFailed, store_error: Some(e) },
         FailureMode::Allow => Gate::Forward(Box::new(Admitted {
@@ -397,7 +441,7 @@ pub(crate) fn limit_headers(statuses: &[LimitStatus]) -> Vec<(&'static str, Stri
     out
 }
 
-fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts: &Facts, tier: String) -> Admitted<'p> {
+fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts: &Facts, tier: String, request: ChatRequest) -> Admitted<'p> {
     let headers = limit_headers(&admission.statuses);
     let warning = admission.warnings.iter().max_by_key(|w| (w.threshold, w.status.percent())).map(|w| {
         let lf = facts_of(&w.status, facts.now_ms);
@@ -410,7 +454,7 @@ fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts:
     });
     let events = events(policy, &admission.ticket, &admission.notify, facts.now_ms);
     Admitted {
-        request: None,
+        request,
         rewritten: false,
         route: None,
         alias: None,
@@ -618,9 +662,51 @@ mod tests {
     #[test]
     fn classify_by_method_and_path() {
         assert_eq!(classify(Some("POST"), Some("/v1/chat/completions?x=1")), Kind::Chat);
+        assert_eq!(classify(Some("POST"), Some("/v1/chat/completions#f")), Kind::Chat);
         assert_eq!(classify(Some("GET"), Some("/v1/tollgate/usage")), Kind::Usage);
-        assert_eq!(classify(Some("GET"), Some("/v1/chat/completions")), Kind::Other);
-        assert_eq!(classify(None, None), Kind::Other);
+        assert_eq!(classify(Some("GET"), Some("/v1/models")), Kind::Models);
+        // Only the exact path is a surface: every variant a proxy or provider might read as
+        // chat is unknown, so it can be neither forwarded nor metered as something else.
+        for path in [
+            "/v1/chat/completions/",
+            "/v1/chat/completions;x",
+            "/v1/chat/%63ompletions",
+            "/v1/chat//completions",
+            "//v1/chat/completions",
+            "/v1/chat/./completions",
+            "/v1/x/../chat/completions",
+            "/V1/chat/completions",
+            "/v1/chat/completions%3F",
+            "/v1/completions",
+            "/v1/responses",
+            "/v1/embeddings",
+            "/v1/files",
+            "/v1/fine_tuning/jobs",
+            "/v1/models/gpt-4o",
+            "/",
+            "",
+        ] {
+            assert_eq!(classify(Some("POST"), Some(path)), Kind::Unknown, "{path}");
+        }
+        assert_eq!(classify(Some("GET"), Some("/v1/chat/completions")), Kind::Unknown);
+        assert_eq!(classify(Some("DELETE"), Some("/v1/files/file-1")), Kind::Unknown);
+        assert_eq!(classify(None, None), Kind::Unknown);
+    }
+
+    #[test]
+    fn unknown_surfaces_are_openai_404s_and_wrong_methods_405s() {
+        let r = unknown_surface(Some("DELETE"), Some("/v1/files/file-abc?x=1"));
+        assert_eq!(r.status, 404);
+        let v: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["code"], "unknown_url");
+        assert!(v["error"]["message"].as_str().unwrap().contains("DELETE /v1/files/file-abc"), "{v}");
+        let r = unknown_surface(Some("GET"), Some("/v1/chat/completions"));
+        assert_eq!(r.status, 405);
+        assert!(r.headers.contains(&("allow", "POST".to_owned())));
+        let long = format!("/{}", "é".repeat(300));
+        let r = unknown_surface(Some("GET"), Some(&long));
+        assert_eq!(r.status, 404);
+        assert!(r.body.len() < 400, "the path is cut: {}", r.body.len());
     }
 
     #[test]
@@ -630,7 +716,7 @@ mod tests {
         // 16 prompt + 20 output reserved; cap_output sends max_tokens 20 upstream.
         let g = run(&p, &mut store, "u", None, BODY, 1);
         let Gate::Forward(a) = &g else { panic!("{g:?}") };
-        assert_eq!(a.request.as_ref().unwrap().max_tokens, Some(20));
+        assert_eq!(a.request.max_tokens, Some(20));
         assert!(a.rewritten && a.warning.is_none());
         assert!(a.headers.contains(&("x-ratelimit-remaining-tokens", "64".to_owned())), "{:?}", a.headers);
         // settle to 30 + 25 = 55: past the 50 % notify, once
@@ -644,11 +730,11 @@ mod tests {
         let w = a.warning.as_ref().unwrap();
         assert!(w.header.contains("percent=91") && w.header.contains("threshold=50"), "{}", w.header);
         assert_eq!(w.object.as_ref().unwrap()["upgrade_url"], "https://x.example/up");
-        assert_eq!(a.request.as_ref().unwrap().model, "big");
+        assert_eq!(a.request.model, "big");
         settle(&p, &mut store, &g, 15, 10); // 80: at 80 %
         let g = run(&p, &mut store, "u", None, BODY, 3);
         let Gate::Forward(a) = &g else { panic!() };
-        assert_eq!(a.request.as_ref().unwrap().model, "small");
+        assert_eq!(a.request.model, "small");
         assert_eq!(a.route.as_ref().unwrap().target.upstream_model, "s");
         assert!(a.headers.contains(&(DOWNGRADE_HEADER, "small".to_owned())));
         settle(&p, &mut store, &g, 10, 10); // 100
@@ -758,7 +844,7 @@ mod tests {
         assert!(a.route.is_none());
         let alias = a.alias.expect("alias");
         assert_eq!((alias.name.as_str(), alias.strategy, alias.max_attempts), ("auto", crate::fallback::Strategy::LeastRecentlyFailed, 2));
-        assert_eq!(a.request.as_ref().unwrap().model, "auto");
+        assert_eq!(a.request.model, "auto");
         let ticket = a.ticket.clone().unwrap();
         assert_eq!(ticket.model.as_deref(), Some("auto"));
         assert_eq!(cost_used(&p, &mut store, "u1", "pro"), 3 * input + 2 * 300, "reserved at the maximum price");
@@ -791,6 +877,30 @@ mod tests {
     }
 
     #[test]
+    fn the_model_list_is_what_the_callers_tier_may_ask_for() {
+        let p = alias_policy();
+        let none = |_: &str| None;
+        let ids = |tier: &str| {
+            let header = user_in("u", tier);
+            let r = models_list(&p, &facts_for(&header, &none));
+            assert_eq!(r.status, 200);
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            assert_eq!(v["object"], "list");
+            v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+        };
+        assert_eq!(ids("free"), ["small"]);
+        assert_eq!(ids("pro"), ["big", "auto"]);
+        // Without a model map the gateway does not know what its upstream serves.
+        let unmapped = Policy::from_json(br#"{"tier":{"default":"d"},"tiers":{"d":{"limits":[]}}}"#).unwrap();
+        let r = models_list(&unmapped, &facts_for(&none_header, &none));
+        assert_eq!(r.status, 404);
+    }
+
+    fn none_header(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
     fn a_downgrade_may_name_an_alias() {
         let p = alias_policy();
         let mut store = MemoryStore::new();
@@ -803,7 +913,7 @@ mod tests {
         let Gate::Forward(a) = admit_chat(&p, &facts_for(&pro, &none), body, &mut store, 2) else { panic!() };
         assert!(a.route.is_none());
         assert_eq!(a.alias.map(|x| x.name.as_str()), Some("auto"));
-        assert_eq!(a.request.as_ref().unwrap().model, "auto");
+        assert_eq!(a.request.model, "auto");
         assert!(a.rewritten);
         assert!(a.headers.contains(&(DOWNGRADE_HEADER, "auto".to_owned())));
         assert_eq!(a.ticket.as_ref().unwrap().model.as_deref(), Some("auto"));

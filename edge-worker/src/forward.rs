@@ -77,14 +77,12 @@ pub fn parse_base(text: &str) -> Result<Url, String> {
 }
 
 /// Sends the client's request (method, headers minus hop-by-hop ones and those `private`
-/// names, `body` or else the client's body streamed) to `target`, redirects not followed: the
+/// names, with `body`) to `target`, redirects not followed: the
 /// client sees what the upstream said.
-pub async fn send_client(req: &Request, target: &str, private: &dyn Fn(&str) -> bool, body: Option<&[u8]>) -> worker::Result<Response> {
+pub async fn send_client(req: &Request, target: &str, private: &dyn Fn(&str) -> bool, body: &[u8]) -> worker::Result<Response> {
     let headers = Headers::new();
     let mut tokens = connection_tokens(req.headers().get("connection").ok().flatten().as_deref());
-    if body.is_some() {
-        tokens.push("content-length".to_owned());
-    }
+    tokens.push("content-length".to_owned());
     for (name, value) in req.headers().entries() {
         if forwarded(&name, &tokens) && !private(&name.to_ascii_lowercase()) {
             headers.append(&name, &value)?;
@@ -95,14 +93,7 @@ pub async fn send_client(req: &Request, target: &str, private: &dyn Fn(&str) -> 
     init.set_method(&inner.method());
     init.set_headers(&headers.0);
     init.set_redirect(web_sys::RequestRedirect::Manual);
-    match body {
-        Some(bytes) => init.set_body(&Uint8Array::from(bytes).into()),
-        None => {
-            if let Some(body) = inner.body() {
-                init.set_body(&body);
-            }
-        }
-    }
+    init.set_body(&Uint8Array::from(body).into());
     let outbound = web_sys::Request::new_with_str_and_init(target, &init)?;
     Fetch::Request(Request::from(outbound)).send().await
 }

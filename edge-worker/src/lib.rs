@@ -16,8 +16,9 @@
 //!    sources name (signed identity tokens);
 //! 3. by kind (`gate::classify`): `GET /v1/tollgate/usage` answers core's usage body (peeked
 //!    from the counter objects); `POST /v1/chat/completions` checks a declared `content-length`
-//!    against the tier's size guard, reads the body and runs `gate::prepare_chat`; anything else
-//!    runs `gate::prepare_other` (zero token estimate);
+//!    against the tier's size guard, reads the body and runs `gate::prepare_chat`;
+//!    `GET /v1/models` answers core's list; any other method or path gets core's 404 (405 for a
+//!    surface's path with another method), unforwarded and uncounted;
 //! 4. admits the request by driving core's admission machine over the counter objects
 //!    ([`store`]: one Durable Object per identity and per IP, sharded tier and global
 //!    aggregates, [`counter`]) and lets core conclude: core's 429, or `store.on_failure` when an
@@ -25,8 +26,8 @@
 //! 5. sends what core's [`tollgate_core::forward::dispatch`] says: a chat completion to its
 //!    provider ([`translation`]: `base_url`, the key from the Worker secret the policy names, the
 //!    client headers the var `PROVIDER_PASS_HEADERS` lists), an alias through the fetch loop over
-//!    core's attempts ([`fallback`], health in [`health`]), anything else — and chat completions
-//!    when the policy maps no models — to the var `UPSTREAM_URL` (method, path+query, headers
+//!    core's attempts ([`fallback`], health in [`health`]), chat completions when the policy
+//!    maps no models to the var `UPSTREAM_URL` (method, path+query, headers
 //!    minus hop-by-hop and Tollgate's own; the body core says);
 //! 6. serves the answer through core's pipeline ([`forward::serve`]): the provider's account
 //!    headers removed, the client's own set, the body streamed through core chunk by chunk (usage
@@ -121,6 +122,8 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
     let kind = gate::classify(Some(method.as_ref()), Some(&path));
     let (prepared, body) = match kind {
         Kind::Usage => return forward::local(&store::usage_report(&objects, shards, &policy, &facts).await),
+        Kind::Models => return forward::local(&gate::models_list(&policy, &facts)),
+        Kind::Unknown => return forward::local(&gate::unknown_surface(Some(method.as_ref()), Some(&path))),
         Kind::Chat => {
             let declared = header("content-length").and_then(|v| v.trim().parse().ok());
             if let Some(r) = gate::check_declared_length(&policy, &facts, declared) {
@@ -134,9 +137,8 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
                     return forward::local(&r);
                 }
             };
-            (gate::prepare_chat(&policy, &facts, &body), Some(body))
+            (gate::prepare_chat(&policy, &facts, &body), body)
         }
-        Kind::Other => (gate::prepare_other(&policy, &facts), None),
     };
     let pending = match prepared {
         Prepared::Reply(r) => return forward::local(&r),
@@ -208,10 +210,9 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
             }
         }
         Dispatch::Upstream { body: rewritten, answer } => {
-            let body = rewritten.or(body);
-            forward_upstream(req, &env, &private, body.as_deref(), answer, finish).await
+            let body = rewritten.unwrap_or(body);
+            forward_upstream(req, &env, &private, &body, answer, finish).await
         }
-        Dispatch::Other { answer } => forward_upstream(req, &env, &private, None, answer, finish).await,
     }
 }
 
@@ -242,13 +243,13 @@ fn settle_when_done(ctx: &Context, policy: Rc<Policy>, objects: Objects, shards:
     finish
 }
 
-/// Forwards an admitted request to `UPSTREAM_URL` (`body`: instead of the client's) and serves
-/// the answer through core's pipeline.
+/// Forwards an admitted chat request with `body` to `UPSTREAM_URL` and serves the answer through
+/// core's pipeline.
 async fn forward_upstream(
     req: Request,
     env: &Env,
     private: &dyn Fn(&str) -> bool,
-    body: Option<&[u8]>,
+    body: &[u8],
     mut answer: tollgate_core::answer::Answer,
     finish: Finish,
 ) -> worker::Result<Response> {

@@ -82,6 +82,7 @@ mod tests {
     use tollgate_core::usage::Usage;
 
     const NOW: u64 = 1_764_000_000_000;
+    const CHAT: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
 
     fn policy(json: &str) -> Policy {
         crate::config::for_worker(Policy::from_json(json.as_bytes()).unwrap())
@@ -185,7 +186,7 @@ mod tests {
             let header = |_: &str| None;
             let secrets = |_: &str| None;
             let facts = Facts { header: &header, peer_address: Some("192.0.2.1"), now_ms: NOW, secrets: &secrets };
-            let Prepared::Admit(pending) = gate::prepare_other(&p, &facts) else { panic!() };
+            let Prepared::Admit(pending) = gate::prepare_chat(&p, &facts, CHAT) else { panic!() };
             let result = block_on(admit(&o, 4, &p.limits, &pending.who, &pending.estimate, 1, NOW));
             match (*pending).conclude(&p, &facts, result) {
                 Gate::Forward(a) => assert!(forwarded && a.ticket.is_none()),
@@ -202,7 +203,7 @@ mod tests {
         let header = |n: &str| (n == "x-user").then(|| "alice".to_owned());
         let secrets = |_: &str| None;
         let facts = Facts { header: &header, peer_address: None, now_ms: NOW, secrets: &secrets };
-        let Prepared::Admit(pending) = gate::prepare_other(&o.policy, &facts) else { panic!() };
+        let Prepared::Admit(pending) = gate::prepare_chat(&o.policy, &facts, CHAT) else { panic!() };
         admit_now(&o, 4, &pending.who, &zero()).unwrap();
         let r = block_on(usage_report(&o, 4, &o.policy, &facts));
         assert_eq!(r.status, 200);

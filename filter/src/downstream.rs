@@ -179,7 +179,7 @@ impl Downstream {
 
     /// Runs the gate for this request (`body` for a chat completion, `None` for any other) and
     /// applies what core decides.
-    fn admit(&mut self, body: Option<&[u8]>, body_size: usize) -> Action {
+    fn admit(&mut self, body: &[u8], body_size: usize) -> Action {
         let shared = self.shared.clone();
         let policy = &*shared.policy;
         // Without the time nothing can be counted: the gate runs against a store that fails,
@@ -199,10 +199,7 @@ impl Downstream {
             let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
             let mut no_clock = NoClock;
             let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
-            match body {
-                Some(b) => gate::admit_chat(policy, &facts, b, store, lease_id),
-                None => gate::admit_other(policy, &facts, store, lease_id),
-            }
+            gate::admit_chat(policy, &facts, body, store, lease_id)
         };
         let mut admitted = match outcome {
             Gate::Reply { response, why, store_error } => {
@@ -223,7 +220,6 @@ impl Downstream {
         self.ticket = admitted.ticket.take();
         let id = http::response_id(now_ns, connection, self.context_id);
         match forward::dispatch(admitted, id, now_ns / 1_000_000_000) {
-            Dispatch::Other { answer } => self.forwarded(answer),
             Dispatch::Upstream { body, answer } => {
                 if let Some(bytes) = body {
                     if let Err(s) = http::replace_request_body(&bytes, body_size) {
@@ -571,7 +567,20 @@ impl HttpContext for Downstream {
                 };
                 self.reply(&response)
             }
-            Kind::Other => self.admit(None, 0),
+            Kind::Models => {
+                let now = self.now().unwrap_or(self.last_now);
+                let response = {
+                    let lookup = |name: &str| self.header_value(name);
+                    let secrets = |name: &str| shared.secret(name);
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    gate::models_list(&shared.policy, &facts)
+                };
+                self.reply(&response)
+            }
+            Kind::Unknown => {
+                shared.metrics.add(Metric::Invalid);
+                self.reply(&gate::unknown_surface(method.as_deref(), path.as_deref()))
+            }
             Kind::Chat => {
                 let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
                 let refused = {
@@ -593,7 +602,7 @@ impl HttpContext for Downstream {
                         && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
                 if bodiless {
                     // Admit now, which refuses it as the empty body it is.
-                    return self.admit(Some(b""), 0);
+                    return self.admit(b"", 0);
                 }
                 self.phase = Phase::ReadingBody;
                 match shared.flavour {
@@ -635,7 +644,7 @@ impl HttpContext for Downstream {
                 return self.reply(&http::gateway_error().to_response());
             }
         };
-        self.admit(Some(&body), body_size)
+        self.admit(&body, body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {

@@ -74,6 +74,8 @@ pub enum Body {
     /// The usage report: `tollgate.usage`, the tier, an identity key, every limit with its
     /// fields.
     Usage { tier: &'static str },
+    /// OpenAI's model list with these ids, in this order.
+    Models { ids: &'static [&'static str] },
 }
 
 /// How a stream ends.
@@ -172,6 +174,17 @@ fn post(body: String) -> Request {
 /// APIs do).
 fn no_account_headers() -> Vec<(&'static str, Want)> {
     ["openai-organization", "openai-project", "anthropic-organization-id", "set-cookie"].into_iter().map(|h| (h, Want::Absent)).collect()
+}
+
+/// A request no surface takes: Tollgate's OpenAI error, nothing counted, nothing sent.
+fn not_a_surface(status: u16, code: &'static str) -> Expect {
+    Expect {
+        status,
+        headers: vec![("content-type", Want::Is("application/json".into()))],
+        body: Body::Error { code },
+        usage_after: Some((0, Tokens::Exactly(0))),
+        reaches_provider: false,
+    }
 }
 
 fn served(headers: Vec<(&'static str, Want)>, body: Body, tokens: Tokens) -> Expect {
@@ -317,6 +330,42 @@ pub fn scenarios() -> Vec<Scenario> {
             stack: Translating,
             request: Request { method: "GET", path: "/v1/tollgate/usage", tier: None, headers: vec![], body: None, client: Client::Reads, before: 0 },
             expect: Expect { status: 200, headers: vec![json(), ("cache-control", Want::Is("no-store".into()))], body: Body::Usage { tier: "free" }, usage_after: None, reaches_provider: false },
+        },
+        Scenario {
+            name: "an_unmetered_api_surface_is_a_404_and_never_reaches_the_provider",
+            stack: Passthrough,
+            request: Request { path: "/v1/embeddings", ..post(r#"{"model":"mock-model","input":"hello"}"#.to_owned()) },
+            expect: not_a_surface(404, "unknown_url"),
+        },
+        Scenario {
+            name: "a_percent_encoded_chat_path_is_not_chat",
+            stack: Passthrough,
+            request: Request { path: "/v1/chat/%63ompletions", ..post(chat("mock-model", "")) },
+            expect: not_a_surface(404, "unknown_url"),
+        },
+        Scenario {
+            name: "a_chat_path_with_a_trailing_slash_is_not_chat",
+            stack: Translating,
+            request: Request { path: "/v1/chat/completions/", ..post(chat("gpt", "")) },
+            expect: not_a_surface(404, "unknown_url"),
+        },
+        Scenario {
+            name: "another_method_on_the_chat_path_is_a_405",
+            stack: Passthrough,
+            request: Request { method: "GET", path: "/v1/chat/completions", tier: None, headers: vec![], body: None, client: Client::Reads, before: 0 },
+            expect: Expect { headers: vec![json(), ("allow", Want::Is("POST".into()))], ..not_a_surface(405, "method_not_allowed") },
+        },
+        Scenario {
+            name: "the_model_list_is_what_the_tier_may_ask_for",
+            stack: Translating,
+            request: Request { method: "GET", path: "/v1/models", tier: None, headers: vec![], body: None, client: Client::Reads, before: 0 },
+            expect: Expect {
+                status: 200,
+                headers: vec![json()],
+                body: Body::Models { ids: &["broken", "claude", "gpt", "gpt-small", "auto"] },
+                usage_after: Some((0, Tokens::Exactly(0))),
+                reaches_provider: false,
+            },
         },
     ]
 }
@@ -533,6 +582,15 @@ pub fn check(host: HostKind, s: &Scenario, got: &Observed) -> Result<(), String>
                 }
             }
             Err(_) => problems.push(format!("not JSON: {text}")),
+        },
+        Body::Models { ids } => match serde_json::from_str::<Value>(&text) {
+            Ok(v) if v["object"] == "list" => {
+                let got: Vec<&str> = v["data"].as_array().map(|d| d.iter().filter_map(|m| m["id"].as_str()).collect()).unwrap_or_default();
+                if got != *ids {
+                    problems.push(format!("models {got:?} (want {ids:?})"));
+                }
+            }
+            _ => problems.push(format!("not a model list: {text}")),
         },
         Body::Stream { usage_chunk, end } => {
             let end = match difference(host, s.name) {

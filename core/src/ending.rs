@@ -18,6 +18,10 @@
 //!   provider errors on purpose, is held to its request limits like any other caller. A request
 //!   Tollgate never sent (an unsupported parameter found after admission, every deployment
 //!   cooling down, the host failing before forwarding) counts for nothing.
+//! - Usage is believed up to what the request can have used ([`crate::limits::engine::UsageBound`]:
+//!   the model's output ceiling per choice, a prompt within the largest context window): a
+//!   provider reporting more (a fault, or 2^64−1 tokens) is charged the bound, and hosts count
+//!   the event (`tollgate_usage_implausible`; the worker logs it).
 //! - Unknown is not zero: when a provider served but reported no usage, or the client left
 //!   before any answer (the provider may still have done — and billed — the work), the
 //!   reservation is the charge.
@@ -56,8 +60,18 @@ impl Ending {
                 if usage.is_empty() {
                     return Actual::used(None, None, None);
                 }
-                limits.actual(model.as_deref().or(ticket.model.as_deref()), usage)
+                let (usage, _) = ticket.bound.apply(usage);
+                limits.actual(model.as_deref().or(ticket.model.as_deref()), &usage)
             }
+        }
+    }
+
+    /// Whether the provider reported more than the request can have used ([`Ticket::bound`]):
+    /// only the bound is charged; hosts count the event.
+    pub fn implausible(&self, ticket: &Ticket) -> bool {
+        match self {
+            Ending::Served { usage, .. } => ticket.bound.apply(usage).1,
+            _ => false,
         }
     }
 
@@ -127,5 +141,25 @@ mod tests {
             [1, 300, 300, 0],
             "served with no usage reported: the reservation is the charge"
         );
+    }
+
+    #[test]
+    fn absurd_usage_is_believed_up_to_the_bound_and_flagged() {
+        let absurd = Ending::Served { usage: Usage { input: Some(u64::MAX), output: Some(u64::MAX), cached_read: Some(u64::MAX), ..Usage::default() }, model: None };
+        let p = policy();
+        let who = Who { identity_key: "u".into(), ip_key: None, tier: "d".into() };
+        let mut ticket = Ticket::new(&who, Some("cheap".into()));
+        ticket.bound.output = 4096;
+        assert!(absurd.implausible(&ticket));
+        let a = absurd.actual(&p.limits, &ticket);
+        assert_eq!(a.get(crate::limits::Metric::InputTokens), Some(crate::limits::engine::MAX_BELIEVED_INPUT_TOKENS));
+        assert_eq!(a.get(crate::limits::Metric::OutputTokens), Some(4096));
+        let plain = Ending::Served { usage: Usage { input: Some(10), output: Some(4096), ..Usage::default() }, model: None };
+        assert!(!plain.implausible(&ticket));
+        assert!(!Ending::Abandoned.implausible(&ticket));
+        // Settled: the bound (a prompt of 10 M, the default output bound), not a saturated counter.
+        let bound = crate::limits::engine::MAX_BELIEVED_INPUT_TOKENS + crate::guard::MAX_OUTPUT_RESERVATION * crate::guard::MAX_N;
+        assert_eq!(charged(absurd, "cheap")[1], bound);
+        assert!(bound < u64::MAX / 1_000_000);
     }
 }

@@ -264,7 +264,10 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
     };
     let rules = policy.rules(&subject.tier);
     let prompt = estimate_prompt_tokens(&request);
-    if let Err(e) = rules.guards.check_body_size(body.len() as u64).and_then(|_| rules.guards.check(&request, prompt)) {
+    let checked = crate::guard::check_choices(&request)
+        .and_then(|_| rules.guards.check_body_size(body.len() as u64))
+        .and_then(|_| rules.guards.check(&request, prompt));
+    if let Err(e) = checked {
         return Prepared::Reply(e.to_response());
     }
     let model_default = match (&route, alias) {
@@ -272,7 +275,8 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
         (None, Some(a)) => policy.routes.alias_default_max_tokens(a),
         (None, None) => None,
     };
-    let output = output_reservation(&request, &rules.guards, model_default);
+    let ceiling = policy.routes.output_ceiling(&request.model);
+    let output = output_reservation(&request, &rules.guards, model_default, ceiling);
     let estimate = Estimate { model: Some(request.model.clone()), input_tokens: prompt, output_tokens: output };
     Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request, route, alias }))
 }
@@ -291,6 +295,9 @@ impl<'p> Pending<'p> {
             return reply(response, Refused::Limited);
         }
         let downgrade = admission.ticket.model.clone().filter(|m| *m != request.model);
+        let mut admission = admission;
+        let ceiling = downgrade.as_deref().map_or(0, |m| policy.routes.output_ceiling(m)).max(policy.routes.output_ceiling(&request.model));
+        admission.ticket.bound.output = ceiling.saturating_mul(crate::guard::choices(&request));
         let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone(), request);
         let request = &mut admitted.request;
         let mut rewritten = false;

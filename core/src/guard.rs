@@ -267,6 +267,10 @@ pub(crate) enum GuardError {
         "Your plan's maximum prompt length is {limit} tokens. However, your messages resulted in an estimated {estimated} tokens. Please reduce the length of the messages."
     )]
     ContextLengthExceeded { limit: u64, estimated: u64 },
+    /// `n` outside 1..=[`MAX_N`]: the reservation covers at most `MAX_N` choices, and a request
+    /// for none is not one.
+    #[error("{n} is not a valid number of choices: 'n' must be from 1 to {max}.")]
+    ChoicesOutOfRange { n: u64, max: u64 },
 }
 
 impl GuardError {
@@ -285,6 +289,8 @@ impl GuardError {
             GuardError::TooManyMessages { .. } => "too_many_messages",
             GuardError::MaxTokensExceeded { .. } => "max_tokens_exceeded",
             GuardError::ContextLengthExceeded { .. } => "context_length_exceeded",
+            GuardError::ChoicesOutOfRange { n: 0, .. } => "integer_below_min_value",
+            GuardError::ChoicesOutOfRange { .. } => "integer_above_max_value",
         }
     }
 
@@ -295,6 +301,7 @@ impl GuardError {
             GuardError::ModelNotAllowed { .. } => Some("model"),
             GuardError::TooManyMessages { .. } | GuardError::ContextLengthExceeded { .. } => Some("messages"),
             GuardError::MaxTokensExceeded { param, .. } => Some(param),
+            GuardError::ChoicesOutOfRange { .. } => Some("n"),
         }
     }
 
@@ -403,17 +410,33 @@ pub fn choices(req: &ChatRequest) -> u64 {
     req.n.unwrap_or(1).clamp(1, MAX_N)
 }
 
+/// Refuses an `n` the reservation would not cover: below 1 or above [`MAX_N`] (OpenAI's own
+/// bounds). Every tier, guards or not.
+pub(crate) fn check_choices(req: &ChatRequest) -> Result<(), GuardError> {
+    match req.n {
+        Some(n) if n == 0 || n > MAX_N => Err(GuardError::ChoicesOutOfRange { n, max: MAX_N }),
+        _ => Ok(()),
+    }
+}
+
+/// The most output tokens one choice is reserved for when neither the tier (`max_tokens`) nor
+/// the model map (`max_output_tokens`) says less: above what any served model writes in one
+/// answer, so it never refuses a real request, yet it bounds what one request can hold of a
+/// shared counter (an IP's, a tier's) while it runs.
+pub const MAX_OUTPUT_RESERVATION: u64 = 131_072;
+
 /// The output tokens to reserve for `req`: per choice, `max_completion_tokens`, else
 /// `max_tokens`, else the tier's `default_max_tokens`, else `model_default` (the model map's
 /// `default_max_tokens`), else [`DEFAULT_OUTPUT_RESERVATION`]; never above the tier's
-/// `max_tokens`. Multiplied by [`choices`], saturating.
-pub(crate) fn output_reservation(req: &ChatRequest, guards: &Guards, model_default: Option<u64>) -> u64 {
+/// `max_tokens`, nor `ceiling` (the most the model writes: its `max_output_tokens`, else
+/// [`MAX_OUTPUT_RESERVATION`]). Multiplied by [`choices`].
+pub(crate) fn output_reservation(req: &ChatRequest, guards: &Guards, model_default: Option<u64>, ceiling: u64) -> u64 {
     let per_choice = req
         .max_output_tokens()
         .or(guards.default_max_tokens)
         .or(model_default)
         .unwrap_or(DEFAULT_OUTPUT_RESERVATION);
-    let per_choice = guards.max_tokens.map_or(per_choice, |cap| per_choice.min(cap));
+    let per_choice = guards.max_tokens.map_or(per_choice, |cap| per_choice.min(cap)).min(ceiling);
     per_choice.saturating_mul(choices(req))
 }
 
@@ -778,7 +801,7 @@ mod tests {
     fn reserve(v: Value, g: &Guards, model_default: Option<u64>) -> u64 {
         let mut body = json!({"model": "m", "messages": [user("a")]});
         body.as_object_mut().unwrap().extend(v.as_object().unwrap().clone());
-        output_reservation(&req(body), g, model_default)
+        output_reservation(&req(body), g, model_default, u64::MAX)
     }
 
     #[test]
@@ -822,7 +845,28 @@ mod tests {
         let none = Guards::default();
         assert_eq!(reserve(json!({"max_tokens": u64::MAX, "n": 2}), &none, None), u64::MAX);
         assert_eq!(reserve(json!({"max_tokens": u64::MAX / 2, "n": 128}), &none, None), u64::MAX);
-        assert_eq!(output_reservation(&req(json!({"model": "m", "messages": [], "n": u64::MAX})), &none, Some(u64::MAX)), u64::MAX);
+        assert_eq!(output_reservation(&req(json!({"model": "m", "messages": [], "n": u64::MAX})), &none, Some(u64::MAX), u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn reservation_never_exceeds_what_the_model_can_write() {
+        let none = Guards::default();
+        let r = req(json!({"model": "m", "messages": [], "max_tokens": u64::MAX, "n": 128}));
+        assert_eq!(output_reservation(&r, &none, None, MAX_OUTPUT_RESERVATION), MAX_OUTPUT_RESERVATION * 128);
+        assert_eq!(output_reservation(&r, &none, None, 8192), 8192 * 128, "the model map's max_output_tokens");
+        let r = req(json!({"model": "m", "messages": [], "max_tokens": 100}));
+        assert_eq!(output_reservation(&r, &none, None, 8192), 100);
+    }
+
+    #[test]
+    fn n_outside_1_to_128_is_refused_in_openais_format() {
+        for (n, code) in [(0, "integer_below_min_value"), (129, "integer_above_max_value"), (u64::MAX, "integer_above_max_value")] {
+            let e = check_choices(&req(json!({"model": "m", "messages": [], "n": n}))).unwrap_err();
+            assert_eq!((e.status(), e.code(), e.param()), (400, code, Some("n")));
+        }
+        for n in [json!(1), json!(128), Value::Null] {
+            assert!(check_choices(&req(json!({"model": "m", "messages": [], "n": n}))).is_ok());
+        }
     }
 
     // ---- properties ----
@@ -971,7 +1015,7 @@ mod tests {
             let per_choice = max_tokens.or(model_default).unwrap_or(DEFAULT_OUTPUT_RESERVATION);
             let per_choice = cap.map_or(per_choice, |c| per_choice.min(c));
             let n = n.unwrap_or(1).clamp(1, MAX_N);
-            let got = output_reservation(&r, &g, model_default);
+            let got = output_reservation(&r, &g, model_default, u64::MAX);
             let exact = u128::from(per_choice) * u128::from(n);
             prop_assert_eq!(got, u64::try_from(exact).unwrap_or(u64::MAX));
             if let Some(c) = cap {

@@ -21,6 +21,8 @@
 //!   ever names a secret; a key in the policy itself is refused.
 //! - `default_max_tokens`: sent when a client gives no `max_tokens` and the provider requires
 //!   one (Anthropic); a model's value wins over its provider's.
+//! - `max_output_tokens` (models): the most the model writes in one answer; no request reserves
+//!   more per choice (without it: [`crate::guard::MAX_OUTPUT_RESERVATION`]).
 //!
 //! Without `models`, Tollgate does not translate: requests are limited and forwarded as they
 //! are (the walking-skeleton behaviour).
@@ -63,6 +65,7 @@ pub(crate) struct RawModel {
     provider: String,
     model: String,
     default_max_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
 }
 
 /// A provider as validated.
@@ -93,7 +96,8 @@ pub struct Route<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Routes {
     providers: BTreeMap<String, (Provider, Option<u64>)>,
-    models: BTreeMap<String, (String, String, Option<u64>)>,
+    /// name → (provider, upstream model, default_max_tokens, max_output_tokens).
+    models: BTreeMap<String, (String, String, Option<u64>, Option<u64>)>,
     /// Client-visible names served by several deployments (names in `models`).
     aliases: BTreeMap<String, Alias>,
 }
@@ -164,7 +168,15 @@ impl Routes {
             if m.default_max_tokens == Some(0) {
                 return Err(invalid(format!("{path}.default_max_tokens"), "must be at least 1"));
             }
-            routes.models.insert(name, (m.provider, m.model, m.default_max_tokens));
+            if m.max_output_tokens == Some(0) {
+                return Err(invalid(format!("{path}.max_output_tokens"), "must be at least 1"));
+            }
+            if let (Some(d), Some(max)) = (m.default_max_tokens, m.max_output_tokens) {
+                if d > max {
+                    return Err(invalid(format!("{path}.default_max_tokens"), format!("{d} is above the model's max_output_tokens ({max})")));
+                }
+            }
+            routes.models.insert(name, (m.provider, m.model, m.default_max_tokens, m.max_output_tokens));
         }
         Ok(routes)
     }
@@ -183,7 +195,7 @@ impl Routes {
 
     /// Where `client_model` goes, or `None` when the policy does not know it.
     pub fn route(&self, client_model: &str) -> Option<Route<'_>> {
-        let (provider_name, upstream, model_max) = self.models.get(client_model)?;
+        let (provider_name, upstream, model_max, _) = self.models.get(client_model)?;
         let (provider, provider_max) = self.providers.get(provider_name)?;
         Some(Route {
             provider,
@@ -219,6 +231,16 @@ impl Routes {
     /// Whether a client may ask for `name` (a model or an alias).
     pub fn knows(&self, name: &str) -> bool {
         self.models.contains_key(name) || self.aliases.contains_key(name)
+    }
+
+    /// The most output tokens one choice of `name` (a model or an alias: its largest deployment)
+    /// can be reserved for: its `max_output_tokens`, else [`crate::guard::MAX_OUTPUT_RESERVATION`].
+    pub(crate) fn output_ceiling(&self, name: &str) -> u64 {
+        let of = |model: &str| self.models.get(model).and_then(|m| m.3).unwrap_or(crate::guard::MAX_OUTPUT_RESERVATION);
+        match self.aliases.get(name) {
+            Some(alias) => alias.deployment_names().map(of).max().unwrap_or(crate::guard::MAX_OUTPUT_RESERVATION),
+            None => of(name),
+        }
     }
 
     /// The output reservation default for an alias: the largest of its deployments'

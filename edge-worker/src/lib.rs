@@ -230,6 +230,9 @@ fn settle_when_done(ctx: &Context, policy: Rc<Policy>, objects: Objects, shards:
     ctx.wait_until(async move {
         let ending = done.await.unwrap_or(Ending::Abandoned);
         let now = Date::now().as_millis();
+        if ending.implausible(&ticket) {
+            console_warn!("tollgate: the provider reported more usage than the request can have used; charged up to the bound");
+        }
         let actual = ending.actual(&policy.limits, &ticket);
         let settled = store::settle(&objects, shards, &ticket, actual, now).await;
         let settlement = gate::settlement(&policy, &ticket, settled, now);

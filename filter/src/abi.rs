@@ -28,6 +28,8 @@ pub const CAS_MISMATCH: Status = Status(8);
 
 pub const HTTP_REQUEST_HEADERS: u32 = 0;
 pub const HTTP_RESPONSE_HEADERS: u32 = 2;
+/// The headers of an `http_call`'s answer.
+pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const HTTP_REQUEST_BODY: u32 = 0;
 pub const HTTP_RESPONSE_BODY: u32 = 1;
 pub const PLUGIN_CONFIGURATION: u32 = 7;
@@ -248,8 +250,7 @@ pub fn send_local_response(status: u32, headers: &[(&str, &str)], body: &[u8]) -
     })
 }
 
-/// Dispatches an HTTP request to an Envoy cluster; the answer (ignored by Tollgate) arrives on
-/// the calling context. Through the SDK, not a raw `proxy_http_call`: the SDK's dispatcher must
+/// Dispatches an HTTP request to an Envoy cluster; the answer arrives on the calling context. Through the SDK, not a raw `proxy_http_call`: the SDK's dispatcher must
 /// know the token, or it panics ("invalid token_id") when the answer arrives — which fails the
 /// VM. The SDK panics only on a status other than Ok/BadArgument/InternalFailure, which is all
 /// Envoy's `Context::httpCall` returns (`source/extensions/common/wasm/context.cc`).

@@ -147,6 +147,10 @@ impl Downstream {
             return;
         };
         let shared = self.shared.clone();
+        if ending.implausible(&ticket) {
+            shared.metrics.add(Metric::UsageImplausible);
+            abi::log(abi::LOG_WARN, "tollgate: the provider reported more usage than the request can have used; charged up to the bound");
+        }
         let settled = gate::finish(&shared.policy, &mut SharedData, &ticket, ending, now);
         shared.metrics.add_n(Metric::SettleFailures, u64::from(settled.failures));
         if let Some(e) = settled.error {
@@ -155,25 +159,17 @@ impl Downstream {
         self.notify(&settled.events);
     }
 
-    /// Posts threshold events to the policy's webhook cluster (configure refused a `notify`
-    /// without one).
+    /// Queues threshold events for the root context to post ([`crate::Shared::outbox`]), and
+    /// makes it tick soon.
     fn notify(&self, events: &[Vec<u8>]) {
-        let Some(target) = self.policy().notify.as_ref() else { return };
-        let Some(cluster) = target.cluster.as_deref() else { return };
-        for body in events {
-            let headers = [
-                (":method", "POST"),
-                (":path", target.path.as_str()),
-                (":authority", target.authority.as_str()),
-                ("content-type", "application/json"),
-            ];
-            match abi::http_call(cluster, &headers, body, target.timeout_ms) {
-                Ok(_) => self.shared.metrics.add(Metric::NotifySent),
-                Err(s) => {
-                    self.shared.metrics.add(Metric::NotifyFailed);
-                    abi::log(abi::LOG_WARN, &format!("tollgate: webhook dispatch failed (status {})", s.0));
-                }
-            }
+        if events.is_empty() || self.policy().notify.is_none() {
+            return;
+        }
+        self.shared.outbox.borrow_mut().extend(events.iter().cloned());
+        if abi::set_tick_period(crate::NOTIFY_TICK_MS).is_err() {
+            // No tick: post them from here (their answers then may never be known).
+            let events = std::mem::take(&mut *self.shared.outbox.borrow_mut());
+            post_events(&self.shared, &events);
         }
     }
 
@@ -493,9 +489,51 @@ impl Downstream {
         if matches!(answer.ending(), Ending::NotServed) || answer.stream_error().is_some() {
             m.add(Metric::UpstreamErrors);
         }
-        let usage = answer.usage();
+        let bound = self.ticket.as_ref().map(|t| t.bound).unwrap_or_default();
+        let (usage, _) = bound.apply(&answer.usage());
         m.add_n(Metric::TokensInput, usage.input.unwrap_or(0));
         m.add_n(Metric::TokensOutput, usage.output.unwrap_or(0));
+    }
+}
+
+/// Posts threshold events to the policy's webhook cluster (configure refused a `notify`
+/// without one). Each answer reaches the calling context's `on_http_call_response`
+/// ([`webhook_answered`]).
+pub fn post_events(shared: &Shared, events: &[Vec<u8>]) {
+    let Some(target) = shared.policy.notify.as_ref() else { return };
+    let Some(cluster) = target.cluster.as_deref() else { return };
+    for body in events {
+        let headers = [
+            (":method", "POST"),
+            (":path", target.path.as_str()),
+            (":authority", target.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Err(s) = abi::http_call(cluster, &headers, body, target.timeout_ms) {
+            shared.metrics.add(Metric::NotifyFailed);
+            abi::log(abi::LOG_WARN, &format!("tollgate: webhook dispatch failed (status {}); the event is not retried", s.0));
+        }
+    }
+}
+
+/// A webhook's answer: delivered (2xx), or not (another status; no headers at all when the call
+/// failed — refused, reset, timed out). Events are notices: never retried.
+pub fn webhook_answered(shared: &Shared, num_headers: usize) {
+    let status = if num_headers == 0 {
+        None
+    } else {
+        abi::header(abi::HTTP_CALL_RESPONSE_HEADERS, ":status").ok().flatten().and_then(|s| String::from_utf8(s).ok()).and_then(|s| s.parse::<u16>().ok())
+    };
+    match status {
+        Some(200..=299) => shared.metrics.add(Metric::NotifySent),
+        Some(code) => {
+            shared.metrics.add(Metric::NotifyFailed);
+            abi::log(abi::LOG_WARN, &format!("tollgate: webhook answered {code}; the event is not retried"));
+        }
+        None => {
+            shared.metrics.add(Metric::NotifyFailed);
+            abi::log(abi::LOG_WARN, "tollgate: webhook not delivered (no answer); the event is not retried");
+        }
     }
 }
 

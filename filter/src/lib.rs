@@ -60,6 +60,12 @@ pub const UPSTREAM_ROOT_ID: &str = "tollgate-upstream";
 /// `allow_on_headers_stop_iteration`) and answers it.
 pub const WATCHDOG_MS: u64 = 5_000;
 
+/// How soon queued webhook events are posted (the root context's tick while any wait).
+pub const NOTIFY_TICK_MS: u32 = 100;
+
+/// The watchdog's tick.
+const WATCHDOG_TICK_MS: u32 = 1_000;
+
 /// What kind of host runs the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Flavour {
@@ -97,6 +103,9 @@ pub struct Shared {
     pub flavour: Flavour,
     /// The watchdog's list.
     pub waiting: Rc<RefCell<Waiting>>,
+    /// Webhook event bodies waiting for the root context to post them: a call made from a
+    /// request's context dies with it, so its answer (delivered or not) would never be known.
+    pub outbox: Rc<RefCell<Vec<Vec<u8>>>>,
 }
 
 impl Shared {
@@ -112,7 +121,14 @@ struct Root {
     upstream: bool,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    /// A webhook's answer (the root context posts them, [`Shared::outbox`]).
+    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        if let Some(shared) = &self.shared {
+            downstream::webhook_answered(shared, num_headers);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -158,7 +174,7 @@ impl RootContext for Root {
             Ok(None) => Flavour::Envoy,
             Ok(Some(_)) | Err(_) => Flavour::Ngx,
         };
-        if flavour == Flavour::Envoy && !self.upstream && abi::set_tick_period(1000).is_err() {
+        if flavour == Flavour::Envoy && !self.upstream && abi::set_tick_period(WATCHDOG_TICK_MS).is_err() {
             abi::log(abi::LOG_WARN, "tollgate: no tick: a chat request whose body the host never delivers cannot be answered by the watchdog");
         }
         self.shared = Some(Shared {
@@ -167,6 +183,7 @@ impl RootContext for Root {
             metrics: Metrics::define(),
             flavour,
             waiting: Rc::new(RefCell::new(Waiting::default())),
+            outbox: Rc::new(RefCell::new(Vec::new())),
         });
         let role = if self.upstream { " (upstream role)" } else { "" };
         let host = match flavour {
@@ -180,10 +197,19 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         downstream::watchdog(shared);
-        if shared.waiting.borrow().proven {
-            // The host delivers bodies: nothing left to watch.
-            let _ = abi::set_tick_period(0);
-        }
+        let events = std::mem::take(&mut *shared.outbox.borrow_mut());
+        downstream::post_events(shared, &events);
+        // Tick while the watchdog has something to watch (Envoy, until a body proves the host
+        // delivers them); else only when events wait.
+        let watching = shared.flavour == Flavour::Envoy && !self.upstream && !shared.waiting.borrow().proven;
+        let period = if !shared.outbox.borrow().is_empty() {
+            NOTIFY_TICK_MS
+        } else if watching {
+            WATCHDOG_TICK_MS
+        } else {
+            0
+        };
+        let _ = abi::set_tick_period(period);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -24,10 +24,14 @@ pub enum Metric {
     Evictions,
     /// Keys a settlement could not update.
     SettleFailures,
-    /// Webhook events dispatched.
+    /// Webhook events delivered (the webhook answered 2xx).
     NotifySent,
-    /// Webhook events that could not be dispatched.
+    /// Webhook events not delivered: not dispatched, answered with another status, or no answer
+    /// (refused, reset, timed out). Events are never retried.
     NotifyFailed,
+    /// Provider answers reporting more usage than the request can have used: charged only up
+    /// to the bound.
+    UsageImplausible,
     /// Chat completions sent to a mapped provider (translated, or passed through normalised).
     Translated,
     /// Requests answered after admission because their provider cannot take them as asked.
@@ -55,7 +59,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in definition order.
-    pub const ALL: [Metric; 22] = [
+    pub const ALL: [Metric; 23] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Invalid,
@@ -67,6 +71,7 @@ impl Metric {
         Metric::SettleFailures,
         Metric::NotifySent,
         Metric::NotifyFailed,
+        Metric::UsageImplausible,
         Metric::Translated,
         Metric::Refused,
         Metric::UpstreamErrors,
@@ -94,6 +99,7 @@ impl Metric {
             Metric::SettleFailures => "tollgate_settle_failures",
             Metric::NotifySent => "tollgate_notify_sent",
             Metric::NotifyFailed => "tollgate_notify_failed",
+            Metric::UsageImplausible => "tollgate_usage_implausible",
             Metric::Translated => "tollgate_requests_translated",
             Metric::Refused => "tollgate_translation_refused",
             Metric::UpstreamErrors => "tollgate_upstream_errors",

@@ -275,8 +275,10 @@ impl Upstream {
         if !served || answer.stream_error().is_some() {
             m.add(Metric::UpstreamErrors);
         }
-        m.add_n(Metric::TokensInput, usage.input.unwrap_or(0));
-        m.add_n(Metric::TokensOutput, usage.output.unwrap_or(0));
+        // (The downstream filter holds the request's own bound; the metrics take the widest.)
+        let (counted, _) = tollgate_core::limits::engine::UsageBound::default().apply(&usage);
+        m.add_n(Metric::TokensInput, counted.input.unwrap_or(0));
+        m.add_n(Metric::TokensOutput, counted.output.unwrap_or(0));
         handoff::with(key, |e| {
             e.usage = Some(usage);
             if served {

@@ -158,6 +158,9 @@ pub fn difference(host: HostKind, scenario: &str) -> Option<Difference> {
     }
 }
 
+/// Core's prompt estimate for every [`chat`] body (its one short user message).
+const CHAT_PROMPT_ESTIMATE: u64 = 16;
+
 fn chat(model: &str, extra: &str) -> String {
     format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"Say hello."}}],"max_tokens":20{extra}}}"#)
 }
@@ -367,6 +370,41 @@ pub fn scenarios() -> Vec<Scenario> {
                 reaches_provider: false,
             },
         },
+        Scenario {
+            name: "n_of_zero_is_refused_unsent",
+            stack: Translating,
+            request: post(chat("gpt", r#","n":0"#)),
+            expect: Expect { status: 400, ..not_a_surface(400, "integer_below_min_value") },
+        },
+        Scenario {
+            name: "n_above_128_is_refused_unsent",
+            stack: Translating,
+            request: post(chat("gpt", r#","n":129"#)),
+            expect: Expect { status: 400, ..not_a_surface(400, "integer_above_max_value") },
+        },
+        Scenario {
+            name: "a_tier_without_a_max_tokens_guard_reserves_at_most_what_a_model_writes",
+            stack: Translating,
+            // 2^64 - 1 asked: the reservation is the prompt's estimate and 131 072 (the output
+            // ceiling of a model with no max_output_tokens), of the open tier's 1 000 000.
+            request: Request { tier: Some("open"), ..post(chat("gpt", r#","max_completion_tokens":18446744073709551615"#)) },
+            expect: served(
+                vec![
+                    json(),
+                    ("x-ratelimit-limit-tokens", Want::Is("1000000".into())),
+                    ("x-ratelimit-remaining-tokens", Want::Is(format!("{}", 1_000_000 - 131_072 - CHAT_PROMPT_ESTIMATE))),
+                ],
+                Body::Completion { model: "mock-gpt", warning: false },
+                Tokens::Exactly(17),
+            ),
+        },
+        Scenario {
+            name: "absurd_reported_usage_is_charged_up_to_the_bound",
+            stack: Translating,
+            request: Request { headers: vec![knob("x-mock-usage", "18446744073709551615,18446744073709551615")], ..post(chat("gpt", "")) },
+            // A prompt of at most 10 000 000 tokens, at most 131 072 written for one choice.
+            expect: served(vec![json()], Body::Completion { model: "mock-gpt", warning: false }, Tokens::Exactly(10_000_000 + 131_072)),
+        },
     ]
 }
 
@@ -392,6 +430,9 @@ pub fn policy(stack: Stack, mock: &str, failing: &str) -> Value {
             "strict": {
                 "limits": [ { "window": "day", "requests": 100 }, { "window": "day", "total_tokens": 100 }, { "concurrent": 5 } ],
                 "guards": { "max_tokens": 500 }
+            },
+            "open": {
+                "limits": [ { "window": "day", "requests": 100 }, { "window": "day", "total_tokens": 1000000 }, { "concurrent": 5 } ]
             }
         }
     });

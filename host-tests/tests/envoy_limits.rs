@@ -692,8 +692,8 @@ fn webhook_fires_exactly_once_per_crossing() {
         assert_eq!(r.status, 200, "{r:?}");
     }
     assert_eq!(used(&stack, "dave", "total_tokens/day"), 1_700 + 6 * 30);
-    assert_eq!(stack.envoy.stat("wasmcustom.tollgate_notify_sent"), Some(1), "dispatches");
     eventually(Duration::from_secs(5), 1, || webhooks(&stack).len());
+    eventually(Duration::from_secs(5), Some(1), || stack.envoy.stat("wasmcustom.tollgate_notify_sent"));
     let after = now_ms();
 
     let hooks = webhooks(&stack);
@@ -729,13 +729,48 @@ fn webhook_fires_exactly_once_per_crossing() {
     for _ in 0..3 {
         assert_eq!(chat(&stack, "erin", &[], "scalix-free", false, Some((1, 1))).status, 200);
     }
-    assert_eq!(stack.envoy.stat("wasmcustom.tollgate_notify_sent"), Some(2));
     eventually(Duration::from_secs(5), 2, || webhooks(&stack).len());
+    eventually(Duration::from_secs(5), Some(2), || stack.envoy.stat("wasmcustom.tollgate_notify_sent"));
     let event: Value = serde_json::from_str(&webhooks(&stack)[1].1).unwrap();
     assert_eq!((event["identity"].as_str(), event["used"].as_u64()), (Some(identity_key("h:erin").as_str()), Some(1_616)));
     assert_eq!(stack.envoy.stat("wasmcustom.tollgate_notify_failed"), Some(0));
     let log = stack.envoy.log();
     assert!(!log.contains("panicked") && !log.contains("invalid token_id"), "the VM crashed:\n{log}");
+}
+
+/// A webhook that is not delivered — the webhook answers an error, or never answers — is
+/// counted in `tollgate_notify_failed`, never in `tollgate_notify_sent` (events are not retried).
+#[test]
+fn undelivered_webhooks_are_counted_as_failures() {
+    away_from_minute_end(10);
+    // A webhook answering 404 (a path the mock does not serve).
+    let (server, mock_url, mock_port) = start_mock();
+    let mut policy = notify_policy(mock_port, 80);
+    policy["notify"]["url"] = json!(format!("http://127.0.0.1:{mock_port}/__mock/no-such-webhook"));
+    let stack = start_with((server, mock_url, mock_port), &policy);
+    assert_eq!(chat(&stack, "fay", &[], "scalix-free", false, Some((1_600, 100))).status, 200);
+    eventually(Duration::from_secs(5), Some(1), || stack.envoy.stat("wasmcustom.tollgate_notify_failed"));
+    assert_eq!(stack.envoy.stat("wasmcustom.tollgate_notify_sent"), Some(0));
+    assert!(stack.envoy.log().contains("webhook answered 404"), "{}", stack.envoy.log());
+    drop(stack);
+
+    // A webhook that accepts the connection and never answers: the call times out.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let (server, mock_url, mock_port) = start_mock();
+    let mut policy = notify_policy(mock_port, 80);
+    policy["notify"]["timeout_ms"] = json!(300);
+    let text = serde_json::to_string_pretty(&policy).unwrap();
+    let mut rendered = render("examples/envoy/scalix.yaml", Some(mock_port), Some(&text));
+    let at = rendered.yaml.find("cluster_name: webhook").expect("the webhook cluster");
+    let tail = rendered.yaml[at..].replacen(&format!("port_value: {mock_port}"), &format!("port_value: {silent_port}"), 1);
+    rendered.yaml = format!("{}{tail}", &rendered.yaml[..at]);
+    let envoy = envoy::start(&rendered, &[]);
+    let stack = Stack { envoy, mock_url, mock_port, _mock: server };
+    assert_eq!(chat(&stack, "gus", &[], "scalix-free", false, Some((1_600, 100))).status, 200);
+    eventually(Duration::from_secs(5), Some(1), || stack.envoy.stat("wasmcustom.tollgate_notify_failed"));
+    assert_eq!(stack.envoy.stat("wasmcustom.tollgate_notify_sent"), Some(0));
+    drop(silent);
 }
 
 /// Request text never reaches anything Tollgate writes: Envoy's log, its stats, the webhook, the

@@ -794,7 +794,7 @@ impl Knobs {
 }
 
 fn usage_json((prompt, completion): (u64, u64)) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt.saturating_add(completion)})
 }
 
 fn model(req: &Value) -> String {

@@ -96,7 +96,54 @@ pub struct Ticket {
     pub who: Who,
     /// The model the request is served by (after a downgrade), for the price at settlement.
     pub model: Option<String>,
+    /// The most usage a provider can believably report for this request.
+    #[serde(default)]
+    pub bound: UsageBound,
     parts: Vec<TicketPart>,
+}
+
+/// The most usage a provider can believably report for one request: more is a provider fault
+/// (or a lie), and is believed only up to this ([`crate::ending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageBound {
+    /// Prompt tokens: [`MAX_BELIEVED_INPUT_TOKENS`].
+    pub input: u64,
+    /// Output tokens: what the request's choices can be written (the model's ceiling per
+    /// choice, times the choices).
+    pub output: u64,
+}
+
+/// The most prompt tokens one request is believed to use: above the largest context window any
+/// served model accepts.
+pub const MAX_BELIEVED_INPUT_TOKENS: u64 = 10_000_000;
+
+impl Default for UsageBound {
+    fn default() -> Self {
+        UsageBound { input: MAX_BELIEVED_INPUT_TOKENS, output: crate::guard::MAX_OUTPUT_RESERVATION.saturating_mul(crate::guard::MAX_N) }
+    }
+}
+
+impl UsageBound {
+    /// `usage` believed up to the bound, and whether it had to be cut.
+    pub fn apply(&self, usage: &Usage) -> (Usage, bool) {
+        let mut cut = false;
+        let mut clamp = |v: Option<u64>, max: u64| {
+            v.map(|v| {
+                cut |= v > max;
+                v.min(max)
+            })
+        };
+        let input = clamp(usage.input, self.input);
+        let output = clamp(usage.output, self.output);
+        let bounded = Usage {
+            input,
+            output,
+            cached_read: usage.cached_read.map(|c| c.min(input.unwrap_or(c))),
+            cache_write: usage.cache_write.map(|c| c.min(input.unwrap_or(c))),
+            reasoning: usage.reasoning.map(|r| r.min(output.unwrap_or(r))),
+        };
+        (bounded, cut)
+    }
 }
 
 /// What one key of a ticket charged.
@@ -115,7 +162,7 @@ pub struct TicketPart {
 impl Ticket {
     /// An empty ticket for `who`.
     pub fn new(who: &Who, model: Option<String>) -> Ticket {
-        Ticket { who: who.clone(), model, parts: Vec::new() }
+        Ticket { who: who.clone(), model, bound: UsageBound::default(), parts: Vec::new() }
     }
 
     /// A ticket that charged nothing (requests that were not admitted).

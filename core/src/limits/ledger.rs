@@ -9,6 +9,9 @@
 //!   if that window has ended, the actual amount is counted in the current window instead —
 //!   usage is never lost, counts never go below zero.
 //! - An unknown actual amount (`None`) keeps the reservation as the charge.
+//! - A calendar counter kept only for tracking (no limit of the plan counts it) reserves the
+//!   request but no estimated tokens or cost: it holds what settlement reports, never a
+//!   reservation.
 
 use std::borrow::Cow;
 
@@ -338,7 +341,11 @@ pub(crate) fn reserve(
     windows.dedup();
     for (m, w) in windows {
         let start = start_minute(w.bounds_in(now, zone).0);
-        let amount = demand.get(m);
+        // A counter only tracked here (the member's tier does not limit it) takes the request
+        // itself but none of its estimate: it counts what settlement learns, so a tier without
+        // a limit on a shared key (an IP's) cannot fill it with reservations.
+        let limited = plan.limits.iter().any(|l| l.metric == m && l.window() == Some(w));
+        let amount = if limited || m == Metric::Requests { demand.get(m) } else { 0 };
         let c = member.counter_mut(m, w);
         if c.start_min != start {
             *c = Counter { metric: m, window: w, start_min: start, count: 0, notified: 0 };
@@ -635,6 +642,29 @@ mod tests {
         let r = c.reserve(&p2, Demand::request(1, 1, 0), T0);
         assert_eq!(r.statuses[0].used, 3);
         assert!(matches!(c.reserve(&p2, Demand::request(1, 1, 0), T0).verdict, Verdict::Denied { .. }));
+    }
+
+    #[test]
+    fn a_tier_that_does_not_limit_a_counter_never_fills_it_with_reservations() {
+        // An IP key's day token counter, limited by another tier: this member's tier only
+        // tracks it. A huge reservation (no max_tokens guard) must not land there.
+        let mut p = plan(&[]);
+        p.tracked = &[(Metric::Requests, Window::Day), (Metric::TotalTokens, Window::Day)];
+        let mut c = Cell(None, 0);
+        let r = c.reserve(&p, Demand::request(10, u64::MAX / 2, 0), T0);
+        assert_eq!(c.used(Metric::TotalTokens, Window::Day, T0), 0, "no reservation on a tracked-only counter");
+        assert_eq!(c.used(Metric::Requests, Window::Day, T0), 1, "the request itself counts");
+        // Unknown usage keeps the reservation: nothing. Known usage is what counts.
+        c.settle(&p, &r.receipt, Actual::used(None, None, None), T0);
+        assert_eq!(c.used(Metric::TotalTokens, Window::Day, T0), 0);
+        let r = c.reserve(&p, Demand::request(10, u64::MAX / 2, 0), T0);
+        c.settle(&p, &r.receipt, Actual::used(Some(7), Some(5), None), T0);
+        assert_eq!(c.used(Metric::TotalTokens, Window::Day, T0), 12);
+        // The tier that limits it still reserves in full.
+        let l = limit(r#"{"window":"day","total_tokens":1000}"#);
+        let limiting = plan(std::slice::from_ref(&l));
+        c.reserve(&limiting, Demand::request(100, 200, 0), T0);
+        assert_eq!(c.used(Metric::TotalTokens, Window::Day, T0), 312);
     }
 
     #[test]

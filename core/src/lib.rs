@@ -35,6 +35,7 @@ pub mod gate;
 pub mod guard;
 pub mod headers;
 pub mod identity;
+pub mod jwt;
 pub mod message;
 pub mod openai;
 pub mod ops;

@@ -175,7 +175,7 @@ impl LimitsBench {
         let plans = {
             let id = b.identities[0].clone();
             let header = |name: &str| (name == "x-tollgate-user").then(|| id.clone());
-            let facts = RequestFacts { header: &header, user_field: None, peer_address: Some(&b.peers[0]), now_ms: T0_MS };
+            let facts = RequestFacts { header: &header, user_field: None, peer_address: Some(&b.peers[0]), now_ms: T0_MS, claim: &tollgate_core::identity::no_claims };
             let subject = b.policy.identity.resolve(&facts, &no_secrets).map_err(|e| format!("identity: {e:?}"))?;
             let who = Who { identity_key: subject.key, ip_key: subject.ip_key, tier: subject.tier };
             let plans = b.policy.limits.plans(&who);
@@ -200,7 +200,7 @@ impl LimitsBench {
     fn admit(&mut self, i: usize, lease_id: u64, now_ms: u64) -> Result<Ticket, String> {
         let id = &self.identities[i];
         let header = |name: &str| (name == "x-tollgate-user").then(|| id.clone());
-        let facts = Facts { header: &header, peer_address: Some(&self.peers[i]), now_ms, secrets: &no_secrets };
+        let facts = Facts { header: &header, peer_address: Some(&self.peers[i]), now_ms, secrets: &no_secrets, claim: &tollgate_core::identity::no_claims };
         match gate::admit_chat(&self.policy, &facts, black_box(CHAT_SMALL), &mut self.store, lease_id) {
             Gate::Forward(a) => {
                 let a = black_box(a);
@@ -421,7 +421,7 @@ pub mod keyspace {
             let peer = ip.to_string();
             let now_ms = T0_MS + n * step_ms;
             let header = |_: &str| None;
-            let facts = Facts { header: &header, peer_address: Some(&peer), now_ms, secrets: &no_secrets };
+            let facts = Facts { header: &header, peer_address: Some(&peer), now_ms, secrets: &no_secrets, claim: &tollgate_core::identity::no_claims };
             let ticket = match gate::admit_chat(&policy, &facts, CHAT_SMALL, &mut store, n + 1) {
                 Gate::Forward(a) => {
                     evicted += u64::from(a.evicted);

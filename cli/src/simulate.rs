@@ -371,11 +371,11 @@ pub fn simulate(loaded: &Loaded, trace: &str) -> Result<Vec<Line>, TraceError> {
         }
         let body = serde_json::to_vec(&body).unwrap_or_default();
 
-        let facts = Facts { header: &header, peer_address: peer, now_ms: req.at_ms, secrets: &no_secrets };
+        let facts = Facts { header: &header, peer_address: peer, now_ms: req.at_ms, secrets: &no_secrets, claim: &tollgate_core::identity::no_claims };
         let resolved_tier = policy
             .identity
             .resolve(
-                &RequestFacts { header: &header, user_field: user.as_deref(), peer_address: peer, now_ms: req.at_ms },
+                &RequestFacts { header: &header, user_field: user.as_deref(), peer_address: peer, now_ms: req.at_ms, claim: &tollgate_core::identity::no_claims },
                 &no_secrets,
             )
             .map(|s| s.tier)

@@ -153,7 +153,7 @@ mod tests {
     fn admitted<'p>(p: &'p Policy, body: &str) -> Admitted<'p> {
         let header = |name: &str| (name == "x-user").then(|| "u".to_owned());
         let none = |_: &str| None;
-        let facts = Facts { header: &header, peer_address: None, now_ms: 1_709_208_000_000, secrets: &none };
+        let facts = Facts { header: &header, peer_address: None, now_ms: 1_709_208_000_000, secrets: &none, claim: &crate::identity::no_claims };
         match admit_chat(p, &facts, body.as_bytes(), &mut MemoryStore::new(), 1) {
             Gate::Forward(a) => *a,
             Gate::Reply { response, .. } => panic!("{}", String::from_utf8_lossy(&response.body)),

@@ -138,6 +138,9 @@ pub struct Facts<'a> {
     pub now_ms: u64,
     /// A host secret's bytes by name (signed identity tokens).
     pub secrets: &'a dyn Fn(&str) -> Option<Vec<u8>>,
+    /// A claim of a token the host verified (Envoy's `jwt_authn`), by its
+    /// `payload_in_metadata` key and path; [`crate::identity::no_claims`] elsewhere.
+    pub claim: &'a dyn Fn(&str, &[String]) -> Option<String>,
 }
 
 use crate::message::Warning;
@@ -201,7 +204,7 @@ fn reply(response: LocalResponse, why: Refused) -> Gate<'static> {
 }
 
 fn resolve(policy: &Policy, facts: &Facts, user: Option<&str>) -> Result<Subject, LocalResponse> {
-    let req = RequestFacts { header: facts.header, user_field: user, peer_address: facts.peer_address, now_ms: facts.now_ms };
+    let req = RequestFacts { header: facts.header, user_field: user, peer_address: facts.peer_address, now_ms: facts.now_ms, claim: facts.claim };
     policy.identity.resolve(&req, facts.secrets).map_err(|e| e.response())
 }
 
@@ -632,7 +635,7 @@ mod tests {
             _ => None,
         };
         let none = |_: &str| None;
-        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none };
+        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none, claim: &crate::identity::no_claims };
         // SAFETY of the 'static: the gate borrows the policy; tests leak it to keep signatures simple.
         let p: &'static Policy = Box::leak(Box::new(p.clone()));
         admit_chat(p, &facts, body.as_bytes(), store, lease)
@@ -652,7 +655,7 @@ mod tests {
     fn a_declared_body_over_the_tiers_limit_is_refused_before_it_is_read() {
         let none = |_: &str| None;
         let header = |_: &str| None;
-        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none };
+        let facts = Facts { header: &header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: &none, claim: &crate::identity::no_claims };
         let limited = Policy::from_json(
             br#"{"tier": {"default": "a"}, "tiers": {"a": {"limits": [], "guards": {"max_body_bytes": 1000}}, "b": {"limits": []}}}"#,
         )
@@ -810,7 +813,7 @@ mod tests {
     }
 
     fn facts_for<'a>(header: &'a dyn Fn(&str) -> Option<String>, none: &'a dyn Fn(&str) -> Option<Vec<u8>>) -> Facts<'a> {
-        Facts { header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: none }
+        Facts { header, peer_address: Some("10.0.0.1:1"), now_ms: T0, secrets: none, claim: &crate::identity::no_claims }
     }
 
     fn user_in(user: &str, tier: &str) -> impl Fn(&str) -> Option<String> {
@@ -934,7 +937,7 @@ mod tests {
         settle(&p, &mut store, &g, 5, 5);
         let header = |name: &str| (name == "x-user").then(|| "v".to_owned());
         let none = |_: &str| None;
-        let facts = Facts { header: &header, peer_address: None, now_ms: T0 + 2, secrets: &none };
+        let facts = Facts { header: &header, peer_address: None, now_ms: T0 + 2, secrets: &none, claim: &crate::identity::no_claims };
         let r = usage_report(&p, &facts, &mut store);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["tier"], "free");

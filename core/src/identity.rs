@@ -21,22 +21,29 @@
 //!
 //! | source | value | bucket material |
 //! |---|---|---|
-//! | `signed_header` | `<id>.<expiry>.<signature>`, checked with HMAC-SHA256 (see [`IdentityError`]) | `h:<id>` |
+//! | `signed_header` | `<id>.<expiry>.<signature>` (or `<id>.<tier>.<expiry>.<signature>` with `tier_in_token`), checked with HMAC-SHA256 (see [`IdentityError`]) | `sh:<id>` |
+//! | `jwt` | a JWT (RS256/ES256) verified against the source's `jwks` ([`crate::jwt`]), or the payload Envoy's `jwt_authn` verified (`payload_in_metadata`) | `jwt:<issuer>:<identity claim>` |
 //! | `header` | a header the operator's backend sets | `h:<value>` |
 //! | `user_field` | the OpenAI request body's `user` field | `u:<value>` |
 //! | `api_key_header` | the header's value, `Bearer ` stripped | `k:<sha256 hex of the key>` |
 //! | `session_header` | an anonymous session or device id | `s:<value>` |
 //! | `client_ip` | the client address (see [`IdentityConfig::resolve`]) | `ip:<address>` |
 //!
-//! A signed header and a plain header naming the same user share one bucket (`h:`); every
-//! other kind has its own prefix, so a user called `1.2.3.4` never shares that address's
-//! bucket. The material is hashed (SHA-256, first 16 bytes, `tg1:q:<32 hex>`): a raw identity,
+//! Every kind has its own prefix: a plain header naming `alice` never reaches the bucket of a
+//! verified `alice` (signed or JWT), and a user called `1.2.3.4` never shares that address's
+//! bucket. Sources that name the same users on purpose say so with the same `"bucket": "<name>"`
+//! (material `b:<name>:<value>`). A header value that is not valid UTF-8 (or that a host had to
+//! decode lossily: it contains U+FFFD) is refused (400), never hashed as a lossy copy that
+//! another value shares. The material is hashed (SHA-256, first 16 bytes, `tg1:q:<32 hex>`): a raw identity,
 //! API key or address is never kept in a [`Subject`].
 //!
-//! **Tier**, first match wins: (1) the `tier.api_keys` entry of the request's API key (the
-//! first `api_key_header` source whose header is present and whose key is listed), because a
-//! key cannot be spoofed and a header must not lift a key above what it was sold; (2) the
-//! `tier.header` value, when it names a known tier; (3) `tier.default`.
+//! **Tier**, first match wins: (1) the tier the verified identity carries (a signed token with
+//! `tier_in_token`, a JWT's `tier_claim`; an unknown name gives `tier.default`); (2) the
+//! `tier.api_keys` entry of the request's API key (the first `api_key_header` source whose
+//! header is present and whose key is listed), because a key cannot be spoofed and a header must
+//! not lift a key above what it was sold; (3) the `tier.header` value, when it names a known
+//! tier; (4) `tier.default`. A policy that verifies identities (`signed_header`, `jwt`) cannot
+//! also take the tier from `tier.header`, which any client can set: it is refused at load.
 //!
 //! Headers named here must be set (or removed) by something the operator trusts: a client that
 //! can set `header` or `tier.header` picks its own bucket or tier. `signed_header` tokens can
@@ -66,7 +73,10 @@ pub(crate) const MAX_TOKEN_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 /// The header `client_ip` sources with `trusted_hops > 0` read.
 pub(crate) const FORWARDED_FOR: &str = "x-forwarded-for";
 
-const SOURCE_KINDS: &str = "signed_header, header, user_field, api_key_header, session_header, client_ip";
+const SOURCE_KINDS: &str = "signed_header, jwt, header, user_field, api_key_header, session_header, client_ip";
+
+/// How late (or early) a JWT's `exp` (`nbf`) is still accepted, unless configured.
+pub(crate) const DEFAULT_JWT_SKEW_SECONDS: u64 = 60;
 
 /// The `identity` section as written.
 #[derive(Debug, Default, Deserialize)]
@@ -93,11 +103,40 @@ struct RawSource {
     signed_header: Option<String>,
     secret: Option<String>,
     max_skew_seconds: Option<u64>,
+    tier_in_token: Option<bool>,
+    jwt: Option<RawJwt>,
+    bucket: Option<String>,
     header: Option<String>,
     user_field: Option<bool>,
     api_key_header: Option<String>,
     session_header: Option<String>,
     client_ip: Option<RawClientIp>,
+}
+
+/// A `jwt` source as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    /// Where the token is: `authorization` (the default, `Bearer <token>`) or another header.
+    header: Option<String>,
+    issuer: String,
+    audiences: Vec<String>,
+    /// The identity provider's public keys (`{"keys": [...]}`), for hosts that verify the token
+    /// themselves (the worker; the filter without `payload_in_metadata`).
+    jwks: Option<serde_json::Value>,
+    /// Envoy: the `payload_in_metadata` key of the `jwt_authn` provider that verified the token.
+    payload_in_metadata: Option<String>,
+    identity_claim: Option<RawClaim>,
+    tier_claim: Option<RawClaim>,
+    max_skew_seconds: Option<u64>,
+}
+
+/// A claim's name, or its path through nested objects.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawClaim {
+    Name(String),
+    Path(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -109,7 +148,8 @@ struct RawClientIp {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Source {
-    SignedHeader { header: String, secret: String, max_skew_seconds: u64 },
+    SignedHeader { header: String, secret: String, max_skew_seconds: u64, tier_in_token: bool },
+    Jwt(Box<JwtSource>),
     Header(String),
     UserField,
     ApiKey(String),
@@ -117,10 +157,25 @@ enum Source {
     ClientIp { trusted_hops: u32 },
 }
 
+/// A validated `jwt` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct JwtSource {
+    header: String,
+    issuer: String,
+    audiences: Vec<String>,
+    keys: Option<std::sync::Arc<crate::jwt::KeySet>>,
+    metadata: Option<String>,
+    identity_claim: Vec<String>,
+    tier_claim: Option<Vec<String>>,
+    max_skew_seconds: u64,
+}
+
 /// The validated `identity` and `tier` sections, shared read-only by every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityConfig {
     sources: Vec<Source>,
+    /// Each source's `bucket` (same order).
+    buckets: Vec<Option<String>>,
     tier_header: Option<String>,
     /// Lowercase hex SHA-256 of an API key → tier name.
     api_key_tiers: BTreeMap<String, String>,
@@ -133,6 +188,8 @@ pub struct IdentityConfig {
 pub enum IdentitySource {
     /// A `signed_header` token.
     SignedHeader,
+    /// A verified JWT.
+    Jwt,
     /// A plain `header`.
     Header,
     /// The request body's `user` field.
@@ -174,6 +231,14 @@ pub struct RequestFacts<'a> {
     pub peer_address: Option<&'a str>,
     /// Epoch milliseconds.
     pub now_ms: u64,
+    /// A claim of a token the host verified itself (Envoy's `jwt_authn`): (the
+    /// `payload_in_metadata` key, the claim's path) → its value as text.
+    pub claim: &'a dyn Fn(&str, &[String]) -> Option<String>,
+}
+
+/// For hosts that verify no token themselves: no claim.
+pub fn no_claims(_: &str, _: &[String]) -> Option<String> {
+    None
 }
 
 /// Why a present `signed_header` token was refused. The request is answered with
@@ -199,9 +264,25 @@ pub enum IdentityError {
     /// The expiry is further ahead than a token may live.
     #[error("The identity token's expiry is too far in the future.")]
     TooFarAhead,
-    /// The adapter supplied no (or empty) bytes for the source's secret: the operator's fault.
+    /// The adapter supplied no (or empty) bytes for the source's secret, or a JWT source has
+    /// neither `jwks` nor a host that verified the token: the operator's fault.
     #[error("The identity token cannot be verified.")]
     MissingSecret,
+    /// A JWT was refused ([`crate::jwt`]); the message says only whether it expired.
+    #[error("{}", jwt_message(*.0))]
+    Jwt(crate::jwt::Refusal),
+    /// A header an identity is read from is not valid UTF-8 (or was decoded lossily by the
+    /// host): refused rather than hashed as a copy another value shares.
+    #[error("An identity header's value is not valid UTF-8.")]
+    NotUtf8,
+}
+
+fn jwt_message(r: crate::jwt::Refusal) -> &'static str {
+    match r {
+        crate::jwt::Refusal::Expired => "The identity token has expired.",
+        crate::jwt::Refusal::NotYetValid => "The identity token is not valid yet.",
+        _ => "The identity token is invalid.",
+    }
 }
 
 impl IdentityError {
@@ -214,6 +295,8 @@ impl IdentityError {
             IdentityError::Expired => "expired",
             IdentityError::TooFarAhead => "too_far_ahead",
             IdentityError::MissingSecret => "missing_secret",
+            IdentityError::Jwt(_) => "jwt",
+            IdentityError::NotUtf8 => "not_utf8",
         }
     }
 
@@ -225,9 +308,11 @@ impl IdentityError {
         }
     }
 
-    /// The 401 the client gets, in OpenAI's dialect.
+    /// The answer the client gets, in OpenAI's dialect: 401 for a token, 400 for a header that
+    /// is not text.
     pub fn response(&self) -> LocalResponse {
-        openai_error(401, &self.to_string(), "invalid_request_error", "invalid_identity")
+        let status = if *self == IdentityError::NotUtf8 { 400 } else { 401 };
+        openai_error(status, &self.to_string(), "invalid_request_error", "invalid_identity")
     }
 }
 
@@ -250,9 +335,9 @@ impl IdentityConfig {
             }
             (Some(header), None) => {
                 let header = claim(&mut read, "identity.header".to_owned(), header)?;
-                vec![Source::Header(header), Source::ClientIp { trusted_hops: 0 }]
+                vec![(Source::Header(header), None), (Source::ClientIp { trusted_hops: 0 }, None)]
             }
-            (None, None) => vec![Source::ClientIp { trusted_hops: 0 }],
+            (None, None) => vec![(Source::ClientIp { trusted_hops: 0 }, None)],
             (None, Some(raw)) => {
                 if raw.is_empty() {
                     return Err(invalid(
@@ -262,11 +347,21 @@ impl IdentityConfig {
                 }
                 let mut sources = Vec::with_capacity(raw.len());
                 for (i, source) in raw.into_iter().enumerate() {
-                    sources.push(validate_source(format!("identity.sources[{i}]"), source, &mut read)?);
+                    sources.push(validate_source(format!("identity.sources[{i}]"), source, &mut read, tier_names)?);
                 }
                 sources
             }
         };
+        let (sources, buckets): (Vec<Source>, Vec<Option<String>>) = sources.into_iter().unzip();
+        if tier.header.is_some() {
+            let verified = sources.iter().position(|s| matches!(s, Source::SignedHeader { .. } | Source::Jwt(_)));
+            if let Some(i) = verified {
+                return Err(invalid(
+                    "tier.header",
+                    format!("identity.sources[{i}] verifies who is asking, but any client can set a tier header and pick its own tier: carry the tier in the token instead (signed_header with tier_in_token, jwt with tier_claim) or in tier.api_keys, and remove tier.header"),
+                ));
+            }
+        }
         let tier_header = tier.header.map(|h| claim(&mut read, "tier.header".to_owned(), h)).transpose()?;
         let known = |path: &str, name: &str| {
             if tier_names.contains(name) {
@@ -295,6 +390,7 @@ impl IdentityConfig {
         }
         Ok(IdentityConfig {
             sources,
+            buckets,
             tier_header,
             api_key_tiers,
             default_tier: tier.default,
@@ -318,6 +414,7 @@ impl IdentityConfig {
             .iter()
             .filter_map(|s| match s {
                 Source::SignedHeader { header, .. } | Source::Header(header) => Some(header.as_str()),
+                Source::Jwt(j) => Some(j.header.as_str()),
                 _ => None,
             })
             .chain(self.tier_header.as_deref())
@@ -373,49 +470,86 @@ impl IdentityConfig {
             .unwrap_or(0);
         let ip_key = client_ip(first_hops, xff, peer).map(|ip| subject_key(&format!("ip:{ip}")));
 
-        let mut found = None;
-        for source in &self.sources {
+        // (kind, prefix, value, the tier a verified identity carries)
+        let mut found: Option<(IdentitySource, &str, String, Option<String>)> = None;
+        let mut bucket = None;
+        for (source, b) in self.sources.iter().zip(&self.buckets) {
             found = match source {
-                Source::SignedHeader { header, secret, max_skew_seconds } => match present((req.header)(header)) {
+                Source::SignedHeader { header, secret, max_skew_seconds, tier_in_token } => match text((req.header)(header))? {
                     Some(token) => {
-                        let id = verify_token(token.trim(), secrets(secret), req.now_ms, *max_skew_seconds)?;
-                        Some((IdentitySource::SignedHeader, format!("h:{id}")))
+                        let (id, tier) = verify_token(token.trim(), secrets(secret), req.now_ms, *max_skew_seconds, *tier_in_token)?;
+                        Some((IdentitySource::SignedHeader, "sh", id.to_owned(), tier.map(str::to_owned)))
                     }
                     None => None,
                 },
-                Source::Header(header) => {
-                    present((req.header)(header)).map(|v| (IdentitySource::Header, format!("h:{}", v.trim())))
-                }
+                Source::Jwt(j) => self.jwt(j, req)?,
+                Source::Header(header) => text((req.header)(header))?.map(|v| (IdentitySource::Header, "h", v.trim().to_owned(), None)),
                 Source::UserField => req
                     .user_field
                     .map(str::trim)
                     .filter(|v| !v.is_empty())
-                    .map(|v| (IdentitySource::UserField, format!("u:{v}"))),
-                Source::ApiKey(header) => {
-                    api_key_digest((req.header)(header)).map(|d| (IdentitySource::ApiKey, format!("k:{d}")))
-                }
-                Source::Session(header) => {
-                    present((req.header)(header)).map(|v| (IdentitySource::Session, format!("s:{}", v.trim())))
-                }
+                    .map(|v| (IdentitySource::UserField, "u", v.to_owned(), None)),
+                Source::ApiKey(header) => api_key_digest(text((req.header)(header))?).map(|d| (IdentitySource::ApiKey, "k", d, None)),
+                Source::Session(header) => text((req.header)(header))?.map(|v| (IdentitySource::Session, "s", v.trim().to_owned(), None)),
                 Source::ClientIp { trusted_hops } => {
-                    client_ip(*trusted_hops, xff, peer).map(|ip| (IdentitySource::ClientIp, format!("ip:{ip}")))
+                    client_ip(*trusted_hops, xff, peer).map(|ip| (IdentitySource::ClientIp, "ip", ip.to_string(), None))
                 }
             };
             if found.is_some() {
+                bucket = b.as_deref();
                 break;
             }
         }
-        let (source, material) = found.unwrap_or((IdentitySource::Unidentified, "unidentified".to_owned()));
-        Ok(Subject { key: subject_key(&material), ip_key, tier: self.tier(req), source })
+        let Some((source, prefix, value, carried)) = found else {
+            return Ok(Subject { key: subject_key("unidentified"), ip_key, tier: self.tier(req)?, source: IdentitySource::Unidentified });
+        };
+        let material = match bucket {
+            Some(b) => format!("b:{b}:{value}"),
+            None => format!("{prefix}:{value}"),
+        };
+        let tier = match carried {
+            Some(t) => self.tier_names.get(t.trim()).cloned().unwrap_or_else(|| self.default_tier.clone()),
+            None => self.tier(req)?,
+        };
+        Ok(Subject { key: subject_key(&material), ip_key, tier, source })
     }
 
-    fn tier(&self, req: &RequestFacts<'_>) -> String {
+    /// A `jwt` source: the claims of a token Envoy verified (`payload_in_metadata`), else of one
+    /// verified here against `jwks`. A value that is not shaped like a JWT at all is no token
+    /// (an OpenAI SDK always sends some `Authorization`); a JWT-shaped one must verify.
+    fn jwt(&self, j: &JwtSource, req: &RequestFacts<'_>) -> Result<Option<(IdentitySource, &'static str, String, Option<String>)>, IdentityError> {
+        let identified = |id: String, tier: Option<String>| Some((IdentitySource::Jwt, "jwt", format!("{}:{id}", j.issuer), tier));
+        if let Some(key) = &j.metadata {
+            if let Some(id) = (req.claim)(key, &j.identity_claim).filter(|v| !v.trim().is_empty()) {
+                let tier = j.tier_claim.as_ref().and_then(|c| (req.claim)(key, c));
+                return Ok(identified(id, tier));
+            }
+        }
+        let Some(value) = text((req.header)(&j.header))? else { return Ok(None) };
+        let token = bearer_token(&value);
+        if !looks_like_jwt(token) {
+            return Ok(None);
+        }
+        let Some(keys) = &j.keys else {
+            // Envoy's jwt_authn removes a token it verified; one still here was refused there.
+            return Err(if j.metadata.is_some() { IdentityError::Jwt(crate::jwt::Refusal::Signature) } else { IdentityError::MissingSecret });
+        };
+        let expect = crate::jwt::Expect { issuer: &j.issuer, audiences: &j.audiences, skew_seconds: j.max_skew_seconds, now: req.now_ms / 1000 };
+        let claims = crate::jwt::verify(keys, token, &expect).map_err(IdentityError::Jwt)?;
+        let Some(id) = crate::jwt::claim(&claims, &j.identity_claim).filter(|v| !v.trim().is_empty()) else {
+            return Err(IdentityError::Jwt(crate::jwt::Refusal::Malformed));
+        };
+        let tier = j.tier_claim.as_ref().and_then(|c| crate::jwt::claim(&claims, c));
+        Ok(identified(id, tier))
+    }
+
+    fn tier(&self, req: &RequestFacts<'_>) -> Result<String, IdentityError> {
         if !self.api_key_tiers.is_empty() {
             for source in &self.sources {
                 if let Source::ApiKey(header) = source {
-                    let hit = api_key_digest((req.header)(header)).and_then(|d| self.api_key_tiers.get(&d));
+                    let hit = api_key_digest(text((req.header)(header))?).and_then(|d| self.api_key_tiers.get(&d));
                     if let Some(tier) = hit {
-                        return tier.clone();
+                        return Ok(tier.clone());
                     }
                 }
             }
@@ -423,17 +557,18 @@ impl IdentityConfig {
         if let Some(header) = &self.tier_header {
             if let Some(value) = (req.header)(header) {
                 if let Some(tier) = self.tier_names.get(value.trim()) {
-                    return tier.clone();
+                    return Ok(tier.clone());
                 }
             }
         }
-        self.default_tier.clone()
+        Ok(self.default_tier.clone())
     }
 }
 
-fn validate_source(path: String, raw: RawSource, read: &mut Vec<(String, String)>) -> Result<Source, ConfigError> {
+fn validate_source(path: String, raw: RawSource, read: &mut Vec<(String, String)>, tier_names: &BTreeSet<String>) -> Result<(Source, Option<String>), ConfigError> {
     let kinds: Vec<&str> = [
         ("signed_header", raw.signed_header.is_some()),
+        ("jwt", raw.jwt.is_some()),
         ("header", raw.header.is_some()),
         ("user_field", raw.user_field.is_some()),
         ("api_key_header", raw.api_key_header.is_some()),
@@ -447,41 +582,105 @@ fn validate_source(path: String, raw: RawSource, read: &mut Vec<(String, String)
         let found = if kinds.is_empty() { "none".to_owned() } else { kinds.join(", ") };
         return Err(invalid(path, format!("a source names exactly one of {SOURCE_KINDS} (found: {found})")));
     }
-    let Some(header) = raw.signed_header else {
-        if raw.secret.is_some() {
-            return Err(invalid(format!("{path}.secret"), "only a signed_header source has a secret"));
+    let bucket = match raw.bucket {
+        Some(b) if b.is_empty() || b.len() > 64 || !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-') => {
+            return Err(invalid(format!("{path}.bucket"), "must be a name (letters, digits, '_', '-'; at most 64)"));
         }
-        if raw.max_skew_seconds.is_some() {
-            return Err(invalid(format!("{path}.max_skew_seconds"), "only a signed_header source has a skew"));
-        }
-        return Ok(if let Some(h) = raw.header {
-            Source::Header(claim(read, format!("{path}.header"), h)?)
-        } else if let Some(on) = raw.user_field {
-            if !on {
-                return Err(invalid(format!("{path}.user_field"), "must be true (remove the source to disable it)"));
-            }
-            Source::UserField
-        } else if let Some(h) = raw.api_key_header {
-            Source::ApiKey(claim(read, format!("{path}.api_key_header"), h)?)
-        } else if let Some(h) = raw.session_header {
-            Source::Session(claim(read, format!("{path}.session_header"), h)?)
-        } else {
-            Source::ClientIp { trusted_hops: raw.client_ip.map_or(0, |c| c.trusted_hops) }
-        });
+        b => b,
     };
-    let header = claim(read, format!("{path}.signed_header"), header)?;
-    let secret = raw.secret.ok_or_else(|| {
-        invalid(format!("{path}.secret"), "a signed_header source names the secret its tokens are signed with")
-    })?;
-    // As `providers.*.api_key.secret`: a name, never the secret itself.
-    if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-        return Err(invalid(format!("{path}.secret"), "must name a secret (letters, digits, '_'), never hold a key"));
+    if raw.signed_header.is_none() {
+        for (field, what, set) in [
+            ("secret", "a secret", raw.secret.is_some()),
+            ("max_skew_seconds", "a skew", raw.max_skew_seconds.is_some()),
+            ("tier_in_token", "a tier in its token", raw.tier_in_token.is_some()),
+        ] {
+            if set {
+                return Err(invalid(format!("{path}.{field}"), format!("only a signed_header source has {what}")));
+            }
+        }
     }
-    let max_skew_seconds = raw.max_skew_seconds.unwrap_or(DEFAULT_MAX_SKEW_SECONDS);
+    let source = if let Some(header) = raw.signed_header {
+        let header = claim(read, format!("{path}.signed_header"), header)?;
+        let secret = raw.secret.ok_or_else(|| invalid(format!("{path}.secret"), "a signed_header source names the secret its tokens are signed with"))?;
+        // As `providers.*.api_key.secret`: a name, never the secret itself.
+        if secret.is_empty() || !secret.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(invalid(format!("{path}.secret"), "must name a secret (letters, digits, '_'), never hold a key"));
+        }
+        let max_skew_seconds = raw.max_skew_seconds.unwrap_or(DEFAULT_MAX_SKEW_SECONDS);
+        if max_skew_seconds > MAX_SKEW_LIMIT_SECONDS {
+            return Err(invalid(format!("{path}.max_skew_seconds"), format!("must be at most {MAX_SKEW_LIMIT_SECONDS}")));
+        }
+        let tier_in_token = raw.tier_in_token.unwrap_or(false);
+        if let Some(dotted) = tier_names.iter().find(|t| tier_in_token && t.contains('.')) {
+            return Err(invalid(format!("{path}.tier_in_token"), format!("tier \"{dotted}\" has a '.', which a token's fields are separated by")));
+        }
+        Source::SignedHeader { header, secret, max_skew_seconds, tier_in_token }
+    } else if let Some(jwt) = raw.jwt {
+        Source::Jwt(Box::new(validate_jwt(&format!("{path}.jwt"), jwt, read)?))
+    } else if let Some(h) = raw.header {
+        Source::Header(claim(read, format!("{path}.header"), h)?)
+    } else if let Some(on) = raw.user_field {
+        if !on {
+            return Err(invalid(format!("{path}.user_field"), "must be true (remove the source to disable it)"));
+        }
+        Source::UserField
+    } else if let Some(h) = raw.api_key_header {
+        Source::ApiKey(claim(read, format!("{path}.api_key_header"), h)?)
+    } else if let Some(h) = raw.session_header {
+        Source::Session(claim(read, format!("{path}.session_header"), h)?)
+    } else {
+        Source::ClientIp { trusted_hops: raw.client_ip.map_or(0, |c| c.trusted_hops) }
+    };
+    Ok((source, bucket))
+}
+
+fn validate_jwt(path: &str, raw: RawJwt, read: &mut Vec<(String, String)>) -> Result<JwtSource, ConfigError> {
+    let header = claim(read, format!("{path}.header"), raw.header.unwrap_or_else(|| "authorization".to_owned()))?;
+    if raw.issuer.trim().is_empty() {
+        return Err(invalid(format!("{path}.issuer"), "must name the issuer (the tokens' iss)"));
+    }
+    if raw.audiences.is_empty() || raw.audiences.iter().any(|a| a.trim().is_empty()) {
+        return Err(invalid(format!("{path}.audiences"), "list the audiences a token may name (its aud), none empty"));
+    }
+    let keys = match raw.jwks {
+        Some(jwks) => Some(std::sync::Arc::new(crate::jwt::KeySet::parse(&jwks).map_err(|e| invalid(format!("{path}.jwks"), e))?)),
+        None => None,
+    };
+    let metadata = match raw.payload_in_metadata {
+        Some(m) if m.is_empty() || m.contains('\0') => return Err(invalid(format!("{path}.payload_in_metadata"), "must name the jwt_authn provider's payload_in_metadata key")),
+        m => m,
+    };
+    if keys.is_none() && metadata.is_none() {
+        return Err(invalid(
+            path,
+            "give jwks (the identity provider's public keys: the worker and the filter verify tokens with them) or payload_in_metadata (Envoy: the jwt_authn filter verified the token), or both",
+        ));
+    }
+    let path_of = |field: &str, c: Option<RawClaim>, default: Option<&str>| -> Result<Option<Vec<String>>, ConfigError> {
+        let parts = match c {
+            None => return Ok(default.map(|d| vec![d.to_owned()])),
+            Some(RawClaim::Name(n)) => vec![n],
+            Some(RawClaim::Path(p)) => p,
+        };
+        if parts.is_empty() || parts.iter().any(|p| p.is_empty() || p.contains('\0')) {
+            return Err(invalid(format!("{path}.{field}"), "a claim's name, or the list of names leading to it through nested objects"));
+        }
+        Ok(Some(parts))
+    };
+    let max_skew_seconds = raw.max_skew_seconds.unwrap_or(DEFAULT_JWT_SKEW_SECONDS);
     if max_skew_seconds > MAX_SKEW_LIMIT_SECONDS {
         return Err(invalid(format!("{path}.max_skew_seconds"), format!("must be at most {MAX_SKEW_LIMIT_SECONDS}")));
     }
-    Ok(Source::SignedHeader { header, secret, max_skew_seconds })
+    Ok(JwtSource {
+        header,
+        issuer: raw.issuer,
+        audiences: raw.audiences,
+        keys,
+        metadata,
+        identity_claim: path_of("identity_claim", raw.identity_claim, Some("sub"))?.unwrap_or_default(),
+        tier_claim: path_of("tier_claim", raw.tier_claim, None)?,
+        max_skew_seconds,
+    })
 }
 
 /// Checks a header name (RFC 9110 §5.1: field-name = token), lowercases it, and refuses a
@@ -499,8 +698,34 @@ fn claim(read: &mut Vec<(String, String)>, path: String, name: String) -> Result
     Ok(name)
 }
 
-fn present(value: Option<String>) -> Option<String> {
-    value.filter(|v| !v.trim().is_empty())
+/// A header's value when present and not blank; `Err` when it is not text (a host decodes
+/// header bytes that are not UTF-8 with U+FFFD in their place, so two such values could not be
+/// told apart).
+fn text(value: Option<String>) -> Result<Option<String>, IdentityError> {
+    match value {
+        Some(v) if v.contains('\u{FFFD}') => Err(IdentityError::NotUtf8),
+        v => Ok(v.filter(|v| !v.trim().is_empty())),
+    }
+}
+
+/// The token of `Bearer <token>` (any case), else the whole value, trimmed.
+fn bearer_token(value: &str) -> &str {
+    let v = value.trim();
+    match v.get(..7) {
+        Some(p) if p.eq_ignore_ascii_case("bearer ") => v[7..].trim(),
+        _ => v,
+    }
+}
+
+/// Three base64url parts, the first a JSON object with an `alg`: what a JWS compact token is.
+fn looks_like_jwt(token: &str) -> bool {
+    let mut parts = token.split('.');
+    let (Some(h), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else { return false };
+    BASE64URL
+        .decode(h)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get("alg").is_some())
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -510,10 +735,20 @@ const LENIENT: GeneralPurposeConfig =
 const BASE64URL: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, LENIENT);
 const BASE64: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, LENIENT);
 
-/// Checks `<id>.<expiry>.<signature>` and returns the id. See [`IdentityError`].
-fn verify_token(token: &str, secret: Option<Vec<u8>>, now_ms: u64, max_skew: u64) -> Result<&str, IdentityError> {
+/// Checks `<id>.<expiry>.<signature>` (with `tier_in_token`: `<id>.<tier>.<expiry>.<signature>`,
+/// the HMAC over `<id>.<tier>.<expiry>`) and returns the id and the tier. See [`IdentityError`].
+fn verify_token(token: &str, secret: Option<Vec<u8>>, now_ms: u64, max_skew: u64, tier_in_token: bool) -> Result<(&str, Option<&str>), IdentityError> {
     let (signed, signature) = token.rsplit_once('.').ok_or(IdentityError::Malformed)?;
-    let (id, expiry) = signed.rsplit_once('.').ok_or(IdentityError::Malformed)?;
+    let (rest, expiry) = signed.rsplit_once('.').ok_or(IdentityError::Malformed)?;
+    let (id, tier) = if tier_in_token {
+        let (id, tier) = rest.rsplit_once('.').ok_or(IdentityError::Malformed)?;
+        if tier.is_empty() {
+            return Err(IdentityError::Malformed);
+        }
+        (id, Some(tier))
+    } else {
+        (rest, None)
+    };
     if id.is_empty() || expiry.is_empty() || !expiry.bytes().all(|b| b.is_ascii_digit()) {
         return Err(IdentityError::Malformed);
     }
@@ -536,7 +771,7 @@ fn verify_token(token: &str, secret: Option<Vec<u8>>, now_ms: u64, max_skew: u64
     if expiry > now.saturating_add(MAX_TOKEN_LIFETIME_SECONDS) {
         return Err(IdentityError::TooFarAhead);
     }
-    Ok(id)
+    Ok((id, tier))
 }
 
 /// The lowercase hex SHA-256 of the key in an API key header (`Bearer ` stripped).
@@ -620,9 +855,17 @@ mod tests {
                 {{"client_ip": {{"trusted_hops": 1}}}}
               ]
             }},
-            "tier": {{ "header": "x-tollgate-tier", "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}, "default": "free" }}
+            "tier": {{ "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}, "default": "free" }}
         }}"#
         )
+    }
+
+    /// [`full`] without the signed header (a policy that verifies no identity), and with a
+    /// tier header.
+    fn unverified() -> String {
+        full()
+            .replace(r#"{"signed_header": "x-tollgate-user-token", "secret": "TOLLGATE_IDENTITY_SECRET", "max_skew_seconds": 30},"#, "")
+            .replace(r#""tier": { "api_keys""#, r#""tier": { "header": "x-tollgate-tier", "api_keys""#)
     }
 
     fn tier_names() -> BTreeSet<String> {
@@ -699,6 +942,7 @@ mod tests {
             user_field: r.user.as_deref(),
             peer_address: r.peer.as_deref(),
             now_ms: r.now_ms,
+            claim: &no_claims,
         };
         cfg.resolve(&facts, &|name| if name == SECRET_NAME { secret.map(<[u8]>::to_vec) } else { None })
     }
@@ -744,7 +988,7 @@ mod tests {
         let cfg = parse(&full()).unwrap();
         assert_eq!(
             cfg.private_headers().collect::<Vec<_>>(),
-            ["x-tollgate-user-token", "x-tollgate-user", "x-tollgate-tier"]
+            ["x-tollgate-user-token", "x-tollgate-user"]
         );
         assert_eq!(cfg.secret_names().collect::<Vec<_>>(), [SECRET_NAME]);
         assert!(cfg.reads_user_field());
@@ -754,7 +998,8 @@ mod tests {
             Source::SignedHeader {
                 header: "x-tollgate-user-token".into(),
                 secret: SECRET_NAME.into(),
-                max_skew_seconds: 30
+                max_skew_seconds: 30,
+                tier_in_token: false
             }
         );
         assert_eq!(cfg.sources[5], Source::ClientIp { trusted_hops: 1 });
@@ -790,11 +1035,11 @@ mod tests {
             ),
             (
                 "[{}]",
-                "identity.sources[0]: a source names exactly one of signed_header, header, user_field, api_key_header, session_header, client_ip (found: none)",
+                "identity.sources[0]: a source names exactly one of signed_header, jwt, header, user_field, api_key_header, session_header, client_ip (found: none)",
             ),
             (
                 r#"[{"client_ip": {}}, {"header": "x-user", "client_ip": {}}]"#,
-                "identity.sources[1]: a source names exactly one of signed_header, header, user_field, api_key_header, session_header, client_ip (found: header, client_ip)",
+                "identity.sources[1]: a source names exactly one of signed_header, jwt, header, user_field, api_key_header, session_header, client_ip (found: header, client_ip)",
             ),
             (
                 r#"[{"signed_header": "x-token"}]"#,
@@ -849,7 +1094,7 @@ mod tests {
             ),
             (
                 r#"[{"signed_heder": "x-token"}]"#,
-                "identity.sources[0].signed_heder: unknown field `signed_heder`, expected one of `signed_header`, `secret`, `max_skew_seconds`, `header`, `user_field`, `api_key_header`, `session_header`, `client_ip`",
+                "identity.sources[0].signed_heder: unknown field `signed_heder`, expected one of `signed_header`, `secret`, `max_skew_seconds`, `tier_in_token`, `jwt`, `bucket`, `header`, `user_field`, `api_key_header`, `session_header`, `client_ip`",
             ),
         ];
         for (sources, message) in cases {
@@ -921,13 +1166,23 @@ mod tests {
     // ---- signed header -------------------------------------------------------------------
 
     #[test]
-    fn signed_token_identifies_and_shares_the_plain_header_bucket() {
+    fn a_plain_header_never_reaches_a_signed_identitys_bucket() {
         let cfg = signed_only();
         let s = by_token(&token("alice", NOW_S + 600)).unwrap();
         assert_eq!(s.source, IdentitySource::SignedHeader);
-        assert_eq!(s.key, subject_key("h:alice"));
+        assert_eq!(s.key, subject_key("sh:alice"));
+        // Anyone can send `x-user: alice`: that is another bucket.
         let plain = resolve(&cfg, &req().header("x-user", "alice")).unwrap();
-        assert_eq!((plain.source, &plain.key), (IdentitySource::Header, &s.key));
+        assert_eq!(plain.source, IdentitySource::Header);
+        assert_ne!(plain.key, s.key);
+        // Unless the policy says they name the same users.
+        let shared = parse(&with_sources(
+            r#"[{"signed_header": "x-token", "secret": "TOLLGATE_IDENTITY_SECRET", "bucket": "users"}, {"header": "x-user", "bucket": "users"}]"#,
+        ))
+        .unwrap();
+        let a = resolve(&shared, &req().header("x-token", token("alice", NOW_S + 600))).unwrap();
+        let b = resolve(&shared, &req().header("x-user", "alice")).unwrap();
+        assert_eq!((a.key.as_str(), b.key.as_str()), (subject_key("b:users:alice").as_str(), subject_key("b:users:alice").as_str()));
         assert_eq!(s.ip_key, Some(ip("192.0.2.1")));
         assert_eq!(s.tier, "free");
     }
@@ -941,10 +1196,10 @@ mod tests {
         let t = "user-42.1767225600.jCPwp3VU5naSU0TI-DVTQ72mLHbsvKH4VA5iWNmp7C0";
         assert_eq!(URL_SAFE_NO_PAD.encode(sign("user-42.1767225600")), "jCPwp3VU5naSU0TI-DVTQ72mLHbsvKH4VA5iWNmp7C0");
         let s = by_token(t).unwrap();
-        assert_eq!((s.source, s.key), (IdentitySource::SignedHeader, subject_key("h:user-42")));
+        assert_eq!((s.source, s.key), (IdentitySource::SignedHeader, subject_key("sh:user-42")));
         // Same tool, id with dots: b'alice.example.com.1767225600'.
         let dotted = by_token("alice.example.com.1767225600.3GADijocr785y_dyL7o2j93HYovu3weALmHRW1hDZbc").unwrap();
-        assert_eq!(dotted.key, subject_key("h:alice.example.com"));
+        assert_eq!(dotted.key, subject_key("sh:alice.example.com"));
     }
 
     #[test]
@@ -956,10 +1211,10 @@ mod tests {
         assert_eq!(by_token(padded).unwrap(), url);
         assert_eq!(by_token(unpadded).unwrap(), url);
         let mac = sign("bob.1767229200");
-        assert_eq!(by_token(&format!("bob.1767229200.{}", STANDARD.encode(&mac))).unwrap().key, subject_key("h:bob"));
+        assert_eq!(by_token(&format!("bob.1767229200.{}", STANDARD.encode(&mac))).unwrap().key, subject_key("sh:bob"));
         assert_eq!(
             by_token(&format!("bob.1767229200.{}", STANDARD_NO_PAD.encode(&mac))).unwrap().key,
-            subject_key("h:bob")
+            subject_key("sh:bob")
         );
     }
 
@@ -1014,8 +1269,8 @@ mod tests {
     #[test]
     fn ids_may_contain_dots() {
         let s = by_token(&token("a.b.c", NOW_S + 10)).unwrap();
-        assert_eq!(s.key, subject_key("h:a.b.c"));
-        assert_eq!(by_token(&token("...", NOW_S + 10)).unwrap().key, subject_key("h:..."));
+        assert_eq!(s.key, subject_key("sh:a.b.c"));
+        assert_eq!(by_token(&token("...", NOW_S + 10)).unwrap().key, subject_key("sh:..."));
     }
 
     #[test]
@@ -1091,7 +1346,7 @@ mod tests {
             .header("x-tollgate-session", "dev-1")
             .peer("198.51.100.7:443");
         let steps = [
-            (IdentitySource::SignedHeader, subject_key("h:alice")),
+            (IdentitySource::SignedHeader, subject_key("sh:alice")),
             (IdentitySource::Header, subject_key("h:bob")),
             (IdentitySource::UserField, subject_key("u:carol")),
             (IdentitySource::ApiKey, subject_key(&format!("k:{}", hex(&Sha256::digest(b"sk-dave"))))),
@@ -1153,7 +1408,7 @@ mod tests {
 
     #[test]
     fn tier_precedence_is_api_key_then_header_then_default() {
-        let cfg = parse(&full()).unwrap();
+        let cfg = parse(&unverified()).unwrap();
         let keyed = req().header("authorization", format!("Bearer {PRO_KEY}"));
         assert_eq!(
             resolve(&cfg, &keyed.clone().header("x-tollgate-tier", "team")).unwrap().tier,
@@ -1307,6 +1562,117 @@ mod tests {
         assert_eq!(resolve(&cfg, &req()).unwrap().key, "tg1:q:5106c201914f92fab45cf8c5b00f875c");
     }
 
+    // ---- trust -------------------------------------------------------------------------------
+
+    #[test]
+    fn a_verified_identity_with_a_tier_header_is_refused_at_load() {
+        for source in [
+            r#"{"signed_header": "x-token", "secret": "S"}"#,
+            r#"{"jwt": {"issuer": "https://id.example", "audiences": ["tollgate"], "payload_in_metadata": "jwt_payload"}}"#,
+        ] {
+            let json = format!(r#"{{"identity": {{"sources": [{{"header": "x-user"}}, {source}]}}, "tier": {{"header": "x-tier", "default": "free"}}}}"#);
+            let e = err(&json);
+            assert!(e.starts_with("tier.header: identity.sources[1] verifies who is asking, but any client can set a tier header"), "{e}");
+        }
+        assert!(parse(&with_tier(r#"{"header": "x-tier", "default": "free"}"#)).is_ok(), "nothing verified: a trusted header is the operator's call");
+    }
+
+    #[test]
+    fn a_signed_token_can_carry_the_tier() {
+        let cfg = parse(&with_sources(r#"[{"signed_header": "x-token", "secret": "TOLLGATE_IDENTITY_SECRET", "tier_in_token": true}, {"header": "x-user"}]"#)).unwrap();
+        let tiered = |id: &str, tier: &str| {
+            let signed = format!("{id}.{tier}.{}", NOW_S + 60);
+            format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sign(&signed)))
+        };
+        let s = resolve(&cfg, &req().header("x-token", tiered("alice.example", "pro"))).unwrap();
+        assert_eq!((s.key, s.tier.as_str()), (subject_key("sh:alice.example"), "pro"));
+        let s = resolve(&cfg, &req().header("x-token", tiered("bob", "platinum"))).unwrap();
+        assert_eq!(s.tier, "free", "an unknown tier in a genuine token is the default");
+        // The tier is signed: changing it breaks the signature.
+        let t = tiered("carol", "free").replacen(".free.", ".pro.", 1);
+        assert_eq!(resolve(&cfg, &req().header("x-token", t)), Err(IdentityError::BadSignature));
+        // A token without a tier is malformed for this source.
+        assert!(resolve(&cfg, &req().header("x-token", token("dave", NOW_S + 60))).is_err());
+        assert!(err(&format!(
+            r#"{{"identity": {{"sources": [{{"header": "x-user", "tier_in_token": true}}]}}, "tier": {{"default": "free"}}}}"#
+        ))
+        .contains("only a signed_header source has a tier in its token"));
+    }
+
+    #[test]
+    fn header_values_a_host_decoded_lossily_are_refused_not_hashed() {
+        let cfg = parse(&unverified()).unwrap();
+        for (name, value) in [("x-tollgate-user", "user-\u{FFFD}"), ("x-tollgate-session", "\u{FFFD}"), ("authorization", "Bearer sk-\u{FFFD}")] {
+            let e = resolve(&cfg, &req().header(name, value)).unwrap_err();
+            assert_eq!(e, IdentityError::NotUtf8, "{name}");
+            assert_eq!(e.response().status, 400);
+        }
+        // Text is text, whatever its script.
+        assert!(resolve(&cfg, &req().header("x-tollgate-user", "مستخدم")).is_ok());
+    }
+
+    #[test]
+    fn bucket_names_are_checked() {
+        assert!(err(&with_sources(r#"[{"header": "x-user", "bucket": "a b"}]"#)).starts_with("identity.sources[0].bucket: must be a name"));
+        assert!(parse(&with_sources(r#"[{"header": "x-user", "bucket": "users-1"}]"#)).is_ok());
+    }
+
+    fn jwt_config(extra: &str) -> IdentityConfig {
+        let jwks = String::from_utf8(crate::jwt::tests::fixture("jwks.json")).unwrap();
+        parse(&with_sources(&format!(
+            r#"[{{"jwt": {{"issuer": "https://id.example", "audiences": ["tollgate"], "jwks": {jwks}, "tier_claim": ["plan", "tier"]{extra}}}}}, {{"client_ip": {{}}}}]"#
+        )))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jwt_identifies_and_carries_its_tier() {
+        use jsonwebtoken::Algorithm;
+        let cfg = jwt_config("");
+        let mut claims = crate::jwt::tests::good_claims();
+        claims["exp"] = serde_json::json!(NOW_S + 600);
+        claims["nbf"] = serde_json::json!(NOW_S - 5);
+        let t = crate::jwt::tests::mint(Algorithm::RS256, "rs256.pem", Some("rsa-1"), &claims);
+        let s = resolve(&cfg, &req().header("authorization", format!("Bearer {t}")).peer("10.0.0.1")).unwrap();
+        assert_eq!((s.source, s.key, s.tier.as_str()), (IdentitySource::Jwt, subject_key("jwt:https://id.example:user-1"), "pro"));
+        // Expired, or signed by a stranger: 401, never a fall-through to the address.
+        claims["exp"] = serde_json::json!(NOW_S - 3600);
+        let old = crate::jwt::tests::mint(Algorithm::ES256, "es256.pem", Some("ec-1"), &claims);
+        assert_eq!(resolve(&cfg, &req().header("authorization", format!("Bearer {old}")).peer("10.0.0.1")), Err(IdentityError::Jwt(crate::jwt::Refusal::Expired)));
+        claims["exp"] = serde_json::json!(NOW_S + 600);
+        let stranger = crate::jwt::tests::mint(Algorithm::RS256, "rs256-stranger.pem", Some("rsa-1"), &claims);
+        let e = resolve(&cfg, &req().header("authorization", format!("Bearer {stranger}"))).unwrap_err();
+        assert_eq!((e.response().status, e.to_string().as_str()), (401, "The identity token is invalid."));
+        // Not a JWT at all (an SDK's placeholder key): no token, the next source decides.
+        let anon = resolve(&cfg, &req().header("authorization", "Bearer sk-anonymous").peer("10.0.0.1")).unwrap();
+        assert_eq!(anon.source, IdentitySource::ClientIp);
+        // The token header never travels on.
+        assert_eq!(cfg.private_headers().collect::<Vec<_>>(), ["authorization"]);
+    }
+
+    #[test]
+    fn a_jwt_envoy_verified_is_read_from_its_metadata() {
+        let cfg = parse(&with_sources(
+            r#"[{"jwt": {"issuer": "https://id.example", "audiences": ["tollgate"], "payload_in_metadata": "jwt_payload", "tier_claim": "https://app.example/tier"}}, {"client_ip": {}}]"#,
+        ))
+        .unwrap();
+        let claim = |key: &str, path: &[String]| match (key, path.join("/").as_str()) {
+            ("jwt_payload", "sub") => Some("user-9".to_owned()),
+            ("jwt_payload", "https://app.example/tier") => Some("team".to_owned()),
+            _ => None,
+        };
+        let header = |_: &str| None;
+        let facts = RequestFacts { header: &header, user_field: None, peer_address: Some("10.0.0.1"), now_ms: NOW_S * 1000, claim: &claim };
+        let s = cfg.resolve(&facts, &|_| None).unwrap();
+        assert_eq!((s.source, s.key, s.tier.as_str()), (IdentitySource::Jwt, subject_key("jwt:https://id.example:user-9"), "team"));
+        // No payload, but a token still there: jwt_authn refused it (a verified one is removed).
+        let t = crate::jwt::tests::mint(jsonwebtoken::Algorithm::RS256, "rs256.pem", Some("rsa-1"), &crate::jwt::tests::good_claims());
+        let bearer = format!("Bearer {t}");
+        let header = |n: &str| (n == "authorization").then(|| bearer.clone());
+        let facts = RequestFacts { header: &header, user_field: None, peer_address: Some("10.0.0.1"), now_ms: NOW_S * 1000, claim: &no_claims };
+        assert_eq!(cfg.resolve(&facts, &|_| None).unwrap_err().response().status, 401);
+    }
+
     proptest! {
         #[test]
         fn resolve_never_panics(
@@ -1326,7 +1692,7 @@ mod tests {
                     {{"client_ip": {{"trusted_hops": {hops}}}}}]"#
             );
             let cfg = parse(&format!(
-                r#"{{"identity": {{"sources": {sources}}}, "tier": {{"header": "x-tollgate-tier", "default": "free",
+                r#"{{"identity": {{"sources": {sources}}}, "tier": {{"default": "free",
                      "api_keys": {{"sha256:{PRO_KEY_SHA256}": "pro"}}}}}}"#
             )).unwrap();
             let r = Req {

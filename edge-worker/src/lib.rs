@@ -117,7 +117,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         .collect();
     let secret = |name: &str| secrets.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
     let peer = req.headers().get(CLIENT_ADDRESS_HEADER).ok().flatten();
-    let facts = Facts { header: &header, peer_address: peer.as_deref(), now_ms: now, secrets: &secret };
+    let facts = Facts { header: &header, peer_address: peer.as_deref(), now_ms: now, secrets: &secret, claim: &tollgate_core::identity::no_claims };
 
     let kind = gate::classify(Some(method.as_ref()), Some(&path));
     let (prepared, body) = match kind {
@@ -361,7 +361,7 @@ async fn admin_usage(req: &Request, env: &Env, policy: &Policy, objects: &Object
 /// The tier a request with no tier header and no API key gets.
 fn default_tier(policy: &Policy, now: u64) -> String {
     let none = |_: &str| None;
-    let facts = RequestFacts { header: &none, user_field: None, peer_address: None, now_ms: now };
+    let facts = RequestFacts { header: &none, user_field: None, peer_address: None, now_ms: now, claim: &tollgate_core::identity::no_claims };
     policy.identity.resolve(&facts, &|_| None).map(|s| s.tier).unwrap_or_default()
 }
 

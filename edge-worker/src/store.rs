@@ -185,7 +185,7 @@ mod tests {
             *o.fail.borrow_mut() = Some(String::new());
             let header = |_: &str| None;
             let secrets = |_: &str| None;
-            let facts = Facts { header: &header, peer_address: Some("192.0.2.1"), now_ms: NOW, secrets: &secrets };
+            let facts = Facts { header: &header, peer_address: Some("192.0.2.1"), now_ms: NOW, secrets: &secrets, claim: &tollgate_core::identity::no_claims };
             let Prepared::Admit(pending) = gate::prepare_chat(&p, &facts, CHAT) else { panic!() };
             let result = block_on(admit(&o, 4, &p.limits, &pending.who, &pending.estimate, 1, NOW));
             match (*pending).conclude(&p, &facts, result) {
@@ -202,7 +202,7 @@ mod tests {
         ));
         let header = |n: &str| (n == "x-user").then(|| "alice".to_owned());
         let secrets = |_: &str| None;
-        let facts = Facts { header: &header, peer_address: None, now_ms: NOW, secrets: &secrets };
+        let facts = Facts { header: &header, peer_address: None, now_ms: NOW, secrets: &secrets, claim: &tollgate_core::identity::no_claims };
         let Prepared::Admit(pending) = gate::prepare_chat(&o.policy, &facts, CHAT) else { panic!() };
         admit_now(&o, 4, &pending.who, &zero()).unwrap();
         let r = block_on(usage_report(&o, 4, &o.policy, &facts));

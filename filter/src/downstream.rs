@@ -192,7 +192,7 @@ impl Downstream {
         let outcome = {
             let lookup = |name: &str| self.header_value(name);
             let secrets = |name: &str| shared.secret(name);
-            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
             let mut no_clock = NoClock;
             let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
             gate::admit_chat(policy, &facts, body, store, lease_id)
@@ -537,6 +537,17 @@ pub fn webhook_answered(shared: &Shared, num_headers: usize) {
     }
 }
 
+/// A claim of the token Envoy's `jwt_authn` verified, from the stream's dynamic metadata
+/// (`metadata.filter_metadata["envoy.filters.http.jwt_authn"][key]…`): a string claim's bytes
+/// (Envoy serializes a string leaf as its UTF-8). Anything else — absent, a number, an object —
+/// is no value.
+fn jwt_claim(key: &str, path: &[String]) -> Option<String> {
+    let mut full: Vec<&str> = vec!["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", key];
+    full.extend(path.iter().map(String::as_str));
+    let bytes = abi::property(&full).ok().flatten()?;
+    String::from_utf8(bytes).ok().filter(|v| !v.contains('\0'))
+}
+
 /// The store while the host clock fails: nothing can be counted without the time.
 struct NoClock;
 
@@ -600,7 +611,7 @@ impl HttpContext for Downstream {
                 let response = {
                     let lookup = |name: &str| self.header_value(name);
                     let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
                     gate::usage_report(&shared.policy, &facts, &mut SharedData)
                 };
                 self.reply(&response)
@@ -610,7 +621,7 @@ impl HttpContext for Downstream {
                 let response = {
                     let lookup = |name: &str| self.header_value(name);
                     let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
                     gate::models_list(&shared.policy, &facts)
                 };
                 self.reply(&response)
@@ -625,7 +636,7 @@ impl HttpContext for Downstream {
                     let now = self.now().unwrap_or(0);
                     let lookup = |name: &str| self.header_value(name);
                     let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets };
+                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
                     gate::check_declared_length(&shared.policy, &facts, declared)
                 };
                 if let Some(response) = refused {

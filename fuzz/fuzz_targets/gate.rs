@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     let mut store = MemoryStore::new();
     for round in 0..3u64 {
         let now = 1_709_208_000_000 + round * 1000;
-        let facts = Facts { header: &header, peer_address: Some("10.1.2.3:5555"), now_ms: now, secrets: &no_secrets };
+        let facts = Facts { header: &header, peer_address: Some("10.1.2.3:5555"), now_ms: now, secrets: &no_secrets, claim: &tollgate_core::identity::no_claims };
         match gate::admit_chat(&policy, &facts, body, &mut store, round) {
             Gate::Reply { response, .. } => {
                 assert!(matches!(response.status, 400 | 401 | 404 | 413 | 429 | 503), "status {}", response.status);

@@ -530,8 +530,23 @@ pub fn settlement(policy: &Policy, ticket: &Ticket, settled: Settled, now_ms: u6
 }
 
 /// `GET /v1/tollgate/usage`: who is asking (`Err`: the answer when the identity is refused).
-pub fn usage_subject(policy: &Policy, facts: &Facts) -> Result<Who, LocalResponse> {
-    resolve(policy, facts, None).map(|s| who(&s))
+/// `path` is the request's path with its query: a policy that identifies callers by the body's
+/// `user` field takes it as `?user=` here (a GET has no body); without it, such a caller would
+/// be shown someone else's bucket (its address's), so it gets a 400 saying so instead.
+pub fn usage_subject(policy: &Policy, facts: &Facts, path: Option<&str>) -> Result<Who, LocalResponse> {
+    let query = path.and_then(|p| p.split('#').next()).and_then(|p| p.split_once('?')).map(|(_, q)| q).unwrap_or("");
+    let user = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "user").map(|(_, v)| v.into_owned());
+    let reads_user = policy.identity.reads_user_field();
+    let subject = resolve(policy, facts, user.as_deref().filter(|_| reads_user))?;
+    if reads_user && user.is_none() && policy.identity.passed_over_user_field(subject.source) {
+        return Err(render::openai_error(
+            400,
+            "This gateway identifies callers by the chat request's `user` field, which a GET has none of: ask for /v1/tollgate/usage?user=<the same value>.",
+            "invalid_request_error",
+            "user_required",
+        ));
+    }
+    Ok(who(&subject))
 }
 
 /// `GET /v1/tollgate/usage`: the caller's own limits — used, limit, remaining and reset for each
@@ -549,8 +564,8 @@ pub fn usage_body(who: &Who, statuses: Result<Vec<LimitStatus>, StoreError>, now
 }
 
 /// `GET /v1/tollgate/usage` against a [`CasStore`].
-pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, store: &mut S) -> LocalResponse {
-    match usage_subject(policy, facts) {
+pub fn usage_report<S: CasStore + ?Sized>(policy: &Policy, facts: &Facts, path: Option<&str>, store: &mut S) -> LocalResponse {
+    match usage_subject(policy, facts, path) {
         Ok(who) => {
             let statuses = sync::run(store, policy.into(), Peeking::new(&policy.limits, &who, facts.now_ms));
             usage_body(&who, statuses, facts.now_ms)
@@ -828,7 +843,7 @@ mod tests {
     fn cost_used(p: &Policy, store: &mut MemoryStore, user: &str, tier: &str) -> u64 {
         let header = user_in(user, tier);
         let none = |_: &str| None;
-        let r = usage_report(p, &facts_for(&header, &none), store);
+        let r = usage_report(p, &facts_for(&header, &none), None, store);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         let cost = v["limits"].as_array().unwrap().iter().find(|l| l["metric"] == "cost_usd").unwrap_or_else(|| panic!("{v}"));
         cost["used"].as_u64().unwrap()
@@ -911,6 +926,32 @@ mod tests {
     }
 
     #[test]
+    fn the_usage_endpoint_takes_a_user_field_identity_as_a_query_parameter() {
+        let p = Policy::from_json(
+            br#"{"identity":{"sources":[{"header":"x-user"},{"user_field":true},{"client_ip":{}}]},
+                 "tier":{"default":"d"},"tiers":{"d":{"limits":[{"window":"day","requests":5}]}}}"#,
+        )
+        .unwrap();
+        let none = |_: &str| None;
+        let nobody = |_: &str| None;
+        let bob = |n: &str| (n == "x-user").then(|| "bob".to_owned());
+        // A header that comes before the user field: as any request.
+        let by_header = usage_subject(&p, &facts_for(&bob, &none), Some("/v1/tollgate/usage")).unwrap();
+        assert_eq!(by_header.identity_key, crate::identity::subject_key("h:bob"));
+        // Nothing but the address: that would be someone else's bucket.
+        let e = usage_subject(&p, &facts_for(&nobody, &none), Some("/v1/tollgate/usage")).unwrap_err();
+        assert_eq!(e.status, 400);
+        assert!(String::from_utf8_lossy(&e.body).contains("user_required"));
+        // The same value the chat requests send in `user`, percent-encoded.
+        let carol = usage_subject(&p, &facts_for(&nobody, &none), Some("/v1/tollgate/usage?x=1&user=carol%20c")).unwrap();
+        assert_eq!(carol.identity_key, crate::identity::subject_key("u:carol c"));
+        // A policy that does not read the user field ignores the parameter.
+        let plain = Policy::from_json(br#"{"identity":{"header":"x-user"},"tier":{"default":"d"},"tiers":{"d":{"limits":[]}}}"#).unwrap();
+        let w = usage_subject(&plain, &facts_for(&nobody, &none), Some("/v1/tollgate/usage?user=carol")).unwrap();
+        assert_eq!(w.identity_key, crate::identity::subject_key("ip:10.0.0.1"), "its address, as for any request");
+    }
+
+    #[test]
     fn a_downgrade_may_name_an_alias() {
         let p = alias_policy();
         let mut store = MemoryStore::new();
@@ -938,7 +979,7 @@ mod tests {
         let header = |name: &str| (name == "x-user").then(|| "v".to_owned());
         let none = |_: &str| None;
         let facts = Facts { header: &header, peer_address: None, now_ms: T0 + 2, secrets: &none, claim: &crate::identity::no_claims };
-        let r = usage_report(&p, &facts, &mut store);
+        let r = usage_report(&p, &facts, None, &mut store);
         let v: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(v["tier"], "free");
         let tokens = &v["limits"][0];

@@ -422,9 +422,25 @@ impl IdentityConfig {
 
     /// Whether a source reads the body's `user` field (an adapter that resolves at request
     /// headers must then wait for the body).
-    #[cfg(test)]
     pub(crate) fn reads_user_field(&self) -> bool {
         self.sources.contains(&Source::UserField)
+    }
+
+    /// Whether a subject identified by `source` was found only because no `user` field was
+    /// given: the `user_field` source comes first in the list (a request without a body, the
+    /// usage endpoint, could not be told apart from someone else behind the same address).
+    pub(crate) fn passed_over_user_field(&self, source: IdentitySource) -> bool {
+        let Some(user) = self.sources.iter().position(|s| *s == Source::UserField) else { return false };
+        let kind = |s: &Source| match s {
+            Source::SignedHeader { .. } => IdentitySource::SignedHeader,
+            Source::Jwt(_) => IdentitySource::Jwt,
+            Source::Header(_) => IdentitySource::Header,
+            Source::UserField => IdentitySource::UserField,
+            Source::ApiKey(_) => IdentitySource::ApiKey,
+            Source::Session(_) => IdentitySource::Session,
+            Source::ClientIp { .. } => IdentitySource::ClientIp,
+        };
+        self.sources.iter().position(|s| kind(s) == source).is_none_or(|i| i > user)
     }
 
     /// Resolves who is asking and which tier applies. `secrets` gives a secret's bytes by

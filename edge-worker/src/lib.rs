@@ -121,7 +121,13 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
 
     let kind = gate::classify(Some(method.as_ref()), Some(&path));
     let (prepared, body) = match kind {
-        Kind::Usage => return forward::local(&store::usage_report(&objects, shards, &policy, &facts).await),
+        Kind::Usage => {
+            let with_query = req.url().ok().map(|u| match u.query() {
+                Some(q) => format!("{}?{q}", u.path()),
+                None => u.path().to_owned(),
+            });
+            return forward::local(&store::usage_report(&objects, shards, &policy, &facts, with_query.as_deref()).await);
+        }
         Kind::Models => return forward::local(&gate::models_list(&policy, &facts)),
         Kind::Unknown => return forward::local(&gate::unknown_surface(Some(method.as_ref()), Some(&path))),
         Kind::Chat => {

@@ -46,8 +46,8 @@ pub async fn settle<C: Counters>(counters: &C, shards: u32, ticket: &Ticket, act
 }
 
 /// `GET /v1/tollgate/usage`: core's body for the caller's own limits.
-pub async fn usage_report<C: Counters>(counters: &C, shards: u32, policy: &Policy, facts: &Facts<'_>) -> LocalResponse {
-    match gate::usage_subject(policy, facts) {
+pub async fn usage_report<C: Counters>(counters: &C, shards: u32, policy: &Policy, facts: &Facts<'_>, path: Option<&str>) -> LocalResponse {
+    match gate::usage_subject(policy, facts, path) {
         Ok(who) => identity_report(counters, shards, policy, &who, facts.now_ms).await,
         Err(r) => r,
     }
@@ -205,7 +205,7 @@ mod tests {
         let facts = Facts { header: &header, peer_address: None, now_ms: NOW, secrets: &secrets, claim: &tollgate_core::identity::no_claims };
         let Prepared::Admit(pending) = gate::prepare_chat(&o.policy, &facts, CHAT) else { panic!() };
         admit_now(&o, 4, &pending.who, &zero()).unwrap();
-        let r = block_on(usage_report(&o, 4, &o.policy, &facts));
+        let r = block_on(usage_report(&o, 4, &o.policy, &facts, None));
         assert_eq!(r.status, 200);
         let body: Value = serde_json::from_slice(&r.body).unwrap();
         assert_eq!(body["tier"], "d");

@@ -612,7 +612,7 @@ impl HttpContext for Downstream {
                     let lookup = |name: &str| self.header_value(name);
                     let secrets = |name: &str| shared.secret(name);
                     let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
-                    gate::usage_report(&shared.policy, &facts, &mut SharedData)
+                    gate::usage_report(&shared.policy, &facts, path.as_deref(), &mut SharedData)
                 };
                 self.reply(&response)
             }

@@ -738,6 +738,24 @@ fn webhook_fires_exactly_once_per_crossing() {
     assert!(!log.contains("panicked") && !log.contains("invalid token_id"), "the VM crashed:\n{log}");
 }
 
+/// scalix.json identifies callers by the body's `user` field when no `x-scalix-user` is sent.
+/// The usage endpoint (a GET, no body) takes that identity as `?user=`, and without it says so
+/// (400) instead of showing the caller's address's bucket as if it were theirs.
+#[test]
+fn the_usage_endpoint_takes_the_user_field_identity_as_a_query_parameter() {
+    let stack = start_scalix();
+    let body = json!({"model": "scalix-free", "user": "zed & co", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}).to_string();
+    let r = post_json(&agent(), &format!("{}/v1/chat/completions", stack.envoy.url), &[], &body);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get(&agent(), &format!("{}/v1/tollgate/usage", stack.envoy.url));
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("user_required")), "{r:?}");
+    let r = get(&agent(), &format!("{}/v1/tollgate/usage?user=zed%20%26%20co", stack.envoy.url));
+    assert_eq!(r.status, 200, "{r:?}");
+    let report = r.json();
+    assert_eq!(report["identity"], identity_key("u:zed & co"));
+    assert_eq!(limit(&report, "requests/minute")["used"], 1, "{report}");
+}
+
 /// A webhook that is not delivered — the webhook answers an error, or never answers — is
 /// counted in `tollgate_notify_failed`, never in `tollgate_notify_sent` (events are not retried).
 #[test]

@@ -727,3 +727,20 @@ fn canary_prompt_never_reaches_durable_object_storage_logs_or_webhooks() {
     }
     eprintln!("checked {} files ({} non-empty Durable Object files): {do_files:?}", all.len(), do_files.len());
 }
+
+/// As in Envoy (envoy_limits.rs): the usage endpoint takes a `user` field identity as `?user=`,
+/// and without it answers 400 rather than the address's bucket.
+#[test]
+fn the_usage_endpoint_takes_the_user_field_identity_as_a_query_parameter() {
+    let stack = start_scalix("workerd-limits-usage-user");
+    let body = json!({"model": "scalix-free", "user": "zed & co", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}).to_string();
+    let r = chat(&stack, &[], &body);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = get_with(&format!("{}/v1/tollgate/usage", stack.wrangler.url), &[]);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (400, Some("user_required")), "{r:?}");
+    let r = get_with(&format!("{}/v1/tollgate/usage?user=zed%20%26%20co", stack.wrangler.url), &[]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let report = r.json();
+    let requests = report["limits"].as_array().unwrap().iter().find(|l| l["name"] == "requests/minute").cloned().unwrap_or_default();
+    assert_eq!(requests["used"], 1, "{report}");
+}

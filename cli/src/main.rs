@@ -71,6 +71,9 @@ fn run_check(config: &str) -> ExitCode {
     match load(Path::new(config)) {
         Ok(loaded) => {
             println!("{config}: valid");
+            for w in loaded.policy.warnings() {
+                eprintln!("warning: {w}");
+            }
             print!("{}", check::describe(&loaded));
             ExitCode::SUCCESS
         }

@@ -432,6 +432,12 @@ impl Policy {
         self.rules.values().any(|r| r.guards.max_body_bytes().is_some())
     }
 
+    /// What the policy trusts that the operator must make true (JSON path and why): printed by
+    /// `tollgate check`, logged by the hosts when the policy loads.
+    pub fn warnings(&self) -> Vec<String> {
+        self.identity.warnings()
+    }
+
     /// The limits of `tier` itself, global ones not included (none for an unknown tier).
     pub fn limits_of(&self, tier: &str) -> &[Limit] {
         self.limits.tiers.get(tier).map_or(&[], Vec::as_slice)

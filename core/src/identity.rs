@@ -398,6 +398,26 @@ impl IdentityConfig {
         })
     }
 
+    /// What this configuration trusts that an operator must make true (valid, but risky when
+    /// it is not): each a JSON path and why. `tollgate check` prints them; hosts log them when
+    /// the policy loads.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let verified = self.sources.iter().any(|s| matches!(s, Source::SignedHeader { .. } | Source::Jwt(_)));
+        for (i, source) in self.sources.iter().enumerate() {
+            match source {
+                Source::ClientIp { trusted_hops } if *trusted_hops > 0 => out.push(format!(
+                    "identity.sources[{i}].client_ip.trusted_hops: {trusted_hops} takes the client address from x-forwarded-for, which clients write themselves: only safe when the proxy in front appends the address it saw (Envoy: use_remote_address: true on the http_connection_manager — its entry is then the first from the right — and one more hop per trusted proxy in front of Envoy; Cloudflare appends it) — otherwise a client rotating the header evades every per-IP limit"
+                )),
+                Source::Header(h) if verified => out.push(format!(
+                    "identity.sources[{i}].header: next to a verified source, any client without a token can still name itself by setting {h} (a bucket of its own, per value): make sure something you trust sets or removes it"
+                )),
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// Names of the secrets the adapter must supply to [`resolve`](Self::resolve).
     pub fn secret_names(&self) -> impl Iterator<Item = &str> {
         self.sources.iter().filter_map(|s| match s {
@@ -1625,6 +1645,16 @@ mod tests {
         }
         // Text is text, whatever its script.
         assert!(resolve(&cfg, &req().header("x-tollgate-user", "مستخدم")).is_ok());
+    }
+
+    #[test]
+    fn risky_but_valid_trust_is_named_in_warnings() {
+        let cfg = parse(&with_sources(r#"[{"signed_header": "x-token", "secret": "S"}, {"header": "x-user"}, {"client_ip": {"trusted_hops": 1}}]"#)).unwrap();
+        let w = cfg.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].starts_with("identity.sources[1].header: next to a verified source"), "{w:?}");
+        assert!(w[1].starts_with("identity.sources[2].client_ip.trusted_hops: 1 takes the client address from x-forwarded-for"), "{w:?}");
+        assert!(parse(&with_sources(r#"[{"header": "x-user"}, {"client_ip": {}}]"#)).unwrap().warnings().is_empty());
     }
 
     #[test]

@@ -80,6 +80,9 @@ fn parse_cached(text: String) -> Result<Rc<Policy>, PolicyError> {
         return Ok(hit);
     }
     let policy = Rc::new(for_worker(Policy::from_json(text.as_bytes()).map_err(PolicyError::Invalid)?));
+    for w in policy.warnings() {
+        worker::console_warn!("tollgate: {w}");
+    }
     LAST.set(Some((text, policy.clone())));
     Ok(policy)
 }

@@ -146,6 +146,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        for w in policy.warnings() {
+            abi::log(abi::LOG_WARN, &format!("tollgate: {w}"));
+        }
         if let Some(n) = &policy.notify {
             if n.cluster.is_none() {
                 abi::log(abi::LOG_ERROR, "tollgate: invalid configuration: notify.cluster: required in Envoy (the cluster that reaches notify.url; `tollgate envoy` generates it): without it no webhook event could be delivered");

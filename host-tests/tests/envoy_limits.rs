@@ -756,6 +756,33 @@ fn the_usage_endpoint_takes_the_user_field_identity_as_a_query_parameter() {
     assert_eq!(limit(&report, "requests/minute")["used"], 1, "{report}");
 }
 
+/// With a policy that reads the client address from x-forwarded-for (`trusted_hops: 1`), the
+/// shipped config (`use_remote_address: true`: Envoy appends the peer) keeps per-IP limits on
+/// the real peer: a client writing its own x-forwarded-for, a new address each time, is still
+/// one address.
+#[test]
+fn a_client_rotating_x_forwarded_for_is_still_one_address() {
+    let (server, mock_url, mock_port) = start_mock();
+    let policy = json!({
+        "identity": {"sources": [{"client_ip": {"trusted_hops": 1}}]},
+        "tier": {"default": "free"},
+        "tiers": {"free": {"limits": [{"per": "ip", "window": "minute", "requests": 2}]}}
+    });
+    let text = serde_json::to_string_pretty(&policy).unwrap();
+    let rendered = render("envoy.yaml", Some(mock_port), Some(&text));
+    let envoy = envoy::start(&rendered, &[]);
+    let stack = Stack { envoy, mock_url, mock_port, _mock: server };
+    away_from_minute_end(10);
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).to_string();
+    let statuses: Vec<u16> = (0..4)
+        .map(|i| {
+            let forged = format!("203.0.113.{i}");
+            post_json(&agent(), &format!("{}/v1/chat/completions", stack.envoy.url), &[("x-forwarded-for", forged.as_str())], &body).status
+        })
+        .collect();
+    assert_eq!(statuses, [200, 200, 429, 429]);
+}
+
 /// A webhook that is not delivered — the webhook answers an error, or never answers — is
 /// counted in `tollgate_notify_failed`, never in `tollgate_notify_sent` (events are not retried).
 #[test]

@@ -87,6 +87,10 @@ pub struct Generated {
     pub notify: Option<NotifyCluster>,
     /// Every deployment cluster an aggregate names, sorted: the operator defines these.
     pub deployment_clusters: Vec<String>,
+    /// The `jwt_authn` filter for the policy's `jwt` sources verified by Envoy, and the
+    /// clusters its remote JWKS are fetched through.
+    pub jwt_authn: Option<Value>,
+    pub jwks_clusters: Vec<Value>,
     /// The policy as the filter's configuration (compact JSON).
     policy: String,
     wasm: String,
@@ -155,10 +159,13 @@ pub fn generate(loaded: &Loaded, options: &Options) -> Result<Generated, String>
         Some(n) => Some(notify_cluster(n)?),
         None => None,
     };
+    let (jwt_authn, jwks_clusters) = jwt_authn(p)?;
     Ok(Generated {
         routes,
         aggregates,
         notify,
+        jwt_authn,
+        jwks_clusters,
         deployment_clusters: deployment_clusters.into_keys().collect(),
         policy,
         wasm: options.wasm.clone(),
@@ -179,6 +186,90 @@ fn notify_cluster(n: &tollgate_core::config::Notify) -> Result<NotifyCluster, St
     Ok(NotifyCluster { name, host, port, tls })
 }
 
+/// Envoy's `jwt_authn` filter for the policy's `jwt` sources with `payload_in_metadata`: one
+/// provider each (the keys inline from `jwks`, or fetched from `jwks_uri` through a generated
+/// cluster), and a rule that lets every request through (`allow_missing_or_failed`) — verified
+/// tokens leave their claims in the metadata and are removed; the tollgate filter answers a
+/// token that failed with its own OpenAI 401, and lets a request without one fall through to
+/// the next identity source.
+fn jwt_authn(p: &tollgate_core::Policy) -> Result<(Option<Value>, Vec<Value>), String> {
+    let sources = p.identity.envoy_jwt_sources();
+    if sources.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut providers = serde_json::Map::new();
+    let mut clusters = Vec::new();
+    for (i, j) in sources.iter().enumerate() {
+        let name = format!("tollgate_jwt_{i}");
+        let from = if j.header == "authorization" { json!({ "name": "authorization", "value_prefix": "Bearer " }) } else { json!({ "name": j.header }) };
+        let mut provider = json!({
+            "issuer": j.issuer,
+            "audiences": j.audiences,
+            "from_headers": [from],
+            "payload_in_metadata": j.metadata_key,
+            "clock_skew_seconds": j.skew_seconds,
+            "forward": false,
+        });
+        match (j.jwks_uri, j.jwks) {
+            (Some(uri), _) => {
+                let cluster = format!("tollgate_jwks_{i}");
+                let url = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+                let authority = url.split('/').next().unwrap_or(url);
+                let tls = uri.starts_with("https://");
+                let (host, port) = match authority.rsplit_once(':') {
+                    Some((h, port)) if !h.ends_with(']') || h.starts_with('[') => {
+                        (h.trim_start_matches('[').trim_end_matches(']').to_owned(), port.parse::<u16>().map_err(|_| format!("jwks_uri: {uri:?} has no valid port"))?)
+                    }
+                    _ => (authority.to_owned(), if tls { 443 } else { 80 }),
+                };
+                provider["remote_jwks"] = json!({
+                    "http_uri": { "uri": uri, "cluster": cluster, "timeout": "5s" },
+                    "cache_duration": "600s",
+                    "async_fetch": { "fast_listener": false }
+                });
+                clusters.extend(notify_json_of(&NotifyCluster { name: cluster, host, port, tls }));
+            }
+            (None, Some(jwks)) => provider["local_jwks"] = json!({ "inline_string": jwks }),
+            (None, None) => return Err(format!("the jwt source with payload_in_metadata {:?} needs jwks or jwks_uri for Envoy to verify with", j.metadata_key)),
+        }
+        providers.insert(name, provider);
+    }
+    let filter = json!({
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": providers,
+            "rules": [ { "match": { "prefix": "/" }, "requires": { "allow_missing_or_failed": {} } } ]
+        }
+    });
+    Ok((Some(filter), clusters))
+}
+
+
+/// A cluster reaching `host:port` by DNS (TLS with the host as SNI when `tls`).
+fn notify_json_of(n: &NotifyCluster) -> Option<Value> {
+    let mut cluster = json!({
+        "name": n.name,
+        "type": "LOGICAL_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": n.name,
+            "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": { "address": n.host, "port_value": n.port } } } } ] } ]
+        }
+    });
+    if n.tls {
+        cluster["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": n.host
+            }
+        });
+    }
+    Some(cluster)
+}
+
 /// An Envoy duration: `600s`, `0.001s`, `1.5s`.
 pub fn duration(ms: u64) -> String {
     let (s, frac) = (ms / 1000, ms % 1000);
@@ -193,6 +284,9 @@ pub fn duration(ms: u64) -> String {
 struct Output {
     routes: Vec<RouteJson>,
     clusters: Vec<Value>,
+    /// HTTP filters that go before the tollgate filter (`jwt_authn` for `jwt` sources).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    http_filters: Vec<Value>,
 }
 
 #[derive(Serialize)]
@@ -318,34 +412,15 @@ impl Generated {
 
     /// The webhook's cluster as an Envoy `Cluster`.
     fn notify_json(&self) -> Option<Value> {
-        let n = self.notify.as_ref()?;
-        let mut cluster = json!({
-            "name": n.name,
-            "type": "LOGICAL_DNS",
-            "dns_lookup_family": "V4_PREFERRED",
-            "connect_timeout": "5s",
-            "load_assignment": {
-                "cluster_name": n.name,
-                "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": { "address": n.host, "port_value": n.port } } } } ] } ]
-            }
-        });
-        if n.tls {
-            cluster["transport_socket"] = json!({
-                "name": "envoy.transport_sockets.tls",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                    "sni": n.host
-                }
-            });
-        }
-        Some(cluster)
+        notify_json_of(self.notify.as_ref()?)
     }
 
     /// `{"routes": [...], "clusters": [...]}`, pretty-printed, ending in a newline.
     pub fn to_json(&self) -> String {
         let mut clusters: Vec<Value> = self.clusters_json().into_iter().filter_map(|c| serde_json::to_value(c).ok()).collect();
         clusters.extend(self.notify_json());
-        let out = Output { routes: self.routes_json(), clusters };
+        clusters.extend(self.jwks_clusters.iter().cloned());
+        let out = Output { routes: self.routes_json(), clusters, http_filters: self.jwt_authn.iter().cloned().collect() };
         // Only strings, numbers and maps with string keys: serialising cannot fail.
         let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
         text.push('\n');
@@ -357,6 +432,12 @@ impl Generated {
         let mut o = String::new();
         if let Some(n) = &self.notify {
             let _ = writeln!(o, "cluster {}: threshold events (notify.url) are posted through it; add it to static_resources.clusters.", n.name);
+        }
+        if self.jwt_authn.is_some() {
+            let _ = writeln!(o, "http_filters: put the jwt_authn filter in the http_connection_manager's http_filters before the tollgate filter; it verifies tokens and leaves their claims in the metadata the jwt source reads (payload_in_metadata).");
+            for c in &self.jwks_clusters {
+                let _ = writeln!(o, "cluster {}: jwt_authn fetches the JWKS through it; add it to static_resources.clusters.", c["name"].as_str().unwrap_or("?"));
+            }
         }
         if self.routes.is_empty() {
             let _ = writeln!(o, "no aliases in this policy: Envoy needs no routes or aggregate clusters for it");
@@ -688,5 +769,40 @@ mod tests {
     #[test]
     fn durations_are_envoy_durations() {
         assert_eq!([duration(600_000), duration(1), duration(1500), duration(30_000), duration(1250)], ["600s", "0.001s", "1.5s", "30s", "1.25s"]);
+    }
+    #[test]
+    fn jwt_sources_verified_by_envoy_get_a_jwt_authn_filter() {
+        let jwks = r#"{"keys":[{"kty":"EC","kid":"ec-1","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+        let policy = format!(
+            r#"{{"identity": {{"sources": [
+                 {{"jwt": {{"issuer": "https://id.example/", "audiences": ["tollgate"], "jwks": {jwks}, "payload_in_metadata": "jwt_payload", "tier_claim": "tier"}}}},
+                 {{"jwt": {{"header": "x-app-token", "issuer": "https://other.example/", "audiences": ["a", "b"], "payload_in_metadata": "app", "jwks_uri": "https://other.example:8443/.well-known/jwks.json", "max_skew_seconds": 30}}}},
+                 {{"client_ip": {{}}}}]}},
+               "tier": {{"default": "free"}}, "tiers": {{"free": {{"limits": []}}}}}}"#
+        );
+        let g = generate(&loaded(&policy), &Options::default()).unwrap();
+        let out: Value = serde_json::from_str(&g.to_json()).unwrap();
+        let filter = &out["http_filters"][0];
+        assert_eq!(filter["name"], "envoy.filters.http.jwt_authn");
+        let providers = &filter["typed_config"]["providers"];
+        let first = &providers["tollgate_jwt_0"];
+        assert_eq!(first["issuer"], "https://id.example/");
+        assert_eq!(first["from_headers"], json!([{"name": "authorization", "value_prefix": "Bearer "}]));
+        assert_eq!(first["payload_in_metadata"], "jwt_payload");
+        assert_eq!(first["forward"], false);
+        let inline: Value = serde_json::from_str(first["local_jwks"]["inline_string"].as_str().unwrap()).unwrap();
+        assert_eq!(inline["keys"][0]["kid"], "ec-1");
+        let second = &providers["tollgate_jwt_1"];
+        assert_eq!(second["from_headers"], json!([{"name": "x-app-token"}]));
+        assert_eq!(second["clock_skew_seconds"], 30);
+        assert_eq!(second["remote_jwks"]["http_uri"]["cluster"], "tollgate_jwks_1");
+        let cluster = out["clusters"].as_array().unwrap().iter().find(|c| c["name"] == "tollgate_jwks_1").unwrap();
+        assert_eq!(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"], json!({"address": "other.example", "port_value": 8443}));
+        assert_eq!(cluster["transport_socket"]["typed_config"]["sni"], "other.example");
+        assert_eq!(filter["typed_config"]["rules"], json!([{"match": {"prefix": "/"}, "requires": {"allow_missing_or_failed": {}}}]));
+        assert!(g.note().contains("jwt_authn"));
+        // A policy without such sources gets no filter.
+        let plain: Value = serde_json::from_str(&example().to_json()).unwrap();
+        assert!(plain.get("http_filters").is_none());
     }
 }

@@ -126,6 +126,8 @@ struct RawJwt {
     jwks: Option<serde_json::Value>,
     /// Envoy: the `payload_in_metadata` key of the `jwt_authn` provider that verified the token.
     payload_in_metadata: Option<String>,
+    /// Envoy: where `jwt_authn` fetches the keys (`tollgate envoy` generates its cluster).
+    jwks_uri: Option<String>,
     identity_claim: Option<RawClaim>,
     tier_claim: Option<RawClaim>,
     max_skew_seconds: Option<u64>,
@@ -165,9 +167,29 @@ struct JwtSource {
     audiences: Vec<String>,
     keys: Option<std::sync::Arc<crate::jwt::KeySet>>,
     metadata: Option<String>,
+    jwks_uri: Option<String>,
     identity_claim: Vec<String>,
     tier_claim: Option<Vec<String>>,
     max_skew_seconds: u64,
+}
+
+/// A `jwt` source as Envoy's `jwt_authn` must be configured for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyJwt<'a> {
+    /// `payload_in_metadata`: where the verified claims go.
+    pub metadata_key: &'a str,
+    /// The header the token is in (`authorization`: `Bearer <token>`).
+    pub header: &'a str,
+    /// `issuer`.
+    pub issuer: &'a str,
+    /// `audiences`.
+    pub audiences: &'a [String],
+    /// The JWKS as written (`local_jwks`), if the policy has one.
+    pub jwks: Option<&'a str>,
+    /// Where to fetch the JWKS (`remote_jwks`), if given.
+    pub jwks_uri: Option<&'a str>,
+    /// `clock_skew_seconds`.
+    pub skew_seconds: u64,
 }
 
 /// The validated `identity` and `tier` sections, shared read-only by every request.
@@ -416,6 +438,32 @@ impl IdentityConfig {
             }
         }
         out
+    }
+
+    /// The `jwt` sources Envoy's `jwt_authn` verifies (those with `payload_in_metadata`), for
+    /// generating its configuration.
+    pub fn envoy_jwt_sources(&self) -> Vec<EnvoyJwt<'_>> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Jwt(j) => Some(EnvoyJwt {
+                    metadata_key: j.metadata.as_deref()?,
+                    header: &j.header,
+                    issuer: &j.issuer,
+                    audiences: &j.audiences,
+                    jwks: j.keys.as_deref().map(crate::jwt::KeySet::json),
+                    jwks_uri: j.jwks_uri.as_deref(),
+                    skew_seconds: j.max_skew_seconds,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether a `jwt` source can verify tokens only with a host's help (no `jwks`): the
+    /// worker then refuses every such token.
+    pub fn jwt_needs_host(&self) -> bool {
+        self.sources.iter().any(|s| matches!(s, Source::Jwt(j) if j.keys.is_none()))
     }
 
     /// Names of the secrets the adapter must supply to [`resolve`](Self::resolve).
@@ -686,6 +734,15 @@ fn validate_jwt(path: &str, raw: RawJwt, read: &mut Vec<(String, String)>) -> Re
         Some(m) if m.is_empty() || m.contains('\0') => return Err(invalid(format!("{path}.payload_in_metadata"), "must name the jwt_authn provider's payload_in_metadata key")),
         m => m,
     };
+    let jwks_uri = match raw.jwks_uri {
+        Some(u) if metadata.is_none() => {
+            return Err(invalid(format!("{path}.jwks_uri"), format!("{u:?} is for Envoy's jwt_authn, which needs payload_in_metadata: the worker and the filter verify with jwks")));
+        }
+        Some(u) if !(u.starts_with("https://") || u.starts_with("http://")) || u.contains(char::is_whitespace) => {
+            return Err(invalid(format!("{path}.jwks_uri"), "must be an http(s) URL"));
+        }
+        u => u,
+    };
     if keys.is_none() && metadata.is_none() {
         return Err(invalid(
             path,
@@ -713,6 +770,7 @@ fn validate_jwt(path: &str, raw: RawJwt, read: &mut Vec<(String, String)>) -> Re
         audiences: raw.audiences,
         keys,
         metadata,
+        jwks_uri,
         identity_claim: path_of("identity_claim", raw.identity_claim, Some("sub"))?.unwrap_or_default(),
         tier_claim: path_of("tier_claim", raw.tier_claim, None)?,
         max_skew_seconds,

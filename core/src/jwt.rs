@@ -141,6 +141,11 @@ impl KeySet {
         Ok(KeySet { keys, source: jwks.to_string() })
     }
 
+    /// The JWKS as written (compact JSON).
+    pub fn json(&self) -> &str {
+        &self.source
+    }
+
     /// How many keys were loaded.
     pub fn len(&self) -> usize {
         self.keys.len()

@@ -83,6 +83,9 @@ fn parse_cached(text: String) -> Result<Rc<Policy>, PolicyError> {
     for w in policy.warnings() {
         worker::console_warn!("tollgate: {w}");
     }
+    if policy.identity.jwt_needs_host() {
+        worker::console_error!("tollgate: a jwt source has no jwks: the worker verifies tokens itself and will refuse every one (payload_in_metadata is for Envoy's jwt_authn)");
+    }
     LAST.set(Some((text, policy.clone())));
     Ok(policy)
 }

@@ -8,5 +8,7 @@ pub mod behaviour;
 pub mod checks;
 pub mod envoy;
 pub mod host;
+pub mod jwt_cases;
 pub mod proc;
+pub mod tokens;
 pub mod workerd;

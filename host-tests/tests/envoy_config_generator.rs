@@ -122,3 +122,35 @@ fn a_config_built_around_the_generated_routes_and_clusters_validates() {
     let (ok, output) = validate(&Rendered { yaml });
     assert!(!ok && output.contains("scalix-free.m1"), "a route to a missing cluster validated:\n{output}");
 }
+
+/// examples/envoy/jwt.yaml holds what `tollgate envoy` generates for its policy (the
+/// jwt_authn filter and its JWKS cluster) and passes `envoy --mode validate`.
+#[test]
+fn the_jwt_example_is_what_the_generator_makes_and_validates() {
+    let rendered = tollgate_host_tests::envoy::render("examples/envoy/jwt.yaml", Some(free_port()), None);
+    let yaml = &rendered.yaml;
+    let start = yaml.find("value: |\n").expect("policy block") + "value: |\n".len();
+    let end = yaml[start..].find("vm_config:").expect("vm_config after the policy") + start;
+    let loaded = tollgate_cli::parse(yaml[start..end].as_bytes()).expect("the example's policy loads");
+    let g = generate(&loaded, &Options::default()).expect("generate");
+    let filter = g.jwt_authn.as_ref().expect("a jwt_authn filter");
+    let provider = &filter["typed_config"]["providers"]["tollgate_jwt_0"];
+    let remote = &provider["remote_jwks"]["http_uri"];
+    for line in [
+        "- name: envoy.filters.http.jwt_authn".to_owned(),
+        format!("issuer: {}", provider["issuer"].as_str().unwrap()),
+        format!("audiences: [ {} ]", provider["audiences"][0]),
+        format!("payload_in_metadata: {}", provider["payload_in_metadata"].as_str().unwrap()),
+        format!("clock_skew_seconds: {}", provider["clock_skew_seconds"]),
+        "forward: false".to_owned(),
+        format!("http_uri: {{ uri: {}, cluster: {}, timeout: 5s }}", remote["uri"], remote["cluster"].as_str().unwrap()),
+        "requires: { allow_missing_or_failed: {} }".to_owned(),
+        format!("- name: {}", g.jwks_clusters[0]["name"].as_str().unwrap()),
+        format!("sni: {}", g.jwks_clusters[0]["transport_socket"]["typed_config"]["sni"].as_str().unwrap()),
+    ] {
+        assert!(yaml.contains(&line), "examples/envoy/jwt.yaml lacks {line:?}");
+    }
+    assert!(yaml.find("- name: envoy.filters.http.jwt_authn").unwrap() < yaml.find("          - name: tollgate\n").unwrap(), "jwt_authn runs first");
+    let (ok, output) = validate(&rendered);
+    assert!(ok, "{output}");
+}

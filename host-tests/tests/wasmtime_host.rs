@@ -1026,3 +1026,52 @@ fn a_clock_that_fails_after_admission_loses_no_count() {
     assert!(used("total_tokens") >= 11, "{v}");
     assert_eq!(used("concurrent"), 0, "the lease is back: {v}");
 }
+
+/// Tollgate's own log lines carry no identity: not a JWT (good or refused), a signed token, an
+/// API key, a header identity, a `user` field, nor a secret — whatever the request's fate
+/// (served, 401, 429). (Envoy's own debug logging prints request headers: docs/hosts.md.)
+#[test]
+fn log_lines_carry_no_identity_token_or_key() {
+    use tollgate_host_tests::tokens;
+    let now_s = 1_767_225_600;
+    let jwks = tokens::jwks();
+    let config = format!(
+        r#"{{"identity": {{"sources": [
+              {{"jwt": {{"issuer": "{iss}", "audiences": ["{aud}"], "jwks": {jwks}, "tier_claim": ["plan", "tier"]}}}},
+              {{"signed_header": "x-user-token", "secret": "TOLLGATE_IDENTITY_SECRET"}},
+              {{"api_key_header": "x-api-key"}}, {{"header": "x-user"}}, {{"user_field": true}}, {{"client_ip": {{}}}}]}},
+            "tier": {{"default": "free"}},
+            "tiers": {{"free": {{"limits": [{{"window": "day", "requests": 3}}]}}, "pro": {{"limits": [{{"window": "day", "requests": 3}}]}}}}}}"#,
+        iss = tokens::ISSUER,
+        aud = tokens::AUDIENCE,
+    );
+    let host = Host::new(SharedStore::envoy());
+    host.clock().set_epoch_ms(now_s * 1000);
+    let mut vm = Vm::load_with_env(&host, filter(), config.as_bytes(), &[("TOLLGATE_IDENTITY_SECRET", "s3cret-canary")]).unwrap();
+    vm.set_upstream(openai_like(Arc::new(AtomicUsize::new(0))));
+    let good = tokens::rs256(&tokens::claims("canary-sub", "pro", now_s), false);
+    let mut expired_claims = tokens::claims("canary-sub-2", "pro", now_s);
+    expired_claims["exp"] = serde_json::json!(now_s - 3600);
+    let expired = tokens::rs256(&expired_claims, false);
+    let forged = "canary-signed.1767229200.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let body = |user: &str| format!(r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"user":"{user}"}}"#);
+    let requests = [
+        HttpRequest::post("/v1/chat/completions").header("authorization", format!("Bearer {good}")).body(body("x")),
+        HttpRequest::post("/v1/chat/completions").header("authorization", format!("Bearer {expired}")).body(body("x")),
+        HttpRequest::post("/v1/chat/completions").header("x-user-token", forged).body(body("x")),
+        HttpRequest::post("/v1/chat/completions").header("x-api-key", "sk-canary-key").body(body("x")),
+        HttpRequest::post("/v1/chat/completions").header("x-user", "canary-user").body(body("x")),
+        HttpRequest::post("/v1/chat/completions").body(body("canary-field")),
+    ];
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        for r in requests.iter() {
+            statuses.push(send(&mut vm, r.clone()).status);
+        }
+    }
+    assert!(statuses.contains(&200) && statuses.contains(&401) && statuses.contains(&429), "{statuses:?}");
+    let logs = format!("{:?}", host.logs());
+    for canary in [good.as_str(), expired.as_str(), forged, "sk-canary-key", "canary-user", "canary-field", "canary-sub", "s3cret-canary"] {
+        assert!(!logs.contains(canary), "{canary} in the log: {logs}");
+    }
+}

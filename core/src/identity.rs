@@ -192,6 +192,10 @@ pub struct EnvoyJwt<'a> {
     pub skew_seconds: u64,
 }
 
+/// What identified a request: the source's kind, its material prefix, the value, and the tier a
+/// verified identity carries.
+type Found = (IdentitySource, &'static str, String, Option<String>);
+
 /// The validated `identity` and `tier` sections, shared read-only by every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityConfig {
@@ -555,7 +559,7 @@ impl IdentityConfig {
         let ip_key = client_ip(first_hops, xff, peer).map(|ip| subject_key(&format!("ip:{ip}")));
 
         // (kind, prefix, value, the tier a verified identity carries)
-        let mut found: Option<(IdentitySource, &str, String, Option<String>)> = None;
+        let mut found: Option<Found> = None;
         let mut bucket = None;
         for (source, b) in self.sources.iter().zip(&self.buckets) {
             found = match source {
@@ -601,7 +605,7 @@ impl IdentityConfig {
     /// A `jwt` source: the claims of a token Envoy verified (`payload_in_metadata`), else of one
     /// verified here against `jwks`. A value that is not shaped like a JWT at all is no token
     /// (an OpenAI SDK always sends some `Authorization`); a JWT-shaped one must verify.
-    fn jwt(&self, j: &JwtSource, req: &RequestFacts<'_>) -> Result<Option<(IdentitySource, &'static str, String, Option<String>)>, IdentityError> {
+    fn jwt(&self, j: &JwtSource, req: &RequestFacts<'_>) -> Result<Option<Found>, IdentityError> {
         let identified = |id: String, tier: Option<String>| Some((IdentitySource::Jwt, "jwt", format!("{}:{id}", j.issuer), tier));
         if let Some(key) = &j.metadata {
             if let Some(id) = (req.claim)(key, &j.identity_claim).filter(|v| !v.trim().is_empty()) {
@@ -1687,9 +1691,7 @@ mod tests {
         assert_eq!(resolve(&cfg, &req().header("x-token", t)), Err(IdentityError::BadSignature));
         // A token without a tier is malformed for this source.
         assert!(resolve(&cfg, &req().header("x-token", token("dave", NOW_S + 60))).is_err());
-        assert!(err(&format!(
-            r#"{{"identity": {{"sources": [{{"header": "x-user", "tier_in_token": true}}]}}, "tier": {{"default": "free"}}}}"#
-        ))
+        assert!(err(r#"{"identity": {"sources": [{"header": "x-user", "tier_in_token": true}]}, "tier": {"default": "free"}}"#)
         .contains("only a signed_header source has a tier in its token"));
     }
 

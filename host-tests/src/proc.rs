@@ -206,3 +206,23 @@ pub(crate) fn reply(mut resp: ureq::http::Response<ureq::Body>) -> Reply {
 pub fn mock_request_count(agent: &ureq::Agent, mock_url: &str) -> u64 {
     get(agent, &format!("{mock_url}/__mock/requests")).json()["count"].as_u64().expect("count")
 }
+
+/// Sends `GET path` to `base` (`http://host:port`) with one header whose value is raw bytes
+/// (not necessarily UTF-8, which an HTTP client library would refuse to send), and returns the
+/// status and body of the answer.
+pub fn get_with_raw_header(base: &str, path: &str, name: &str, value: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let authority = base.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(authority).unwrap_or_else(|e| panic!("connect {authority}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: {authority}\r\nconnection: close\r\n{name}: ").into_bytes();
+    request.extend_from_slice(value);
+    request.extend_from_slice(b"\r\n\r\n");
+    conn.write_all(&request).expect("send");
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

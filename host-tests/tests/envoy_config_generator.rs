@@ -131,7 +131,7 @@ fn the_jwt_example_is_what_the_generator_makes_and_validates() {
     let yaml = &rendered.yaml;
     let start = yaml.find("value: |\n").expect("policy block") + "value: |\n".len();
     let end = yaml[start..].find("vm_config:").expect("vm_config after the policy") + start;
-    let loaded = tollgate_cli::parse(yaml[start..end].as_bytes()).expect("the example's policy loads");
+    let loaded = tollgate_cli::parse(&yaml.as_bytes()[start..end]).expect("the example's policy loads");
     let g = generate(&loaded, &Options::default()).expect("generate");
     let filter = g.jwt_authn.as_ref().expect("a jwt_authn filter");
     let provider = &filter["typed_config"]["providers"]["tollgate_jwt_0"];

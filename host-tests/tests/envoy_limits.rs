@@ -915,3 +915,17 @@ fn canary_prompt_appears_in_no_log_stat_webhook_or_shared_data() {
     let wasm_logs: Vec<String> = host.logs().iter().map(|l| format!("{l:?}")).collect();
     assert!(!wasm_logs.iter().any(|l| l.contains(CANARY)), "{wasm_logs:?}");
 }
+
+/// An identity header that is not UTF-8 is refused (400), never hashed as the lossy copy that
+/// `user-\xff` and `user-\xfe` would share.
+#[test]
+fn an_identity_header_that_is_not_utf8_is_refused() {
+    let stack = start_scalix();
+    for value in [&b"user-\xff"[..], b"user-\xfe"] {
+        let (status, body) = tollgate_host_tests::proc::get_with_raw_header(&stack.envoy.url, "/v1/tollgate/usage", "x-scalix-user", value);
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("invalid_identity") && body.contains("not valid UTF-8"), "{body}");
+    }
+    let (status, _) = tollgate_host_tests::proc::get_with_raw_header(&stack.envoy.url, "/v1/tollgate/usage", "x-scalix-user", "usér-1".as_bytes());
+    assert_eq!(status, 200, "UTF-8 is text");
+}

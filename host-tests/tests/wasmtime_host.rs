@@ -194,6 +194,13 @@ fn invalid_configurations_are_refused_at_configure_time_with_the_path_naming_mes
                 .to_owned(),
             "notify.cluster: required in Envoy (the cluster that reaches notify.url; `tollgate envoy` generates it): without it no webhook event could be delivered",
         ),
+        (
+            // A signed identity with the tier from a header any client can set: refused.
+            r#"{"identity": {"sources": [{"signed_header": "x-app-token", "secret": "S"}]}, "tier": {"header": "x-app-tier", "default": "free"},
+                "tiers": {"free": {"limits": []}, "enterprise": {"limits": []}}}"#
+                .to_owned(),
+            "tier.header: identity.sources[0] verifies who is asking, but any client can set a tier header and pick its own tier: carry the tier in the token instead (signed_header with tier_in_token, jwt with tier_claim) or in tier.api_keys, and remove tier.header",
+        ),
     ];
     let host = Host::new(SharedStore::envoy());
     for (config, expected) in cases {

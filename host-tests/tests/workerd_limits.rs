@@ -744,3 +744,17 @@ fn the_usage_endpoint_takes_the_user_field_identity_as_a_query_parameter() {
     let requests = report["limits"].as_array().unwrap().iter().find(|l| l["name"] == "requests/minute").cloned().unwrap_or_default();
     assert_eq!(requests["used"], 1, "{report}");
 }
+
+/// An identity header that is not UTF-8 is refused (400), never hashed as the lossy copy that
+/// `user-\xff` and `user-\xfe` would share.
+#[test]
+fn an_identity_header_that_is_not_utf8_is_refused() {
+    let stack = start_scalix("workerd-limits-not-utf8");
+    for value in [&b"user-\xff"[..], b"user-\xfe"] {
+        let (status, body) = tollgate_host_tests::proc::get_with_raw_header(&stack.wrangler.url, "/v1/tollgate/usage", "x-scalix-user", value);
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("invalid_identity") && body.contains("not valid UTF-8"), "{body}");
+    }
+    let (status, _) = tollgate_host_tests::proc::get_with_raw_header(&stack.wrangler.url, "/v1/tollgate/usage", "x-scalix-user", "usér-1".as_bytes());
+    assert_eq!(status, 200, "UTF-8 is text");
+}

@@ -130,7 +130,7 @@ pub fn start_wrangler(scratch: &Path, vars: &[(&str, &str)], env_file: Option<&P
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut wrangler = Wrangler { server, url, log };
-    // Any answer will do: the probe is forwarded upstream (the mock's 404).
+    // Any answer will do: the probe is a path no surface has (Tollgate's own 404).
     wait_for_http(&format!("{}/__probe", wrangler.url), Duration::from_secs(90), &mut wrangler.server);
     eprintln!("wrangler dev ready in {:?}", started.elapsed());
     wrangler

@@ -337,7 +337,7 @@ fn openai_sdk_reaches_anthropic_gemini_and_openai_through_envoy() {
     assert_eq!((stat("tokens_input"), stat("tokens_output")), (input, output));
     assert_eq!(stat("requests_translated"), 13, "11 upstream from the SDK + 2 raw");
     assert_eq!(stat("translation_refused"), 1, "n=2 to Anthropic, after admission");
-    assert_eq!(stat("requests_invalid"), 1, "the unknown model, before admission");
+    assert_eq!(stat("requests_invalid"), 2, "the unknown model, before admission, and /v1/embeddings (no such surface)");
     assert_eq!(stat("upstream_errors"), 4);
     assert_eq!(stat("requests_denied"), 1);
     assert_eq!(stat("host_errors"), 0);

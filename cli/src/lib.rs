@@ -17,6 +17,7 @@ use tollgate_core::Policy;
 pub mod check;
 pub mod envoy;
 pub mod simulate;
+pub mod store;
 
 /// A validated policy and the JSON it was read from (for the few things the validated form
 /// does not expose: identity source order, header names, message locales).

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Parser, Subcommand};
-use tollgate_cli::{check, envoy, load, simulate};
+use tollgate_cli::{check, envoy, load, simulate, store};
 
 /// Tollgate's command line. Exit status: 0 ok, 1 invalid policy or trace (or Envoy cluster names
 /// that clash), 2 bad usage.
@@ -52,6 +52,21 @@ enum Command {
         /// The policy (JSON).
         config: PathBuf,
     },
+    /// Run the store service a fleet of Envoys shares its counters through (`store.redis`):
+    /// core's store protocol against Redis. Prints `listening on http://ADDR` when ready.
+    Store {
+        /// The Redis to use: redis://HOST:PORT[/DB] or redis+unix:///PATH.
+        #[arg(long, value_name = "URL")]
+        redis: String,
+        /// Where to listen (port 0: any free port).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8089")]
+        listen: std::net::SocketAddr,
+        /// Most pooled Redis connections.
+        #[arg(long, value_name = "N", default_value_t = 64)]
+        connections: u32,
+        /// The policy (JSON): the same document the Envoys run (jobs under another are refused).
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +79,19 @@ fn main() -> ExitCode {
             let options = envoy::Options { deployment_cluster_prefix, wasm };
             run_envoy(&config.to_string_lossy(), &options)
         }
+        Command::Store { redis, listen, connections, config } => match load(&config) {
+            Ok(loaded) => match store::serve(loaded.policy, store::Options { redis, listen, connections }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(1)
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

@@ -83,6 +83,36 @@ struct RawStore {
     members_per_slot: u32,
     #[serde(default = "default_lease_ttl")]
     lease_ttl_seconds: u64,
+    redis: Option<RawRedis>,
+}
+
+/// `store.redis`: counters, leases, crossings and health in Redis, reached through the
+/// `tollgate store` service (a fleet of Envoys shares them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    /// The Envoy cluster that reaches the store service.
+    cluster: String,
+    /// The `:authority` sent to it (default: the cluster name).
+    authority: Option<String>,
+    /// How long an admission waits for the service before `on_failure` decides.
+    #[serde(default = "default_store_timeout")]
+    timeout_ms: u32,
+}
+
+fn default_store_timeout() -> u32 {
+    50
+}
+
+/// Where a fleet's state lives (`store.redis`; validated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteStore {
+    /// The Envoy cluster of the store service.
+    pub cluster: String,
+    /// The `:authority` of its requests.
+    pub authority: String,
+    /// The most an admission waits for it, in milliseconds.
+    pub timeout_ms: u32,
 }
 
 impl Default for RawStore {
@@ -93,6 +123,7 @@ impl Default for RawStore {
             slots: default_slots(),
             members_per_slot: default_members_per_slot(),
             lease_ttl_seconds: default_lease_ttl(),
+            redis: None,
         }
     }
 }
@@ -211,6 +242,11 @@ pub struct Policy {
     pub fallback: FallbackSettings,
     /// When a deployment is cooled down or steered away from.
     pub health: HealthSettings,
+    /// `store.redis`: the fleet's shared store (`None`: the host's own, e.g. Envoy's shared data).
+    pub remote_store: Option<RemoteStore>,
+    /// The policy document's digest (hex, 16 bytes of SHA-256 over its canonical JSON): a
+    /// store service refuses jobs from a host running another policy.
+    pub digest: String,
 }
 
 pub(crate) const MAX_RETRIES_LIMIT: u32 = 1000;
@@ -231,6 +267,10 @@ impl Policy {
         if !value.is_object() {
             return Err(invalid("config", "must be a JSON object"));
         }
+        // What a store service checks it runs the same policy by: the document's SHA-256,
+        // whatever its formatting (keys sorted, no whitespace).
+        let canonical = serde_json::to_vec(&value).unwrap_or_default();
+        let digest = crate::identity::subject_key(&String::from_utf8_lossy(&canonical)).replacen("tg1:q:", "", 1);
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             let message = e.into_inner().to_string();
@@ -240,7 +280,9 @@ impl Policy {
                 invalid(path, message)
             }
         })?;
-        Self::validate(raw)
+        let mut policy = Self::validate(raw)?;
+        policy.digest = digest;
+        Ok(policy)
     }
 
     fn validate(raw: RawConfig) -> Result<Policy, ConfigError> {
@@ -277,6 +319,24 @@ impl Policy {
         if store.lease_ttl_seconds == 0 || store.lease_ttl_seconds > 86_400 {
             return Err(invalid("store.lease_ttl_seconds", "must be from 1 to 86400"));
         }
+        let remote_store = match store.redis {
+            None => None,
+            Some(r) => {
+                let name_ok = |n: &str| !n.is_empty() && n.len() <= 200 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+                if !name_ok(&r.cluster) {
+                    return Err(invalid("store.redis.cluster", "must name the Envoy cluster of the tollgate store service"));
+                }
+                if let Some(a) = &r.authority {
+                    if !name_ok(a) {
+                        return Err(invalid("store.redis.authority", "must be a host name (and port)"));
+                    }
+                }
+                if r.timeout_ms == 0 || r.timeout_ms > 10_000 {
+                    return Err(invalid("store.redis.timeout_ms", "must be from 1 to 10000"));
+                }
+                Some(RemoteStore { authority: r.authority.unwrap_or_else(|| r.cluster.clone()), cluster: r.cluster, timeout_ms: r.timeout_ms })
+            }
+        };
         let fallback = raw.fallback.map(RawFallback::validate).transpose()?.unwrap_or_default();
         let health = raw.health.map(RawHealth::validate).transpose()?.unwrap_or_default();
         let mut routes = Routes::validate(raw.providers, raw.models)?;
@@ -412,6 +472,8 @@ impl Policy {
             admin_key_secret,
             fallback,
             health,
+            remote_store,
+            digest: String::new(),
         })
     }
 

@@ -32,6 +32,8 @@ pub const HTTP_RESPONSE_HEADERS: u32 = 2;
 pub const HTTP_CALL_RESPONSE_HEADERS: u32 = 6;
 pub const HTTP_REQUEST_BODY: u32 = 0;
 pub const HTTP_RESPONSE_BODY: u32 = 1;
+/// The body of an `http_call`'s answer.
+pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 pub const PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
 
@@ -263,6 +265,11 @@ pub fn http_call(cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_m
         std::time::Duration::from_millis(u64::from(timeout_ms)),
     )
     .map_err(|s| Status(s as u32))
+}
+
+/// Resumes a request paused in a request callback (after an `http_call`'s answer).
+pub fn resume_request() -> Result<(), Status> {
+    proxy_wasm::hostcalls::resume_http_request().map_err(|s| Status(s as u32))
 }
 
 /// The VM's environment variables (`KEY=VALUE` pairs); empty when the host gives none.

@@ -25,7 +25,11 @@ use tollgate_core::fallback::Failure;
 use tollgate_core::headers::{CLUSTER_HEADER, DEPLOYMENT_HEADER, DOWNGRADE_HEADER, RETRY_HEADER, WARNING_HEADER};
 use tollgate_core::fault::ApiError;
 use tollgate_core::forward::{self, Dispatch};
-use tollgate_core::gate::{self, Admitted, Facts, Gate, Kind, Refused};
+use tollgate_core::gate::{self, Admitted, Facts, Gate, Kind, Prepared, Refused};
+use tollgate_core::fallback::Health;
+use tollgate_core::limits::engine::Who;
+use tollgate_core::ops::remote::{Done, Job};
+use tollgate_core::StoreError;
 use tollgate_core::limits::engine::Ticket;
 use tollgate_core::ops::machine::ReadingHealth;
 use tollgate_core::ops::sync;
@@ -33,6 +37,8 @@ use tollgate_core::render::{self, LocalResponse};
 use tollgate_core::Policy;
 
 use crate::handoff;
+use crate::remote;
+use crate::outbox::{self, Outgoing};
 use crate::http::{self, Destination};
 use crate::metrics::Metric;
 use crate::{abi, host_error, Flavour, Shared, SharedData, WATCHDOG_MS};
@@ -59,6 +65,12 @@ enum Phase {
     Idle,
     /// A chat body is being read.
     ReadingBody,
+    /// `store.redis`: the admission is at the store service (call `token`); the request waits.
+    /// The body is kept to prepare the request again when the answer comes (the same facts
+    /// give the same request).
+    Admitting { token: u32, body: Vec<u8>, body_size: usize, now: u64, now_ns: u64, lease_id: u64 },
+    /// `store.redis`: the usage endpoint's peek is at the store service.
+    Peeking { token: u32, who: Who, now: u64 },
     /// Tollgate answered the request itself.
     Replied,
     /// Forwarded; the answer goes through core's pipeline.
@@ -151,6 +163,12 @@ impl Downstream {
             shared.metrics.add(Metric::UsageImplausible);
             abi::log(abi::LOG_WARN, "tollgate: the provider reported more usage than the request can have used; charged up to the bound");
         }
+        if shared.policy.remote_store.is_some() {
+            // Off the request's path: the root context posts it and hears the answer.
+            let actual = ending.actual(&shared.policy.limits, &ticket);
+            outbox::queue(&shared, Outgoing::Settle { ticket, actual, now });
+            return;
+        }
         let settled = gate::finish(&shared.policy, &mut SharedData, &ticket, ending, now);
         shared.metrics.add_n(Metric::SettleFailures, u64::from(settled.failures));
         if let Some(e) = settled.error {
@@ -159,17 +177,13 @@ impl Downstream {
         self.notify(&settled.events);
     }
 
-    /// Queues threshold events for the root context to post ([`crate::Shared::outbox`]), and
-    /// makes it tick soon.
+    /// Queues threshold events for the root context to post ([`crate::Shared::outbox`]).
     fn notify(&self, events: &[Vec<u8>]) {
-        if events.is_empty() || self.policy().notify.is_none() {
+        if self.policy().notify.is_none() {
             return;
         }
-        self.shared.outbox.borrow_mut().extend(events.iter().cloned());
-        if abi::set_tick_period(crate::NOTIFY_TICK_MS).is_err() {
-            // No tick: post them from here (their answers then may never be known).
-            let events = std::mem::take(&mut *self.shared.outbox.borrow_mut());
-            post_events(&self.shared, &events);
+        for event in events {
+            outbox::queue(&self.shared, Outgoing::Webhook(event.clone()));
         }
     }
 
@@ -189,6 +203,9 @@ impl Downstream {
         let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
         let connection = http::connection_id();
         let lease_id = http::request_token(now_ns, connection, self.context_id);
+        if let (Some(_), Some(store)) = (clock, policy.remote_store.as_ref()) {
+            return self.admit_remotely(body, body_size, now, now_ns, lease_id, store.timeout_ms);
+        }
         let outcome = {
             let lookup = |name: &str| self.header_value(name);
             let secrets = |name: &str| shared.secret(name);
@@ -197,6 +214,80 @@ impl Downstream {
             let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
             gate::admit_chat(policy, &facts, body, store, lease_id)
         };
+        self.admitted(outcome, body_size, now, now_ns, lease_id, None)
+    }
+
+    /// `store.redis`: prepares the request and sends its admission (and an alias's health
+    /// reads) to the store service; the request waits for [`Self::admission_answered`].
+    fn admit_remotely(&mut self, body: &[u8], body_size: usize, now: u64, now_ns: u64, lease_id: u64, timeout_ms: u32) -> Action {
+        let shared = self.shared.clone();
+        let policy = &*shared.policy;
+        let lookup = |name: &str| self.header_value(name);
+        let secrets = |name: &str| shared.secret(name);
+        let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+        let pending = match gate::prepare_chat(policy, &facts, body) {
+            Prepared::Reply(response) => {
+                shared.metrics.add(Metric::Invalid);
+                return self.reply(&response);
+            }
+            Prepared::Admit(p) => p,
+        };
+        let health = pending.alias.map(|a| a.deployment_names().map(str::to_owned).collect()).unwrap_or_default();
+        let job = Job::Admit { who: pending.who.clone(), estimate: pending.estimate.clone(), lease_id, now, health };
+        match remote::dispatch(&shared, job, timeout_ms) {
+            Ok(token) => {
+                self.phase = Phase::Admitting { token, body: body.to_vec(), body_size, now, now_ns, lease_id };
+                Action::Pause
+            }
+            Err(status) => {
+                abi::log(abi::LOG_WARN, &format!("tollgate: the store service cannot be called (status {}); policy says {:?}", status.0, policy.on_failure));
+                let outcome = pending.conclude(policy, &facts, Err(StoreError::Host("the store service cannot be called")));
+                self.admitted(outcome, body_size, now, now_ns, lease_id, None)
+            }
+        }
+    }
+
+    /// `store.redis`: the store service's answer to the admission: the gate concludes as with
+    /// a local store, and the request goes on (or is answered).
+    fn admission_answered(&mut self, num_headers: usize, answer_size: usize) {
+        let Phase::Admitting { body, body_size, now, now_ns, lease_id, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
+        let shared = self.shared.clone();
+        let policy = &*shared.policy;
+        let (result, health) = match remote::answer(num_headers, answer_size) {
+            Ok(Done::Admitted { admission, health, unread }) => (Ok(admission), Some((health, unread))),
+            Ok(Done::Failed { error }) => {
+                abi::log(abi::LOG_WARN, &format!("tollgate: the store service failed: {error}"));
+                (Err(StoreError::Host("the store service failed")), None)
+            }
+            Ok(_) => (Err(StoreError::Host("the store service answered another job")), None),
+            Err(why) => {
+                abi::log(abi::LOG_WARN, &format!("tollgate: {why}"));
+                (Err(StoreError::Host("the store service did not answer")), None)
+            }
+        };
+        let outcome = {
+            let lookup = |name: &str| self.header_value(name);
+            let secrets = |name: &str| shared.secret(name);
+            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+            match gate::prepare_chat(policy, &facts, &body) {
+                Prepared::Admit(p) => p.conclude(policy, &facts, result),
+                // The same body and facts prepared before: never reached.
+                Prepared::Reply(response) => Gate::Reply { response, why: Refused::Invalid, store_error: None },
+            }
+        };
+        if self.admitted(outcome, body_size, now, now_ns, lease_id, health) == Action::Continue {
+            if let Err(s) = abi::resume_request() {
+                host_error(&shared.metrics, "resuming the request", s);
+            }
+        }
+    }
+
+    /// Applies what the gate decided: a local answer, or the request on its way (translated,
+    /// to an alias's deployments, or as it is). `health`: an alias's deployment records when
+    /// the store service read them with the admission.
+    fn admitted(&mut self, outcome: Gate<'_>, body_size: usize, now: u64, now_ns: u64, lease_id: u64, health: Option<(Vec<Health>, u32)>) -> Action {
+        let shared = self.shared.clone();
+        let connection = http::connection_id();
         let mut admitted = match outcome {
             Gate::Reply { response, why, store_error } => {
                 shared.metrics.add(match why {
@@ -237,7 +328,7 @@ impl Downstream {
                     headers.push((WARNING_HEADER, w.header.clone()));
                 }
                 let alias = AliasRequest { alias, request: &request, rewritten, headers, warning };
-                self.forward_alias(alias, body_size, now, lease_id ^ now_ns)
+                self.forward_alias(alias, body_size, now, lease_id ^ now_ns, health)
             }
             Dispatch::Reply(response) => {
                 shared.metrics.add(Metric::Refused);
@@ -278,9 +369,17 @@ impl Downstream {
     /// order (`x-tollgate-cluster: <alias>/<first>`), and core's attempts wait in the
     /// [`handoff`] table for the upstream filter, which translates each attempt. The body stays
     /// in OpenAI's format.
-    fn forward_alias(&mut self, a: AliasRequest, body_size: usize, now: u64, seed: u64) -> Action {
+    fn forward_alias(&mut self, a: AliasRequest, body_size: usize, now: u64, seed: u64, read: Option<(Vec<Health>, u32)>) -> Action {
         let shared = self.shared.clone();
-        let (health, unread) = sync::run(&mut SharedData, (&*shared.policy).into(), ReadingHealth::new(a.alias.deployment_names()));
+        let (health, unread) = match read {
+            Some(read) => read,
+            // The store service failed: every deployment counts as healthy.
+            None if shared.policy.remote_store.is_some() => {
+                let n = a.alias.deployment_names().count();
+                (vec![Health::default(); n], n as u32)
+            }
+            None => sync::run(&mut SharedData, (&*shared.policy).into(), ReadingHealth::new(a.alias.deployment_names())),
+        };
         if unread > 0 {
             // Unreadable health counts as healthy: fallback still protects the request.
             shared.metrics.add(Metric::StoreFailures);
@@ -496,47 +595,6 @@ impl Downstream {
     }
 }
 
-/// Posts threshold events to the policy's webhook cluster (configure refused a `notify`
-/// without one). Each answer reaches the calling context's `on_http_call_response`
-/// ([`webhook_answered`]).
-pub fn post_events(shared: &Shared, events: &[Vec<u8>]) {
-    let Some(target) = shared.policy.notify.as_ref() else { return };
-    let Some(cluster) = target.cluster.as_deref() else { return };
-    for body in events {
-        let headers = [
-            (":method", "POST"),
-            (":path", target.path.as_str()),
-            (":authority", target.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        if let Err(s) = abi::http_call(cluster, &headers, body, target.timeout_ms) {
-            shared.metrics.add(Metric::NotifyFailed);
-            abi::log(abi::LOG_WARN, &format!("tollgate: webhook dispatch failed (status {}); the event is not retried", s.0));
-        }
-    }
-}
-
-/// A webhook's answer: delivered (2xx), or not (another status; no headers at all when the call
-/// failed — refused, reset, timed out). Events are notices: never retried.
-pub fn webhook_answered(shared: &Shared, num_headers: usize) {
-    let status = if num_headers == 0 {
-        None
-    } else {
-        abi::header(abi::HTTP_CALL_RESPONSE_HEADERS, ":status").ok().flatten().and_then(|s| String::from_utf8(s).ok()).and_then(|s| s.parse::<u16>().ok())
-    };
-    match status {
-        Some(200..=299) => shared.metrics.add(Metric::NotifySent),
-        Some(code) => {
-            shared.metrics.add(Metric::NotifyFailed);
-            abi::log(abi::LOG_WARN, &format!("tollgate: webhook answered {code}; the event is not retried"));
-        }
-        None => {
-            shared.metrics.add(Metric::NotifyFailed);
-            abi::log(abi::LOG_WARN, "tollgate: webhook not delivered (no answer); the event is not retried");
-        }
-    }
-}
-
 /// A claim of the token Envoy's `jwt_authn` verified, from the stream's dynamic metadata
 /// (`metadata.filter_metadata["envoy.filters.http.jwt_authn"][key]…`): a string claim's bytes
 /// (Envoy serializes a string leaf as its UTF-8). Anything else — absent, a number, an object —
@@ -585,7 +643,24 @@ fn envoy_failure() -> Option<Failure> {
     }
 }
 
-impl Context for Downstream {}
+impl Context for Downstream {
+    /// The store service's answer to this request's admission or usage peek (`store.redis`).
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        match &self.phase {
+            Phase::Admitting { token, .. } if *token == token_id => self.admission_answered(num_headers, body_size),
+            Phase::Peeking { token, .. } if *token == token_id => {
+                let Phase::Peeking { who, now, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
+                let statuses = match remote::answer(num_headers, body_size) {
+                    Ok(Done::Statuses { statuses }) => Ok(statuses),
+                    _ => Err(StoreError::Host("the store service failed")),
+                };
+                let response = gate::usage_body(&who, statuses, now);
+                self.reply(&response);
+            }
+            _ => {}
+        }
+    }
+}
 
 impl HttpContext for Downstream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -608,13 +683,24 @@ impl HttpContext for Downstream {
         match gate::classify(method.as_deref(), path.as_deref()) {
             Kind::Usage => {
                 let Some(now) = self.now() else { return self.reply(&render::store_unavailable()) };
-                let response = {
-                    let lookup = |name: &str| self.header_value(name);
-                    let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
-                    gate::usage_report(&shared.policy, &facts, path.as_deref(), &mut SharedData)
+                let lookup = |name: &str| self.header_value(name);
+                let secrets = |name: &str| shared.secret(name);
+                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+                let Some(store) = shared.policy.remote_store.as_ref() else {
+                    let response = gate::usage_report(&shared.policy, &facts, path.as_deref(), &mut SharedData);
+                    return self.reply(&response);
                 };
-                self.reply(&response)
+                let who = match gate::usage_subject(&shared.policy, &facts, path.as_deref()) {
+                    Ok(who) => who,
+                    Err(response) => return self.reply(&response),
+                };
+                match remote::dispatch(&shared, Job::Peek { who: who.clone(), now }, store.timeout_ms) {
+                    Ok(token) => {
+                        self.phase = Phase::Peeking { token, who, now };
+                        Action::Pause
+                    }
+                    Err(_) => self.reply(&render::store_unavailable()),
+                }
             }
             Kind::Models => {
                 let now = self.now().unwrap_or(self.last_now);
@@ -716,7 +802,7 @@ impl HttpContext for Downstream {
                 abi::log(abi::LOG_WARN, "tollgate: a chat request reached the upstream without its body reaching the filter");
                 Action::Continue
             }
-            Phase::Idle | Phase::Replied => Action::Continue,
+            Phase::Idle | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
         }
     }
 
@@ -730,7 +816,7 @@ impl HttpContext for Downstream {
                 self.replace_exhausted(body_size, true);
                 Action::Continue
             }
-            Phase::Alias { .. } | Phase::Idle | Phase::ReadingBody | Phase::Replied => Action::Continue,
+            Phase::Alias { .. } | Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
         }
     }
 
@@ -741,7 +827,7 @@ impl HttpContext for Downstream {
         let ending = match &self.phase {
             Phase::Forwarded { answer, .. } => answer.ending(),
             Phase::Alias { key, .. } => Self::alias_ending(key),
-            Phase::Idle | Phase::ReadingBody | Phase::Replied => Ending::Abandoned,
+            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Ending::Abandoned,
         };
         if let (Phase::Forwarded { body: BodyMode::Stream, .. }, Ending::Served { .. }) = (&self.phase, &ending) {
             // A stream cut short: its tokens so far.

@@ -33,6 +33,8 @@ pub mod downstream;
 pub mod handoff;
 pub mod http;
 pub mod metrics;
+pub mod outbox;
+pub mod remote;
 mod shared_data;
 pub mod upstream;
 
@@ -59,9 +61,6 @@ pub const UPSTREAM_ROOT_ID: &str = "tollgate-upstream";
 /// filter concludes the host will never deliver it (Envoy without
 /// `allow_on_headers_stop_iteration`) and answers it.
 pub const WATCHDOG_MS: u64 = 5_000;
-
-/// How soon queued webhook events are posted (the root context's tick while any wait).
-pub const NOTIFY_TICK_MS: u32 = 100;
 
 /// The watchdog's tick.
 const WATCHDOG_TICK_MS: u32 = 1_000;
@@ -103,9 +102,10 @@ pub struct Shared {
     pub flavour: Flavour,
     /// The watchdog's list.
     pub waiting: Rc<RefCell<Waiting>>,
-    /// Webhook event bodies waiting for the root context to post them: a call made from a
-    /// request's context dies with it, so its answer (delivered or not) would never be known.
-    pub outbox: Rc<RefCell<Vec<Vec<u8>>>>,
+    /// Calls waiting for the root context to post them (webhook events, settlements and
+    /// health reports for the store service), and those in flight: a call made from a
+    /// request's context dies with it, so its answer would never be known.
+    pub outbox: Rc<RefCell<outbox::Outbox>>,
 }
 
 impl Shared {
@@ -122,10 +122,10 @@ struct Root {
 }
 
 impl Context for Root {
-    /// A webhook's answer (the root context posts them, [`Shared::outbox`]).
-    fn on_http_call_response(&mut self, _token_id: u32, num_headers: usize, _body_size: usize, _num_trailers: usize) {
+    /// The answer to a call the root context posted ([`Shared::outbox`]).
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
         if let Some(shared) = &self.shared {
-            downstream::webhook_answered(shared, num_headers);
+            outbox::answered(shared, token_id, num_headers, body_size);
         }
     }
 }
@@ -186,7 +186,7 @@ impl RootContext for Root {
             metrics: Metrics::define(),
             flavour,
             waiting: Rc::new(RefCell::new(Waiting::default())),
-            outbox: Rc::new(RefCell::new(Vec::new())),
+            outbox: Rc::new(RefCell::new(outbox::Outbox::default())),
         });
         let role = if self.upstream { " (upstream role)" } else { "" };
         let host = match flavour {
@@ -200,13 +200,12 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         let Some(shared) = &self.shared else { return };
         downstream::watchdog(shared);
-        let events = std::mem::take(&mut *shared.outbox.borrow_mut());
-        downstream::post_events(shared, &events);
+        outbox::post(shared);
         // Tick while the watchdog has something to watch (Envoy, until a body proves the host
         // delivers them); else only when events wait.
         let watching = shared.flavour == Flavour::Envoy && !self.upstream && !shared.waiting.borrow().proven;
-        let period = if !shared.outbox.borrow().is_empty() {
-            NOTIFY_TICK_MS
+        let period = if shared.outbox.borrow().has_waiting() {
+            outbox::TICK_MS
         } else if watching {
             WATCHDOG_TICK_MS
         } else {

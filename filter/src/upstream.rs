@@ -94,6 +94,11 @@ impl Upstream {
         if now == 0 {
             return;
         }
+        if self.shared.policy.remote_store.is_some() {
+            // The fleet's record: the root context posts it to the store service.
+            crate::outbox::queue(&self.shared, crate::outbox::Outgoing::ReportHealth { deployment: deployment.to_owned(), outcome, now });
+            return;
+        }
         let op = Op::HealthReport { deployment: deployment.into(), outcome, now };
         if sync::run_op(&mut SharedData, (&*self.shared.policy).into(), &op).is_err() {
             self.shared.metrics.add(Metric::StoreFailures);

@@ -21,6 +21,7 @@
 //! never an identity or a request byte — so the store never needs to hash anything.
 
 pub mod machine;
+pub mod remote;
 pub mod sync;
 
 use std::borrow::Cow;

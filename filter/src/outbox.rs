@@ -1,0 +1,135 @@
+//! Calls the root context makes for the whole VM: webhook events and, with `store.redis`,
+//! settlements and health reports. A request's context queues them ([`queue`]); the root
+//! context posts them on its next tick ([`post`]) and hears their answers
+//! ([`answered`]), which a call made from a request's context would not (the call dies with
+//! the request).
+
+use std::collections::HashMap;
+
+use tollgate_core::fallback::Outcome;
+use tollgate_core::gate;
+use tollgate_core::limits::engine::Ticket;
+use tollgate_core::limits::ledger::Actual;
+use tollgate_core::ops::remote::{Done, Job};
+
+use crate::metrics::Metric;
+use crate::{abi, remote, Shared};
+
+/// How soon queued calls are posted (the root context's tick while any wait).
+pub const TICK_MS: u32 = 20;
+
+/// A call waiting for the root context.
+pub enum Outgoing {
+    /// A threshold event for the webhook.
+    Webhook(Vec<u8>),
+    /// A settlement for the store service.
+    Settle { ticket: Ticket, actual: Actual, now: u64 },
+    /// An attempt's outcome for the store service.
+    ReportHealth { deployment: String, outcome: Outcome, now: u64 },
+}
+
+/// What a posted call was, by its token.
+pub enum Posted {
+    Webhook,
+    Settle { ticket: Ticket, now: u64 },
+    ReportHealth,
+}
+
+/// The queue and the calls in flight.
+#[derive(Default)]
+pub struct Outbox {
+    waiting: Vec<Outgoing>,
+    in_flight: HashMap<u32, Posted>,
+}
+
+impl Outbox {
+    /// Whether calls wait to be posted.
+    pub fn has_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+}
+
+/// Queues `call` and makes the root context tick soon; without a tick, posts it at once (its
+/// answer then may never be known).
+pub fn queue(shared: &Shared, call: Outgoing) {
+    shared.outbox.borrow_mut().waiting.push(call);
+    if abi::set_tick_period(TICK_MS).is_err() {
+        post(shared);
+    }
+}
+
+/// Posts every waiting call (the root context's tick).
+pub fn post(shared: &Shared) {
+    let waiting = std::mem::take(&mut shared.outbox.borrow_mut().waiting);
+    for call in waiting {
+        let (posted, token) = match call {
+            Outgoing::Webhook(body) => (Posted::Webhook, post_webhook(shared, &body)),
+            Outgoing::Settle { ticket, actual, now } => {
+                let job = Job::Settle { ticket: ticket.clone(), actual, now };
+                (Posted::Settle { ticket, now }, remote::dispatch(shared, job, remote::BACKGROUND_TIMEOUT_MS))
+            }
+            Outgoing::ReportHealth { deployment, outcome, now } => {
+                (Posted::ReportHealth, remote::dispatch(shared, Job::ReportHealth { deployment, outcome, now }, remote::BACKGROUND_TIMEOUT_MS))
+            }
+        };
+        match token {
+            Ok(token) => {
+                shared.outbox.borrow_mut().in_flight.insert(token, posted);
+            }
+            Err(s) => failed(shared, &posted, &format!("dispatch failed (status {})", s.0)),
+        }
+    }
+}
+
+fn post_webhook(shared: &Shared, body: &[u8]) -> Result<u32, abi::Status> {
+    let Some(target) = shared.policy.notify.as_ref() else { return Err(abi::Status(0)) };
+    let Some(cluster) = target.cluster.as_deref() else { return Err(abi::Status(0)) };
+    let headers = [(":method", "POST"), (":path", target.path.as_str()), (":authority", target.authority.as_str()), ("content-type", "application/json")];
+    abi::http_call(cluster, &headers, body, target.timeout_ms)
+}
+
+fn failed(shared: &Shared, posted: &Posted, why: &str) {
+    match posted {
+        Posted::Webhook => {
+            shared.metrics.add(Metric::NotifyFailed);
+            abi::log(abi::LOG_WARN, &format!("tollgate: webhook not delivered ({why}); the event is not retried"));
+        }
+        Posted::Settle { ticket, .. } => {
+            shared.metrics.add_n(Metric::SettleFailures, ticket.parts().count() as u64);
+            abi::log(abi::LOG_WARN, &format!("tollgate: settling through the store service failed ({why}); the reservation stays counted until its window ends, the lease until its TTL"));
+        }
+        Posted::ReportHealth => {
+            shared.metrics.add(Metric::StoreFailures);
+        }
+    }
+}
+
+/// A posted call's answer (the root context's `on_http_call_response`).
+pub fn answered(shared: &Shared, token: u32, num_headers: usize, body_size: usize) {
+    let Some(posted) = shared.outbox.borrow_mut().in_flight.remove(&token) else { return };
+    let status = remote::status(num_headers);
+    match &posted {
+        Posted::Webhook => match status {
+            Some(200..=299) => shared.metrics.add(Metric::NotifySent),
+            Some(code) => failed(shared, &posted, &format!("the webhook answered {code}")),
+            None => failed(shared, &posted, "no answer"),
+        },
+        Posted::Settle { ticket, now } => match remote::answer(num_headers, body_size) {
+            Ok(Done::Settled { reached, failures }) => {
+                shared.metrics.add_n(Metric::SettleFailures, u64::from(failures));
+                let settled = tollgate_core::ops::machine::Settled { reached, failures, first_error: None };
+                for event in gate::settlement(&shared.policy, ticket, settled, *now).events {
+                    queue(shared, Outgoing::Webhook(event));
+                }
+            }
+            Ok(Done::Failed { error }) => failed(shared, &posted, &error),
+            Ok(_) => failed(shared, &posted, "another answer"),
+            Err(why) => failed(shared, &posted, &why),
+        },
+        Posted::ReportHealth => {
+            if !matches!(remote::answer(num_headers, body_size), Ok(Done::Health { .. })) {
+                failed(shared, &posted, "");
+            }
+        }
+    }
+}

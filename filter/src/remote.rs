@@ -1,0 +1,41 @@
+//! The store service (`store.redis`): jobs sent over the policy's store cluster, answers read
+//! back (core's [`tollgate_core::ops::remote`] protocol).
+
+use tollgate_core::ops::remote::{Done, Envelope, Job};
+
+use crate::{abi, Shared};
+
+/// The path the store service takes jobs on.
+pub const JOBS_PATH: &str = "/v1/store/jobs";
+
+/// How long a settlement or a health report may take (off any request's path).
+pub const BACKGROUND_TIMEOUT_MS: u32 = 2_000;
+
+/// Sends `job` to the store service; its answer reaches the calling context's
+/// `on_http_call_response` with the returned token.
+pub fn dispatch(shared: &Shared, job: Job, timeout_ms: u32) -> Result<u32, abi::Status> {
+    let Some(store) = shared.policy.remote_store.as_ref() else { return Err(abi::Status(0)) };
+    let body = serde_json::to_vec(&Envelope { policy: shared.policy.digest.clone(), job }).unwrap_or_default();
+    let headers = [(":method", "POST"), (":path", JOBS_PATH), (":authority", store.authority.as_str()), ("content-type", "application/json")];
+    abi::http_call(&store.cluster, &headers, &body, timeout_ms)
+}
+
+/// The `:status` of a call's answer (`None`: no answer — refused, reset, timed out).
+pub fn status(num_headers: usize) -> Option<u16> {
+    if num_headers == 0 {
+        return None;
+    }
+    let value = abi::header(abi::HTTP_CALL_RESPONSE_HEADERS, ":status").ok().flatten()?;
+    String::from_utf8(value).ok()?.parse().ok()
+}
+
+/// The store service's answer to a call (`Err`: why there is none).
+pub fn answer(num_headers: usize, body_size: usize) -> Result<Done, String> {
+    match status(num_headers) {
+        None => return Err("the store service did not answer in time".to_owned()),
+        Some(200) => {}
+        Some(code) => return Err(format!("the store service answered {code}")),
+    }
+    let body = abi::buffer(abi::HTTP_CALL_RESPONSE_BODY, 0, body_size).map_err(|s| format!("reading the answer failed (status {})", s.0))?;
+    serde_json::from_slice(&body).map_err(|e| format!("the store service's answer is unreadable: {e}"))
+}

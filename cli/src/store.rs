@@ -15,11 +15,20 @@
 //! gone quiet leaves Redis by itself.
 //!
 //! Any number of replicas may run: they share nothing but Redis. Jobs run on tokio's blocking
-//! pool with pooled synchronous connections (r2d2), each op a handful of round trips.
+//! pool with pooled synchronous connections (r2d2), each op a handful of round trips. Within a
+//! replica, ops on one key take turns ([`LOCK_SHARDS`] locks by key hash), so compare-and-set
+//! conflicts only arise between replicas: a hot aggregate key (a tier's, the global one) every
+//! request touches does not turn into a retry storm.
+//!
+//! **Deadlines.** An admission carries how long its host waits (`wait_ms`); after half of it
+//! the service makes no further reservation (core's [`tollgate_core::ops::sync::run_until`]:
+//! what was reserved is released), so a request its host already answered with
+//! `store.on_failure` is not counted as well.
 
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -48,17 +57,29 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 return 1
 ";
 
+/// Locks by key hash, so ops on one key take turns within a replica.
+pub const LOCK_SHARDS: usize = 1024;
+
 /// Core's compare-and-set store on one Redis connection.
 pub struct RedisStore<'c, C: redis::ConnectionLike> {
     conn: &'c mut C,
     cas: &'c Script,
+    locks: &'c [Mutex<()>],
+    /// The lock of the key last loaded, held until its write (or the next load).
+    held: Option<MutexGuard<'c, ()>>,
 }
 
 impl<'c, C: redis::ConnectionLike> RedisStore<'c, C> {
-    /// The store over `conn`, writing with `cas` (a [`Script`] of [`CAS`]).
-    pub fn new(conn: &'c mut C, cas: &'c Script) -> Self {
-        RedisStore { conn, cas }
+    /// The store over `conn`, writing with `cas` (a [`Script`] of [`CAS`]); `locks` are the
+    /// replica's key locks ([`key_locks`]).
+    pub fn new(conn: &'c mut C, cas: &'c Script, locks: &'c [Mutex<()>]) -> Self {
+        RedisStore { conn, cas, locks, held: None }
     }
+}
+
+/// A replica's key locks.
+pub fn key_locks() -> Vec<Mutex<()>> {
+    (0..LOCK_SHARDS).map(|_| Mutex::new(())).collect()
 }
 
 /// The script every writer runs.
@@ -72,6 +93,13 @@ fn redis_error(_: redis::RedisError) -> StoreError {
 
 impl<C: redis::ConnectionLike> CasStore for RedisStore<'_, C> {
     fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+        self.held = None;
+        if !self.locks.is_empty() {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            let lock = &self.locks[(h.finish() % self.locks.len() as u64) as usize];
+            self.held = Some(lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        }
         let value: Option<Vec<u8>> = self.conn.get(key).map_err(redis_error)?;
         Ok(value.and_then(|v| {
             let version = Version::from_be_bytes(v.get(..4)?.try_into().ok()?);
@@ -95,6 +123,7 @@ struct Service {
     policy: Policy,
     pool: r2d2::Pool<redis::Client>,
     cas: Script,
+    locks: Vec<Mutex<()>>,
 }
 
 /// The service's options.
@@ -116,7 +145,7 @@ pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(2))
         .build_unchecked(client);
-    let service = Arc::new(Service { policy, pool, cas: cas_script() });
+    let service = Arc::new(Service { policy, pool, cas: cas_script(), locks: key_locks() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
@@ -136,13 +165,18 @@ async fn job(State(service): State<Arc<Service>>, body: Bytes) -> Response {
         Ok(e) => e,
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::to_vec(&Done::Failed { error: format!("not a job: {e}") }).unwrap_or_default()),
     };
+    let received = Instant::now();
     let answer = tokio::task::spawn_blocking(move || {
-        let mut conn = match service.pool.get() {
+        // A host waiting `wait_ms` gets no reservation made after half of it.
+        let deadline = envelope.wait_ms.map(|ms| received + Duration::from_millis(u64::from(ms) / 2));
+        let expired = || deadline.is_some_and(|d| Instant::now() >= d);
+        let wait = deadline.map_or(Duration::from_secs(2), |d| d.saturating_duration_since(Instant::now()));
+        let mut conn = match service.pool.get_timeout(wait.max(Duration::from_millis(1))) {
             Ok(c) => c,
             Err(e) => return Done::Failed { error: format!("redis unreachable: {e}") },
         };
-        let mut store = RedisStore::new(&mut *conn, &service.cas);
-        remote::run(&mut store, (&service.policy).into(), &service.policy.digest, &envelope)
+        let mut store = RedisStore::new(&mut *conn, &service.cas, &service.locks);
+        remote::run(&mut store, (&service.policy).into(), &service.policy.digest, &envelope, &expired)
     })
     .await
     .unwrap_or_else(|e| Done::Failed { error: format!("the job failed: {e}") });

@@ -12,10 +12,12 @@ pub const JOBS_PATH: &str = "/v1/store/jobs";
 pub const BACKGROUND_TIMEOUT_MS: u32 = 2_000;
 
 /// Sends `job` to the store service; its answer reaches the calling context's
-/// `on_http_call_response` with the returned token.
+/// `on_http_call_response` with the returned token. A request's admission says how long the
+/// request waits (`timeout_ms`), so the service stops reserving before it gives up.
 pub fn dispatch(shared: &Shared, job: Job, timeout_ms: u32) -> Result<u32, abi::Status> {
     let Some(store) = shared.policy.remote_store.as_ref() else { return Err(abi::Status(0)) };
-    let body = serde_json::to_vec(&Envelope { policy: shared.policy.digest.clone(), job }).unwrap_or_default();
+    let wait_ms = matches!(job, Job::Admit { .. }).then_some(timeout_ms);
+    let body = serde_json::to_vec(&Envelope { policy: shared.policy.digest.clone(), wait_ms, job }).unwrap_or_default();
     let headers = [(":method", "POST"), (":path", JOBS_PATH), (":authority", store.authority.as_str()), ("content-type", "application/json")];
     abi::http_call(&store.cluster, &headers, &body, timeout_ms)
 }

@@ -7,6 +7,7 @@
 pub mod behaviour;
 pub mod checks;
 pub mod envoy;
+pub mod fleet;
 pub mod host;
 pub mod jwt_cases;
 pub mod proc;

@@ -17,7 +17,7 @@ use crate::store::{CasStore, StoreError};
 use crate::window::Timestamp;
 
 use super::machine::{Admitting, Peeking, ReadingHealth, Settling};
-use super::sync::{run as run_machine, run_op, Rules};
+use super::sync::{run as run_machine, run_op, run_until, Rules};
 use super::Op;
 
 /// One job for the store service.
@@ -71,6 +71,11 @@ pub enum Job {
 pub struct Envelope {
     /// [`crate::Policy::digest`] of the sender's policy.
     pub policy: String,
+    /// How long the sender waits for the answer, in milliseconds (an admission's
+    /// `store.redis.timeout_ms`): the service makes no reservation after half of it, so that
+    /// a request its host has already answered is never counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_ms: Option<u32>,
     /// The work.
     pub job: Job,
 }
@@ -123,13 +128,13 @@ impl Done {
 
 /// Runs `envelope` against `store` (the service's side): the same machines and ops every host
 /// runs. A policy digest other than `digest` (the service's) is refused.
-pub fn run<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, digest: &str, envelope: &Envelope) -> Done {
+pub fn run<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, digest: &str, envelope: &Envelope, expired: &dyn Fn() -> bool) -> Done {
     if envelope.policy != digest {
         return Done::Failed { error: format!("the store service runs policy {digest}, this host {}: deploy the same policy to both", envelope.policy) };
     }
     match &envelope.job {
         Job::Admit { who, estimate, lease_id, now, health } => {
-            let admitted = run_machine(store, rules, Admitting::new(rules.limits, who, estimate, *lease_id, *now));
+            let admitted = run_until(store, rules, Admitting::new(rules.limits, who, estimate, *lease_id, *now), expired);
             match admitted {
                 Ok(admission) => {
                     let (health, unread) = if health.is_empty() {
@@ -185,9 +190,13 @@ mod tests {
         Who { identity_key: "tg1:q:00".into(), ip_key: None, tier: "d".into() }
     }
 
+    fn go(store: &mut MemoryStore, p: &Policy, envelope: &Envelope) -> Done {
+        run(store, p.into(), &p.digest, envelope, &|| false)
+    }
+
     fn job(p: &Policy, job: Job) -> Envelope {
         // Over the wire and back, as the service receives it.
-        let e = Envelope { policy: p.digest.clone(), job };
+        let e = Envelope { policy: p.digest.clone(), wait_ms: Some(50), job };
         serde_json::from_slice(&serde_json::to_vec(&e).unwrap()).unwrap()
     }
 
@@ -197,7 +206,7 @@ mod tests {
         let mut store = MemoryStore::new();
         let estimate = Estimate { model: None, input_tokens: 10, output_tokens: 20 };
         let admit = |store: &mut MemoryStore, lease: u64| {
-            let answer = run(store, (&p).into(), &p.digest, &job(&p, Job::Admit { who: who(), estimate: estimate.clone(), lease_id: lease, now: 1_000, health: vec!["m".into()] }));
+            let answer = go(store, &p, &job(&p, Job::Admit { who: who(), estimate: estimate.clone(), lease_id: lease, now: 1_000, health: vec!["m".into()] }));
             let wire: Done = serde_json::from_slice(&serde_json::to_vec(&answer).unwrap()).unwrap();
             assert_eq!(wire, answer, "answers survive the wire");
             answer
@@ -207,12 +216,24 @@ mod tests {
         // The lease is held: a second request is refused (concurrency 1), and nothing of it stays.
         let Done::Admitted { admission: refused, .. } = admit(&mut store, 2) else { panic!() };
         assert!(matches!(refused.verdict, Verdict::Denied { .. }));
-        let settled = run(&mut store, (&p).into(), &p.digest, &job(&p, Job::Settle { ticket: admission.ticket.clone(), actual: Actual::used(Some(3), Some(4), None), now: 1_001 }));
+        let settled = go(&mut store, &p, &job(&p, Job::Settle { ticket: admission.ticket.clone(), actual: Actual::used(Some(3), Some(4), None), now: 1_001 }));
         assert_eq!(settled, Done::Settled { reached: vec![], failures: 0 });
-        let Done::Statuses { statuses } = run(&mut store, (&p).into(), &p.digest, &job(&p, Job::Peek { who: who(), now: 1_002 })) else { panic!() };
+        let Done::Statuses { statuses } = go(&mut store, &p, &job(&p, Job::Peek { who: who(), now: 1_002 })) else { panic!() };
         assert_eq!(statuses.iter().map(|s| s.used).collect::<Vec<_>>(), [1, 7, 0]);
         let report = Job::ReportHealth { deployment: "m".into(), outcome: Outcome::Failed { failure: Failure::Status(503), retry_after_ms: None }, now: 1_003 };
-        assert!(matches!(run(&mut store, (&p).into(), &p.digest, &job(&p, report)), Done::Health { .. }));
+        assert!(matches!(go(&mut store, &p, &job(&p, report)), Done::Health { .. }));
+    }
+
+    #[test]
+    fn a_job_its_host_stopped_waiting_for_reserves_nothing() {
+        let p = policy();
+        let mut store = MemoryStore::new();
+        let estimate = Estimate { model: None, input_tokens: 10, output_tokens: 20 };
+        let admit = job(&p, Job::Admit { who: who(), estimate, lease_id: 1, now: 1_000, health: vec![] });
+        let a = run(&mut store, (&p).into(), &p.digest, &admit, &|| true);
+        assert!(matches!(a, Done::Failed { .. }), "{a:?}");
+        let Done::Statuses { statuses } = go(&mut store, &p, &job(&p, Job::Peek { who: who(), now: 1_002 })) else { panic!() };
+        assert!(statuses.iter().all(|s| s.used == 0), "{statuses:?}");
     }
 
     #[test]
@@ -227,7 +248,7 @@ mod tests {
         .unwrap();
         assert_eq!(p.digest, reformatted.digest, "formatting and key order do not matter");
         let mut store = MemoryStore::new();
-        let a = run(&mut store, (&p).into(), &p.digest, &job(&other, Job::Peek { who: who(), now: 1 }));
+        let a = go(&mut store, &p, &job(&other, Job::Peek { who: who(), now: 1 }));
         assert!(matches!(a, Done::Failed { ref error } if error.contains("deploy the same policy")), "{a:?}");
         assert!(store.is_empty());
     }

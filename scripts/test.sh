@@ -12,8 +12,8 @@ step "build: filter.wasm"
 bash scripts/build-wasm.sh
 step "build: edge worker"
 bash scripts/build-worker.sh
-step "build: mock provider"
-cargo build --quiet --release -p tollgate-mock-provider
+step "build: mock provider and the tollgate binary (the fleet store service)"
+cargo build --quiet --release -p tollgate-mock-provider -p tollgate-cli
 step "tests"
 # One release build serves the native tests of core, host-tests and the mock (wasmtime is far
 # too slow unoptimised); the worker crate's native unit tests build separately, so that its

@@ -38,11 +38,16 @@ pub struct Options {
     pub deployment_cluster_prefix: String,
     /// `vm_config.code.local.filename` of the upstream filter.
     pub wasm: String,
+    /// `host:port` of each `tollgate store` replica (`store.redis`).
+    pub store_addresses: Vec<String>,
 }
+
+/// Where a store replica listens unless told otherwise (`tollgate store --listen`'s default).
+pub const DEFAULT_STORE_ADDRESS: &str = "127.0.0.1:8089";
 
 impl Default for Options {
     fn default() -> Self {
-        Options { deployment_cluster_prefix: String::new(), wasm: DEFAULT_WASM.to_owned() }
+        Options { deployment_cluster_prefix: String::new(), wasm: DEFAULT_WASM.to_owned(), store_addresses: vec![DEFAULT_STORE_ADDRESS.to_owned()] }
     }
 }
 
@@ -91,6 +96,8 @@ pub struct Generated {
     /// clusters its remote JWKS are fetched through.
     pub jwt_authn: Option<Value>,
     pub jwks_clusters: Vec<Value>,
+    /// The cluster of the `tollgate store` replicas (`store.redis`).
+    pub store_cluster: Option<Value>,
     /// The policy as the filter's configuration (compact JSON).
     policy: String,
     wasm: String,
@@ -160,7 +167,12 @@ pub fn generate(loaded: &Loaded, options: &Options) -> Result<Generated, String>
         None => None,
     };
     let (jwt_authn, jwks_clusters) = jwt_authn(p)?;
+    let store_cluster = match &p.remote_store {
+        Some(store) => Some(store_cluster(&store.cluster, &options.store_addresses)?),
+        None => None,
+    };
     Ok(Generated {
+        store_cluster,
         routes,
         aggregates,
         notify,
@@ -184,6 +196,29 @@ fn notify_cluster(n: &tollgate_core::config::Notify) -> Result<NotifyCluster, St
         _ => (n.authority.clone(), if tls { 443 } else { 80 }),
     };
     Ok(NotifyCluster { name, host, port, tls })
+}
+
+/// The cluster of the store replicas: HTTP/1.1, short connect timeout (an admission waits at
+/// most `store.redis.timeout_ms`), breakers high enough for every request in flight.
+fn store_cluster(name: &str, addresses: &[String]) -> Result<Value, String> {
+    if addresses.is_empty() {
+        return Err("store.redis: give the store replicas' addresses (--store-address HOST:PORT)".to_owned());
+    }
+    let mut endpoints = Vec::new();
+    let mut dns = false;
+    for a in addresses {
+        let (host, port) = a.rsplit_once(':').ok_or_else(|| format!("--store-address {a:?}: HOST:PORT"))?;
+        let port: u16 = port.parse().map_err(|_| format!("--store-address {a:?}: the port is not a number"))?;
+        dns |= host.parse::<std::net::IpAddr>().is_err();
+        endpoints.push(json!({ "endpoint": { "address": { "socket_address": { "address": host, "port_value": port } } } }));
+    }
+    Ok(json!({
+        "name": name,
+        "type": if dns { "STRICT_DNS" } else { "STATIC" },
+        "connect_timeout": "0.25s",
+        "circuit_breakers": { "thresholds": [ { "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000 } ] },
+        "load_assignment": { "cluster_name": name, "endpoints": [ { "lb_endpoints": endpoints } ] }
+    }))
 }
 
 /// Envoy's `jwt_authn` filter for the policy's `jwt` sources with `payload_in_metadata`: one
@@ -420,6 +455,7 @@ impl Generated {
         let mut clusters: Vec<Value> = self.clusters_json().into_iter().filter_map(|c| serde_json::to_value(c).ok()).collect();
         clusters.extend(self.notify_json());
         clusters.extend(self.jwks_clusters.iter().cloned());
+        clusters.extend(self.store_cluster.iter().cloned());
         let out = Output { routes: self.routes_json(), clusters, http_filters: self.jwt_authn.iter().cloned().collect() };
         // Only strings, numbers and maps with string keys: serialising cannot fail.
         let mut text = serde_json::to_string_pretty(&out).unwrap_or_default();
@@ -432,6 +468,9 @@ impl Generated {
         let mut o = String::new();
         if let Some(n) = &self.notify {
             let _ = writeln!(o, "cluster {}: threshold events (notify.url) are posted through it; add it to static_resources.clusters.", n.name);
+        }
+        if let Some(c) = &self.store_cluster {
+            let _ = writeln!(o, "cluster {}: the tollgate store replicas (store.redis); add it to static_resources.clusters, and run `tollgate store --redis URL --listen ADDR POLICY` on each address with this same policy.", c["name"].as_str().unwrap_or("?"));
         }
         if self.jwt_authn.is_some() {
             let _ = writeln!(o, "http_filters: put the jwt_authn filter in the http_connection_manager's http_filters before the tollgate filter; it verifies tokens and leaves their claims in the metadata the jwt source reads (payload_in_metadata).");
@@ -705,7 +744,7 @@ mod tests {
 
     #[test]
     fn the_prefix_and_wasm_path_are_applied() {
-        let options = Options { deployment_cluster_prefix: "llm-".to_owned(), wasm: "/opt/tollgate.wasm".to_owned() };
+        let options = Options { deployment_cluster_prefix: "llm-".to_owned(), wasm: "/opt/tollgate.wasm".to_owned(), ..Options::default() };
         let g = generate(&loaded(&example_policy()), &options).unwrap();
         assert_eq!(g.aggregates[1].clusters, ["llm-m2", "llm-m1", "llm-m3"]);
         assert_eq!(g.aggregates[1].name, "scalix-free.m2");

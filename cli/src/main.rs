@@ -49,6 +49,9 @@ enum Command {
         /// The filter's file, for the upstream filter's vm_config.
         #[arg(long, value_name = "PATH", default_value = envoy::DEFAULT_WASM, value_parser = NonEmptyStringValueParser::new())]
         wasm: String,
+        /// A `tollgate store` replica's HOST:PORT (repeat for each; `store.redis` policies).
+        #[arg(long = "store-address", value_name = "HOST:PORT", default_value = envoy::DEFAULT_STORE_ADDRESS)]
+        store_addresses: Vec<String>,
         /// The policy (JSON).
         config: PathBuf,
     },
@@ -75,8 +78,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => run_check(&config.to_string_lossy()),
         Command::Simulate { json, config, trace } => run_simulate(&config.to_string_lossy(), &trace.to_string_lossy(), json),
-        Command::Envoy { deployment_cluster_prefix, wasm, config } => {
-            let options = envoy::Options { deployment_cluster_prefix, wasm };
+        Command::Envoy { deployment_cluster_prefix, wasm, store_addresses, config } => {
+            let options = envoy::Options { deployment_cluster_prefix, wasm, store_addresses };
             run_envoy(&config.to_string_lossy(), &options)
         }
         Command::Store { redis, listen, connections, config } => match load(&config) {

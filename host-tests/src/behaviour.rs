@@ -129,6 +129,8 @@ pub enum HostKind {
     WasmtimeNgx,
     /// filter.wasm in real Envoy.
     Envoy,
+    /// filter.wasm in two real Envoys sharing Redis through `tollgate store` (`store.redis`).
+    EnvoyFleet,
     /// The worker in real workerd.
     Workerd,
 }
@@ -150,7 +152,7 @@ pub fn difference(host: HostKind, scenario: &str) -> Option<Difference> {
         (WasmtimeEnvoy | WasmtimeNgx, "alias_falls_back_to_the_next_deployment") => Some(Difference::Skip(
             "the wasmtime host runs one filter and one upstream per stream: no router, no retries, no aggregate cluster or upstream filter, which Envoy's fallback is made of (envoy_fallback.rs covers it in real Envoy)",
         )),
-        (Envoy | WasmtimeEnvoy | WasmtimeNgx, "a_stream_cut_mid_way_keeps_its_reservation") => Some(Difference::StreamEnds(
+        (Envoy | EnvoyFleet | WasmtimeEnvoy | WasmtimeNgx, "a_stream_cut_mid_way_keeps_its_reservation") => Some(Difference::StreamEnds(
             End::Cut,
             "when the upstream resets after the response headers, Envoy resets the client's stream; no filter callback runs in between, so no error event can be written (docs/behaviour.md)",
         )),

@@ -13,7 +13,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tollgate_cli::envoy::{generate, Options};
 use tollgate_host_tests::behaviour::{check, difference, eventually, expected_tokens, policy, raw, scenarios, usage_numbers, Client, Difference, HostKind, Observed, Request, Stack};
-use tollgate_host_tests::envoy::{self, Envoy, Rendered};
+use tollgate_host_tests::envoy::{self, Envoy, Rendered, TempDir};
+use tollgate_host_tests::fleet::{start_store, Redis, StoreService};
 use tollgate_host_tests::host::{Flavour, FilterModule, Host, HttpRequest, SharedStore, UpstreamRequest, UpstreamResponse, Vm};
 use tollgate_host_tests::proc::{agent, filter_wasm_path, fixtures_dir, mock_request_count, start_mock_provider_with, Server};
 use tollgate_host_tests::workerd::{seed_policy, start_wrangler, Scratch, Wrangler};
@@ -229,13 +230,14 @@ fn the_filter_in_the_wasmtime_host_with_ngx_wasm_modules_semantics_answers_as_th
 /// A complete Envoy config (JSON, which Envoy reads as YAML) for the suite's policy: the
 /// downstream filter, the routes and aggregate clusters `tollgate envoy` generates for the
 /// aliases, and the mock providers' clusters.
-fn envoy_config(policy: &Value, mocks: &Mocks) -> String {
+fn envoy_config(policy: &Value, mocks: &Mocks, store_ports: &[u16]) -> String {
     let port = |url: &str| url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("a port");
     let (ok, failing) = (port(&mocks.ok), port(&mocks.failing));
     let wasm = filter_wasm_path().display().to_string();
     let text = policy.to_string();
     let loaded = tollgate_cli::parse(text.as_bytes()).expect("the suite's policy is valid");
-    let generated = generate(&loaded, &Options { deployment_cluster_prefix: String::new(), wasm: wasm.clone() }).expect("generated");
+    let store_addresses = store_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let generated = generate(&loaded, &Options { deployment_cluster_prefix: String::new(), wasm: wasm.clone(), store_addresses }).expect("generated");
     let generated: Value = serde_json::from_str(&generated.to_json()).expect("JSON");
     let cluster = |name: &str, port: u16| {
         json!({
@@ -302,10 +304,54 @@ fn the_filter_in_real_envoy_answers_as_the_table_says() {
     let mocks = mocks();
     let mut envoys = HashMap::new();
     for stack in [Stack::Translating, Stack::Passthrough] {
-        let yaml = envoy_config(&policy(stack, &mocks.ok, &mocks.failing), &mocks);
+        let yaml = envoy_config(&policy(stack, &mocks.ok, &mocks.failing), &mocks, &[]);
         envoys.insert(stack_name(stack), envoy::start(&Rendered { yaml }, &[]));
     }
     run_suite(&mut RealEnvoy { envoys }, &mocks);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fleet: two real Envoys per stack sharing Redis through a `tollgate store` replica
+
+struct Fleet {
+    envoys: HashMap<&'static str, Vec<Envoy>>,
+    sent: usize,
+    _stores: Vec<StoreService>,
+    _redis: Redis,
+    _dir: TempDir,
+}
+
+impl Driver for Fleet {
+    fn kind(&self) -> HostKind {
+        HostKind::EnvoyFleet
+    }
+
+    /// Alternates between the stack's Envoys: a scenario's warm-up requests, its request and
+    /// the usage reads go through different processes.
+    fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
+        self.sent += 1;
+        let envoys = &self.envoys[stack_name(stack)];
+        let envoy = &envoys[self.sent % envoys.len()];
+        raw(&envoy.url, request.method, request.path, &headers_for(request, user), request.body.as_deref(), request.client)
+    }
+}
+
+#[test]
+fn the_filter_in_a_fleet_of_envoys_on_redis_answers_as_the_table_says() {
+    let mocks = mocks();
+    let dir = TempDir::new("behaviour-fleet");
+    let redis = Redis::start();
+    let mut envoys = HashMap::new();
+    let mut stores = Vec::new();
+    for stack in [Stack::Translating, Stack::Passthrough] {
+        let mut p = policy(stack, &mocks.ok, &mocks.failing);
+        p["store"]["redis"] = json!({ "cluster": "tollgate_store", "timeout_ms": 500 });
+        let store = start_store(&redis.url(), &p.to_string(), &dir, &format!("store-{}", stack_name(stack)));
+        let yaml = envoy_config(&p, &mocks, &[store.port]);
+        stores.push(store);
+        envoys.insert(stack_name(stack), (0..2).map(|_| envoy::start(&Rendered { yaml: yaml.clone() }, &[])).collect());
+    }
+    run_suite(&mut Fleet { envoys, sent: 0, _stores: stores, _redis: redis, _dir: dir }, &mocks);
 }
 
 // ---------------------------------------------------------------------------------------------

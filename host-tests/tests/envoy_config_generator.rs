@@ -98,7 +98,7 @@ fn a_config_built_around_the_generated_routes_and_clusters_validates() {
     let wasm = wasm.display().to_string();
     let policy = policy();
     let loaded = tollgate_cli::parse(policy.as_bytes()).expect("valid policy");
-    let options = Options { deployment_cluster_prefix: "deploy-".to_owned(), wasm: wasm.clone() };
+    let options = Options { deployment_cluster_prefix: "deploy-".to_owned(), wasm: wasm.clone(), ..Options::default() };
     let generated = generate(&loaded, &options).expect("generate");
     let json: Value = serde_json::from_str(&generated.to_json()).expect("the output is JSON");
 

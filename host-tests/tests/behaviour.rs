@@ -385,3 +385,33 @@ fn the_worker_in_real_workerd_answers_as_the_table_says() {
     }
     run_suite(&mut RealWorkerd { workers }, &mocks);
 }
+
+/// A provider failure one Envoy of a fleet sees cools the deployment down for every Envoy: the
+/// next request for the alias through another Envoy goes straight to the healthy deployment.
+#[test]
+fn a_cooldown_reported_through_one_envoy_steers_the_others() {
+    let mocks = mocks();
+    let dir = TempDir::new("fleet-health");
+    let redis = Redis::start();
+    let mut p = policy(Stack::Translating, &mocks.ok, &mocks.failing);
+    p["store"]["redis"] = json!({ "cluster": "tollgate_store", "timeout_ms": 500 });
+    p["health"] = json!({ "failures": 1, "window_seconds": 60, "cooldown_seconds": 60 });
+    let store = start_store(&redis.url(), &p.to_string(), &dir, "store");
+    let yaml = envoy_config(&p, &mocks, &[store.port]);
+    let (a, b) = (envoy::start(&Rendered { yaml: yaml.clone() }, &[]), envoy::start(&Rendered { yaml }, &[]));
+    let body = r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
+    let send = |e: &Envoy| raw(&e.url, "POST", "/v1/chat/completions", &[("x-tollgate-user".to_owned(), "steered".to_owned())], Some(body), Client::Reads);
+    let failing = || mock_request_count(&agent(), &mocks.failing);
+    let before = failing();
+    let first = send(&a);
+    assert_eq!((first.status, first.header("x-tollgate-deployment")), (200, Some("gpt")), "{first:?}");
+    assert_eq!(failing(), before + 1, "the first request tried the broken deployment");
+    // The report reaches Redis off the request's path (the root context's next tick).
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let r = send(&b);
+        assert_eq!((r.status, r.header("x-tollgate-deployment")), (200, Some("gpt")), "{r:?}");
+    }
+    assert_eq!(failing(), before + 1, "the other Envoy never tried the cooled-down deployment");
+    drop(store);
+}

@@ -5,7 +5,8 @@
 //! running core's own machines ([`remote::run`]) against Redis, through [`RedisStore`]: core's
 //! [`CasStore`] on Redis, so the compare-and-set loop, the admission order, the releases after a
 //! refusal and every byte of the records are core's, exactly as in Envoy's shared data and the
-//! worker's Durable Objects. `GET /healthz` answers `ok` when Redis does.
+//! worker's Durable Objects. `GET /healthz` answers `ok` when Redis does; `GET /stats` counts
+//! jobs, failed jobs, reads, writes and compare-and-set conflicts.
 //!
 //! **Atomicity.** A key's value is a 4-byte big-endian version followed by core's record. A
 //! write is one Lua script that sets the new value only if the stored version is still the one
@@ -15,19 +16,23 @@
 //! gone quiet leaves Redis by itself.
 //!
 //! Any number of replicas may run: they share nothing but Redis. Jobs run on tokio's blocking
-//! pool with pooled synchronous connections (r2d2), each op a handful of round trips. Within a
-//! replica, ops on one key take turns ([`LOCK_SHARDS`] locks by key hash), so compare-and-set
-//! conflicts only arise between replicas: a hot aggregate key (a tier's, the global one) every
-//! request touches does not turn into a retry storm.
+//! pool with pooled synchronous connections (r2d2), each op a round trip or two. Within a
+//! replica, the writes concurrent jobs make on one key are combined into one compare-and-set
+//! ([`Combiner`]), so conflicts only arise between replicas, and a hot aggregate key (a tier's,
+//! the global one) every request touches costs a write per batch, not per request. A replica remembers the last value it read
+//! or wrote per key for a moment ([`Cache`]) and starts an update from it: one round trip (the
+//! compare-and-set) instead of two while it is current, and a conflict answers the current value,
+//! so the retry needs no read either.
 //!
 //! **Deadlines.** An admission carries how long its host waits (`wait_ms`); after half of it
 //! the service makes no further reservation (core's [`tollgate_core::ops::sync::run_until`]:
 //! what was reserved is released), so a request its host already answered with
 //! `store.on_failure` is not counted as well.
 
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
@@ -38,6 +43,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use redis::{Commands, Script};
 use tollgate_core::ops::remote::{self, Done, Envelope};
+use tollgate_core::ops::sync::{run_batch, run_op, Rules};
+use tollgate_core::ops::{Op, Reply};
 use tollgate_core::store::{CasStore, StoreError, Version, Written};
 use tollgate_core::Policy;
 
@@ -45,41 +52,114 @@ use tollgate_core::Policy;
 pub const KEY_TTL_MS: u64 = 32 * 24 * 3600 * 1000;
 
 /// Sets `KEYS[1]` to `ARGV[2]` (with TTL `ARGV[3]` ms) only if its version — the value's first 4
-/// bytes — is still `ARGV[1]` (`""`: only if the key is still absent). 1: stored, 0: conflict.
+/// bytes — is still `ARGV[1]` (`""`: only if the key is still absent). Answers 1 when stored;
+/// on a conflict the current value (0 when the key is absent), so the retry needs no read.
 const CAS: &str = r"
 local current = redis.call('GET', KEYS[1])
+local ok
 if current then
-  if ARGV[1] == '' or string.sub(current, 1, 4) ~= ARGV[1] then return 0 end
-elseif ARGV[1] ~= '' then
-  return 0
+  ok = ARGV[1] ~= '' and string.sub(current, 1, 4) == ARGV[1]
+else
+  ok = ARGV[1] == ''
 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
+if ok then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if current then return current end
+return 0
 ";
 
-/// Locks by key hash, so ops on one key take turns within a replica.
-pub const LOCK_SHARDS: usize = 1024;
+/// The most keys a replica remembers the last value of (then it forgets them all).
+const CACHE_KEYS: usize = 100_000;
+
+/// How long a remembered value may start an update: hot keys are written far more often, a
+/// cold key is simply read again.
+const CACHE_FOR: Duration = Duration::from_secs(2);
+
+/// The last value and version a replica read or wrote per key: an update starts from it
+/// instead of reading (the compare-and-set corrects a stale one and answers the current value,
+/// and core reads again before an update that would not write). Reads (usage, health) always
+/// go to Redis.
+#[derive(Default)]
+pub struct Cache(Mutex<HashMap<String, (Vec<u8>, Version, Instant)>>);
+
+impl Cache {
+    fn get(&self, key: &str) -> Option<(Vec<u8>, Version)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (value, version, at) = map.get(key)?;
+        (at.elapsed() < CACHE_FOR).then(|| (value.clone(), *version))
+    }
+
+    fn put(&self, key: &str, entry: Option<(Vec<u8>, Version)>) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match entry {
+            Some((value, version)) => {
+                if map.len() >= CACHE_KEYS && !map.contains_key(key) {
+                    map.clear();
+                }
+                map.insert(key.to_owned(), (value, version, Instant::now()));
+            }
+            None => {
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// A fresh key's first version: the clock's nanoseconds mixed with a counter.
+fn first_version() -> Version {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mixed = (nanos ^ SEQ.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (mixed >> 32) as Version
+}
+
+fn decode(stored: &[u8]) -> Option<(Vec<u8>, Version)> {
+    let version = Version::from_be_bytes(stored.get(..4)?.try_into().ok()?);
+    Some((stored[4..].to_vec(), version))
+}
 
 /// Core's compare-and-set store on one Redis connection.
 pub struct RedisStore<'c, C: redis::ConnectionLike> {
     conn: &'c mut C,
     cas: &'c Script,
-    locks: &'c [Mutex<()>],
-    /// The lock of the key last loaded, held until its write (or the next load).
-    held: Option<MutexGuard<'c, ()>>,
+    stats: Option<&'c Stats>,
+    cache: Option<&'c Cache>,
+}
+
+/// What a replica has done (`GET /stats`, JSON): for benchmarks and operators.
+#[derive(Default)]
+pub struct Stats {
+    /// Jobs answered.
+    pub jobs: AtomicU64,
+    /// Jobs answered `failed` (Redis unreachable, contention, another policy).
+    pub failed: AtomicU64,
+    /// Writes attempted.
+    pub writes: AtomicU64,
+    /// Writes that lost a compare-and-set to another writer (and were retried).
+    pub conflicts: AtomicU64,
+    /// Reads (GET).
+    pub reads: AtomicU64,
 }
 
 impl<'c, C: redis::ConnectionLike> RedisStore<'c, C> {
-    /// The store over `conn`, writing with `cas` (a [`Script`] of [`CAS`]); `locks` are the
-    /// replica's key locks ([`key_locks`]).
-    pub fn new(conn: &'c mut C, cas: &'c Script, locks: &'c [Mutex<()>]) -> Self {
-        RedisStore { conn, cas, locks, held: None }
+    /// The store over `conn`, writing with `cas` (a [`Script`] of [`CAS`]).
+    pub fn new(conn: &'c mut C, cas: &'c Script) -> Self {
+        RedisStore { conn, cas, stats: None, cache: None }
     }
-}
 
-/// A replica's key locks.
-pub fn key_locks() -> Vec<Mutex<()>> {
-    (0..LOCK_SHARDS).map(|_| Mutex::new(())).collect()
+    /// Starts updates from `cache` ([`Cache`]).
+    pub fn caching(mut self, cache: &'c Cache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Counts writes and conflicts in `stats`.
+    pub fn counting(mut self, stats: &'c Stats) -> Self {
+        self.stats = Some(stats);
+        self
+    }
 }
 
 /// The script every writer runs.
@@ -93,28 +173,137 @@ fn redis_error(_: redis::RedisError) -> StoreError {
 
 impl<C: redis::ConnectionLike> CasStore for RedisStore<'_, C> {
     fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
-        self.held = None;
-        if !self.locks.is_empty() {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.hash(&mut h);
-            let lock = &self.locks[(h.finish() % self.locks.len() as u64) as usize];
-            self.held = Some(lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        if let Some(stats) = self.stats {
+            stats.reads.fetch_add(1, Ordering::Relaxed);
         }
         let value: Option<Vec<u8>> = self.conn.get(key).map_err(redis_error)?;
-        Ok(value.and_then(|v| {
-            let version = Version::from_be_bytes(v.get(..4)?.try_into().ok()?);
-            Some((v[4..].to_vec(), version))
-        }))
+        let entry = value.as_deref().and_then(decode);
+        if let Some(cache) = self.cache {
+            cache.put(key, entry.clone());
+        }
+        Ok(entry)
+    }
+
+    fn guess(&mut self, key: &str) -> Option<(Vec<u8>, Version)> {
+        self.cache?.get(key)
     }
 
     fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
-        let next = expected.map_or(1, |v| v.wrapping_add(1).max(1));
+        // A new key starts at an unpredictable version, so a replica's memory of an expired
+        // key can never match its successor.
+        let next = expected.map_or_else(first_version, |v| v.wrapping_add(1));
         let mut stored = Vec::with_capacity(4 + value.len());
         stored.extend_from_slice(&next.to_be_bytes());
         stored.extend_from_slice(value);
         let expected: Vec<u8> = expected.map(|v| v.to_be_bytes().to_vec()).unwrap_or_default();
-        let ok: i64 = self.cas.key(key).arg(expected).arg(stored).arg(KEY_TTL_MS).invoke(self.conn).map_err(redis_error)?;
-        Ok(if ok == 1 { Written::Stored } else { Written::Conflict })
+        let answer: redis::Value = self.cas.key(key).arg(expected).arg(&stored).arg(KEY_TTL_MS).invoke(self.conn).map_err(redis_error)?;
+        let stored_ok = matches!(answer, redis::Value::Int(1));
+        if let Some(stats) = self.stats {
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+            if !stored_ok {
+                stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(cache) = self.cache {
+            let current = match &answer {
+                redis::Value::Int(1) => decode(&stored),
+                redis::Value::BulkString(v) => decode(v),
+                _ => None,
+            };
+            cache.put(key, current);
+        }
+        Ok(if stored_ok { Written::Stored } else { Written::Conflict })
+    }
+}
+
+/// Combines the ops concurrent jobs run on one key into one compare-and-set (core's
+/// [`run_batch`]): while one job's thread — the key's leader — has the key's batch in flight,
+/// other jobs queue their ops on that key; when it is done it hands the whole queue to the
+/// first thread in it, which runs it as the next batch (its own op first) and hands on in turn.
+/// A hot aggregate key every request touches then costs one Redis write per batch, not per
+/// request, and within a replica ops on a key never race each other. Reads go straight to Redis.
+#[derive(Default)]
+pub struct Combiner {
+    /// The keys with a leader, and the ops waiting for its next batch.
+    queues: Mutex<HashMap<String, Vec<Waiting>>>,
+}
+
+/// An op waiting for a key's leader, and where its job's thread waits for its turn.
+struct Waiting {
+    op: Op<'static>,
+    turn: mpsc::SyncSender<Turn>,
+}
+
+/// What a waiting thread gets: its op's reply, or the key's next batch to lead.
+enum Turn {
+    Reply(Result<Reply, StoreError>),
+    Lead(Vec<Waiting>),
+}
+
+impl Combiner {
+    /// Runs `op` against `store`, in a batch with other jobs' ops on its key when it writes.
+    pub fn run<S: CasStore + ?Sized>(&self, store: &mut S, rules: Rules<'_>, op: &Op<'_>) -> Result<Reply, StoreError> {
+        if !op.writes() {
+            return run_op(store, rules, op);
+        }
+        let key = op.key().into_owned();
+        let (tx, rx) = mpsc::sync_channel(1);
+        let mine = Waiting { op: op.clone().into_owned(), turn: tx };
+        let batch = {
+            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+            match queues.get_mut(&key) {
+                Some(queue) => {
+                    queue.push(mine);
+                    drop(queues);
+                    match rx.recv() {
+                        Ok(Turn::Reply(reply)) => return reply,
+                        Ok(Turn::Lead(batch)) => batch,
+                        Err(_) => return Err(StoreError::Host("the key's batch failed")),
+                    }
+                }
+                None => {
+                    queues.insert(key.clone(), Vec::new());
+                    vec![mine]
+                }
+            }
+        };
+        // This thread leads the batch; its own op is the first. Whatever happens (even a
+        // panic), the next batch gets a leader.
+        let _next = HandOn { combiner: self, key: &key };
+        let (ops, turns): (Vec<Op<'static>>, Vec<mpsc::SyncSender<Turn>>) = batch.into_iter().map(|w| (w.op, w.turn)).unzip();
+        let replies: Vec<Result<Reply, StoreError>> = match run_batch(store, rules, &ops) {
+            Ok(replies) => replies.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e); ops.len()],
+        };
+        let mut replies = replies.into_iter();
+        let own = replies.next().unwrap_or(Err(StoreError::Host("the key's batch failed")));
+        for (turn, reply) in turns.iter().skip(1).zip(replies) {
+            let _ = turn.send(Turn::Reply(reply));
+        }
+        own
+    }
+}
+
+/// Hands a key's queue to its first waiter as the next batch, or retires the key's leader.
+struct HandOn<'a> {
+    combiner: &'a Combiner,
+    key: &'a str,
+}
+
+impl Drop for HandOn<'_> {
+    fn drop(&mut self) {
+        let mut queues = self.combiner.queues.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = queues.get_mut(self.key).map(std::mem::take).unwrap_or_default();
+        match queue.first() {
+            None => {
+                queues.remove(self.key);
+            }
+            Some(first) => {
+                let next = first.turn.clone();
+                drop(queues);
+                let _ = next.send(Turn::Lead(queue));
+            }
+        }
     }
 }
 
@@ -123,7 +312,9 @@ struct Service {
     policy: Policy,
     pool: r2d2::Pool<redis::Client>,
     cas: Script,
-    locks: Vec<Mutex<()>>,
+    combiner: Combiner,
+    stats: Stats,
+    cache: Cache,
 }
 
 /// The service's options.
@@ -140,18 +331,21 @@ pub struct Options {
 /// address) on stdout first.
 pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
     let client = redis::Client::open(options.redis.as_str()).map_err(|e| format!("--redis {}: {e}", options.redis))?;
+    // No PING on every checkout: a connection Redis dropped fails its job once (the host's
+    // on_failure) and is discarded.
     let pool = r2d2::Pool::builder()
+        .test_on_check_out(false)
         .max_size(options.connections.max(1))
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(2))
         .build_unchecked(client);
-    let service = Arc::new(Service { policy, pool, cas: cas_script(), locks: key_locks() });
+    let service = Arc::new(Service { policy, pool, cas: cas_script(), combiner: Combiner::default(), stats: Stats::default(), cache: Cache::default() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
         let bound = listener.local_addr().map_err(|e| e.to_string())?;
         println!("listening on http://{bound}");
-        let app = Router::new().route("/v1/store/jobs", post(job)).route("/healthz", get(healthz)).with_state(service);
+        let app = Router::new().route("/v1/store/jobs", post(job)).route("/healthz", get(healthz)).route("/stats", get(stats)).with_state(service);
         axum::serve(listener, app).await.map_err(|e| e.to_string())
     })
 }
@@ -175,12 +369,30 @@ async fn job(State(service): State<Arc<Service>>, body: Bytes) -> Response {
             Ok(c) => c,
             Err(e) => return Done::Failed { error: format!("redis unreachable: {e}") },
         };
-        let mut store = RedisStore::new(&mut *conn, &service.cas, &service.locks);
-        remote::run(&mut store, (&service.policy).into(), &service.policy.digest, &envelope, &expired)
+        let mut store = RedisStore::new(&mut *conn, &service.cas).counting(&service.stats).caching(&service.cache);
+        let rules: Rules<'_> = (&service.policy).into();
+        let done = remote::run_with(rules, &service.policy.digest, &envelope, &expired, &mut |op| service.combiner.run(&mut store, rules, op));
+        service.stats.jobs.fetch_add(1, Ordering::Relaxed);
+        if matches!(done, Done::Failed { .. }) {
+            service.stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        done
     })
     .await
     .unwrap_or_else(|e| Done::Failed { error: format!("the job failed: {e}") });
     json(StatusCode::OK, serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+async fn stats(State(service): State<Arc<Service>>) -> Response {
+    let s = &service.stats;
+    let body = serde_json::json!({
+        "jobs": s.jobs.load(Ordering::Relaxed),
+        "failed": s.failed.load(Ordering::Relaxed),
+        "writes": s.writes.load(Ordering::Relaxed),
+        "conflicts": s.conflicts.load(Ordering::Relaxed),
+        "reads": s.reads.load(Ordering::Relaxed),
+    });
+    json(StatusCode::OK, body.to_string().into_bytes())
 }
 
 async fn healthz(State(service): State<Arc<Service>>) -> Response {
@@ -194,5 +406,66 @@ async fn healthz(State(service): State<Arc<Service>>) -> Response {
     match ok {
         Some(_) => (StatusCode::OK, "ok\n").into_response(),
         None => (StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::limits::engine::{Estimate, Who};
+    use tollgate_core::ops::machine::{Admitting, Machine, Next};
+    use tollgate_core::store::MemoryStore;
+
+    /// One store shared by every thread, slow to write, counting writes.
+    struct Shared<'a>(&'a Mutex<(MemoryStore, u32)>);
+    impl CasStore for Shared<'_> {
+        fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+            self.0.lock().unwrap().0.load(key)
+        }
+        fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+            std::thread::sleep(Duration::from_millis(2));
+            let mut s = self.0.lock().unwrap();
+            s.1 += 1;
+            s.0.store(key, value, expected)
+        }
+    }
+
+    #[test]
+    fn concurrent_ops_on_one_key_are_combined_and_count_exactly() {
+        let policy = Policy::from_json(br#"{"tier":{"default":"d"},"tiers":{"d":{"limits":[{"per":"tier","window":"day","requests":150}]}}}"#).unwrap();
+        let store = Mutex::new((MemoryStore::new(), 0));
+        let combiner = Combiner::default();
+        let who = Who { identity_key: "tg1:q:00".into(), ip_key: None, tier: "d".into() };
+        let estimate = Estimate { model: None, input_tokens: 0, output_tokens: 0 };
+        let allowed: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let (policy, store, combiner, who, estimate) = (&policy, &store, &combiner, &who, &estimate);
+                    s.spawn(move || {
+                        let rules: Rules<'_> = policy.into();
+                        let mut allowed = 0;
+                        for i in 0..25u64 {
+                            let mut m = Admitting::new(&policy.limits, who, estimate, t * 100 + i, 1_000);
+                            let admission = loop {
+                                match m.next() {
+                                    Next::Done(out) => break out.unwrap(),
+                                    Next::Op(op) => {
+                                        let reply = combiner.run(&mut Shared(store), rules, &op);
+                                        m.reply(reply);
+                                    }
+                                }
+                            };
+                            allowed += usize::from(admission.is_allowed());
+                        }
+                        allowed
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(allowed, 150, "exactly the limit, from 200 requests");
+        let writes = store.lock().unwrap().1;
+        assert!(writes < 150, "{writes} writes: the ops were not combined");
+        assert!(combiner.queues.lock().unwrap().is_empty(), "every leader retired");
     }
 }

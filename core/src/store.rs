@@ -53,6 +53,13 @@ pub trait CasStore {
     /// not exist). Implementations must never overwrite a value they did not read.
     fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>)
         -> Result<Written, StoreError>;
+
+    /// A recent value and version of `key` the store remembers, which an update may start from
+    /// instead of loading (the compare-and-set corrects a stale guess; an update that would not
+    /// write on a guess loads and decides again, so no answer rests on a guess). `None`: load.
+    fn guess(&mut self, _key: &str) -> Option<(Vec<u8>, Version)> {
+        None
+    }
 }
 
 /// What a pure step decided: `Some(bytes)` to write, `None` to leave the value as it is.
@@ -69,18 +76,31 @@ where
     F: FnMut(Option<&[u8]>) -> Step<T>,
 {
     let attempts = max_retries.saturating_add(1);
-    for _ in 0..attempts {
-        let current = store.load(key)?;
+    let mut conflicts = 0;
+    let mut guess = store.guess(key);
+    loop {
+        let (current, guessed) = match guess.take() {
+            Some(g) => (Some(g), true),
+            None => (store.load(key)?, false),
+        };
         let step = decide(current.as_ref().map(|(v, _)| v.as_slice()));
         let Some(bytes) = step.write else {
+            if guessed {
+                continue;
+            }
             return Ok(step.result);
         };
         match store.store(key, &bytes, current.map(|(_, v)| v))? {
             Written::Stored => return Ok(step.result),
-            Written::Conflict => continue,
+            Written::Conflict => {
+                conflicts += 1;
+                if conflicts >= attempts {
+                    return Err(StoreError::Contended { attempts });
+                }
+                guess = store.guess(key);
+            }
         }
     }
-    Err(StoreError::Contended { attempts })
 }
 
 /// An in-memory store with exact compare-and-set semantics, for tests and simulations.
@@ -190,4 +210,60 @@ mod tests {
         assert_eq!(r, 7);
         assert_eq!(s.conflicts_left, 100);
     }
+    /// A store that guesses with whatever value it was given, however stale.
+    struct Guessing {
+        inner: MemoryStore,
+        guess: Option<(Vec<u8>, Version)>,
+        loads: u32,
+    }
+    impl CasStore for Guessing {
+        fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+            self.loads += 1;
+            self.inner.load(key)
+        }
+        fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+            self.inner.store(key, value, expected)
+        }
+        fn guess(&mut self, _key: &str) -> Option<(Vec<u8>, Version)> {
+            self.guess.take()
+        }
+    }
+
+    /// Below 5 the step adds one; at 5 it refuses without writing.
+    fn incr_below_5(cur: Option<&[u8]>) -> Step<Option<u8>> {
+        let n = cur.map_or(0, |b| b[0]);
+        if n >= 5 {
+            return Step { result: None, write: None };
+        }
+        Step { result: Some(n + 1), write: Some(vec![n + 1]) }
+    }
+
+    #[test]
+    fn a_current_guess_saves_the_read_and_a_stale_one_only_costs_a_retry() {
+        let mut inner = MemoryStore::new();
+        inner.store("k", &[2], None).unwrap();
+        let current = inner.load("k").unwrap();
+        let mut s = Guessing { inner, guess: current, loads: 0 };
+        assert_eq!(update(&mut s, "k", 0, incr_below_5).unwrap(), Some(3));
+        assert_eq!(s.loads, 0);
+        // a stale guess (the value before the last write) loses the compare-and-set
+        s.guess = Some((vec![2], s.inner.load("k").unwrap().unwrap().1.wrapping_sub(1)));
+        s.loads = 0;
+        assert_eq!(update(&mut s, "k", 1, incr_below_5).unwrap(), Some(4));
+        assert_eq!(s.inner.get("k"), Some(&[4u8][..]));
+        assert_eq!(s.loads, 1);
+    }
+
+    #[test]
+    fn a_refusal_never_rests_on_a_guess() {
+        let mut inner = MemoryStore::new();
+        inner.store("k", &[1], None).unwrap();
+        let (_, v) = inner.load("k").unwrap().unwrap();
+        // the store remembers the key full, but it has been settled down to 1 since
+        let mut s = Guessing { inner, guess: Some((vec![5], v)), loads: 0 };
+        assert_eq!(update(&mut s, "k", 0, incr_below_5).unwrap(), Some(2));
+        assert_eq!(s.loads, 1);
+        assert_eq!(s.inner.get("k"), Some(&[2u8][..]));
+    }
 }
+

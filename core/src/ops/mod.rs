@@ -152,6 +152,26 @@ impl<'a> Op<'a> {
         }
     }
 
+    /// The op with every borrowed field copied, to hand to another thread (a store service
+    /// that combines the ops of concurrent jobs on one key into one write).
+    pub fn into_owned(self) -> Op<'static> {
+        fn own<T: ToOwned + ?Sized>(c: Cow<'_, T>) -> Cow<'static, T> {
+            Cow::Owned(c.into_owned())
+        }
+        fn part(p: Part<'_>) -> Part<'static> {
+            Part { tier: own(p.tier), tag: p.tag, scope: p.scope, shard: p.shard }
+        }
+        match self {
+            Op::Reserve { key, part: p, estimate, downgraded, lease_id, now } => {
+                Op::Reserve { key: own(key), part: part(p), estimate: own(estimate), downgraded: downgraded.map(own), lease_id, now }
+            }
+            Op::Settle { key, part: p, receipt, actual, now } => Op::Settle { key: own(key), part: part(p), receipt: own(receipt), actual, now },
+            Op::Peek { key, part: p, now } => Op::Peek { key: own(key), part: part(p), now },
+            Op::HealthRead { deployment } => Op::HealthRead { deployment: own(deployment) },
+            Op::HealthReport { deployment, outcome, now } => Op::HealthReport { deployment: own(deployment), outcome, now },
+        }
+    }
+
     /// Whether the op may change the record (reads can be answered from a replica or a cache).
     pub fn writes(&self) -> bool {
         !matches!(self, Op::Peek { .. } | Op::HealthRead { .. })

@@ -17,8 +17,8 @@ use crate::store::{CasStore, StoreError};
 use crate::window::Timestamp;
 
 use super::machine::{Admitting, Peeking, ReadingHealth, Settling};
-use super::sync::{run as run_machine, run_op, run_until, Rules};
-use super::Op;
+use super::sync::{drive, run_op, Rules};
+use super::{Op, Reply};
 
 /// One job for the store service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,18 +129,31 @@ impl Done {
 /// Runs `envelope` against `store` (the service's side): the same machines and ops every host
 /// runs. A policy digest other than `digest` (the service's) is refused.
 pub fn run<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, digest: &str, envelope: &Envelope, expired: &dyn Fn() -> bool) -> Done {
+    run_with(rules, digest, envelope, expired, &mut |op| run_op(store, rules, op))
+}
+
+/// [`run`] with `run_op` answering each op: a service that combines concurrent jobs' ops on
+/// one key ([`super::sync::run_batch`]) drives the jobs through it.
+pub fn run_with(
+    rules: Rules<'_>,
+    digest: &str,
+    envelope: &Envelope,
+    expired: &dyn Fn() -> bool,
+    run_op: &mut dyn FnMut(&Op<'_>) -> Result<Reply, StoreError>,
+) -> Done {
+    let never = || false;
     if envelope.policy != digest {
         return Done::Failed { error: format!("the store service runs policy {digest}, this host {}: deploy the same policy to both", envelope.policy) };
     }
     match &envelope.job {
         Job::Admit { who, estimate, lease_id, now, health } => {
-            let admitted = run_until(store, rules, Admitting::new(rules.limits, who, estimate, *lease_id, *now), expired);
+            let admitted = drive(Admitting::new(rules.limits, who, estimate, *lease_id, *now), expired, run_op);
             match admitted {
                 Ok(admission) => {
                     let (health, unread) = if health.is_empty() {
                         (Vec::new(), 0)
                     } else {
-                        run_machine(store, rules, ReadingHealth::new(health.iter().map(String::as_str)))
+                        drive(ReadingHealth::new(health.iter().map(String::as_str)), &never, run_op)
                     };
                     Done::Admitted { admission, health, unread }
                 }
@@ -148,21 +161,21 @@ pub fn run<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, digest: &str, 
             }
         }
         Job::Settle { ticket, actual, now } => {
-            let settled = run_machine(store, rules, Settling::new(ticket, *actual, *now));
+            let settled = drive(Settling::new(ticket, *actual, *now), &never, run_op);
             // Every key failed: the store is down (some failed: those wait for their windows).
             if let Some(e) = settled.first_error.as_ref().filter(|_| settled.failures as usize == ticket.parts().count()) {
                 return Done::failed(e);
             }
             Done::Settled { reached: settled.reached, failures: settled.failures }
         }
-        Job::Peek { who, now } => match run_machine(store, rules, Peeking::new(rules.limits, who, *now)) {
+        Job::Peek { who, now } => match drive(Peeking::new(rules.limits, who, *now), &never, run_op) {
             Ok(statuses) => Done::Statuses { statuses },
             Err(e) => Done::failed(&e),
         },
         Job::ReportHealth { deployment, outcome, now } => {
             let op = Op::HealthReport { deployment: deployment.as_str().into(), outcome: *outcome, now: *now };
-            match run_op(store, rules, &op) {
-                Ok(super::Reply::Health(health)) => Done::Health { health },
+            match run_op(&op) {
+                Ok(Reply::Health(health)) => Done::Health { health },
                 Ok(_) => Done::Failed { error: "the store answered another op".to_owned() },
                 Err(e) => Done::failed(&e),
             }

@@ -39,6 +39,34 @@ pub fn run_op<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, op: &Op) ->
     })
 }
 
+/// Runs `ops` — all on one key — one after the other in a single compare-and-set: each sees
+/// the record as the ops before it left it, and the record is written once (or not at all). A
+/// store service combines concurrent jobs' ops on a hot key this way; the replies are exactly
+/// those the ops would get run one by one in this order.
+pub fn run_batch<S: CasStore + ?Sized>(store: &mut S, rules: Rules<'_>, ops: &[Op<'_>]) -> Result<Vec<Reply>, StoreError> {
+    let Some(first) = ops.first() else { return Ok(Vec::new()) };
+    let key = first.key();
+    debug_assert!(ops.iter().all(|op| op.key() == key), "a batch is one key's");
+    if ops.len() == 1 {
+        return run_op(store, rules, first).map(|r| vec![r]);
+    }
+    update(store, &key, rules.max_retries, |stored| {
+        let mut current: Option<Vec<u8>> = None;
+        let mut changed = false;
+        let mut replies = Vec::with_capacity(ops.len());
+        for op in ops {
+            let bytes = if changed { current.as_deref() } else { stored };
+            let (reply, write) = apply(rules.limits, rules.health, op, bytes);
+            if let Some(w) = write {
+                current = Some(w);
+                changed = true;
+            }
+            replies.push(reply);
+        }
+        Step { result: replies, write: current }
+    })
+}
+
 /// Runs `machine` to its end against `store`.
 pub fn run<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, machine: M) -> M::Output {
     run_until(store, rules, machine, &|| false)
@@ -48,7 +76,13 @@ pub fn run<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, ma
 /// is made: the machine hears a failure instead, and releases what it reserved (releases and
 /// settlements still run). A store service uses it so that a job its host gave up on does not
 /// count a request the host refused.
-pub fn run_until<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, mut machine: M, expired: &dyn Fn() -> bool) -> M::Output {
+pub fn run_until<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'_>, machine: M, expired: &dyn Fn() -> bool) -> M::Output {
+    drive(machine, expired, &mut |op| run_op(store, rules, op))
+}
+
+/// Runs `machine` to its end with `run` answering each op (a driver that does not run ops
+/// itself: one that combines them with other jobs' ops); `expired` as in [`run_until`].
+pub fn drive<M: Machine>(mut machine: M, expired: &dyn Fn() -> bool, run: &mut dyn FnMut(&Op<'_>) -> Result<Reply, StoreError>) -> M::Output {
     loop {
         match machine.next() {
             Next::Done(out) => return out,
@@ -56,7 +90,7 @@ pub fn run_until<S: CasStore + ?Sized, M: Machine>(store: &mut S, rules: Rules<'
                 let reply = if matches!(op, Op::Reserve { .. }) && expired() {
                     Err(StoreError::Host("the host stopped waiting"))
                 } else {
-                    run_op(store, rules, &op)
+                    run(&op)
                 };
                 machine.reply(reply);
             }
@@ -178,4 +212,41 @@ mod tests {
             assert_eq!(got, expected, "admission {i}");
         }
     }
+    #[test]
+    fn a_batch_answers_as_its_ops_one_by_one_and_writes_once() {
+        let p = policy();
+        let first_op = |lease: u64| match Admitting::new(&p.limits, &who("x"), &ZERO, lease, 1_000).next() {
+            Next::Op(op) => op.into_owned(),
+            Next::Done(_) => panic!("an admission starts with a reservation"),
+        };
+        let ops: Vec<Op<'static>> = (0..7).map(first_op).collect();
+        let mut one_by_one = MemoryStore::new();
+        let expected: Vec<Reply> = ops.iter().map(|op| run_op(&mut one_by_one, (&p).into(), op).unwrap()).collect();
+        let mut batched = Counting(MemoryStore::new(), 0);
+        let got = run_batch(&mut batched, (&p).into(), &ops).unwrap();
+        assert_eq!(got, expected);
+        assert_eq!(batched.1, 1, "one write for the whole batch");
+        let key = ops[0].key().into_owned();
+        assert_eq!(batched.0.get(&key), one_by_one.get(&key));
+        let granted = got.iter().filter(|r| matches!(r, Reply::Reserved(r) if r.verdict == Verdict::Allowed)).count();
+        assert_eq!(granted, 2, "the concurrency limit (2) holds inside a batch");
+        // a batch that changes nothing writes nothing
+        let peek = Op::Peek { key: key.clone().into(), part: ops[0].clone().part_mut().unwrap().clone(), now: 1_000 };
+        let peeks = [peek.clone(), peek];
+        run_batch(&mut batched, (&p).into(), &peeks).unwrap();
+        assert_eq!(batched.1, 1);
+    }
+
+    /// Counts writes.
+    struct Counting(MemoryStore, u32);
+    impl CasStore for Counting {
+        fn load(&mut self, key: &str) -> Result<Option<(Vec<u8>, Version)>, StoreError> {
+            self.0.load(key)
+        }
+        fn store(&mut self, key: &str, value: &[u8], expected: Option<Version>) -> Result<Written, StoreError> {
+            self.1 += 1;
+            self.0.store(key, value, expected)
+        }
+    }
 }
+

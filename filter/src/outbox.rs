@@ -15,8 +15,10 @@ use tollgate_core::ops::remote::{Done, Job};
 use crate::metrics::Metric;
 use crate::{abi, remote, Shared};
 
-/// How soon queued calls are posted (the root context's tick while any wait).
-pub const TICK_MS: u32 = 20;
+/// How soon queued calls are posted (the root context's tick while any wait): a settlement
+/// gives its concurrency lease back this long, plus a round trip, after its stream ends. The
+/// root ticks only while calls wait, so a short period costs nothing when idle.
+pub const TICK_MS: u32 = 5;
 
 /// A call waiting for the root context.
 pub enum Outgoing {
@@ -49,10 +51,23 @@ impl Outbox {
     }
 }
 
-/// Queues `call` and makes the root context tick soon; without a tick, posts it at once (its
-/// answer then may never be known).
+/// Queues `call` and makes the root context tick within [`TICK_MS`]; without a tick, posts it
+/// at once (its answer then may never be known).
 pub fn queue(shared: &Shared, call: Outgoing) {
-    shared.outbox.borrow_mut().waiting.push(call);
+    let first = {
+        let mut outbox = shared.outbox.borrow_mut();
+        outbox.waiting.push(call);
+        outbox.waiting.len() == 1
+    };
+    if !first {
+        // The first waiting call already set the tick, due within TICK_MS: setting it again
+        // would restart Envoy's timer, and steady traffic would keep pushing the tick back.
+        return;
+    }
+    // Stopped first, so that the tick comes TICK_MS from now on every host: Envoy restarts a
+    // running timer with the new period, older proxy-wasm hosts kept a running one's (the
+    // watchdog's second).
+    let _ = abi::set_tick_period(0);
     if abi::set_tick_period(TICK_MS).is_err() {
         post(shared);
     }

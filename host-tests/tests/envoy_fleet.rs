@@ -162,6 +162,43 @@ fn concurrency_leases_are_fleet_wide_and_come_back() {
     drop(f.stores);
 }
 
+/// Settlements are posted from each Envoy's root context on a short tick: steady traffic on
+/// the same Envoy must not keep pushing that tick back (Envoy restarts a tick timer each time
+/// its period is set), or leases would only come back when the traffic stops.
+#[test]
+fn leases_come_back_under_steady_traffic() {
+    away_from_day_end();
+    let f = fleet(&policy(json!([{ "concurrent": 1 }, { "window": "day", "requests": 100_000 }]), json!({})), 1, "");
+    let envoy = &f.envoys[0];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        // Background: other users, back to back, on the same Envoy.
+        for t in 0..3 {
+            let stop = &stop;
+            s.spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    chat(envoy, &format!("steady-{t}-{i}"), &[]);
+                    i += 1;
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // One user, one request at a time, a pause between them far longer than the tick.
+        let mine: Vec<u16> = (0..10)
+            .map(|_| {
+                let status = chat(envoy, "one-at-a-time", &[]).status;
+                std::thread::sleep(Duration::from_millis(150));
+                status
+            })
+            .collect();
+        stop.store(true, Ordering::Relaxed);
+        mine
+    });
+    assert_eq!(statuses, vec![200; 10], "each request's lease was back before the next one");
+    drop(f.stores);
+}
+
 /// An Envoy killed mid-stream never settles: its lease comes back after `lease_ttl_seconds`,
 /// and nothing else of it stays held.
 #[test]

@@ -107,9 +107,11 @@ fn measure() {
     let envoys = start_envoys(&rendered, 3);
     run(&envoys[..1], threads, 50, 1, "warm-one");
     row("1 Envoy, store.redis", run(&envoys[..1], threads, per_thread, 50, "one"));
+    std::thread::sleep(Duration::from_millis(300));
     let cpu_before: u64 = stores.iter().map(|s| cpu_ticks(s.server.pid())).sum();
     let jobs_before: u64 = stores.iter().map(|s| stats(s)["jobs"].as_u64().unwrap_or(0)).sum();
     row("3 Envoys, store.redis", run(&envoys, threads, per_thread, 50, "three"));
+    std::thread::sleep(Duration::from_millis(300)); // the last settlements
     let cpu_after: u64 = stores.iter().map(|s| cpu_ticks(s.server.pid())).sum();
     let jobs_after: u64 = stores.iter().map(|s| stats(s)["jobs"].as_u64().unwrap_or(0)).sum();
     let ticks_per_s = 100.0; // USER_HZ on Linux
@@ -159,29 +161,27 @@ fn measure() {
         drop(stores);
     }
 
-    // Redis memory per live identity: 5000 identities, one request each.
+    // Redis memory per live identity: 5000 identities, one request each, in a Redis of their
+    // own; what their keys take (MEMORY USAGE of every key, `redis-cli --memkeys`).
+    drop(redis);
+    let redis = Redis::start();
     let text = serde_json::to_string_pretty(&policy(true, json!([{ "window": "day", "requests": 100 }, { "window": "day", "total_tokens": 100_000 }, { "concurrent": 4 }]))).unwrap();
     let stores: Vec<StoreService> = (0..2).map(|i| start_store(&redis.url(), &text, &dir, &format!("mem-{i}"))).collect();
     let rendered = fleet_config(&text, mock_port, &stores.iter().map(|s| s.port).collect::<Vec<_>>());
     let envoys = start_envoys(&rendered, 1);
-    let used = || {
-        redis.cli(&["info", "memory"]).unwrap_or_default().lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
-    };
-    let keys = || redis.cli(&["dbsize"]).unwrap_or_default().trim().parse::<u64>().unwrap_or(0);
-    std::thread::sleep(Duration::from_millis(300));
-    let (m0, k0) = (used(), keys());
     let n = 5000;
     let (_, _, refused) = run(&envoys, 8, n / 8, n / 8, "mem");
     assert_eq!(refused, 0, "memory: requests were refused");
     std::thread::sleep(Duration::from_millis(500));
-    let (m1, k1) = (used(), keys());
+    let memkeys = redis.cli(&["--memkeys"]).unwrap_or_default();
+    let line = memkeys.lines().find(|l| l.contains(" strings with ")).unwrap_or_default().to_owned();
+    let mut words = line.split_whitespace();
+    let keys: f64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let bytes: f64 = words.nth(2).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(keys > 0.0 && bytes > 0.0, "redis-cli --memkeys said: {memkeys}");
     println!();
     println!(
-        "Redis memory per live identity (3 limits: requests/day, total_tokens/day, concurrent): {:.0} bytes ({} identities in {} keys (store.slots), used_memory {} → {})",
-        (m1 - m0) as f64 / n as f64,
-        n,
-        k1 - k0,
-        m0,
-        m1
+        "Redis memory per live identity (3 limits: requests/day, total_tokens/day, concurrent): {:.0} bytes ({n} identities in {keys} keys (store.slots), {bytes} bytes of keys and values)",
+        bytes / n as f64
     );
 }

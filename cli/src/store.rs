@@ -124,6 +124,8 @@ fn decode(stored: &[u8]) -> Option<(Vec<u8>, Version)> {
 pub struct RedisStore<'c, C: redis::ConnectionLike> {
     conn: &'c mut C,
     cas: &'c Script,
+    /// Told when a command fails on the connection.
+    connections: Option<&'c Generation>,
     stats: Option<&'c Stats>,
     cache: Option<&'c Cache>,
 }
@@ -146,7 +148,20 @@ pub struct Stats {
 impl<'c, C: redis::ConnectionLike> RedisStore<'c, C> {
     /// The store over `conn`, writing with `cas` (a [`Script`] of [`CAS`]).
     pub fn new(conn: &'c mut C, cas: &'c Script) -> Self {
-        RedisStore { conn, cas, stats: None, cache: None }
+        RedisStore { conn, cas, connections: None, stats: None, cache: None }
+    }
+
+    /// Retires `connections`' pooled connections when a command fails on this one.
+    pub fn from_pool(mut self, connections: &'c Generation) -> Self {
+        self.connections = Some(connections);
+        self
+    }
+
+    fn failed(&self, _: redis::RedisError) -> StoreError {
+        if let Some(c) = self.connections {
+            c.retire_all();
+        }
+        StoreError::Host("redis failed")
     }
 
     /// Starts updates from `cache` ([`Cache`]).
@@ -167,8 +182,67 @@ pub fn cas_script() -> Script {
     Script::new(CAS)
 }
 
-fn redis_error(_: redis::RedisError) -> StoreError {
-    StoreError::Host("redis failed")
+/// Redis connections for the pool: each remembers the generation it was made in, and a
+/// connection error anywhere starts a new generation, so that after Redis restarts (or a
+/// failover) one job finds out and every other pooled connection is replaced when next taken,
+/// instead of each failing a job of its own. Checking a connection costs no round trip.
+pub struct Connections {
+    client: redis::Client,
+    generation: Arc<Generation>,
+}
+
+/// The current generation of a pool's connections ([`Connections`]).
+#[derive(Default)]
+pub struct Generation(AtomicU64);
+
+impl Generation {
+    /// Retires every connection made so far (one of them failed).
+    pub fn retire_all(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A pooled connection and its generation.
+pub struct Pooled {
+    conn: redis::Connection,
+    generation: u64,
+}
+
+impl Connections {
+    /// Connections to `client`'s Redis, retired together through `generation`.
+    pub fn new(client: redis::Client, generation: Arc<Generation>) -> Self {
+        Connections { client, generation }
+    }
+
+    fn current(&self, c: &Pooled) -> bool {
+        c.generation == self.generation.now()
+    }
+}
+
+impl r2d2::ManageConnection for Connections {
+    type Connection = Pooled;
+    type Error = redis::RedisError;
+
+    fn connect(&self) -> Result<Pooled, redis::RedisError> {
+        let generation = self.generation.now();
+        Ok(Pooled { conn: self.client.get_connection()?, generation })
+    }
+
+    fn is_valid(&self, c: &mut Pooled) -> Result<(), redis::RedisError> {
+        if self.current(c) {
+            Ok(())
+        } else {
+            Err((redis::ErrorKind::Io, "made before a connection failed").into())
+        }
+    }
+
+    fn has_broken(&self, c: &mut Pooled) -> bool {
+        !redis::ConnectionLike::is_open(&c.conn) || !self.current(c)
+    }
 }
 
 impl<C: redis::ConnectionLike> CasStore for RedisStore<'_, C> {
@@ -176,7 +250,10 @@ impl<C: redis::ConnectionLike> CasStore for RedisStore<'_, C> {
         if let Some(stats) = self.stats {
             stats.reads.fetch_add(1, Ordering::Relaxed);
         }
-        let value: Option<Vec<u8>> = self.conn.get(key).map_err(redis_error)?;
+        let value: Option<Vec<u8>> = match self.conn.get(key) {
+            Ok(v) => v,
+            Err(e) => return Err(self.failed(e)),
+        };
         let entry = value.as_deref().and_then(decode);
         if let Some(cache) = self.cache {
             cache.put(key, entry.clone());
@@ -196,7 +273,10 @@ impl<C: redis::ConnectionLike> CasStore for RedisStore<'_, C> {
         stored.extend_from_slice(&next.to_be_bytes());
         stored.extend_from_slice(value);
         let expected: Vec<u8> = expected.map(|v| v.to_be_bytes().to_vec()).unwrap_or_default();
-        let answer: redis::Value = self.cas.key(key).arg(expected).arg(&stored).arg(KEY_TTL_MS).invoke(self.conn).map_err(redis_error)?;
+        let answer: redis::Value = match self.cas.key(key).arg(expected).arg(&stored).arg(KEY_TTL_MS).invoke(self.conn) {
+            Ok(a) => a,
+            Err(e) => return Err(self.failed(e)),
+        };
         let stored_ok = matches!(answer, redis::Value::Int(1));
         if let Some(stats) = self.stats {
             stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -310,7 +390,8 @@ impl Drop for HandOn<'_> {
 /// What every handler shares.
 struct Service {
     policy: Policy,
-    pool: r2d2::Pool<redis::Client>,
+    pool: r2d2::Pool<Connections>,
+    generation: Arc<Generation>,
     cas: Script,
     combiner: Combiner,
     stats: Stats,
@@ -331,15 +412,15 @@ pub struct Options {
 /// address) on stdout first.
 pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
     let client = redis::Client::open(options.redis.as_str()).map_err(|e| format!("--redis {}: {e}", options.redis))?;
-    // No PING on every checkout: a connection Redis dropped fails its job once (the host's
-    // on_failure) and is discarded.
+    let generation = Arc::new(Generation::default());
+    // Checked on checkout by generation only (no PING): see [`Connections`].
     let pool = r2d2::Pool::builder()
-        .test_on_check_out(false)
+        .test_on_check_out(true)
         .max_size(options.connections.max(1))
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(2))
-        .build_unchecked(client);
-    let service = Arc::new(Service { policy, pool, cas: cas_script(), combiner: Combiner::default(), stats: Stats::default(), cache: Cache::default() });
+        .build_unchecked(Connections::new(client, generation.clone()));
+    let service = Arc::new(Service { policy, pool, generation, cas: cas_script(), combiner: Combiner::default(), stats: Stats::default(), cache: Cache::default() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
@@ -369,7 +450,8 @@ async fn job(State(service): State<Arc<Service>>, body: Bytes) -> Response {
             Ok(c) => c,
             Err(e) => return Done::Failed { error: format!("redis unreachable: {e}") },
         };
-        let mut store = RedisStore::new(&mut *conn, &service.cas).counting(&service.stats).caching(&service.cache);
+        let pooled = &mut *conn;
+        let mut store = RedisStore::new(&mut pooled.conn, &service.cas).from_pool(&service.generation).counting(&service.stats).caching(&service.cache);
         let rules: Rules<'_> = (&service.policy).into();
         let done = remote::run_with(rules, &service.policy.digest, &envelope, &expired, &mut |op| service.combiner.run(&mut store, rules, op));
         service.stats.jobs.fetch_add(1, Ordering::Relaxed);
@@ -398,7 +480,11 @@ async fn stats(State(service): State<Arc<Service>>) -> Response {
 async fn healthz(State(service): State<Arc<Service>>) -> Response {
     let ok = tokio::task::spawn_blocking(move || {
         let mut conn = service.pool.get().ok()?;
-        redis::cmd("PING").query::<String>(&mut *conn).ok()
+        let pong = redis::cmd("PING").query::<String>(&mut conn.conn);
+        if pong.is_err() {
+            service.generation.retire_all();
+        }
+        pong.ok()
     })
     .await
     .ok()

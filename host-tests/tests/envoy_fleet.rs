@@ -20,10 +20,16 @@ struct Fleet {
     mock_url: String,
     _mock: Server,
     _dir: TempDir,
+    /// One fleet at a time: several at once on a small machine make timing, not the code, the
+    /// thing tested (a 200 ms store timeout, leases held while requests queue for a CPU).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+static ONE_FLEET_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A fleet of `envoys` Envoys and two store replicas, every one on `policy`.
 fn fleet(policy: &Value, envoys: usize, extra_yaml: &str) -> Fleet {
+    let turn = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = TempDir::new("fleet");
     let redis = Redis::start();
     let text = serde_json::to_string_pretty(policy).unwrap();
@@ -33,7 +39,7 @@ fn fleet(policy: &Value, envoys: usize, extra_yaml: &str) -> Fleet {
     let mut rendered = fleet_config(&text, mock_port, &stores.iter().map(|s| s.port).collect::<Vec<_>>());
     rendered.yaml.push_str(&extra_yaml.replace("MOCK_PORT", &mock_port.to_string()));
     let envoys = start_envoys(&rendered, envoys);
-    Fleet { envoys, stores, redis, mock_url, _mock: mock, _dir: dir }
+    Fleet { envoys, stores, redis, mock_url, _mock: mock, _dir: dir, _turn: turn }
 }
 
 fn policy(limits: Value, extra: Value) -> Value {
@@ -173,7 +179,7 @@ fn leases_come_back_under_steady_traffic() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let statuses: Vec<u16> = std::thread::scope(|s| {
         // Background: other users, back to back, on the same Envoy.
-        for t in 0..3 {
+        for t in 0..2 {
             let stop = &stop;
             s.spawn(move || {
                 let mut i = 0;
@@ -283,9 +289,16 @@ fn redis_down_follows_on_failure_and_counts_survive_a_restart() {
         assert!(took < Duration::from_secs(2), "answered after {took:?}");
         assert!(stat_sum(&f.envoys, "store_failures") >= 1);
         f.redis.restart();
-        // Counting resumes, from the counts acknowledged before the kill.
-        eventually(Duration::from_secs(10), 200, || chat(&f.envoys[0], "survivor", &[]).status);
+        // Counting resumes (a replica's first job after the restart may fail: it finds the old
+        // connections gone and retires them all), from the counts acknowledged before the kill.
+        // A request the store failed is not counted; the first one it did not fail is.
+        eventually(Duration::from_secs(10), true, || {
+            let failures = stat_sum(&f.envoys, "store_failures");
+            let r = chat(&f.envoys[0], "survivor", &[]);
+            r.status == 200 && stat_sum(&f.envoys, "store_failures") == failures
+        });
         eventually(Duration::from_secs(5), 5, || used(&usage(&f.envoys[1], "survivor"), "requests/day"));
+        assert!(stat_sum(&f.envoys, "store_failures") <= 1 + 2 + 2, "at most a failed job per replica after the restart");
         drop(f.stores);
     }
 }

@@ -82,7 +82,10 @@ const CACHE_FOR: Duration = Duration::from_secs(2);
 /// and core reads again before an update that would not write). Reads (usage, health) always
 /// go to Redis.
 #[derive(Default)]
-pub struct Cache(Mutex<HashMap<String, (Vec<u8>, Version, Instant)>>);
+pub struct Cache(Mutex<HashMap<String, Remembered>>);
+
+/// A key's value and version, and when they were read or written.
+type Remembered = (Vec<u8>, Version, Instant);
 
 impl Cache {
     fn get(&self, key: &str) -> Option<(Vec<u8>, Version)> {
@@ -316,7 +319,7 @@ struct Waiting {
 
 /// What a waiting thread gets: its op's reply, or the key's next batch to lead.
 enum Turn {
-    Reply(Result<Reply, StoreError>),
+    Reply(Box<Result<Reply, StoreError>>),
     Lead(Vec<Waiting>),
 }
 
@@ -336,7 +339,7 @@ impl Combiner {
                     queue.push(mine);
                     drop(queues);
                     match rx.recv() {
-                        Ok(Turn::Reply(reply)) => return reply,
+                        Ok(Turn::Reply(reply)) => return *reply,
                         Ok(Turn::Lead(batch)) => batch,
                         Err(_) => return Err(StoreError::Host("the key's batch failed")),
                     }
@@ -358,7 +361,7 @@ impl Combiner {
         let mut replies = replies.into_iter();
         let own = replies.next().unwrap_or(Err(StoreError::Host("the key's batch failed")));
         for (turn, reply) in turns.iter().skip(1).zip(replies) {
-            let _ = turn.send(Turn::Reply(reply));
+            let _ = turn.send(Turn::Reply(Box::new(reply)));
         }
         own
     }

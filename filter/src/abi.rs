@@ -272,6 +272,11 @@ pub fn resume_request() -> Result<(), Status> {
     proxy_wasm::hostcalls::resume_http_request().map_err(|s| Status(s as u32))
 }
 
+/// Resumes a response paused in a response callback (after an `http_call`'s answer).
+pub fn resume_response() -> Result<(), Status> {
+    proxy_wasm::hostcalls::resume_http_response().map_err(|s| Status(s as u32))
+}
+
 /// The VM's environment variables (`KEY=VALUE` pairs); empty when the host gives none.
 pub fn environment() -> Vec<(String, Vec<u8>)> {
     let (mut count, mut size) = (0usize, 0usize);

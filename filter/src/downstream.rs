@@ -91,6 +91,9 @@ pub struct Downstream {
     phase: Phase,
     /// What to settle when the request ends; `None` once settled (or never admitted).
     ticket: Option<Ticket>,
+    /// `store.redis`: the settlement call in flight while the answer's last bytes wait
+    /// ([`Self::settle_before_the_end`]): its token, what it settles, and when.
+    settling: Option<(u32, Ticket, u64)>,
     /// The last time the host clock answered: a clock that fails later settles at this time,
     /// never at 0 (which would prune every live count on the key).
     last_now: u64,
@@ -99,7 +102,7 @@ pub struct Downstream {
 impl Downstream {
     /// A new stream.
     pub fn new(shared: Shared, context_id: u32) -> Downstream {
-        Downstream { shared, context_id, headers: Vec::new(), peer: None, phase: Phase::Idle, ticket: None, last_now: 0 }
+        Downstream { shared, context_id, headers: Vec::new(), peer: None, phase: Phase::Idle, ticket: None, settling: None, last_now: 0 }
     }
 
     fn policy(&self) -> &Policy {
@@ -153,16 +156,8 @@ impl Downstream {
 
     /// Settles the ticket (once) by core's ending rule and posts the webhook events.
     fn settle(&mut self, ending: &Ending) {
-        let Some(ticket) = self.ticket.take() else { return };
-        let Some(now) = self.now() else {
-            // No time has ever been read for this request: it was never admitted with one.
-            return;
-        };
+        let Some((ticket, now)) = self.to_settle(ending) else { return };
         let shared = self.shared.clone();
-        if ending.implausible(&ticket) {
-            shared.metrics.add(Metric::UsageImplausible);
-            abi::log(abi::LOG_WARN, "tollgate: the provider reported more usage than the request can have used; charged up to the bound");
-        }
         if shared.policy.remote_store.is_some() {
             // Off the request's path: the root context posts it and hears the answer.
             let actual = ending.actual(&shared.policy.limits, &ticket);
@@ -175,6 +170,42 @@ impl Downstream {
             abi::log(abi::LOG_WARN, &format!("tollgate: settling ({}) failed on {} key(s) ({}); those counts stay until their window ends", ending.label(), settled.failures, e.kind()));
         }
         self.notify(&settled.events);
+    }
+
+    /// The ticket to settle (taken: a request settles once) and the time, the provider's
+    /// implausible usage reported; `None` when nothing is left to settle.
+    fn to_settle(&mut self, ending: &Ending) -> Option<(Ticket, u64)> {
+        let ticket = self.ticket.take()?;
+        // No time ever read for this request: it was never admitted with one.
+        let now = self.now()?;
+        if ending.implausible(&ticket) {
+            self.shared.metrics.add(Metric::UsageImplausible);
+            abi::log(abi::LOG_WARN, "tollgate: the provider reported more usage than the request can have used; charged up to the bound");
+        }
+        Some((ticket, now))
+    }
+
+    /// `store.redis`, a forwarded answer's last bytes in hand: settles before they leave, the
+    /// request's own call holding them, so that a client starting its next request the moment
+    /// this one ends finds its lease back (as on one Envoy, where settling is immediate). If the
+    /// call cannot be made, the root context posts the settlement as for any other ending.
+    fn settle_before_the_end(&mut self) -> Action {
+        let Phase::Forwarded { answer, .. } = &self.phase else { return Action::Continue };
+        let ending = answer.ending();
+        let Some((ticket, now)) = self.to_settle(&ending) else { return Action::Continue };
+        let shared = self.shared.clone();
+        let actual = ending.actual(&shared.policy.limits, &ticket);
+        let timeout = shared.policy.remote_store.as_ref().map_or(0, |s| s.timeout_ms).saturating_mul(4).clamp(100, remote::BACKGROUND_TIMEOUT_MS);
+        match remote::dispatch(&shared, Job::Settle { ticket: ticket.clone(), actual, now }, timeout) {
+            Ok(token) => {
+                self.settling = Some((token, ticket, now));
+                Action::Pause
+            }
+            Err(_) => {
+                outbox::queue(&shared, Outgoing::Settle { ticket, actual, now });
+                Action::Continue
+            }
+        }
     }
 
     /// Queues threshold events for the root context to post ([`crate::Shared::outbox`]).
@@ -553,6 +584,9 @@ impl Downstream {
                 }
                 if end_of_stream {
                     self.record_answer();
+                    if self.shared.policy.remote_store.is_some() {
+                        return self.settle_before_the_end();
+                    }
                 }
                 Action::Continue
             }
@@ -575,6 +609,9 @@ impl Downstream {
                     metrics.add(Metric::HostErrors);
                 }
                 self.record_answer();
+                if self.shared.policy.remote_store.is_some() {
+                    return self.settle_before_the_end();
+                }
                 Action::Continue
             }
             BodyMode::Pass | BodyMode::Waiting | BodyMode::Done => Action::Continue,
@@ -646,6 +683,14 @@ fn envoy_failure() -> Option<Failure> {
 impl Context for Downstream {
     /// The store service's answer to this request's admission or usage peek (`store.redis`).
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        if self.settling.as_ref().is_some_and(|(token, ..)| *token == token_id) {
+            let Some((_, ticket, now)) = self.settling.take() else { return };
+            outbox::settle_answered(&self.shared, &ticket, now, remote::answer(num_headers, body_size));
+            if let Err(s) = abi::resume_response() {
+                host_error(&self.shared.metrics, "resuming the response", s);
+            }
+            return;
+        }
         match &self.phase {
             Phase::Admitting { token, .. } if *token == token_id => self.admission_answered(num_headers, body_size),
             Phase::Peeking { token, .. } if *token == token_id => {

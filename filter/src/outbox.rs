@@ -109,13 +109,32 @@ fn failed(shared: &Shared, posted: &Posted, why: &str) {
             shared.metrics.add(Metric::NotifyFailed);
             abi::log(abi::LOG_WARN, &format!("tollgate: webhook not delivered ({why}); the event is not retried"));
         }
-        Posted::Settle { ticket, .. } => {
-            shared.metrics.add_n(Metric::SettleFailures, ticket.parts().count() as u64);
-            abi::log(abi::LOG_WARN, &format!("tollgate: settling through the store service failed ({why}); the reservation stays counted until its window ends, the lease until its TTL"));
-        }
+        Posted::Settle { ticket, .. } => settle_failed(shared, ticket, why),
         Posted::ReportHealth => {
             shared.metrics.add(Metric::StoreFailures);
         }
+    }
+}
+
+fn settle_failed(shared: &Shared, ticket: &Ticket, why: &str) {
+    shared.metrics.add_n(Metric::SettleFailures, ticket.parts().count() as u64);
+    abi::log(abi::LOG_WARN, &format!("tollgate: settling through the store service failed ({why}); the reservation stays counted until its window ends, the lease until its TTL"));
+}
+
+/// The store service's answer to a settlement of `ticket` at `now`, whichever context posted
+/// it: failures counted, threshold events queued for the webhook.
+pub fn settle_answered(shared: &Shared, ticket: &Ticket, now: u64, answer: Result<Done, String>) {
+    match answer {
+        Ok(Done::Settled { reached, failures }) => {
+            shared.metrics.add_n(Metric::SettleFailures, u64::from(failures));
+            let settled = tollgate_core::ops::machine::Settled { reached, failures, first_error: None };
+            for event in gate::settlement(&shared.policy, ticket, settled, now).events {
+                queue(shared, Outgoing::Webhook(event));
+            }
+        }
+        Ok(Done::Failed { error }) => settle_failed(shared, ticket, &error),
+        Ok(_) => settle_failed(shared, ticket, "another answer"),
+        Err(why) => settle_failed(shared, ticket, &why),
     }
 }
 
@@ -129,18 +148,7 @@ pub fn answered(shared: &Shared, token: u32, num_headers: usize, body_size: usiz
             Some(code) => failed(shared, &posted, &format!("the webhook answered {code}")),
             None => failed(shared, &posted, "no answer"),
         },
-        Posted::Settle { ticket, now } => match remote::answer(num_headers, body_size) {
-            Ok(Done::Settled { reached, failures }) => {
-                shared.metrics.add_n(Metric::SettleFailures, u64::from(failures));
-                let settled = tollgate_core::ops::machine::Settled { reached, failures, first_error: None };
-                for event in gate::settlement(&shared.policy, ticket, settled, *now).events {
-                    queue(shared, Outgoing::Webhook(event));
-                }
-            }
-            Ok(Done::Failed { error }) => failed(shared, &posted, &error),
-            Ok(_) => failed(shared, &posted, "another answer"),
-            Err(why) => failed(shared, &posted, &why),
-        },
+        Posted::Settle { ticket, now } => settle_answered(shared, ticket, *now, remote::answer(num_headers, body_size)),
         Posted::ReportHealth => {
             if !matches!(remote::answer(num_headers, body_size), Ok(Done::Health { .. })) {
                 failed(shared, &posted, "");

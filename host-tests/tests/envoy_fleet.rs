@@ -2,6 +2,8 @@
 //! examples/envoy/fleet.yaml, two `tollgate store` replicas, one real Redis (Debian's
 //! `redis-server`), load from many client threads spread over every Envoy.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -149,12 +151,17 @@ fn concurrency_leases_are_fleet_wide_and_come_back() {
     away_from_day_end();
     let f = fleet(&policy(json!([{ "concurrent": 3 }, { "window": "day", "requests": 1000 }]), json!({})), 3, "");
     let envoys = Arc::new(f.envoys);
-    // Nine slow requests at once, three per Envoy: three are admitted.
+    // Nine slow streams at once (each over a second at the provider), three per Envoy: three
+    // are admitted.
+    let stream = r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..9)
             .map(|i| {
                 let envoys = envoys.clone();
-                s.spawn(move || chat(&envoys[i % 3], "lease-user", &[("x-mock-delay-ms", "1500")]).status)
+                s.spawn(move || {
+                    let url = format!("{}/v1/chat/completions", envoys[i % 3].url);
+                    post_json(&agent(), &url, &[("x-tollgate-user", "lease-user"), ("x-mock-delay-ms", "600")], stream).status
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -203,6 +210,99 @@ fn leases_come_back_under_steady_traffic() {
     });
     assert_eq!(statuses, vec![200; 10], "each request's lease was back before the next one");
     drop(f.stores);
+}
+
+/// A client sending one request at a time, each the moment the previous one ended, with a
+/// concurrency limit of 1: the filter settles before the answer's last bytes leave, so the
+/// lease is back before the client can ask again, whichever Envoy it asks.
+#[test]
+fn one_request_at_a_time_finds_its_lease_back_on_any_envoy() {
+    away_from_day_end();
+    let f = fleet(&policy(json!([{ "concurrent": 1 }, { "window": "day", "requests": 1000 }]), json!({})), 3, "");
+    let stream = r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let statuses: Vec<u16> = (0..30)
+        .map(|i| {
+            let envoy = &f.envoys[i % 3];
+            if i % 2 == 0 {
+                chat(envoy, "back-to-back", &[]).status
+            } else {
+                post_json(&agent(), &format!("{}/v1/chat/completions", envoy.url), &[("x-tollgate-user", "back-to-back")], stream).status
+            }
+        })
+        .collect();
+    assert_eq!(statuses, vec![200; 30]);
+    assert_eq!(stat_sum(&f.envoys, "settle_failures"), 0);
+}
+
+/// Opens a stream through `envoy` and reads it up to its first event.
+fn open_stream(envoy: &Envoy, user: &str, extra: &[(&str, &str)]) -> (TcpStream, BufReader<TcpStream>) {
+    let port = envoy.url.rsplit(':').next().unwrap();
+    let mut conn = TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to Envoy");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let mut head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: fleet\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-tollgate-user: {user}\r\n", body.len());
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(body.as_bytes()).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "stream refused: {line:?}");
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("data: ") {
+            return (conn, reader);
+        }
+        assert!(!line.is_empty(), "the stream ended before its first event");
+    }
+}
+
+/// Cost is charged as the provider reported it, whichever Envoy served; leases held through
+/// different Envoys come back when clients cancel and when the upstream resets mid-stream.
+#[test]
+fn cost_is_exact_and_leases_come_back_after_cancels_and_resets() {
+    away_from_day_end();
+    let limits = json!([{ "concurrent": 2 }, { "window": "day", "cost_usd": 1_000_000 }, { "window": "day", "total_tokens": 1_000_000 }]);
+    let f = fleet(&policy(limits, json!({ "prices": { "mock-model": { "input": 1, "output": 2 } } })), 3, "");
+    // Twelve answers reporting i prompt and 2i completion tokens: 3i tokens, 5i micro-dollars.
+    for i in 1..=12u64 {
+        let usage = format!("{i},{}", 2 * i);
+        assert_eq!(chat(&f.envoys[i as usize % 3], "payer", &[("x-mock-usage", usage.as_str())]).status, 200);
+    }
+    let total: u64 = (1..=12).sum();
+    for e in &f.envoys {
+        eventually(Duration::from_secs(5), (5 * total, 3 * total), || {
+            let r = usage(e, "payer");
+            (used(&r, "cost_usd/day"), used(&r, "total_tokens/day"))
+        });
+    }
+
+    // Two slow streams through two Envoys hold both leases; the third Envoy refuses a third.
+    let slow = [("x-mock-delay-ms", "1000")];
+    let streams = vec![open_stream(&f.envoys[0], "streamer", &slow), open_stream(&f.envoys[1], "streamer", &slow)];
+    assert_eq!(used(&usage(&f.envoys[2], "streamer"), "concurrent"), 2);
+    let served = mock_request_count(&agent(), &f.mock_url);
+    assert_eq!(chat(&f.envoys[2], "streamer", &[]).status, 429);
+    assert_eq!(mock_request_count(&agent(), &f.mock_url), served, "the refused request never reached the provider");
+    // The clients go away mid-stream: both leases come back.
+    for (conn, reader) in streams {
+        conn.shutdown(std::net::Shutdown::Both).unwrap();
+        drop((conn, reader));
+    }
+    eventually(Duration::from_secs(5), 0, || used(&usage(&f.envoys[2], "streamer"), "concurrent"));
+    // The upstream resets a stream mid-way (after three events): its lease comes back too.
+    let (mut conn, _reader) = open_stream(&f.envoys[2], "streamer", &[("x-mock-delay-ms", "300"), ("x-mock-reset-after", "3")]);
+    assert_eq!(used(&usage(&f.envoys[0], "streamer"), "concurrent"), 1);
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    eventually(Duration::from_secs(5), 0, || used(&usage(&f.envoys[1], "streamer"), "concurrent"));
+    assert_eq!(chat(&f.envoys[0], "streamer", &[]).status, 200);
+    assert_eq!(stat_sum(&f.envoys, "settle_failures"), 0);
+    assert_eq!(stat_sum(&f.envoys, "store_failures"), 0);
 }
 
 /// An Envoy killed mid-stream never settles: its lease comes back after `lease_ttl_seconds`,

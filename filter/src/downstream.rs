@@ -156,7 +156,7 @@ impl Downstream {
 
     /// Settles the ticket (once) by core's ending rule and posts the webhook events.
     fn settle(&mut self, ending: &Ending) {
-        let Some((ticket, now)) = self.to_settle(ending) else { return };
+        let Some((ticket, now)) = self.take_settlement(ending) else { return };
         let shared = self.shared.clone();
         if shared.policy.remote_store.is_some() {
             // Off the request's path: the root context posts it and hears the answer.
@@ -174,7 +174,7 @@ impl Downstream {
 
     /// The ticket to settle (taken: a request settles once) and the time, the provider's
     /// implausible usage reported; `None` when nothing is left to settle.
-    fn to_settle(&mut self, ending: &Ending) -> Option<(Ticket, u64)> {
+    fn take_settlement(&mut self, ending: &Ending) -> Option<(Ticket, u64)> {
         let ticket = self.ticket.take()?;
         // No time ever read for this request: it was never admitted with one.
         let now = self.now()?;
@@ -192,7 +192,7 @@ impl Downstream {
     fn settle_before_the_end(&mut self) -> Action {
         let Phase::Forwarded { answer, .. } = &self.phase else { return Action::Continue };
         let ending = answer.ending();
-        let Some((ticket, now)) = self.to_settle(&ending) else { return Action::Continue };
+        let Some((ticket, now)) = self.take_settlement(&ending) else { return Action::Continue };
         let shared = self.shared.clone();
         let actual = ending.actual(&shared.policy.limits, &ticket);
         let timeout = shared.policy.remote_store.as_ref().map_or(0, |s| s.timeout_ms).saturating_mul(4).clamp(100, remote::BACKGROUND_TIMEOUT_MS);

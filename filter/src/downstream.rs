@@ -185,13 +185,19 @@ impl Downstream {
         Some((ticket, now))
     }
 
-    /// `store.redis`, a forwarded answer's last bytes in hand: settles before they leave, the
-    /// request's own call holding them, so that a client starting its next request the moment
-    /// this one ends finds its lease back (as on one Envoy, where settling is immediate). If the
-    /// call cannot be made, the root context posts the settlement as for any other ending.
+    /// `store.redis`, a forwarded answer's last bytes in hand: when settling frees room (a
+    /// lease, a token or cost reservation), settles before they leave, the request's own call
+    /// holding them, so that a client starting its next request the moment this one ends finds
+    /// its lease and tokens back (as on one Envoy, where settling is immediate). Otherwise, or
+    /// if the call cannot be made, the root context posts the settlement, off the answer's path.
     fn settle_before_the_end(&mut self) -> Action {
         let Phase::Forwarded { answer, .. } = &self.phase else { return Action::Continue };
         let ending = answer.ending();
+        if !self.ticket.as_ref().is_some_and(Ticket::frees_room) {
+            // Request counts only: nothing a later admission waits for; off the answer's path.
+            self.settle(&ending);
+            return Action::Continue;
+        }
         let Some((ticket, now)) = self.take_settlement(&ending) else { return Action::Continue };
         let shared = self.shared.clone();
         let actual = ending.actual(&shared.policy.limits, &ticket);

@@ -127,6 +127,22 @@ fn measure() {
     drop(envoys);
     drop(stores);
 
+    // A policy whose settlement frees room (tokens, a lease): settled before the answer's last
+    // bytes leave, one more store round trip at the end of each answer.
+    let freeing = json!([{ "window": "day", "requests": 1_000_000 }, { "window": "day", "total_tokens": 1_000_000_000 }, { "concurrent": 8 }]);
+    let text = serde_json::to_string_pretty(&policy(true, freeing)).unwrap();
+    let stores: Vec<StoreService> = (0..2).map(|i| start_store(&redis.url(), &text, &dir, &format!("freeing-{i}"))).collect();
+    let rendered = fleet_config(&text, mock_port, &stores.iter().map(|s| s.port).collect::<Vec<_>>());
+    let envoys = start_envoys(&rendered, 3);
+    run(&envoys[..1], threads, 50, 1, "warm-freeing");
+    println!();
+    println!("| setup (requests/day + total_tokens/day + concurrent) | requests | p50 ms | p99 ms | requests/s |");
+    println!("|---|---:|---:|---:|---:|");
+    row("1 Envoy, store.redis, settled before the end", run(&envoys[..1], threads, per_thread, 50, "freeing-one"));
+    row("3 Envoys, store.redis, settled before the end", run(&envoys, threads, per_thread, 50, "freeing-three"));
+    drop(envoys);
+    drop(stores);
+
     // One hot key: a tier aggregate every request touches, 16 client threads over 3 Envoys,
     // next to the same load on per-user keys only (what the machine does without a hot key).
     let hot = json!([{ "per": "tier", "window": "day", "requests": 100_000_000 }, { "window": "day", "requests": 1_000_000 }]);

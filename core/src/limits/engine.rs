@@ -170,6 +170,16 @@ impl Ticket {
         self.parts.is_empty()
     }
 
+    /// Whether settling can give back room a later admission may need: a concurrency lease,
+    /// or a token or cost reservation (settled to what was used). Requests count in full at
+    /// admission, so a ticket of request counts only settles nothing anyone waits for.
+    pub fn frees_room(&self) -> bool {
+        self.parts.iter().any(|p| {
+            let r = &p.receipt;
+            r.lease.is_some() || r.counters.iter().any(|c| c.0 != Metric::Requests) || r.rates.iter().any(|c| c.0 != Metric::Requests)
+        })
+    }
+
     /// The keys the ticket charged, in admission order.
     pub fn parts(&self) -> impl Iterator<Item = &TicketPart> {
         self.parts.iter()
@@ -414,6 +424,24 @@ mod tests {
         assert_eq!(binding(&statuses, |m| m == Metric::Requests).unwrap().name, "requests-3-9000");
         assert_eq!(binding(&statuses, Metric::is_tokens).unwrap().name, "total_tokens-1-10");
         assert!(binding(&statuses, |m| m == Metric::CostMicros).is_none());
+    }
+
+    #[test]
+    fn only_leases_and_token_or_cost_reservations_free_room_when_settled() {
+        let who = who("a");
+        let mut t = Ticket::new(&who, None);
+        assert!(!t.frees_room());
+        let requests = Receipt { counters: vec![(Metric::Requests, crate::window::Window::Day, 1, 1)], rates: vec![(Metric::Requests, 0, 1, 1_000)], lease: None };
+        t.push("k".into(), 0, Scope::Identity, requests.clone());
+        assert!(!t.frees_room(), "request counts are final at admission");
+        let mut tokens = requests.clone();
+        tokens.counters.push((Metric::TotalTokens, crate::window::Window::Day, 1, 500));
+        let mut with_tokens = t.clone();
+        with_tokens.push("k2".into(), 0, Scope::Tier, tokens);
+        assert!(with_tokens.frees_room());
+        let mut leased = t.clone();
+        leased.push("k3".into(), 0, Scope::Identity, Receipt { lease: Some(7), ..requests });
+        assert!(leased.frees_room());
     }
 
     #[test]

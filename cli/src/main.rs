@@ -58,9 +58,13 @@ enum Command {
     /// Run the store service a fleet of Envoys shares its counters through (`store.redis`):
     /// core's store protocol against Redis. Prints `listening on http://ADDR` when ready.
     Store {
-        /// The Redis to use: redis://HOST:PORT[/DB] or redis+unix:///PATH.
-        #[arg(long, value_name = "URL")]
-        redis: String,
+        /// The Redis to use: redis://HOST:PORT[/DB] or redis+unix:///PATH; with --cluster, nodes
+        /// of a Redis Cluster (repeat, or separate with commas).
+        #[arg(long, value_name = "URL", required = true, value_delimiter = ',')]
+        redis: Vec<String>,
+        /// The --redis URLs are nodes of a Redis Cluster.
+        #[arg(long)]
+        cluster: bool,
         /// Where to listen (port 0: any free port).
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8089")]
         listen: std::net::SocketAddr,
@@ -82,8 +86,8 @@ fn main() -> ExitCode {
             let options = envoy::Options { deployment_cluster_prefix, wasm, store_addresses };
             run_envoy(&config.to_string_lossy(), &options)
         }
-        Command::Store { redis, listen, connections, config } => match load(&config) {
-            Ok(loaded) => match store::serve(loaded.policy, store::Options { redis, listen, connections }) {
+        Command::Store { redis, cluster, listen, connections, config } => match load(&config) {
+            Ok(loaded) => match store::serve(loaded.policy, store::Options { redis, cluster, listen, connections }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");

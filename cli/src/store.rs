@@ -11,7 +11,7 @@
 //! **Atomicity.** A key's value is a 4-byte big-endian version followed by core's record. A
 //! write is one Lua script that sets the new value only if the stored version is still the one
 //! read (or the key still absent): never read-modify-write without the check, and nothing but
-//! single-key commands, so a Redis Cluster works with any key layout. Every write refreshes the
+//! single-key commands, so a Redis Cluster works with any key layout (`--cluster`: [`Redis`]). Every write refreshes the
 //! key's TTL ([`KEY_TTL_MS`]: longer than the longest calendar window), so state of identities
 //! gone quiet leaves Redis by itself.
 //!
@@ -190,8 +190,92 @@ pub fn cas_script() -> Script {
 /// failover) one job finds out and every other pooled connection is replaced when next taken,
 /// instead of each failing a job of its own. Checking a connection costs no round trip.
 pub struct Connections {
-    client: redis::Client,
+    redis: Redis,
     generation: Arc<Generation>,
+}
+
+/// The Redis the service uses: one server (or a proxy, or a Sentinel-managed primary's
+/// address), or a Redis Cluster (every command the service sends names one key, so the cluster
+/// routes it; `SCRIPT LOAD` goes to every node).
+pub enum Redis {
+    /// One server.
+    Single(redis::Client),
+    /// A cluster, from its seed nodes.
+    Cluster(redis::cluster::ClusterClient),
+}
+
+impl Redis {
+    /// `urls`: one URL, or with `cluster` any of the cluster's nodes.
+    pub fn open(urls: &[String], cluster: bool) -> Result<Redis, String> {
+        if cluster {
+            let client = redis::cluster::ClusterClient::new(urls.iter().map(String::as_str)).map_err(|e| format!("--redis {}: {e}", urls.join(",")))?;
+            return Ok(Redis::Cluster(client));
+        }
+        match urls {
+            [url] => redis::Client::open(url.as_str()).map(Redis::Single).map_err(|e| format!("--redis {url}: {e}")),
+            _ => Err("give one --redis URL (several only with --cluster)".to_owned()),
+        }
+    }
+}
+
+/// A connection to a [`Redis`].
+pub enum Connection {
+    /// To one server.
+    Single(redis::Connection),
+    /// To a cluster (one connection per node, redirections followed).
+    Cluster(Box<redis::cluster::ClusterConnection>),
+}
+
+impl redis::ConnectionLike for Connection {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> redis::RedisResult<redis::Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(&mut self, cmd: &[u8], offset: usize, count: usize) -> redis::RedisResult<Vec<redis::Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<redis::Value> {
+        // The cluster routes by the command (its key), not by packed bytes.
+        match self {
+            Connection::Single(c) => c.req_command(cmd),
+            Connection::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+
+    fn supports_pipelining(&self) -> bool {
+        match self {
+            Connection::Single(c) => c.supports_pipelining(),
+            Connection::Cluster(c) => c.supports_pipelining(),
+        }
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            Connection::Single(c) => c.check_connection(),
+            Connection::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            Connection::Single(c) => c.is_open(),
+            Connection::Cluster(c) => c.is_open(),
+        }
+    }
 }
 
 /// The current generation of a pool's connections ([`Connections`]).
@@ -211,14 +295,14 @@ impl Generation {
 
 /// A pooled connection and its generation.
 pub struct Pooled {
-    conn: redis::Connection,
+    conn: Connection,
     generation: u64,
 }
 
 impl Connections {
     /// Connections to `client`'s Redis, retired together through `generation`.
-    pub fn new(client: redis::Client, generation: Arc<Generation>) -> Self {
-        Connections { client, generation }
+    pub fn new(redis: Redis, generation: Arc<Generation>) -> Self {
+        Connections { redis, generation }
     }
 
     fn current(&self, c: &Pooled) -> bool {
@@ -232,7 +316,11 @@ impl r2d2::ManageConnection for Connections {
 
     fn connect(&self) -> Result<Pooled, redis::RedisError> {
         let generation = self.generation.now();
-        Ok(Pooled { conn: self.client.get_connection()?, generation })
+        let conn = match &self.redis {
+            Redis::Single(c) => Connection::Single(c.get_connection()?),
+            Redis::Cluster(c) => Connection::Cluster(Box::new(c.get_connection()?)),
+        };
+        Ok(Pooled { conn, generation })
     }
 
     fn is_valid(&self, c: &mut Pooled) -> Result<(), redis::RedisError> {
@@ -403,8 +491,11 @@ struct Service {
 
 /// The service's options.
 pub struct Options {
-    /// `redis://host:port/db` or `redis+unix:///path/to/socket`.
-    pub redis: String,
+    /// `redis://host:port/db` or `redis+unix:///path/to/socket`; with `cluster`, any nodes of
+    /// a Redis Cluster.
+    pub redis: Vec<String>,
+    /// Whether `redis` names a Redis Cluster's nodes.
+    pub cluster: bool,
     /// Where to listen (port 0: any free port; the bound address is printed).
     pub listen: SocketAddr,
     /// Most pooled Redis connections.
@@ -414,7 +505,7 @@ pub struct Options {
 /// Runs the service until the process is stopped. Prints `listening on http://ADDR` (the bound
 /// address) on stdout first.
 pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
-    let client = redis::Client::open(options.redis.as_str()).map_err(|e| format!("--redis {}: {e}", options.redis))?;
+    let client = Redis::open(&options.redis, options.cluster)?;
     let generation = Arc::new(Generation::default());
     // Checked on checkout by generation only (no PING): see [`Connections`].
     let pool = r2d2::Pool::builder()

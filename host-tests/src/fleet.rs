@@ -94,6 +94,100 @@ impl Redis {
     }
 }
 
+/// A Redis Cluster of three primaries on 127.0.0.1 (AOF on every write), its slots spread
+/// over all of them. Cluster nodes announce TCP ports to their clients, so each node takes a
+/// probed free port (and one for its cluster bus), retried on another when it cannot bind.
+pub struct RedisCluster {
+    nodes: Vec<Server>,
+    /// The nodes' client ports.
+    pub ports: Vec<u16>,
+    _dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, joins them (`redis-cli --cluster create`), waits for `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let dir = TempDir::new("redis-cluster");
+        let mut nodes = Vec::new();
+        let mut ports = Vec::new();
+        for i in 0..3 {
+            let (server, port) = Self::node(&dir, i);
+            nodes.push(server);
+            ports.push(port);
+        }
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "redis-cli --cluster create failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let cluster = RedisCluster { nodes, ports, _dir: dir };
+        let started = Instant::now();
+        while !cluster.ports.iter().all(|p| cluster.cli(*p, &["cluster", "info"]).is_some_and(|o| o.contains("cluster_state:ok"))) {
+            assert!(started.elapsed() < Duration::from_secs(20), "the cluster did not reach cluster_state:ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn node(dir: &TempDir, i: usize) -> (Server, u16) {
+        let mut last_log = String::new();
+        for attempt in 0..5 {
+            let (port, bus) = (crate::proc::free_port(), crate::proc::free_port());
+            let node_dir = dir.path().join(format!("node-{i}-{attempt}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let log = node_dir.join("redis.log");
+            let out = std::fs::File::create(&log).expect("redis log");
+            let err = out.try_clone().expect("log handle");
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--cluster-enabled", "yes", "--cluster-port", &bus.to_string()])
+                .arg("--cluster-config-file")
+                .arg(node_dir.join("nodes.conf"))
+                .arg("--dir")
+                .arg(&node_dir)
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"])
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err);
+            let mut server = Server::spawn(&format!("redis-node-{i}"), &mut cmd).with_log(&log);
+            let started = Instant::now();
+            loop {
+                if Command::new("redis-cli").args(["-p", &port.to_string(), "ping"]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG") {
+                    return (server, port);
+                }
+                if !server.is_running() || started.elapsed() > Duration::from_secs(10) {
+                    last_log = server.log_tail();
+                    server.stop();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("redis cluster node {i} did not start in 5 attempts\n{last_log}");
+    }
+
+    /// Runs `redis-cli -p PORT` (`-c`: following redirections); its output, or `None`.
+    pub fn cli(&self, port: u16, args: &[&str]) -> Option<String> {
+        let out = Command::new("redis-cli").args(["-c", "-p", &port.to_string()]).args(args).output().ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// How many keys each node holds.
+    pub fn keys_per_node(&self) -> Vec<u64> {
+        self.ports.iter().map(|p| self.cli(*p, &["dbsize"]).and_then(|o| o.trim().parse().ok()).unwrap_or(0)).collect()
+    }
+
+    /// Stops every node.
+    pub fn stop(&mut self) {
+        for mut n in self.nodes.drain(..) {
+            n.stop();
+        }
+    }
+}
+
 /// A `tollgate store` replica.
 pub struct StoreService {
     pub server: Server,
@@ -102,6 +196,16 @@ pub struct StoreService {
 
 /// Starts `tollgate store` (the release binary) for `policy` on a free port.
 pub fn start_store(redis_url: &str, policy: &str, dir: &TempDir, name: &str) -> StoreService {
+    start_store_on(&["--redis", redis_url], policy, dir, name)
+}
+
+/// Starts `tollgate store` on `cluster` (`--cluster`).
+pub fn start_cluster_store(cluster: &RedisCluster, policy: &str, dir: &TempDir, name: &str) -> StoreService {
+    let nodes = cluster.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    start_store_on(&["--cluster", "--redis", &nodes], policy, dir, name)
+}
+
+fn start_store_on(redis: &[&str], policy: &str, dir: &TempDir, name: &str) -> StoreService {
     let bin = target_dir().join("release").join("tollgate");
     assert!(bin.exists(), "{} is missing: cargo build --release -p tollgate-cli", bin.display());
     let policy_path = dir.path().join(format!("{name}-policy.json"));
@@ -109,7 +213,7 @@ pub fn start_store(redis_url: &str, policy: &str, dir: &TempDir, name: &str) -> 
     let log = dir.path().join(format!("{name}.log"));
     let err = std::fs::File::create(&log).expect("store log");
     let mut cmd = Command::new(bin);
-    cmd.args(["store", "--redis", redis_url, "--listen", "127.0.0.1:0"]).arg(&policy_path).stdout(Stdio::piped()).stderr(err);
+    cmd.arg("store").args(redis).args(["--listen", "127.0.0.1:0"]).arg(&policy_path).stdout(Stdio::piped()).stderr(err);
     let mut server = Server::spawn(name, &mut cmd).with_log(&log);
     let stdout = server.stdout().expect("piped stdout");
     let mut line = String::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tollgate_host_tests::checks::now_ms;
 use tollgate_host_tests::envoy::{Envoy, TempDir};
-use tollgate_host_tests::fleet::{fleet_config, start_envoys, start_store, Redis, StoreService};
+use tollgate_host_tests::fleet::{fleet_config, start_cluster_store, start_envoys, start_store, Redis, RedisCluster, StoreService};
 use tollgate_host_tests::proc::{agent, get, mock_request_count, post_json, start_mock_provider, Reply, Server};
 
 /// Everything a fleet test runs against.
@@ -401,4 +401,42 @@ fn redis_down_follows_on_failure_and_counts_survive_a_restart() {
         assert!(stat_sum(&f.envoys, "store_failures") <= 1 + 2 + 2, "at most a failed job per replica after the restart");
         drop(f.stores);
     }
+}
+
+/// On a Redis Cluster (three primaries): the service routes every command by its one key, so
+/// identities' keys and the tier aggregate land on different nodes, and every limit is still
+/// exact.
+#[test]
+fn a_redis_cluster_counts_exactly_with_keys_on_every_node() {
+    away_from_day_end();
+    let _turn = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let cluster = RedisCluster::start();
+    let dir = TempDir::new("fleet-cluster");
+    let p = policy(json!([{ "window": "day", "requests": 3 }, { "per": "tier", "window": "day", "total_tokens": 1_000_000 }]), json!({ "store": { "on_failure": "deny", "slots": 0, "redis": { "cluster": "tollgate_store", "timeout_ms": 500 } } }));
+    let text = serde_json::to_string_pretty(&p).unwrap();
+    let stores: Vec<StoreService> = (0..2).map(|i| start_cluster_store(&cluster, &text, &dir, &format!("cluster-store-{i}"))).collect();
+    let (_mock, mock_url) = start_mock_provider();
+    let mock_port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
+    let rendered = fleet_config(&text, mock_port, &stores.iter().map(|s| s.port).collect::<Vec<_>>());
+    let envoys = start_envoys(&rendered, 2);
+    // 24 users, 5 requests each, from 4 threads over both Envoys: 3 each admitted.
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let envoys = &envoys;
+                s.spawn(move || (0..30).map(|i| chat(&envoys[i % 2], &format!("c-{t}-{}", i % 6), &[]).status).collect::<Vec<_>>())
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 24 * 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 24 * 2, "{statuses:?}");
+    eventually(Duration::from_secs(5), 24 * 3 * 17, || used(&usage(&envoys[1], "c-0-0"), "tier:total_tokens/day"));
+    let keys = cluster.keys_per_node();
+    assert!(keys.iter().all(|k| *k > 0), "keys on every node: {keys:?}");
+    assert_eq!(keys.iter().sum::<u64>(), 24 + 1, "one key per identity and the tier's: {keys:?}");
+    assert_eq!(stat_sum(&envoys, "store_failures"), 0);
+    assert_eq!(stat_sum(&envoys, "settle_failures"), 0);
+    drop(envoys);
+    drop(stores);
 }

@@ -485,6 +485,8 @@ struct Service {
     generation: Arc<Generation>,
     cas: Script,
     combiner: Combiner,
+    /// SHA-256 of the `authorization` every job must carry (`store.redis.key_secret`).
+    key: Option<[u8; 32]>,
     stats: Stats,
     cache: Cache,
 }
@@ -506,6 +508,13 @@ pub struct Options {
 /// address) on stdout first.
 pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
     let client = Redis::open(&options.redis, options.cluster)?;
+    let key = match policy.remote_store.as_ref().and_then(|r| r.key_secret.as_deref()) {
+        None => None,
+        Some(name) => match std::env::var(name) {
+            Ok(value) if !value.is_empty() => Some(bearer_digest(format!("Bearer {value}").as_bytes())),
+            _ => return Err(format!("the policy's store.redis.key_secret names {name}: set it in this service's environment (the Envoys send it with every job)")),
+        },
+    };
     let generation = Arc::new(Generation::default());
     // Checked on checkout by generation only (no PING): see [`Connections`].
     let pool = r2d2::Pool::builder()
@@ -514,7 +523,7 @@ pub fn serve(policy: Policy, options: Options) -> Result<(), String> {
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(2))
         .build_unchecked(Connections::new(client, generation.clone()));
-    let service = Arc::new(Service { policy, pool, generation, cas: cas_script(), combiner: Combiner::default(), stats: Stats::default(), cache: Cache::default() });
+    let service = Arc::new(Service { policy, pool, generation, key, cas: cas_script(), combiner: Combiner::default(), stats: Stats::default(), cache: Cache::default() });
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(options.listen).await.map_err(|e| format!("--listen {}: {e}", options.listen))?;
@@ -529,7 +538,20 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-async fn job(State(service): State<Arc<Service>>, body: Bytes) -> Response {
+fn bearer_digest(authorization: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(authorization).into()
+}
+
+async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap, body: Bytes) -> Response {
+    if let Some(key) = &service.key {
+        // Digests compared, so the time taken says nothing about the key.
+        let given = headers.get(header::AUTHORIZATION).map(|v| bearer_digest(v.as_bytes()));
+        if given.as_ref() != Some(key) {
+            service.stats.failed.fetch_add(1, Ordering::Relaxed);
+            return json(StatusCode::UNAUTHORIZED, serde_json::to_vec(&Done::Failed { error: "not authorized: the job lacks the store key (store.redis.key_secret)".to_owned() }).unwrap_or_default());
+        }
+    }
     let envelope: Envelope = match serde_json::from_slice(&body) {
         Ok(e) => e,
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::to_vec(&Done::Failed { error: format!("not a job: {e}") }).unwrap_or_default()),

@@ -98,6 +98,9 @@ struct RawRedis {
     /// How long an admission waits for the service before `on_failure` decides.
     #[serde(default = "default_store_timeout")]
     timeout_ms: u32,
+    /// Names the secret both the Envoys and the service hold: sent with every job, and every
+    /// job without it refused.
+    key_secret: Option<String>,
 }
 
 fn default_store_timeout() -> u32 {
@@ -113,6 +116,8 @@ pub struct RemoteStore {
     pub authority: String,
     /// The most an admission waits for it, in milliseconds.
     pub timeout_ms: u32,
+    /// The secret (by name) every job carries (`authorization: Bearer`), when set.
+    pub key_secret: Option<String>,
 }
 
 impl Default for RawStore {
@@ -334,7 +339,10 @@ impl Policy {
                 if r.timeout_ms == 0 || r.timeout_ms > 10_000 {
                     return Err(invalid("store.redis.timeout_ms", "must be from 1 to 10000"));
                 }
-                Some(RemoteStore { authority: r.authority.unwrap_or_else(|| r.cluster.clone()), cluster: r.cluster, timeout_ms: r.timeout_ms })
+                if r.key_secret.as_deref().is_some_and(|n| !crate::routing::is_secret_name(n)) {
+                    return Err(invalid("store.redis.key_secret", "must name a secret (letters, digits, '_'), never hold a key"));
+                }
+                Some(RemoteStore { authority: r.authority.unwrap_or_else(|| r.cluster.clone()), cluster: r.cluster, timeout_ms: r.timeout_ms, key_secret: r.key_secret })
             }
         };
         let fallback = raw.fallback.map(RawFallback::validate).transpose()?.unwrap_or_default();
@@ -740,6 +748,18 @@ mod tests {
             err(&with_routing(r#"{"x": {"kind": "anthropic", "default_max_tokens": 0}}"#, "{}")),
             "providers.x.default_max_tokens: must be at least 1"
         );
+    }
+
+    #[test]
+    fn store_redis_is_checked_and_names_its_key_never_holds_it() {
+        let base = |redis: &str| format!(r#"{{"tier": {{"default": "a"}}, "tiers": {{"a": {{"limits": []}}}}, "store": {{"redis": {redis}}}}}"#);
+        assert_eq!(err(&base(r#"{"cluster": "a b"}"#)), "store.redis.cluster: must name the Envoy cluster of the tollgate store service");
+        assert_eq!(err(&base(r#"{"cluster": "s", "timeout_ms": 0}"#)), "store.redis.timeout_ms: must be from 1 to 10000");
+        assert_eq!(err(&base(r#"{"cluster": "s", "key_secret": "hunter2!"}"#)), "store.redis.key_secret: must name a secret (letters, digits, '_'), never hold a key");
+        assert!(err(&base(r#"{"cluster": "s", "password": "x"}"#)).contains("unknown field"));
+        let p = Policy::from_json(base(r#"{"cluster": "tollgate_store", "key_secret": "TOLLGATE_STORE_KEY"}"#).as_bytes()).unwrap();
+        let r = p.remote_store.unwrap();
+        assert_eq!((r.cluster.as_str(), r.authority.as_str(), r.timeout_ms, r.key_secret.as_deref()), ("tollgate_store", "tollgate_store", 50, Some("TOLLGATE_STORE_KEY")));
     }
 
     #[test]

@@ -157,6 +157,8 @@ impl RootContext for Root {
         }
         self.upstream = abi::property(&["plugin_root_id"]).ok().flatten().is_some_and(|id| id == UPSTREAM_ROOT_ID.as_bytes());
         let mut names: Vec<&str> = policy.identity.secret_names().collect();
+        // The store service's key: every job of either role carries it.
+        names.extend(policy.remote_store.as_ref().and_then(|r| r.key_secret.as_deref()));
         if self.upstream {
             // Provider keys: an aggregate cluster's attempts go to several providers, so the key
             // is added per attempt by the upstream filter (never logged).

@@ -18,7 +18,12 @@ pub fn dispatch(shared: &Shared, job: Job, timeout_ms: u32) -> Result<u32, abi::
     let Some(store) = shared.policy.remote_store.as_ref() else { return Err(abi::Status(0)) };
     let wait_ms = matches!(job, Job::Admit { .. }).then_some(timeout_ms);
     let body = serde_json::to_vec(&Envelope { policy: shared.policy.digest.clone(), wait_ms, job }).unwrap_or_default();
-    let headers = [(":method", "POST"), (":path", JOBS_PATH), (":authority", store.authority.as_str()), ("content-type", "application/json")];
+    let mut headers = vec![(":method", "POST"), (":path", JOBS_PATH), (":authority", store.authority.as_str()), ("content-type", "application/json")];
+    // The service's key (store.redis.key_secret), never logged; without it the service refuses.
+    let authorization = store.key_secret.as_deref().and_then(|name| shared.secret(name)).map(|key| format!("Bearer {}", String::from_utf8_lossy(&key)));
+    if let Some(a) = authorization.as_deref() {
+        headers.push(("authorization", a));
+    }
     abi::http_call(&store.cluster, &headers, &body, timeout_ms)
 }
 

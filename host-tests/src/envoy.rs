@@ -26,6 +26,7 @@ pub fn envoy_bin() -> PathBuf {
 /// (optionally) policy replaced. The listener and the admin listen on port 0 — Envoy binds
 /// free ports itself, and [`start`] reads them back (the admin's from `--admin-address-path`,
 /// the listener's from the admin API) — so no test races another process for a port.
+#[derive(Clone)]
 pub struct Rendered {
     pub yaml: String,
 }

@@ -196,16 +196,21 @@ pub struct StoreService {
 
 /// Starts `tollgate store` (the release binary) for `policy` on a free port.
 pub fn start_store(redis_url: &str, policy: &str, dir: &TempDir, name: &str) -> StoreService {
-    start_store_on(&["--redis", redis_url], policy, dir, name)
+    start_store_on(&["--redis", redis_url], policy, dir, name, &[])
+}
+
+/// [`start_store`] with environment variables (the store key).
+pub fn start_store_with_env(redis_url: &str, policy: &str, dir: &TempDir, name: &str, env: &[(&str, &str)]) -> StoreService {
+    start_store_on(&["--redis", redis_url], policy, dir, name, env)
 }
 
 /// Starts `tollgate store` on `cluster` (`--cluster`).
 pub fn start_cluster_store(cluster: &RedisCluster, policy: &str, dir: &TempDir, name: &str) -> StoreService {
     let nodes = cluster.ports.iter().map(|p| format!("redis://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-    start_store_on(&["--cluster", "--redis", &nodes], policy, dir, name)
+    start_store_on(&["--cluster", "--redis", &nodes], policy, dir, name, &[])
 }
 
-fn start_store_on(redis: &[&str], policy: &str, dir: &TempDir, name: &str) -> StoreService {
+fn start_store_on(redis: &[&str], policy: &str, dir: &TempDir, name: &str, env: &[(&str, &str)]) -> StoreService {
     let bin = target_dir().join("release").join("tollgate");
     assert!(bin.exists(), "{} is missing: cargo build --release -p tollgate-cli", bin.display());
     let policy_path = dir.path().join(format!("{name}-policy.json"));
@@ -214,6 +219,9 @@ fn start_store_on(redis: &[&str], policy: &str, dir: &TempDir, name: &str) -> St
     let err = std::fs::File::create(&log).expect("store log");
     let mut cmd = Command::new(bin);
     cmd.arg("store").args(redis).args(["--listen", "127.0.0.1:0"]).arg(&policy_path).stdout(Stdio::piped()).stderr(err);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     let mut server = Server::spawn(name, &mut cmd).with_log(&log);
     let stdout = server.stdout().expect("piped stdout");
     let mut line = String::new();
@@ -238,6 +246,15 @@ pub fn fleet_config(policy: &str, provider_port: u16, store_ports: &[u16]) -> Re
     let end = rendered.yaml[start..].find("port_value: 8090 } } }\n").expect("second endpoint") + start + "port_value: 8090 } } }\n".len();
     rendered.yaml.replace_range(start..end, &endpoints);
     rendered
+}
+
+/// `rendered` with the filter VM's environment set to `vars` (`vm_config.environment_variables`).
+pub fn with_vm_env(rendered: &Rendered, vars: &[(&str, &str)]) -> Rendered {
+    let mut r = rendered.clone();
+    let values: Vec<String> = vars.iter().map(|(k, v)| format!("{k}: {v:?}")).collect();
+    let at = r.yaml.find("                  vm_id: tollgate\n").expect("the filter's vm_config");
+    r.yaml.insert_str(at, &format!("                  environment_variables: {{ key_values: {{ {} }} }}\n", values.join(", ")));
+    r
 }
 
 /// Starts `n` Envoys on the same fleet config.

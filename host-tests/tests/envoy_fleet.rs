@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tollgate_host_tests::checks::now_ms;
 use tollgate_host_tests::envoy::{Envoy, TempDir};
-use tollgate_host_tests::fleet::{fleet_config, start_cluster_store, start_envoys, start_store, Redis, RedisCluster, StoreService};
+use tollgate_host_tests::fleet::{fleet_config, start_cluster_store, start_envoys, start_store, start_store_with_env, with_vm_env, Redis, RedisCluster, StoreService};
 use tollgate_host_tests::proc::{agent, get, mock_request_count, post_json, start_mock_provider, Reply, Server};
 
 /// Everything a fleet test runs against.
@@ -438,5 +438,49 @@ fn a_redis_cluster_counts_exactly_with_keys_on_every_node() {
     assert_eq!(stat_sum(&envoys, "store_failures"), 0);
     assert_eq!(stat_sum(&envoys, "settle_failures"), 0);
     drop(envoys);
+    drop(stores);
+}
+
+/// With `store.redis.key_secret`, the service takes jobs only with the fleet's key: an Envoy
+/// holding it counts as usual, one with another key is refused (`on_failure`), and anyone else
+/// on the network who reaches the service can neither settle nor peek; a replica started
+/// without the key refuses to start.
+#[test]
+fn the_store_takes_jobs_only_with_the_fleets_key() {
+    away_from_day_end();
+    let _turn = ONE_FLEET_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = TempDir::new("fleet-key");
+    let redis = Redis::start();
+    let p = policy(json!([{ "window": "day", "requests": 2 }]), json!({ "store": { "on_failure": "deny", "redis": { "cluster": "tollgate_store", "timeout_ms": 500, "key_secret": "TOLLGATE_STORE_KEY" } } }));
+    let text = serde_json::to_string_pretty(&p).unwrap();
+    let key = [("TOLLGATE_STORE_KEY", "k3y-0f-the-fleet")];
+    let stores: Vec<StoreService> = (0..2).map(|i| start_store_with_env(&redis.url(), &text, &dir, &format!("key-store-{i}"), &key)).collect();
+    let (_mock, mock_url) = start_mock_provider();
+    let mock_port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
+    let rendered = fleet_config(&text, mock_port, &stores.iter().map(|s| s.port).collect::<Vec<_>>());
+    let good = start_envoys(&with_vm_env(&rendered, &key), 1);
+    let bad = start_envoys(&with_vm_env(&rendered, &[("TOLLGATE_STORE_KEY", "a-guess")]), 1);
+    assert_eq!([200, 200, 429].to_vec(), (0..3).map(|_| chat(&good[0], "keyed", &[]).status).collect::<Vec<_>>());
+    let r = chat(&bad[0], "other", &[]);
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"]["code"], "rate_limiter_unavailable");
+    assert_eq!(used(&usage(&good[0], "other"), "requests/day"), 0, "the refused Envoy counted nothing");
+    // Straight to the service: no key, a wrong key.
+    let peek = r#"{"policy":"x","job":{"job":"peek","who":{"identity_key":"a","ip_key":null,"tier":"free"},"now":1}}"#;
+    let url = format!("http://127.0.0.1:{}/v1/store/jobs", stores[0].port);
+    for headers in [vec![], vec![("authorization", "Bearer a-guess")]] {
+        let r = post_json(&agent(), &url, &headers, peek);
+        assert_eq!(r.status, 401, "{r:?}");
+        assert!(r.json()["error"].as_str().unwrap().contains("not authorized"), "{r:?}");
+    }
+    // A replica without the key does not start.
+    let policy_path = dir.path().join("keyless-policy.json");
+    std::fs::write(&policy_path, &text).unwrap();
+    let bin = tollgate_host_tests::proc::target_dir().join("release").join("tollgate");
+    let out = std::process::Command::new(bin).args(["store", "--redis", &redis.url(), "--listen", "127.0.0.1:0"]).arg(&policy_path).env_remove("TOLLGATE_STORE_KEY").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("store.redis.key_secret names TOLLGATE_STORE_KEY"), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(good);
+    drop(bad);
     drop(stores);
 }

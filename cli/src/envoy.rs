@@ -217,6 +217,17 @@ fn store_cluster(name: &str, addresses: &[String]) -> Result<Value, String> {
         "type": if dns { "STRICT_DNS" } else { "STATIC" },
         "connect_timeout": "0.25s",
         "circuit_breakers": { "thresholds": [ { "max_connections": 10000, "max_pending_requests": 10000, "max_requests": 10000 } ] },
+        // A replica that stops answering (or whose Redis did) is taken out within two seconds,
+        // and one that refuses a connection at once: the others take its jobs. (The timeout
+        // leaves room for Envoy's main thread compiling the filter at start.)
+        "health_checks": [ {
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "http_health_check": { "path": "/healthz" }
+        } ],
+        "outlier_detection": {
+            "split_external_local_origin_errors": true, "consecutive_local_origin_failure": 1,
+            "interval": "1s", "base_ejection_time": "5s", "max_ejection_percent": 50
+        },
         "load_assignment": { "cluster_name": name, "endpoints": [ { "lb_endpoints": endpoints } ] }
     }))
 }

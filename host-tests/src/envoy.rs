@@ -105,6 +105,14 @@ pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
         .unwrap_or_else(|| panic!("no bound listener port in {listeners}\n{}", server.log_tail()));
+    // Ready and bound is not yet accepting: the workers start listening a moment after the
+    // server goes live (later when a cluster's first health check delays initialisation).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", listen_port)).is_err() {
+        server.assert_running();
+        assert!(std::time::Instant::now() < deadline, "envoy's listener on {listen_port} accepted nothing in 10 s\n{}", server.log_tail());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Envoy { server, url: format!("http://127.0.0.1:{listen_port}"), admin, listen_port, _dir: dir }
 }
 

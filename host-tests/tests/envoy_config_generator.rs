@@ -154,3 +154,42 @@ fn the_jwt_example_is_what_the_generator_makes_and_validates() {
     let (ok, output) = validate(&rendered);
     assert!(ok, "{output}");
 }
+
+/// examples/envoy/fleet.yaml holds the store cluster `tollgate envoy --store-address` generates
+/// for its policy (health checks and outlier detection included) and passes
+/// `envoy --mode validate`.
+#[test]
+fn the_fleet_example_is_what_the_generator_makes_and_validates() {
+    let rendered = tollgate_host_tests::envoy::render("examples/envoy/fleet.yaml", Some(free_port()), None);
+    let template = std::fs::read_to_string(workspace_root().join("examples/envoy/fleet.yaml")).expect("read the example");
+    let start = template.find("value: |\n").expect("policy block") + "value: |\n".len();
+    let end = template[start..].find("vm_config:").expect("vm_config after the policy") + start;
+    let loaded = tollgate_cli::parse(&template.as_bytes()[start..end]).expect("the example's policy loads");
+    let options = Options { store_addresses: vec!["127.0.0.1:8089".to_owned(), "127.0.0.1:8090".to_owned()], ..Options::default() };
+    let g = generate(&loaded, &options).expect("generate");
+    let c = g.store_cluster.as_ref().expect("a store cluster");
+    let hc = &c["health_checks"][0];
+    let od = &c["outlier_detection"];
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    for line in [
+        format!("- name: {}", s(&c["name"])),
+        format!("type: {}", s(&c["type"])),
+        format!("connect_timeout: {}", s(&c["connect_timeout"])),
+        format!("- timeout: {}", s(&hc["timeout"])),
+        format!("interval: {}", s(&hc["interval"])),
+        format!("no_traffic_interval: {}", s(&hc["no_traffic_interval"])),
+        format!("unhealthy_threshold: {}", hc["unhealthy_threshold"]),
+        format!("healthy_threshold: {}", hc["healthy_threshold"]),
+        format!("http_health_check: {{ path: {} }}", s(&hc["http_health_check"]["path"])),
+        format!("split_external_local_origin_errors: {}", od["split_external_local_origin_errors"]),
+        format!("consecutive_local_origin_failure: {}", od["consecutive_local_origin_failure"]),
+        format!("base_ejection_time: {}", s(&od["base_ejection_time"])),
+        format!("max_ejection_percent: {}", od["max_ejection_percent"]),
+        "port_value: 8089".to_owned(),
+        "port_value: 8090".to_owned(),
+    ] {
+        assert!(template.contains(&line), "examples/envoy/fleet.yaml lacks {line:?}");
+    }
+    let (ok, output) = validate(&rendered);
+    assert!(ok, "{output}");
+}

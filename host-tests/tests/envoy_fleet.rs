@@ -190,8 +190,14 @@ fn leases_come_back_under_steady_traffic() {
             let stop = &stop;
             s.spawn(move || {
                 let mut i = 0;
+                let http = agent();
+                let body = r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":20}"#;
                 while !stop.load(Ordering::Relaxed) {
-                    chat(envoy, &format!("steady-{t}-{i}"), &[]);
+                    let user = format!("steady-{t}-{i}");
+                    let sent = http.post(format!("{}/v1/chat/completions", envoy.url)).header("x-tollgate-user", &user).header("content-type", "application/json").send(body);
+                    if let Err(e) = sent {
+                        panic!("background request {i}: {e}; envoy running: {}\n{}", envoy.server.pid(), envoy.server.log_tail());
+                    }
                     i += 1;
                 }
             });
@@ -482,5 +488,33 @@ fn the_store_takes_jobs_only_with_the_fleets_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("store.redis.key_secret names TOLLGATE_STORE_KEY"), "{}", String::from_utf8_lossy(&out.stderr));
     drop(good);
     drop(bad);
+    drop(stores);
+}
+
+/// A store replica killed (kill -9) mid-run: the Envoys take it out (a refused connection
+/// ejects it at once, the health check within a second) and the other replica takes its jobs;
+/// at most the requests already on their way to it fail (`on_failure`), and counts stay exact.
+#[test]
+fn a_killed_store_replica_costs_at_most_the_jobs_in_flight_to_it() {
+    away_from_day_end();
+    let f = fleet(&policy(json!([{ "window": "day", "requests": 1000 }]), json!({})), 2, "");
+    for i in 0..10 {
+        assert_eq!(chat(&f.envoys[i % 2], "steady", &[]).status, 200);
+    }
+    let mut stores = f.stores;
+    let victim = stores.remove(0);
+    // SAFETY: kill(2) on the replica's process group (the test started it).
+    unsafe { libc::kill(-(victim.server.pid() as i32), libc::SIGKILL) };
+    drop(victim);
+    let statuses: Vec<u16> = (0..60).map(|i| chat(&f.envoys[i % 2], "steady", &[]).status).collect();
+    let failed = statuses.iter().filter(|s| **s == 503).count();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(failed + admitted, 60, "{statuses:?}");
+    // One refused connection per Envoy worker at most (each Envoy ejects the replica on its
+    // first local-origin failure).
+    let stats = tollgate_host_tests::proc::get(&agent(), &format!("{}/stats?filter=tollgate_store", f.envoys[0].admin)).body;
+    assert!(failed <= 4, "{failed} requests failed after the replica died: {statuses:?}\n{stats}");
+    assert!(statuses[20..].iter().all(|s| *s == 200), "still failing after 20 requests: {statuses:?}");
+    eventually(Duration::from_secs(5), 10 + admitted as u64, || used(&usage(&f.envoys[1], "steady"), "requests/day"));
     drop(stores);
 }

@@ -35,6 +35,22 @@ pub fn describe(loaded: &Loaded) -> String {
         s.member_cap,
         s.lease_ttl_ms / 1000
     );
+    match &p.remote_store {
+        None => {
+            let _ = writeln!(o, "  state: the host's own (Envoy: shared data, one process; worker: Durable Objects)");
+        }
+        Some(r) => {
+            let _ = writeln!(
+                o,
+                "  state: Redis through the tollgate store service (Envoy cluster {}, :authority {}, admission waits at most {} ms{}); policy digest {} (every replica must run this policy)",
+                r.cluster,
+                r.authority,
+                r.timeout_ms,
+                r.key_secret.as_deref().map_or_else(|| ", no store key: keep the service private".to_owned(), |k| format!(", store key from secret {k}")),
+                p.digest
+            );
+        }
+    }
 
     let _ = writeln!(o, "identity (sources in order, first match wins):");
     for (i, source) in identity_sources(raw).iter().enumerate() {

@@ -227,3 +227,24 @@ fn every_subcommand_has_its_help_and_bad_usage_exits_2() {
         assert!(text(&out.stderr).contains("Usage:"), "{args:?}: {}", text(&out.stderr));
     }
 }
+
+#[test]
+fn check_says_where_the_state_lives_and_what_every_replica_must_run() {
+    let stdout = text(&tollgate(&["check", "examples/policies/scalix.json"]).stdout);
+    assert!(stdout.contains("\n  state: the host's own (Envoy: shared data, one process; worker: Durable Objects)\n"), "{stdout}");
+    let policy = serde_json::json!({
+        "tier": { "default": "free" },
+        "store": { "on_failure": "deny", "redis": { "cluster": "tollgate_store", "timeout_ms": 80, "key_secret": "TOLLGATE_STORE_KEY" } },
+        "tiers": { "free": { "limits": [{ "window": "day", "requests": 5 }] } }
+    });
+    let (dir, file) = policy_file("redis", &policy);
+    let out = tollgate(&["check", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let digest = tollgate_core::Policy::from_json(policy.to_string().as_bytes()).unwrap().digest;
+    let expected = format!(
+        "  state: Redis through the tollgate store service (Envoy cluster tollgate_store, :authority tollgate_store, admission waits at most 80 ms, store key from secret TOLLGATE_STORE_KEY); policy digest {digest} (every replica must run this policy)\n"
+    );
+    assert!(stdout.contains(&expected), "no\n{expected}\nin\n{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

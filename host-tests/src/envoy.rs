@@ -67,6 +67,11 @@ pub struct Envoy {
 /// back the ports it bound, and waits until its admin `/ready` answers. If Envoy exits early,
 /// the failure shows the tail of its log.
 pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
+    start_with_workers(rendered, env, 2)
+}
+
+/// [`start`] with `workers` worker threads (`--concurrency`).
+pub fn start_with_workers(rendered: &Rendered, env: &[(&str, &str)], workers: u32) -> Envoy {
     let dir = TempDir::new("envoy");
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, &rendered.yaml).expect("write envoy.yaml");
@@ -76,7 +81,7 @@ pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
     let mut cmd = Command::new(envoy_bin());
     cmd.arg("-c")
         .arg(&config)
-        .args(["--concurrency", "2", "--log-level", "warn", "--component-log-level", "wasm:info"])
+        .args(["--concurrency", &workers.to_string(), "--log-level", "warn", "--component-log-level", "wasm:info"])
         .arg("--admin-address-path")
         .arg(&admin_path)
         .arg("--base-id-path")
@@ -114,6 +119,35 @@ pub fn start(rendered: &Rendered, env: &[(&str, &str)]) -> Envoy {
         std::thread::sleep(Duration::from_millis(10));
     }
     Envoy { server, url: format!("http://127.0.0.1:{listen_port}"), admin, listen_port, _dir: dir }
+}
+
+/// examples/envoy/providers.yaml (`policy` replacing its policy when given) with each provider
+/// cluster pointed at a plain-HTTP mock on loopback (TLS and DNS removed).
+pub fn providers_on_mocks(anthropic: u16, gemini: u16, openai: u16, policy: Option<&str>) -> Rendered {
+    let mut r = render("examples/envoy/providers.yaml", None, policy);
+    for (host, port) in [("api.anthropic.com", anthropic), ("generativelanguage.googleapis.com", gemini), ("api.openai.com", openai)] {
+        let from = format!("socket_address: {{ address: {host}, port_value: 443 }}");
+        assert!(r.yaml.contains(&from), "{from}");
+        r.yaml = r.yaml.replace(&from, &format!("socket_address: {{ address: 127.0.0.1, port_value: {port} }}"));
+    }
+    // Drop every cluster's `transport_socket:` block (the lines indented under it).
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in r.yaml.lines() {
+        if line == "    transport_socket:" {
+            skipping = true;
+            continue;
+        }
+        if skipping && line.starts_with("      ") {
+            continue;
+        }
+        skipping = false;
+        out.push_str(line);
+        out.push('\n');
+    }
+    r.yaml = out.replace("type: LOGICAL_DNS", "type: STATIC");
+    assert!(!r.yaml.contains("UpstreamTlsContext"));
+    r
 }
 
 /// Runs `envoy --mode validate` on `rendered`; returns (success, combined output).

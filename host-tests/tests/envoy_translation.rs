@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use tollgate_host_tests::envoy::{self, render, Rendered, TempDir};
+use tollgate_host_tests::envoy::{self, providers_on_mocks, render, Rendered, TempDir};
 use tollgate_host_tests::proc::{
     agent, fixtures_dir, get, mock_request_count, post_json, start_mock_provider_with, workspace_root, Server,
 };
@@ -61,32 +61,10 @@ fn mock(key: &str) -> Mock {
 /// providers.yaml with the example policy's free tier set to 3 requests an hour and each
 /// provider cluster pointed at its plain-HTTP mock on loopback (TLS and DNS removed).
 fn render_with_mocks(anthropic: u16, gemini: u16, openai: u16) -> Rendered {
-    let mut r = render(TEMPLATE, None, None);
+    let mut r = providers_on_mocks(anthropic, gemini, openai, None);
     let limits = r#"{ "window": "minute", "requests": 5 }, { "window": "day", "requests": 50 }"#;
     assert!(r.yaml.contains(limits), "the example policy's free tier changed: update this test");
     r.yaml = r.yaml.replace(limits, r#"{ "window": "hour", "requests": 3 }"#);
-    for (host, port) in [("api.anthropic.com", anthropic), ("generativelanguage.googleapis.com", gemini), ("api.openai.com", openai)] {
-        let from = format!("socket_address: {{ address: {host}, port_value: 443 }}");
-        assert!(r.yaml.contains(&from), "{from}");
-        r.yaml = r.yaml.replace(&from, &format!("socket_address: {{ address: 127.0.0.1, port_value: {port} }}"));
-    }
-    // Drop every cluster's `transport_socket:` block (the lines indented under it).
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in r.yaml.lines() {
-        if line == "    transport_socket:" {
-            skipping = true;
-            continue;
-        }
-        if skipping && line.starts_with("      ") {
-            continue;
-        }
-        skipping = false;
-        out.push_str(line);
-        out.push('\n');
-    }
-    r.yaml = out.replace("type: LOGICAL_DNS", "type: STATIC");
-    assert!(!r.yaml.contains("UpstreamTlsContext"));
     r
 }
 

@@ -14,7 +14,7 @@
 //! CPU per request is Envoy's process CPU time (user + system, all threads) over the measured
 //! requests; memory is Envoy's VmRSS after them.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tollgate_host_tests::envoy::{self, providers_on_mocks, Envoy, Rendered};
 use tollgate_host_tests::proc::{agent, fixtures_dir, post_json, start_mock_provider_with};

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the release filter.wasm (profile `wasm`: opt-level z, LTO, one codegen unit, panic=abort,
+# Builds the release filter.wasm (profile `wasm`: opt-level s, LTO, one codegen unit, panic=abort,
 # stripped) at target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm.
 set -euo pipefail
 cd "$(dirname "$0")/.."

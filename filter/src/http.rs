@@ -92,8 +92,16 @@ pub struct Destination<'a> {
 pub fn rewrite_request(up: &UpstreamRequest, body_size: usize, to: &Destination) -> Result<(), Status> {
     let map = abi::HTTP_REQUEST_HEADERS;
     abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &up.body)?;
+    // One read of the header map instead of a removal call per listed name (each a host call
+    // into Envoy): only the names the request carries are removed.
+    let present = abi::headers(map)?;
+    let carried = |name: &str| present.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let mut removed: Vec<&str> = Vec::new();
     for name in CLIENT_ONLY_REQUEST_HEADERS.iter().chain(PROVIDER_REQUEST_HEADERS.iter()) {
-        abi::remove_header(map, name)?;
+        if carried(name) && !removed.contains(name) {
+            abi::remove_header(map, name)?;
+            removed.push(name);
+        }
     }
     abi::set_header(map, ":path", to.path)?;
     if let Some(authority) = to.authority {

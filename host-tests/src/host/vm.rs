@@ -210,6 +210,8 @@ struct HostInner {
     logs: Mutex<Vec<LogEntry>>,
     vms: AtomicUsize,
     echo_logs: bool,
+    /// Count every host call by name ([`Host::counting_host_calls`]).
+    count_calls: bool,
 }
 
 impl Host {
@@ -223,6 +225,14 @@ impl Host {
         let host = Host::with_vm_id(shared, "tollgate");
         let mut inner = Arc::try_unwrap(host.inner).unwrap_or_else(|_| unreachable!("a new host has one owner"));
         inner.flavour = flavour;
+        Host { inner: Arc::new(inner) }
+    }
+
+    /// This host, its VMs counting every host call the guest makes, by name
+    /// ([`Vm::take_host_calls`]): for measurements (every call goes through a dynamic wrapper).
+    pub fn counting_host_calls(self) -> Host {
+        let mut inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| panic!("count host calls before loading a VM"));
+        inner.count_calls = true;
         Host { inner: Arc::new(inner) }
     }
 
@@ -242,6 +252,7 @@ impl Host {
                 logs: Mutex::new(Vec::new()),
                 vms: AtomicUsize::new(0),
                 echo_logs: std::env::var_os("TOLLGATE_WASM_LOG").is_some(),
+                count_calls: false,
             }),
         }
     }
@@ -464,6 +475,8 @@ pub(crate) struct VmState {
     pub random_state: u64,
     /// What WASI `environ_get` serves: Envoy's `vm_config.environment_variables`.
     pub env: Vec<(String, String)>,
+    /// Host calls by name, when the host counts them.
+    pub calls: BTreeMap<String, u64>,
 }
 
 impl VmState {
@@ -623,6 +636,11 @@ impl Vm {
         Vm::load_full(host, module, plugin_config, vm_config, &[])
     }
 
+    /// The host calls counted since the last take ([`Host::counting_host_calls`]).
+    pub fn take_host_calls(&mut self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.store.data_mut().calls)
+    }
+
     fn load_full(
         host: &Host,
         module: &FilterModule,
@@ -652,8 +670,10 @@ impl Vm {
             shared_set_hook: None,
             random_state: 0x9e37_79b9_7f4a_7c15 ^ index as u64,
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            calls: BTreeMap::new(),
         };
         let mut store = Store::new(engine, state);
+        let linker = if host.inner.count_calls { counting(&linker, &mut store).map_err(|e| setup("cannot count the host calls of", e))? } else { linker };
         let instance = linker.instantiate(&mut store, &module.module).map_err(|e| setup("cannot instantiate", e))?;
 
         let memory = instance
@@ -1235,4 +1255,20 @@ fn typed<P: WasmParams, R: WasmResults>(
             .map(Some)
             .map_err(|e| HostError::Setup(format!("export {name} has an unexpected signature: {e:#}"))),
     }
+}
+
+/// `linker`'s functions, each counted by name in [`VmState::calls`] before it runs.
+fn counting(linker: &Linker<VmState>, store: &mut Store<VmState>) -> wasmtime::Result<Linker<VmState>> {
+    let mut counted: Linker<VmState> = Linker::new(store.engine());
+    let funcs: Vec<(String, String, wasmtime::Func)> =
+        linker.iter(&mut *store).filter_map(|(module, name, item)| item.into_func().map(|f| (module.to_owned(), name.to_owned(), f))).collect();
+    for (module, name, func) in funcs {
+        let ty = func.ty(&*store);
+        let label = name.clone();
+        counted.func_new(&module, &name, ty, move |mut caller, params, results| {
+            *caller.data_mut().calls.entry(label.clone()).or_default() += 1;
+            func.call(&mut caller, params, results)
+        })?;
+    }
+    Ok(counted)
 }

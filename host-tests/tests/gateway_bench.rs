@@ -118,12 +118,22 @@ fn load(envoy: &Envoy, case: &Case, floor: bool, total: usize) -> (f64, u64) {
     (started.elapsed().as_secs_f64(), cpu_ticks(envoy.server.pid()) - before)
 }
 
-/// The floor: the same config without the tollgate filter, the client's cluster header kept.
-fn floor_of(with: &Rendered) -> Rendered {
+/// The floor: the same config without the tollgate filter — or, with `wasm`, with that Wasm
+/// filter in its place (bench/floor-filter) — the client's cluster header kept.
+fn floor_of(with: &Rendered, wasm: Option<&str>) -> Rendered {
     let mut yaml = with.yaml.clone();
-    let a = yaml.find("          - name: tollgate\n").expect("the tollgate filter");
-    let b = yaml.find("          - name: envoy.filters.http.router").expect("the router");
-    yaml.replace_range(a..b, "");
+    match wasm {
+        None => {
+            let a = yaml.find("          - name: tollgate\n").expect("the tollgate filter");
+            let b = yaml.find("          - name: envoy.filters.http.router").expect("the router");
+            yaml.replace_range(a..b, "");
+        }
+        Some(path) => {
+            let filter = tollgate_host_tests::proc::filter_wasm_path().display().to_string();
+            assert!(yaml.contains(&filter));
+            yaml = yaml.replace(&filter, path);
+        }
+    }
     assert!(yaml.contains("              - remove: x-tollgate-cluster\n"));
     let yaml = yaml.replace("              - remove: x-tollgate-cluster\n", "              - remove: x-bench-unused\n");
     Rendered { yaml }
@@ -141,37 +151,44 @@ fn measure() {
     pin(mock.pid(), 1);
     let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
     let with = providers_on_mocks(port, port, port, Some(POLICY));
-    let floor = floor_of(&with);
+    let floor = floor_of(&with, None);
+    let floor_wasm = tollgate_host_tests::proc::workspace_root().join("target/wasm32-unknown-unknown/wasm/tollgate_floor_filter.wasm");
+    assert!(floor_wasm.exists(), "{} is missing: scripts/bench-gateway.sh builds it", floor_wasm.display());
+    let wasm_floor = floor_of(&with, Some(&floor_wasm.display().to_string()));
     let env = [("ANTHROPIC_API_KEY", "bench-a"), ("GEMINI_API_KEY", "bench-g"), ("OPENAI_API_KEY", "bench-o")];
     let tick_ms = 1000.0 / 100.0; // USER_HZ
 
-    println!("| case | bare Envoy: CPU ms/request | req/s | Envoy + Tollgate: CPU ms/request | req/s | filter CPU µs/request | kept req/s | filter µs/event |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| case | bare Envoy: CPU ms/request | req/s | Envoy + Tollgate: CPU ms/request | req/s | filter CPU µs/request | kept req/s | filter µs/event | Envoy + a Wasm filter that only reads: CPU ms/request | Tollgate's own µs/request |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut rss = Vec::new();
-    for (label, config) in [("bare", &floor), ("tollgate", &with)] {
+    for (label, config) in [("bare", &floor), ("wasm floor", &wasm_floor), ("tollgate", &with)] {
         let envoy = envoy::start_with_workers(config, &env, 1);
         pin(envoy.server.pid(), 0);
         for case in &CASES {
-            load(&envoy, case, label == "bare", 400);
+            load(&envoy, case, label != "tollgate", 400);
         }
         rss.push((label, rss_mb(envoy.server.pid())));
     }
     let mut results: Vec<(String, [f64; 4])> = Vec::new();
     for case in &CASES {
         // Rounds alternate bare and tollgate so that machine noise hits both alike.
-        let (mut bare_cpu, mut bare_s, mut gate_cpu, mut gate_s) = (0u64, 0f64, 0u64, 0f64);
+        let (mut bare_cpu, mut bare_s, mut gate_cpu, mut gate_s, mut wasm_cpu) = (0u64, 0f64, 0u64, 0f64, 0u64);
         for _ in 0..rounds {
-            for (label, config) in [("bare", &floor), ("tollgate", &with)] {
+            for (label, config) in [("bare", &floor), ("wasm floor", &wasm_floor), ("tollgate", &with)] {
                 let envoy = envoy::start_with_workers(config, &env, 1);
                 pin(envoy.server.pid(), 0);
-                load(&envoy, case, label == "bare", 300);
-                let (secs, ticks) = load(&envoy, case, label == "bare", total);
-                if label == "bare" {
-                    bare_cpu += ticks;
-                    bare_s += secs;
-                } else {
-                    gate_cpu += ticks;
-                    gate_s += secs;
+                load(&envoy, case, label != "tollgate", 300);
+                let (secs, ticks) = load(&envoy, case, label != "tollgate", total);
+                match label {
+                    "bare" => {
+                        bare_cpu += ticks;
+                        bare_s += secs;
+                    }
+                    "wasm floor" => wasm_cpu += ticks,
+                    _ => {
+                        gate_cpu += ticks;
+                        gate_s += secs;
+                    }
                 }
             }
         }
@@ -181,10 +198,12 @@ fn measure() {
         let (bare_rps, gate_rps) = (n / bare_s, n / gate_s);
         let filter_us = (gate_ms - bare_ms) * 1000.0;
         let per_event = case.stream.map_or("".to_owned(), |(_, events)| format!("{:.1}", filter_us / events as f64));
+        let wasm_ms = wasm_cpu as f64 * tick_ms / n;
         println!(
-            "| {} | {bare_ms:.3} | {bare_rps:.0} | {gate_ms:.3} | {gate_rps:.0} | {filter_us:.0} | {:.0} % | {per_event} |",
+            "| {} | {bare_ms:.3} | {bare_rps:.0} | {gate_ms:.3} | {gate_rps:.0} | {filter_us:.0} | {:.0} % | {per_event} | {wasm_ms:.3} | {:.0} |",
             case.name,
-            gate_rps * 100.0 / bare_rps
+            gate_rps * 100.0 / bare_rps,
+            (gate_ms - wasm_ms) * 1000.0
         );
         results.push((case.name.to_owned(), [bare_ms, bare_rps, gate_ms, gate_rps]));
     }

@@ -5,6 +5,7 @@
 //! - `host` (the wasmtime Proxy-Wasm host) lives beside this module.
 
 pub mod behaviour;
+pub mod bench;
 pub mod checks;
 pub mod envoy;
 pub mod fleet;

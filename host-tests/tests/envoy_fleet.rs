@@ -2,7 +2,6 @@
 //! examples/envoy/fleet.yaml, two `tollgate store` replicas, one real Redis (Debian's
 //! `redis-server`), load from many client threads spread over every Envoy.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use serde_json::{json, Value};
 use tollgate_host_tests::checks::now_ms;
 use tollgate_host_tests::envoy::{Envoy, TempDir};
 use tollgate_host_tests::fleet::{fleet_config, start_cluster_store, start_envoys, start_store, start_store_with_env, with_vm_env, Redis, RedisCluster, StoreService};
+use tollgate_host_tests::workerd;
 use tollgate_host_tests::proc::{agent, get, mock_request_count, post_json, start_mock_provider, Reply, Server};
 
 /// Everything a fleet test runs against.
@@ -240,31 +240,15 @@ fn one_request_at_a_time_finds_its_lease_back_on_any_envoy() {
     assert_eq!(stat_sum(&f.envoys, "settle_failures"), 0);
 }
 
-/// Opens a stream through `envoy` and reads it up to its first event.
-fn open_stream(envoy: &Envoy, user: &str, extra: &[(&str, &str)]) -> (TcpStream, BufReader<TcpStream>) {
-    let port = envoy.url.rsplit(':').next().unwrap();
-    let mut conn = TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect to Envoy");
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+/// Opens a stream through `envoy` and reads it up to its first event (the request is admitted
+/// and holds its lease).
+fn open_stream(envoy: &Envoy, user: &str, extra: &[(&str, &str)]) -> TcpStream {
     let body = r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
-    let mut head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: fleet\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-tollgate-user: {user}\r\n", body.len());
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    conn.write_all(head.as_bytes()).unwrap();
-    conn.write_all(body.as_bytes()).unwrap();
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HTTP/1.1 200"), "stream refused: {line:?}");
-    loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line.starts_with("data: ") {
-            return (conn, reader);
-        }
-        assert!(!line.is_empty(), "the stream ended before its first event");
-    }
+    let mut headers = vec![("x-tollgate-user", user)];
+    headers.extend_from_slice(extra);
+    let (conn, head) = workerd::open_stream(&envoy.url, &headers, body);
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("data:"), "stream refused: {head}");
+    conn
 }
 
 /// Cost is charged as the provider reported it, whichever Envoy served; leases held through
@@ -295,16 +279,14 @@ fn cost_is_exact_and_leases_come_back_after_cancels_and_resets() {
     assert_eq!(chat(&f.envoys[2], "streamer", &[]).status, 429);
     assert_eq!(mock_request_count(&agent(), &f.mock_url), served, "the refused request never reached the provider");
     // The clients go away mid-stream: both leases come back.
-    for (conn, reader) in streams {
+    for conn in streams {
         conn.shutdown(std::net::Shutdown::Both).unwrap();
-        drop((conn, reader));
     }
     eventually(Duration::from_secs(5), 0, || used(&usage(&f.envoys[2], "streamer"), "concurrent"));
     // The upstream resets a stream mid-way (after three events): its lease comes back too.
-    let (mut conn, _reader) = open_stream(&f.envoys[2], "streamer", &[("x-mock-delay-ms", "300"), ("x-mock-reset-after", "3")]);
+    let conn = open_stream(&f.envoys[2], "streamer", &[("x-mock-delay-ms", "300"), ("x-mock-reset-after", "3")]);
     assert_eq!(used(&usage(&f.envoys[0], "streamer"), "concurrent"), 1);
-    let mut rest = Vec::new();
-    let _ = conn.read_to_end(&mut rest);
+    workerd::read_rest(conn);
     eventually(Duration::from_secs(5), 0, || used(&usage(&f.envoys[1], "streamer"), "concurrent"));
     assert_eq!(chat(&f.envoys[0], "streamer", &[]).status, 200);
     assert_eq!(stat_sum(&f.envoys, "settle_failures"), 0);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tollgate_host_tests::bench::cpu_ticks;
 use tollgate_host_tests::envoy::{self, render, Envoy, TempDir};
 use tollgate_host_tests::fleet::{fleet_config, start_envoys, start_store, Redis, StoreService};
 use tollgate_host_tests::proc::{agent, get, post_json, start_mock_provider};
@@ -65,14 +66,6 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
 
 fn stats(store: &StoreService) -> Value {
     get(&agent(), &format!("http://127.0.0.1:{}/stats", store.port)).json()
-}
-
-/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 #[test]

@@ -16,30 +16,11 @@
 
 use std::time::Instant;
 
+use tollgate_host_tests::bench::{chat_body, cpu_ticks, GATEWAY_POLICY};
 use tollgate_host_tests::envoy::{self, providers_on_mocks, Envoy, Rendered};
 use tollgate_host_tests::proc::{agent, fixtures_dir, post_json, start_mock_provider_with};
 
 const CONNECTIONS: usize = 16;
-
-const POLICY: &str = r#"{
-  "identity": { "header": "x-tollgate-user" },
-  "tier": { "default": "free" },
-  "store": { "on_failure": "allow" },
-  "prices": { "claude-sonnet": { "input": 3, "output": 15 }, "gpt-4o-mini": { "input": 0.15, "output": 0.6 } },
-  "tiers": { "free": { "limits": [
-    { "window": "minute", "requests": 1000000000 },
-    { "window": "day", "requests": 1000000000 },
-    { "window": "day", "total_tokens": 1000000000000 },
-    { "window": "day", "cost_usd": 1000000000000 },
-    { "concurrent": 60000 },
-    { "per": "tier", "window": "day", "requests": 1000000000 }
-  ] } },
-  "providers": { "anthropic": { "kind": "anthropic", "default_max_tokens": 4096 }, "openai": { "kind": "openai" } },
-  "models": {
-    "claude-sonnet": { "provider": "anthropic", "model": "claude-sonnet-4-5" },
-    "gpt-4o-mini": { "provider": "openai", "model": "gpt-4o-mini" }
-  }
-}"#;
 
 struct Case {
     name: &'static str,
@@ -55,33 +36,10 @@ const CASES: [Case; 4] = [
     Case { name: "claude-s", model: "claude-sonnet", cluster: "anthropic", stream: Some(("anthropic/stream_text_tool_use.sse", 85)) },
 ];
 
-/// A ~1 KB OpenAI chat body.
-fn body(model: &str, stream: bool) -> String {
-    let words = "Summarise the following notes for a busy reader in three short bullet points. ".repeat(11);
-    serde_json::json!({
-        "model": model,
-        "stream": stream,
-        "max_tokens": 256,
-        "messages": [
-            { "role": "system", "content": "You are a concise assistant." },
-            { "role": "user", "content": words }
-        ]
-    })
-    .to_string()
-}
-
 /// Pins `pid` (every thread) to `cpu`.
 fn pin(pid: u32, cpu: usize) {
     let ok = std::process::Command::new("taskset").args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()]).output().is_ok_and(|o| o.status.success());
     assert!(ok, "taskset -a -p -c {cpu} {pid} failed");
-}
-
-/// utime + stime of a process (all threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -93,7 +51,7 @@ fn rss_mb(pid: u32) -> f64 {
 /// `total` requests of `case` from CONNECTIONS keep-alive clients: (seconds, Envoy CPU ticks).
 fn load(envoy: &Envoy, case: &Case, floor: bool, total: usize) -> (f64, u64) {
     let url = format!("{}/v1/chat/completions", envoy.url);
-    let body = body(case.model, case.stream.is_some());
+    let body = chat_body(case.model, case.stream.is_some());
     let mut headers: Vec<(&str, &str)> = vec![("x-tollgate-user", "bench-user")];
     if let Some((fixture, _)) = case.stream {
         headers.push(("x-mock-fixture", fixture));
@@ -150,7 +108,7 @@ fn measure() {
     let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
     pin(mock.pid(), 1);
     let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
-    let with = providers_on_mocks(port, port, port, Some(POLICY));
+    let with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
     let floor = floor_of(&with, None);
     let floor_wasm = tollgate_host_tests::proc::workspace_root().join("target/wasm32-unknown-unknown/wasm/tollgate_floor_filter.wasm");
     assert!(floor_wasm.exists(), "{} is missing: scripts/bench-gateway.sh builds it", floor_wasm.display());

@@ -9,40 +9,16 @@
 
 use std::collections::BTreeMap;
 
+use tollgate_host_tests::bench::{chat_body, GATEWAY_POLICY};
 use tollgate_host_tests::host::{FilterModule, Host, HttpRequest, SharedStore, UpstreamResponse, Vm};
 
-const POLICY: &str = r#"{
-  "identity": { "header": "x-tollgate-user" },
-  "tier": { "default": "free" },
-  "store": { "on_failure": "allow" },
-  "prices": { "claude-sonnet": { "input": 3, "output": 15 }, "gpt-4o-mini": { "input": 0.15, "output": 0.6 } },
-  "tiers": { "free": { "limits": [
-    { "window": "minute", "requests": 1000000000 },
-    { "window": "day", "requests": 1000000000 },
-    { "window": "day", "total_tokens": 1000000000000 },
-    { "window": "day", "cost_usd": 1000000000000 },
-    { "concurrent": 60000 },
-    { "per": "tier", "window": "day", "requests": 1000000000 }
-  ] } },
-  "providers": { "anthropic": { "kind": "anthropic", "default_max_tokens": 4096 }, "openai": { "kind": "openai" } },
-  "models": {
-    "claude-sonnet": { "provider": "anthropic", "model": "claude-sonnet-4-5" },
-    "gpt-4o-mini": { "provider": "openai", "model": "gpt-4o-mini" }
-  }
-}"#;
-
 fn request(model: &str) -> HttpRequest {
-    let words = "Summarise the following notes for a busy reader in three short bullet points. ".repeat(11);
-    let body = serde_json::json!({
-        "model": model, "max_tokens": 256,
-        "messages": [ { "role": "system", "content": "You are a concise assistant." }, { "role": "user", "content": words } ]
-    });
     HttpRequest::post("/v1/chat/completions")
         .header("content-type", "application/json")
         .header("x-tollgate-user", "bench-user")
         .header("user-agent", "bench/1.0")
         .header("accept", "application/json")
-        .body(body.to_string())
+        .body(chat_body(model, false))
 }
 
 fn openai_answer() -> UpstreamResponse {
@@ -71,7 +47,7 @@ fn print(case: &str, calls: &BTreeMap<String, u64>, requests: u64) {
 #[ignore = "a measurement"]
 fn count() {
     let host = Host::new(SharedStore::envoy()).counting_host_calls();
-    let mut vm = Vm::load(&host, FilterModule::release_filter(), POLICY.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let mut vm = Vm::load(&host, FilterModule::release_filter(), GATEWAY_POLICY.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
     let requests = 50;
     for (case, model, answer) in [("gpt (pass-through)", "gpt-4o-mini", openai_answer as fn() -> UpstreamResponse), ("claude (translated)", "claude-sonnet", anthropic_answer)] {
         vm.set_upstream(move |_| answer());

@@ -59,6 +59,16 @@ enum BodyMode {
     Done,
 }
 
+/// Binds `$facts`: core's [`Facts`] about this request (its headers, peer, `$now`, the VM's
+/// secrets, the claims Envoy's `jwt_authn` verified).
+macro_rules! facts {
+    ($self:ident, $shared:ident, $now:expr, $facts:ident) => {
+        let lookup = |name: &str| $self.header_value(name);
+        let secrets = |name: &str| $shared.secret(name);
+        let $facts = Facts { header: &lookup, peer_address: $self.peer.as_deref(), now_ms: $now, secrets: &secrets, claim: &jwt_claim };
+    };
+}
+
 /// Where a request is.
 enum Phase {
     /// Nothing (more) to do.
@@ -244,9 +254,7 @@ impl Downstream {
             return self.admit_remotely(body, body_size, now, now_ns, lease_id, store.timeout_ms);
         }
         let outcome = {
-            let lookup = |name: &str| self.header_value(name);
-            let secrets = |name: &str| shared.secret(name);
-            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+            facts!(self, shared, now, facts);
             let mut no_clock = NoClock;
             let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
             gate::admit_chat(policy, &facts, body, store, lease_id)
@@ -259,9 +267,7 @@ impl Downstream {
     fn admit_remotely(&mut self, body: &[u8], body_size: usize, now: u64, now_ns: u64, lease_id: u64, timeout_ms: u32) -> Action {
         let shared = self.shared.clone();
         let policy = &*shared.policy;
-        let lookup = |name: &str| self.header_value(name);
-        let secrets = |name: &str| shared.secret(name);
-        let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+        facts!(self, shared, now, facts);
         let pending = match gate::prepare_chat(policy, &facts, body) {
             Prepared::Reply(response) => {
                 shared.metrics.add(Metric::Invalid);
@@ -303,9 +309,7 @@ impl Downstream {
             }
         };
         let outcome = {
-            let lookup = |name: &str| self.header_value(name);
-            let secrets = |name: &str| shared.secret(name);
-            let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+            facts!(self, shared, now, facts);
             match gate::prepare_chat(policy, &facts, &body) {
                 Prepared::Admit(p) => p.conclude(policy, &facts, result),
                 // The same body and facts prepared before: never reached.
@@ -734,9 +738,7 @@ impl HttpContext for Downstream {
         match gate::classify(method.as_deref(), path.as_deref()) {
             Kind::Usage => {
                 let Some(now) = self.now() else { return self.reply(&render::store_unavailable()) };
-                let lookup = |name: &str| self.header_value(name);
-                let secrets = |name: &str| shared.secret(name);
-                let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+                facts!(self, shared, now, facts);
                 let Some(store) = shared.policy.remote_store.as_ref() else {
                     let response = gate::usage_report(&shared.policy, &facts, path.as_deref(), &mut SharedData);
                     return self.reply(&response);
@@ -756,9 +758,7 @@ impl HttpContext for Downstream {
             Kind::Models => {
                 let now = self.now().unwrap_or(self.last_now);
                 let response = {
-                    let lookup = |name: &str| self.header_value(name);
-                    let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+                    facts!(self, shared, now, facts);
                     gate::models_list(&shared.policy, &facts)
                 };
                 self.reply(&response)
@@ -771,9 +771,7 @@ impl HttpContext for Downstream {
                 let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
                 let refused = {
                     let now = self.now().unwrap_or(0);
-                    let lookup = |name: &str| self.header_value(name);
-                    let secrets = |name: &str| shared.secret(name);
-                    let facts = Facts { header: &lookup, peer_address: self.peer.as_deref(), now_ms: now, secrets: &secrets, claim: &jwt_claim };
+                    facts!(self, shared, now, facts);
                     gate::check_declared_length(&shared.policy, &facts, declared)
                 };
                 if let Some(response) = refused {

@@ -9,7 +9,7 @@ PORT=${TOLLGATE_PORT:-10000}
 
 bash scripts/setup.sh envoy
 echo "[run] building filter.wasm and the mock provider..." >&2
-cargo build --quiet -p tollgate-filter --target wasm32-unknown-unknown --profile wasm
+bash scripts/build-wasm.sh
 WASM="$PWD/target/wasm32-unknown-unknown/wasm/tollgate_filter.wasm"
 ENVOY=$(bash scripts/envoy-bin.sh)
 

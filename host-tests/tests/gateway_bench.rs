@@ -50,9 +50,15 @@ fn rss_mb(pid: u32) -> f64 {
 
 /// `total` requests of `case` from CONNECTIONS keep-alive clients: (seconds, Envoy CPU ticks).
 fn load(envoy: &Envoy, case: &Case, floor: bool, total: usize) -> (f64, u64) {
+    load_with(envoy, case, floor, total, &[])
+}
+
+/// [`load`] with `extra` request headers.
+fn load_with(envoy: &Envoy, case: &Case, floor: bool, total: usize, extra: &[(&str, &str)]) -> (f64, u64) {
     let url = format!("{}/v1/chat/completions", envoy.url);
     let body = chat_body(case.model, case.stream.is_some());
     let mut headers: Vec<(&str, &str)> = vec![("x-tollgate-user", "bench-user")];
+    headers.extend_from_slice(extra);
     if let Some((fixture, _)) = case.stream {
         headers.push(("x-mock-fixture", fixture));
     }
@@ -68,7 +74,7 @@ fn load(envoy: &Envoy, case: &Case, floor: bool, total: usize) -> (f64, u64) {
                 let http = agent();
                 for _ in (c..total).step_by(CONNECTIONS) {
                     let r = post_json(&http, url, headers, body);
-                    assert_eq!(r.status, 200, "{} ({}): {}", case.name, if floor { "floor" } else { "tollgate" }, r.body);
+                    assert_eq!(r.status, 200, "{} ({}): {}\n{}", case.name, if floor { "floor" } else { "tollgate" }, r.body, envoy.log());
                 }
             });
         }
@@ -175,5 +181,144 @@ fn measure() {
         std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0)
     );
     assert_eq!(results.len(), CASES.len());
+    drop(mock);
+}
+
+/// What one response-header host call and one parse-and-write of the request body cost a Wasm
+/// filter in Envoy (V8) and the same parse in the wasmtime host (bench/floor-filter's probes), gpt
+/// case: `cargo test --release -p tollgate-host-tests --test gateway_bench -- --ignored --nocapture probe`
+/// after scripts/bench-gateway.sh has built the floor filter.
+#[test]
+#[ignore = "a measurement"]
+fn probe() {
+    let total: usize = std::env::var("GATEWAY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(4000);
+    let rounds: usize = std::env::var("GATEWAY_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    pin(std::process::id(), 1);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
+    pin(mock.pid(), 1);
+    let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
+    let with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
+    let floor_wasm = tollgate_host_tests::proc::workspace_root().join("target/wasm32-unknown-unknown/wasm/tollgate_floor_filter.wasm");
+    let wasm_floor = floor_of(&with, Some(&floor_wasm.display().to_string()));
+    let env = [("ANTHROPIC_API_KEY", "bench-a"), ("GEMINI_API_KEY", "bench-g"), ("OPENAI_API_KEY", "bench-o")];
+    let case = &CASES[0];
+    const N: usize = 20;
+    let kinds = ["none", "headers", "pairs", "property", "shared", "metric", "body", "time", "parses", "hold", "route"];
+    let envoy = envoy::start_with_workers(&wasm_floor, &env, 1);
+    pin(envoy.server.pid(), 0);
+    // hold and route are one-off shapes, not repeated calls.
+    let per = |kind: &str| if matches!(kind, "hold" | "route") { 1 } else { N };
+    let headers: Vec<(String, String)> = kinds.iter().map(|k| (format!("x-probe-{k}"), per(k).to_string())).collect();
+    let extra = |i: usize| -> Vec<(&str, &str)> {
+        if i == 0 { vec![] } else { vec![(headers[i].0.as_str(), headers[i].1.as_str())] }
+    };
+    for i in 0..kinds.len() {
+        load_with(&envoy, case, true, 300, &extra(i));
+    }
+    let mut ms = vec![0f64; kinds.len()];
+    for _ in 0..rounds {
+        for (i, m) in ms.iter_mut().enumerate() {
+            let (_, ticks) = load_with(&envoy, case, true, total, &extra(i));
+            *m += ticks as f64 * 10.0 / (total * rounds) as f64;
+        }
+    }
+    drop(envoy);
+    drop(mock);
+    println!("Envoy + the floor filter, gpt: {:.1} µs CPU per request; each probe {N} calls per request", ms[0] * 1000.0);
+    println!("| host call (Envoy 1.40, V8) | µs per call |");
+    println!("|---|---:|");
+    for (i, kind) in kinds.iter().enumerate().skip(1) {
+        let what = match *kind {
+            "parses" => "(guest) parse + write the ~1 KB body".to_owned(),
+            "hold" => "hold the answer's headers, set its body, status, content-length (per request)".to_owned(),
+            "route" => "set :path, the cluster header, content-length after the body (per request)".to_owned(),
+            other => other.to_owned(),
+        };
+        println!("| {what} | {:.2} |", (ms[i] - ms[0]) * 1000.0 / per(kind) as f64);
+    }
+
+    // The same parses in the wasmtime host.
+    use tollgate_host_tests::host::{FilterModule, Host, HttpRequest, SharedStore, Vm};
+    let module = FilterModule::from_file(&floor_wasm).unwrap_or_else(|e| panic!("{e}"));
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, &module, b"").unwrap_or_else(|e| panic!("{e}"));
+    let body = chat_body(case.model, false);
+    let mut time = |parses: &str| {
+        let n = 20_000;
+        let started = Instant::now();
+        for _ in 0..n {
+            let r = HttpRequest::post("/v1/chat/completions").header("x-probe-parses", parses).body(&body);
+            assert_eq!(vm.request(r).unwrap().status, 200);
+        }
+        started.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    time("20");
+    let (none, twenty) = (time("0"), time("20"));
+    println!("(guest) parse + write the ~1 KB body in wasmtime: {:.2} µs", (twenty - none) / 20.0);
+}
+
+/// Where Envoy's CPU goes with each filter (bare, the reading-only Wasm floor, Tollgate), per
+/// request of one case (`GATEWAY_BENCH_CASE`, default gpt): `perf record` on the Envoy process,
+/// samples split by where the code lives — V8's generated code (the guest, and V8's wrappers:
+/// anonymous memory, "[unknown]"/JIT), the Envoy binary (Envoy, the host functions, V8's
+/// runtime), libc, the kernel. `perf` must be installed:
+/// `cargo test --release -p tollgate-host-tests --test gateway_bench -- --ignored --nocapture split`.
+#[test]
+#[ignore = "a measurement"]
+fn split() {
+    let total: usize = std::env::var("GATEWAY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(8000);
+    let name = std::env::var("GATEWAY_BENCH_CASE").unwrap_or_else(|_| "gpt".into());
+    let case = CASES.iter().find(|c| c.name == name).expect("GATEWAY_BENCH_CASE: gpt, gpt-s, claude or claude-s");
+    pin(std::process::id(), 1);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
+    pin(mock.pid(), 1);
+    let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
+    let with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
+    let floor = floor_of(&with, None);
+    let floor_wasm = tollgate_host_tests::proc::workspace_root().join("target/wasm32-unknown-unknown/wasm/tollgate_floor_filter.wasm");
+    let wasm_floor = floor_of(&with, Some(&floor_wasm.display().to_string()));
+    let env = [("ANTHROPIC_API_KEY", "bench-a"), ("GEMINI_API_KEY", "bench-g"), ("OPENAI_API_KEY", "bench-o")];
+    let data = std::env::temp_dir().join(format!("tollgate-split-{}.perf", std::process::id()));
+    println!("| {} | Envoy CPU µs/request | V8 code (JIT) | Envoy binary | libc | kernel | other |", case.name);
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (label, config) in [("bare", &floor), ("wasm floor", &wasm_floor), ("tollgate", &with)] {
+        let envoy = envoy::start_with_workers(config, &env, 1);
+        pin(envoy.server.pid(), 0);
+        load(&envoy, case, label != "tollgate", 500);
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-q", "-F", "2999", "-o", data.to_str().unwrap(), "-p", &envoy.server.pid().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (_, ticks) = load(&envoy, case, label != "tollgate", total);
+        let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+        let report = std::process::Command::new("perf")
+            .args(["report", "-q", "-i", data.to_str().unwrap(), "--sort", "dso", "-g", "none", "--stdio"])
+            .output()
+            .expect("perf report");
+        let text = String::from_utf8_lossy(&report.stdout);
+        let us = ticks as f64 * 10_000.0 / total as f64;
+        let (mut jit, mut envoy_bin, mut libc, mut kernel, mut other) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let Some(pct) = parts.next().and_then(|p| p.trim_end_matches('%').parse::<f64>().ok()) else { continue };
+            let dso = parts.collect::<Vec<_>>().join(" ");
+            match dso.as_str() {
+                d if d.contains("unknown") || d.contains("JIT") || d.starts_with("perf-") || d.contains("anon") => jit += pct,
+                "envoy" => envoy_bin += pct,
+                d if d.starts_with("libc") || d.starts_with("libm") || d.starts_with("libpthread") => libc += pct,
+                d if d.contains("kernel") || d.contains("vdso") => kernel += pct,
+                _ => other += pct,
+            }
+        }
+        let part = |pct: f64| format!("{:.0} µs ({pct:.0} %)", us * pct / 100.0);
+        println!("| {label} | {us:.0} | {} | {} | {} | {} | {} |", part(jit), part(envoy_bin), part(libc), part(kernel), part(other));
+    }
+    let _ = std::fs::remove_file(&data);
     drop(mock);
 }

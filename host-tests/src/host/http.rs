@@ -106,11 +106,46 @@ pub struct UpstreamResponse {
     /// The stream dies after the headers and `body` (which then never ends): an upstream reset
     /// or a client that went away — either way Envoy stops calling the filter and logs.
     pub cut: bool,
+    /// The lengths of the pieces `body` reaches the filter in, one `proxy_on_response_body` each
+    /// (empty: one piece).
+    pub chunk_lens: Vec<usize>,
 }
 
 impl UpstreamResponse {
     pub fn new(status: u16) -> UpstreamResponse {
-        UpstreamResponse { status, headers: vec![], body: vec![], cut: false }
+        UpstreamResponse { status, headers: vec![], body: vec![], cut: false, chunk_lens: vec![] }
+    }
+
+    /// The body, in pieces that reach the filter one callback each (as Envoy delivers an SSE
+    /// stream that the upstream writes one event at a time).
+    pub fn body_chunks<I, B>(mut self, chunks: I) -> UpstreamResponse
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        self.body.clear();
+        self.chunk_lens.clear();
+        for chunk in chunks {
+            self.body.extend_from_slice(chunk.as_ref());
+            self.chunk_lens.push(chunk.as_ref().len());
+        }
+        self
+    }
+
+    /// The body in the pieces [`UpstreamResponse::chunk_lens`] describes (none when empty).
+    pub(crate) fn pieces(&self) -> Vec<Vec<u8>> {
+        if self.body.is_empty() {
+            return vec![];
+        }
+        if self.chunk_lens.iter().sum::<usize>() != self.body.len() {
+            return vec![self.body.clone()];
+        }
+        let mut rest = self.body.as_slice();
+        self.chunk_lens.iter().map(|&n| {
+            let (piece, tail) = rest.split_at(n);
+            rest = tail;
+            piece.to_vec()
+        }).collect()
     }
 
     /// See [`UpstreamResponse::cut`].
@@ -126,6 +161,7 @@ impl UpstreamResponse {
 
     pub fn body(mut self, body: impl AsRef<[u8]>) -> UpstreamResponse {
         self.body = body.as_ref().to_vec();
+        self.chunk_lens.clear();
         self
     }
 }

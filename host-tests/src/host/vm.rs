@@ -20,7 +20,14 @@ use super::shared::SharedStore;
 
 fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
-    ENGINE.get_or_init(Engine::default)
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        // `scripts/profile-filter.sh`: perf names the guest's functions from /tmp/perf-PID.map.
+        if std::env::var_os("TOLLGATE_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
+        Engine::new(&config).unwrap_or_else(|e| panic!("wasmtime engine: {e:#}"))
+    })
 }
 
 /// A compiled guest module. Compiling is the slow part; instantiating ([`Vm::load`]) is cheap,
@@ -920,13 +927,14 @@ impl Vm {
     /// The upstream's answer to the request as it now stands, through the response callbacks.
     fn call_upstream(&mut self, ctx: u32, forwarded: Vec<u8>) -> Result<Exchange, HostError> {
         let upstream_request = UpstreamRequest { headers: self.stream().request_headers.clone(), body: forwarded };
-        let response = (self.upstream)(&upstream_request);
+        let mut response = (self.upstream)(&upstream_request);
         let mut headers: HeaderList = vec![(":status".into(), response.status.to_string().into_bytes())];
-        headers.extend(response.headers.into_iter().map(|(k, v)| (lower(k.as_bytes()), v)));
+        headers.extend(std::mem::take(&mut response.headers).into_iter().map(|(k, v)| (lower(k.as_bytes()), v)));
         if response.cut {
             return self.cut_response(ctx, headers, response.body, upstream_request);
         }
-        self.encode_response(ctx, headers, response.body, Some(upstream_request))
+        let pieces = response.pieces();
+        self.encode_response(ctx, headers, pieces, Some(upstream_request))
     }
 
     /// ngx_wasm_module: the body, whole, in one `proxy_on_request_body` with end_of_stream —
@@ -987,7 +995,7 @@ impl Vm {
         &mut self,
         ctx: u32,
         headers: HeaderList,
-        body: Vec<u8>,
+        body: Vec<Vec<u8>>,
         upstream_request: Option<UpstreamRequest>,
     ) -> Result<Exchange, HostError> {
         let cb = self.callbacks.clone();
@@ -1016,26 +1024,38 @@ impl Vm {
             Next::Reset => return self.reset(ctx, upstream_request),
         }
 
-        let mut sent_body = body;
-        if !sent_body.is_empty() {
+        // Each piece through `proxy_on_response_body`: Pause buffers (the next call sees the
+        // whole buffer), Continue sends the buffer on and empties it.
+        let mut sent_body = Vec::new();
+        let pieces = body.len();
+        let mut buffering = false;
+        for (i, piece) in body.into_iter().enumerate() {
+            let end_of_stream = i + 1 == pieces;
             let size = {
                 let s = self.stream();
-                s.response_body = std::mem::take(&mut sent_body);
+                if buffering {
+                    s.response_body.extend_from_slice(&piece);
+                } else {
+                    s.response_body = piece;
+                }
                 s.response_body_open = true;
                 s.response_body.len() as u32
             };
-            let action = self.invoke("proxy_on_response_body", ctx, cb.on_response_body, (ctx, size, 1))?;
+            let action =
+                self.invoke("proxy_on_response_body", ctx, cb.on_response_body.clone(), (ctx, size, end_of_stream as u32))?;
             match self.settle(action, Side::Response) {
                 Next::Proceed => {
-                    sent_body = std::mem::take(&mut self.stream().response_body);
+                    sent_body.append(&mut self.stream().response_body);
                     self.stream().response_access = Access::None;
+                    buffering = false;
                 }
+                Next::Paused if !end_of_stream => buffering = true,
                 Next::Paused => return self.stalled(ctx, "proxy_on_response_body"),
                 Next::LocalReply => return self.reply_locally(ctx, upstream_request),
                 Next::Reset => return self.reset(ctx, upstream_request),
             }
-            self.stream().response_body_open = false;
         }
+        self.stream().response_body_open = false;
 
         let s = self.stream();
         let status = s
@@ -1084,7 +1104,8 @@ impl Vm {
                 headers.push(("content-type".into(), b"text/plain".to_vec()));
             }
         }
-        self.encode_response(ctx, headers, reply.body.clone(), upstream_request)
+        let pieces = if reply.body.is_empty() { vec![] } else { vec![reply.body.clone()] };
+        self.encode_response(ctx, headers, pieces, upstream_request)
     }
 
     /// A response that dies mid-way: headers (not the end), the body so far (not the end), then

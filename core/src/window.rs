@@ -6,9 +6,12 @@
 //! configured [`Zone`]) alone.
 //!
 //! [`Window::bounds`] is the UTC calendar, in integer arithmetic. `Window::bounds_in` follows
-//! a [`Zone`], whose rules come from the IANA time zone database that `jiff` bundles into the
-//! binary (no file system, no system time zone: the same answers natively and in
-//! `wasm32-unknown-unknown`). In a zone:
+//! a [`Zone`]: an IANA zone from the time zone database that `jiff` bundles into the binary
+//! (feature `tzdb`: the CLI, the worker; no file system, no system time zone: the same answers
+//! natively and in `wasm32-unknown-unknown`), or a POSIX TZ string giving the rules directly
+//! (`"CET-1CEST,M3.5.0,M10.5.0/3"`), which every build understands — the Envoy filter leaves the
+//! ~330 KB database out, and `tollgate envoy` writes a named zone's rules into its config. In a
+//! zone:
 //! - **days, weeks (ISO: Monday to Sunday) and months** are dates of the local calendar. Each
 //!   starts at the first instant the local clock reads 00:00 of its first date or later: local
 //!   midnight (the first one when midnight happens twice), or the instant the clocks jump when
@@ -55,37 +58,90 @@ pub enum Window {
     Month,
 }
 
-/// The time zone whose calendar the windows follow: UTC, or an IANA zone from the bundled
-/// database.
+/// The time zone whose calendar the windows follow: UTC, an IANA zone, or a zone given by its
+/// POSIX TZ rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Zone {
     tz: TimeZone,
     /// Offset 0 forever (`UTC`, `Etc/UTC`, `GMT`, …): computed by the UTC fast path.
     utc: bool,
+    /// The name to report when `tz` has no IANA name: the canonical IANA name of a zone known by
+    /// its rules, or the POSIX TZ string the policy gave.
+    label: Option<String>,
 }
+
+#[cfg(not(feature = "tzdb"))]
+include!(concat!(env!("OUT_DIR"), "/zones.rs"));
 
 impl Zone {
     pub(crate) fn utc() -> Zone {
-        Zone { tz: TimeZone::UTC, utc: true }
+        Zone { tz: TimeZone::UTC, utc: true, label: None }
     }
 
-    /// An IANA time zone by name (`"America/New_York"`; matched without regard to case, as
-    /// the database does). Errors with `unknown time zone "Mars/Olympus"`.
+    /// A time zone by IANA name (`"America/New_York"`; matched without regard to case, as the
+    /// database does) or by POSIX TZ rules (`"EST5EDT,M3.2.0,M11.1.0"`). Errors with
+    /// `unknown time zone "Mars/Olympus"`.
+    ///
+    /// With the `tzdb` feature an IANA zone carries its whole history; without it (the Envoy
+    /// filter) its current rules (build.rs), which give the same windows from 2026 on.
     pub fn named(name: &str) -> Result<Zone, String> {
-        let tz = TimeZone::get(name).map_err(|_| format!("unknown time zone {name:?}"))?;
+        let (tz, label) = match iana(name) {
+            Some(found) => found,
+            None => match TimeZone::posix(name) {
+                Ok(tz) => (tz, Some(name.to_owned())),
+                Err(_) => return Err(unknown(name)),
+            },
+        };
         let utc = tz.to_offset(jiff::Timestamp::UNIX_EPOCH) == Offset::UTC
             && tz.following(jiff::Timestamp::MIN).next().is_none();
-        if utc && tz.iana_name() == Some("UTC") {
+        if utc && (tz.iana_name() == Some("UTC") || label.as_deref() == Some("UTC")) {
             return Ok(Zone::utc());
         }
-        Ok(Zone { tz, utc })
+        Ok(Zone { tz, utc, label })
     }
 
-    /// The canonical IANA name (`"UTC"` for `Zone::utc`).
+    /// The canonical IANA name (`"UTC"` for `Zone::utc`), or the POSIX TZ string the zone was
+    /// given as.
     pub fn name(&self) -> &str {
-        // Every `Zone` is UTC or was found in the database by name, so the name is always there.
-        self.tz.iana_name().unwrap_or("UTC")
+        match (&self.label, self.tz.iana_name()) {
+            (Some(label), _) => label,
+            (None, Some(name)) => name,
+            (None, None) => "UTC",
+        }
     }
+}
+
+/// An IANA zone from the bundled database.
+#[cfg(feature = "tzdb")]
+fn iana(name: &str) -> Option<(TimeZone, Option<String>)> {
+    TimeZone::get(name).ok().map(|tz| (tz, None))
+}
+
+#[cfg(feature = "tzdb")]
+fn unknown(name: &str) -> String {
+    format!("unknown time zone {name:?}")
+}
+
+/// An IANA zone by its current rules, or its TZif data where the rules alone do not do
+/// (build.rs's tables).
+#[cfg(not(feature = "tzdb"))]
+fn iana(name: &str) -> Option<(TimeZone, Option<String>)> {
+    let lower = name.to_ascii_lowercase();
+    if let Ok(i) = ZONES.binary_search_by(|(n, _, _)| (*n).cmp(lower.as_str())) {
+        let (_, canonical, rules) = ZONES[i];
+        if rules == "UTC0" {
+            return Some((TimeZone::UTC, Some(canonical.to_owned())));
+        }
+        return TimeZone::posix(rules).ok().map(|tz| (tz, Some(canonical.to_owned())));
+    }
+    let i = ZONES_TZIF.binary_search_by(|(n, _, _)| (*n).cmp(lower.as_str())).ok()?;
+    let (_, canonical, data) = ZONES_TZIF[i];
+    TimeZone::tzif(canonical, data).ok().map(|tz| (tz, None))
+}
+
+#[cfg(not(feature = "tzdb"))]
+fn unknown(name: &str) -> String {
+    format!("unknown time zone {name:?}")
 }
 
 impl Window {
@@ -471,6 +527,22 @@ mod tests {
     }
 
     #[test]
+    fn posix_rules_are_zones_too() {
+        let rules = zone("CET-1CEST,M3.5.0,M10.5.0/3");
+        assert_eq!(rules.name(), "CET-1CEST,M3.5.0,M10.5.0/3");
+        let berlin = zone("Europe/Berlin");
+        // Every day, week and month from 2026 to 2031, an hour after each boundary.
+        let mut now = 1_767_225_600_000u64;
+        while now < 1_924_992_000_000 {
+            for w in Window::ALL {
+                assert_eq!(w.bounds_in(now, &rules), w.bounds_in(now, &berlin), "{w:?} at {now}");
+            }
+            now += 86_400_000 + 3_600_000;
+        }
+        assert!(Zone::named("CET-1CEST,M3.5.0").is_err(), "half a rule");
+    }
+
+    #[test]
     fn unknown_zone_is_an_error_naming_it() {
         assert_eq!(Zone::named("Mars/Olympus").unwrap_err(), r#"unknown time zone "Mars/Olympus""#);
         assert_eq!(Zone::named("").unwrap_err(), r#"unknown time zone """#);
@@ -808,7 +880,7 @@ mod tests {
         fn days_start_at_local_midnight_where_it_exists(now in 0u64..4_102_444_800_000, z in 0usize..3) {
             // New York, Berlin and Tokyo change clocks away from midnight (since 1970).
             let tz = TimeZone::get(["America/New_York", "Europe/Berlin", "Asia/Tokyo"][z]).unwrap();
-            let z = Zone { tz: tz.clone(), utc: false };
+            let z = Zone { tz: tz.clone(), utc: false, label: None };
             for w in [Window::Day, Window::Week, Window::Month] {
                 let (s, e) = w.bounds_in(now, &z);
                 // (the window of the epoch starts at 0, whatever the local time then)

@@ -1084,3 +1084,49 @@ fn log_lines_carry_no_identity_token_or_key() {
         assert!(!logs.contains(canary), "{canary} in the log: {logs}");
     }
 }
+
+/// The filter carries no time zone database (a sixth of its size): it knows the IANA zones by
+/// their current rules (core/build.rs), a dozen with a change already scheduled by their TZif
+/// data, and takes POSIX TZ strings. Its day windows end at the zone's next local midnight, as
+/// the whole database says — on ordinary days and on the 23-hour day clocks go forward.
+#[test]
+fn time_zones_without_the_database_follow_the_local_calendar() {
+    use jiff::{tz::TimeZone, Timestamp};
+    // 2026-12-05T12:00Z; 2027-03-28T10:00Z (Europe's clocks went forward that night);
+    // 2027-11-07T12:00Z (North America's clocks went back that night).
+    let instants = [1_796_472_000_000u64, 1_806_228_000_000, 1_825_502_400_000];
+    let zones = [
+        ("Europe/Berlin", "Europe/Berlin"),
+        ("europe/berlin", "Europe/Berlin"),
+        ("Asia/Kolkata", "Asia/Kolkata"),
+        ("America/New_York", "America/New_York"),
+        ("Australia/Lord_Howe", "Australia/Lord_Howe"),
+        // Rules alone do not do for these (a change is scheduled): the TZif data is kept.
+        ("America/Vancouver", "America/Vancouver"),
+        ("Africa/Casablanca", "Africa/Casablanca"),
+        ("CET-1CEST,M3.5.0,M10.5.0/3", "Europe/Berlin"),
+        ("UTC", "UTC"),
+    ];
+    for (name, reference) in zones {
+        let tz = TimeZone::get(reference).unwrap();
+        for now in instants {
+            let host = Host::new(SharedStore::envoy());
+            host.clock().set_epoch_ms(now);
+            let config = format!(
+                r#"{{"time_zone": {name:?}, "identity": {{"header": "x-tollgate-user"}}, "tier": {{"default": "default"}},
+                    "tiers": {{"default": {{"limits": [{{"window": "day", "requests": 5}}]}}}}}}"#
+            );
+            let mut vm = load(&host, &config);
+            let ex = send(&mut vm, chat(Some("alice")));
+            let local = Timestamp::from_millisecond(now as i64).unwrap().to_zoned(tz.clone());
+            let end = local.date().tomorrow().unwrap().to_zoned(tz.clone()).unwrap().timestamp().as_millisecond() as u64;
+            let reset = tollgate_host_tests::checks::duration_ms(&ex.header("x-ratelimit-reset-requests").expect("reset header"));
+            assert_eq!(reset, end - now, "{name} at {now}: the day ends at {end}");
+        }
+    }
+    // An unknown zone is refused with its name, as in every build.
+    let host = Host::new(SharedStore::envoy());
+    let bad = r#"{"time_zone": "Mars/Olympus", "identity": {"header": "x-tollgate-user"}, "tier": {"default": "d"}, "tiers": {"d": {"limits": []}}}"#;
+    let e = Vm::load(&host, filter(), bad.as_bytes()).err().expect("Mars/Olympus is refused").to_string();
+    assert!(e.contains(r#"unknown time zone \"Mars/Olympus\""#) || e.contains(r#"unknown time zone "Mars/Olympus""#), "{e}");
+}

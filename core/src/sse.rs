@@ -608,7 +608,8 @@ impl<'a> Iterator for Lines<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         let s = self.0?;
-        match s.find(['\r', '\n']) {
+        // A byte search: `str::find` with a char set decodes every character.
+        match s.bytes().position(|b| b == b'\r' || b == b'\n') {
             None => {
                 self.0 = None;
                 Some(s)

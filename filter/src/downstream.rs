@@ -236,7 +236,7 @@ impl Downstream {
 
     /// Runs the gate for this request (`body` for a chat completion, `None` for any other) and
     /// applies what core decides.
-    fn admit(&mut self, body: &[u8], body_size: usize) -> Action {
+    fn admit(&mut self, body: Vec<u8>, body_size: usize) -> Action {
         let shared = self.shared.clone();
         let policy = &*shared.policy;
         // Without the time nothing can be counted: the gate runs against a store that fails,
@@ -257,18 +257,21 @@ impl Downstream {
             facts!(self, shared, now, facts);
             let mut no_clock = NoClock;
             let store: &mut dyn tollgate_core::CasStore = if clock.is_some() { &mut SharedData } else { &mut no_clock };
-            gate::admit_chat(policy, &facts, body, store, lease_id)
+            gate::admit_chat(policy, &facts, &body, store, lease_id)
         };
+        // The request is parsed: its bytes go before the upstream body is written, so a large
+        // body does not sit in the VM's memory twice (a Wasm VM never gives memory back).
+        drop(body);
         self.admitted(outcome, body_size, now, now_ns, lease_id, None)
     }
 
     /// `store.redis`: prepares the request and sends its admission (and an alias's health
     /// reads) to the store service; the request waits for [`Self::admission_answered`].
-    fn admit_remotely(&mut self, body: &[u8], body_size: usize, now: u64, now_ns: u64, lease_id: u64, timeout_ms: u32) -> Action {
+    fn admit_remotely(&mut self, body: Vec<u8>, body_size: usize, now: u64, now_ns: u64, lease_id: u64, timeout_ms: u32) -> Action {
         let shared = self.shared.clone();
         let policy = &*shared.policy;
         facts!(self, shared, now, facts);
-        let pending = match gate::prepare_chat(policy, &facts, body) {
+        let pending = match gate::prepare_chat(policy, &facts, &body) {
             Prepared::Reply(response) => {
                 shared.metrics.add(Metric::Invalid);
                 return self.reply(&response);
@@ -279,7 +282,7 @@ impl Downstream {
         let job = Job::Admit { who: pending.who.clone(), estimate: pending.estimate.clone(), lease_id, now, health };
         match remote::dispatch(&shared, job, timeout_ms) {
             Ok(token) => {
-                self.phase = Phase::Admitting { token, body: body.to_vec(), body_size, now, now_ns, lease_id };
+                self.phase = Phase::Admitting { token, body, body_size, now, now_ns, lease_id };
                 Action::Pause
             }
             Err(status) => {
@@ -316,6 +319,7 @@ impl Downstream {
                 Prepared::Reply(response) => Gate::Reply { response, why: Refused::Invalid, store_error: None },
             }
         };
+        drop(body);
         if self.admitted(outcome, body_size, now, now_ns, lease_id, health) == Action::Continue {
             if let Err(s) = abi::resume_request() {
                 host_error(&shared.metrics, "resuming the request", s);
@@ -786,7 +790,7 @@ impl HttpContext for Downstream {
                         && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
                 if bodiless {
                     // Admit now, which refuses it as the empty body it is.
-                    return self.admit(b"", 0);
+                    return self.admit(Vec::new(), 0);
                 }
                 self.phase = Phase::ReadingBody;
                 match shared.flavour {
@@ -828,7 +832,7 @@ impl HttpContext for Downstream {
                 return self.reply(&http::gateway_error().to_response());
             }
         };
-        self.admit(&body, body_size)
+        self.admit(body, body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {

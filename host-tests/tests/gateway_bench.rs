@@ -322,3 +322,115 @@ fn split() {
     let _ = std::fs::remove_file(&data);
     drop(mock);
 }
+
+/// Envoy's memory with Tollgate (one worker VM) over many requests and after request bodies
+/// near Envoy's 1 MiB buffer limit; and the guest's linear memory (its high-water mark, which
+/// a Wasm VM never gives back) in the wasmtime host after the same bodies:
+/// `GATEWAY_BENCH_REQUESTS=1000000 cargo test --release -p tollgate-host-tests --test gateway_bench -- --ignored --nocapture memory`.
+#[test]
+#[ignore = "a measurement"]
+fn memory() {
+    let total: usize = std::env::var("GATEWAY_BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    pin(std::process::id(), 1);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
+    pin(mock.pid(), 1);
+    let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
+    let with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
+    let env = [("ANTHROPIC_API_KEY", "bench-a"), ("GEMINI_API_KEY", "bench-g"), ("OPENAI_API_KEY", "bench-o")];
+    // What each further worker (each with its own VM) adds: Envoy with 1 and with 4 workers,
+    // bare and with Tollgate, every worker warmed (16 connections spread over the workers).
+    let mut per_worker = Vec::new();
+    for (label, config, floor) in [("bare", floor_of(&with, None), true), ("tollgate", with.clone(), false)] {
+        let mut mb = [0f64; 2];
+        for (i, workers) in [1u32, 4].into_iter().enumerate() {
+            let e = envoy::start_with_workers(&config, &env, workers);
+            for case in &CASES {
+                load(&e, case, floor, 2000);
+            }
+            mb[i] = rss_mb(e.server.pid());
+            let stats = agent().get(&format!("{}/stats?filter=wasm", e.admin)).call().ok().and_then(|mut r| r.body_mut().read_to_string().ok()).unwrap_or_default();
+            let vms: Vec<&str> = stats.lines().filter(|l| l.contains("runtime.v8")).collect();
+            println!("{label}, {workers} workers: {}", vms.join(", "));
+        }
+        per_worker.push((label, mb));
+    }
+    let (b, t) = (per_worker[0].1, per_worker[1].1);
+    println!("| Envoy VmRSS after warm-up | 1 worker | 4 workers | each further worker |");
+    println!("|---|---:|---:|---:|");
+    println!("| bare | {:.1} MB | {:.1} MB | {:.1} MB |", b[0], b[1], (b[1] - b[0]) / 3.0);
+    println!("| + Tollgate | {:.1} MB | {:.1} MB | {:.1} MB |", t[0], t[1], (t[1] - t[0]) / 3.0);
+    println!("Tollgate's memory per worker VM: {:.1} MB (Envoy + Tollgate minus bare Envoy, per further worker)\n", ((t[1] - t[0]) - (b[1] - b[0])) / 3.0);
+
+    let envoy = envoy::start_with_workers(&with, &env, 1);
+    pin(envoy.server.pid(), 0);
+    let bare_envoy = envoy::start_with_workers(&floor_of(&with, None), &env, 1);
+    for case in &CASES {
+        load(&bare_envoy, case, true, 2000);
+        load(&envoy, case, false, 2000);
+    }
+    let bare = rss_mb(bare_envoy.server.pid());
+    drop(bare_envoy);
+    println!("| after | Envoy + Tollgate VmRSS (one worker) | above bare Envoy ({bare:.1} MB) |");
+    println!("|---|---:|---:|");
+    let row = |what: &str| {
+        let mb = rss_mb(envoy.server.pid());
+        println!("| {what} | {mb:.1} MB | {:.1} MB |", mb - bare);
+    };
+    row("warm-up (2000 requests of each case)");
+    let step = total / 4;
+    for i in 1..=4 {
+        for case in &CASES {
+            load(&envoy, case, false, step / CASES.len());
+        }
+        row(&format!("{} more requests", i * step));
+    }
+    // Bodies just under the listener's 1 MiB buffer limit.
+    let big = big_body(1_000_000);
+    let url = format!("{}/v1/chat/completions", envoy.url);
+    let http = agent();
+    for _ in 0..20 {
+        let r = post_json(&http, &url, &[("x-tollgate-user", "bench-user")], &big);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    row(&format!("20 requests of {} KB", big.len() / 1000));
+    for case in &CASES {
+        load(&envoy, case, false, 2000);
+    }
+    row("8000 ordinary requests after them");
+    drop(envoy);
+    drop(mock);
+
+    use tollgate_host_tests::host::{FilterModule, Host, HttpRequest, SharedStore, UpstreamResponse, Vm};
+    let host = Host::new(SharedStore::envoy());
+    let mut vm = Vm::load(&host, FilterModule::release_filter(), GATEWAY_POLICY.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+    vm.set_upstream(|_| {
+        UpstreamResponse::new(200).header("content-type", "application/json").body(
+            r#"{"id":"c","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":190,"completion_tokens":40,"total_tokens":230}}"#,
+        )
+    });
+    let request = |body: &str| {
+        HttpRequest::post("/v1/chat/completions").header("content-type", "application/json").header("x-tollgate-user", "u").body(body)
+    };
+    let small = chat_body("gpt-4o-mini", false);
+    for _ in 0..100 {
+        assert_eq!(vm.request(request(&small)).unwrap().status, 200);
+    }
+    let before = vm.memory_bytes();
+    assert_eq!(vm.request(request(&big)).unwrap().status, 200);
+    let after = vm.memory_bytes();
+    println!(
+        "\nwasmtime host, the guest's linear memory: {:.2} MB after 100 ordinary requests, {:.2} MB after one {} KB body ({:.1} × the body)",
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        big.len() / 1000,
+        (after - before) as f64 / big.len() as f64
+    );
+}
+
+/// A chat body of about `bytes` bytes (one long user message).
+fn big_body(bytes: usize) -> String {
+    let words = "Summarise the following notes for a busy reader in three short bullet points. ";
+    let text = words.repeat(bytes / words.len());
+    serde_json::json!({ "model": "gpt-4o-mini", "max_tokens": 256, "messages": [{ "role": "user", "content": text }] }).to_string()
+}

@@ -206,7 +206,12 @@ impl Exchange {
             match item {
                 StreamOut::Chunk(c) => {
                     if let Ok(json) = serde_json::to_string(c) {
-                        write_event(text, None, &json, None);
+                        // serde_json writes no line breaks: one `data` line, without a scan
+                        // for them (what `write_event` would write).
+                        text.reserve(json.len() + 8);
+                        text.push_str("data: ");
+                        text.push_str(&json);
+                        text.push_str("\n\n");
                     }
                 }
                 StreamOut::Raw(data) => write_event(text, None, data, None),

@@ -17,6 +17,7 @@
 //!   error for the wrapper to end the stream with. DeepSeek's `reasoning_content` is already the
 //!   OpenAI-compatible field and passes through.
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{Pair, ResponseMeta, StreamOut, Target, UpstreamRequest};
@@ -94,9 +95,55 @@ impl OpenAiCompatible {
     }
 }
 
+/// Whether a chunk (trimmed `data`) is a JSON object that names none of the fields `event`
+/// reads or changes — `usage`, `x_groq`, `error`, `tool_calls` — and has no empty `choices`
+/// (a usage-only chunk), so it passes as sent. Conservative: a key written with a `\u` escape,
+/// or any of those names anywhere (even inside a string), takes the full parse.
+fn plain_chunk(data: &str) -> bool {
+    let b = data.as_bytes();
+    if b.first() != Some(&b'{') || b.windows(2).any(|w| w == b"\\u") {
+        return false;
+    }
+    let has = |needle: &[u8]| b.windows(needle.len()).any(|w| w == needle);
+    if has(b"\"usage\"") || has(b"\"x_groq\"") || has(b"\"error\"") || has(b"\"tool_calls\"") {
+        return false;
+    }
+    // `"choices": []` (any spacing) is a usage-only chunk.
+    let mut rest = b;
+    while let Some(at) = rest.windows(9).position(|w| w == b"\"choices\"") {
+        let after = &rest[at + 9..];
+        let mut tail = after.iter().copied().filter(|c| !c.is_ascii_whitespace());
+        if tail.next() == Some(b':') && tail.next() == Some(b'[') && tail.next() == Some(b']') {
+            return false;
+        }
+        rest = after;
+    }
+    true
+}
+
+/// A non-stream answer as parsed: [`ChatCompletion`] with `usage` kept as sent.
+#[derive(Deserialize)]
+struct WireCompletion {
+    id: String,
+    object: String,
+    created: u64,
+    model: String,
+    choices: Vec<crate::openai::Choice>,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
+}
+
 /// The normalised usage in a response or chunk, if it carries one.
 fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage").filter(|u| u.is_object()).or_else(|| v.pointer("/x_groq/usage").filter(|u| u.is_object()))?;
+    usage_in(v.get("usage"), v.as_object()?)
+}
+
+/// The normalised usage from a response's `usage`, else from Groq's `x_groq.usage` among its
+/// other fields.
+fn usage_in(usage: Option<&Value>, rest: &Map<String, Value>) -> Option<Usage> {
+    let u = usage.filter(|u| u.is_object()).or_else(|| rest.get("x_groq")?.get("usage").filter(|u| u.is_object()))?;
     let n = |p: &str| u.pointer(p).and_then(Value::as_u64);
     Some(Usage {
         input: n("/prompt_tokens"),
@@ -138,15 +185,22 @@ fn provider_error(status: u16, retry_after: Option<u64>, error: Option<&Value>) 
 
 impl Pair for OpenAiCompatible {
     fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
-        let mut upstream = req.clone();
-        upstream.model = target.upstream_model.clone();
-        if upstream.is_stream() {
-            let options = upstream
-                .stream_options
-                .get_or_insert_with(|| StreamOptions { include_usage: None, extra: Map::new() });
-            options.include_usage = Some(true);
-        }
-        let body = serde_json::to_vec(&upstream).map_err(|e| ApiError {
+        let asks_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
+        let encoded = if req.model == target.upstream_model && (!req.is_stream() || asks_usage) {
+            // Nothing to change: the request as parsed, without a copy of every message.
+            serde_json::to_vec(req)
+        } else {
+            let mut upstream = req.clone();
+            upstream.model = target.upstream_model.clone();
+            if upstream.is_stream() {
+                let options = upstream
+                    .stream_options
+                    .get_or_insert_with(|| StreamOptions { include_usage: None, extra: Map::new() });
+                options.include_usage = Some(true);
+            }
+            serde_json::to_vec(&upstream)
+        };
+        let body = encoded.map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",
@@ -159,16 +213,33 @@ impl Pair for OpenAiCompatible {
             path: "/v1/chat/completions".to_owned(),
             headers: vec![("content-type", "application/json".to_owned())],
             body,
-            stream: upstream.is_stream(),
+            stream: req.is_stream(),
         })
     }
 
     fn response(&mut self, body: &[u8]) -> Result<ChatCompletion, ApiError> {
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| ApiError::bad_upstream(format!("the provider's response is not JSON: {e}")))?;
-        self.record_usage(&value);
-        let mut completion: ChatCompletion = serde_json::from_value(value)
-            .map_err(|e| ApiError::bad_upstream(format!("the provider's response is not a chat completion: {e}")))?;
+        // One typed parse (no `Value` tree first): `usage` stays a `Value` for the providers'
+        // variants `usage_of` reads, and is checked as OpenAI's usage afterwards.
+        let wire: WireCompletion = serde_json::from_slice(body).map_err(|e| {
+            let what = if e.is_data() { "is not a chat completion" } else { "is not JSON" };
+            ApiError::bad_upstream(format!("the provider's response {what}: {e}"))
+        })?;
+        if let Some(usage) = &wire.usage {
+            crate::openai::WireUsage::deserialize(usage)
+                .map_err(|e| ApiError::bad_upstream(format!("the provider's response is not a chat completion: usage: {e}")))?;
+        }
+        if let Some(u) = usage_in(wire.usage.as_ref(), &wire.extra) {
+            self.usage.merge(u);
+        }
+        let mut completion = ChatCompletion {
+            id: wire.id,
+            object: wire.object,
+            created: wire.created,
+            model: wire.model,
+            choices: wire.choices,
+            usage: None,
+            extra: wire.extra,
+        };
         if completion.model.is_empty() {
             completion.model = self.meta.model.clone();
         }
@@ -189,6 +260,13 @@ impl Pair for OpenAiCompatible {
             return Ok(());
         }
         if data.is_empty() {
+            return Ok(());
+        }
+        if self.identity.is_some() && plain_chunk(data) {
+            // Nothing in it to read or change: checked as JSON without building it.
+            serde_json::from_str::<serde::de::IgnoredAny>(data)
+                .map_err(|e| ApiError::bad_upstream(format!("a stream chunk is not JSON: {e}")))?;
+            out.push(StreamOut::Raw(data.to_owned()));
             return Ok(());
         }
         let mut chunk: Value = serde_json::from_str(data)
@@ -245,6 +323,35 @@ mod tests {
     use crate::openai::ChatChunk;
     use crate::sse::{SseDecoder, SseEvent};
     use crate::translate::ProviderKind;
+
+    #[test]
+    fn plain_chunks_are_only_those_with_nothing_to_read_or_change() {
+        let plain = r#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"hi"}}]}"#;
+        assert!(plain_chunk(plain));
+        assert!(plain_chunk(r#"{"choices":[{"delta":{"content":"a \"usage\" word"}}]}"#), "a quoted word inside a string is escaped");
+        for not in [
+            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"choices": [ ] }"#,
+            r#"{"choices":[{"delta":{}}],"usage":null}"#,
+            r#"{"choices":[{"delta":{}}],"x_groq":{"id":"r"}}"#,
+            r#"{"error":{"code":502}}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"id":"t"}]}}]}"#,
+            r#"{"choices":[{"delta":{"content":"caf\u00e9"}}]}"#,
+            r#"{"\u0075sage":{"prompt_tokens":1},"choices":[{"delta":{}}]}"#,
+            r#"[1]"#,
+        ] {
+            assert!(!plain_chunk(not), "{not}");
+        }
+        // What passes as sent (once the first chunk named the stream) is still checked as JSON.
+        let mut pair = OpenAiCompatible::new(meta());
+        let mut out = Vec::new();
+        pair.event(None, plain, &mut out).unwrap();
+        assert!(pair.identity.is_some());
+        pair.event(None, plain, &mut out).unwrap();
+        assert!(pair.event(None, r#"{"choices":[{"delta":{"content":"x"}}]"#, &mut out).is_err(), "a truncated chunk");
+        assert!(pair.event(None, r#"{"choices":[{"delta":{"content":"x"}}]} x"#, &mut out).is_err(), "trailing bytes");
+        assert_eq!(out.len(), 2);
+    }
 
     fn meta() -> ResponseMeta {
         ResponseMeta { id: "chatcmpl-test".to_owned(), model: "client-model".to_owned(), created: 1_700_000_000 }

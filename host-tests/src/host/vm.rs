@@ -801,6 +801,11 @@ impl Vm {
         global.get(&mut self.store).i32()
     }
 
+    /// The size of the guest's linear memory in bytes (it only ever grows: its high-water mark).
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().memory.map_or(0, |m| m.data_size(&self.store))
+    }
+
     /// The tick period the guest asked for with `proxy_set_tick_period_milliseconds`.
     pub fn tick_period_ms(&self) -> u32 {
         self.store.data().tick_period_ms

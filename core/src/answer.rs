@@ -131,26 +131,28 @@ impl Answer {
             .filter(|n| is_provider_only_response_header(n) || n.starts_with(headers::PREFIX))
             .map(str::to_owned)
             .collect();
-        let mut set = self.client_headers();
         let stream = match &self.body {
             Body::Other => {
                 self.phase = Phase::Passing { status };
-                return Head { remove, set, body: BodyPlan::Pass };
+                return Head { remove, set: self.client_headers(), body: BodyPlan::Pass };
             }
             Body::Chat { stream, .. } => *stream,
         };
         if stream && (200..300).contains(&status) && !end_of_stream {
             self.phase = Phase::Streaming;
             remove.push("content-length".to_owned());
+            let mut set = self.client_headers();
             set.push(("content-type", "text/event-stream".to_owned()));
             return Head { remove, set, body: BodyPlan::Stream };
         }
         self.phase = Phase::Buffering { status };
+        // The whole answer's response ([`Answer::whole`]) carries the client's headers: a host
+        // sets them with it, not here as well (each is a host call in Envoy).
         if end_of_stream {
             let response = self.whole(status, retry_after, b"");
-            return Head { remove, set, body: BodyPlan::Replace(response) };
+            return Head { remove, set: Vec::new(), body: BodyPlan::Replace(response) };
         }
-        Head { remove, set, body: BodyPlan::Buffer }
+        Head { remove, set: Vec::new(), body: BodyPlan::Buffer }
     }
 
     /// The next bytes of a streamed answer; what the client gets instead goes to `out`.
@@ -315,8 +317,17 @@ mod tests {
         let names = ["content-type", "openai-organization", "x-ratelimit-remaining-requests", "x-tollgate-deployment", "set-cookie", "x-request-id"];
         let head = a.head(200, names, None, false);
         assert_eq!(head.remove, ["openai-organization", "x-ratelimit-remaining-requests", "x-tollgate-deployment", "set-cookie"]);
-        assert_eq!(head.set, [("x-ratelimit-remaining-requests", "4".to_owned()), (WARNING_HEADER, "w".to_owned())]);
+        assert_eq!(head.set, [], "a buffered answer's headers come with it");
         assert_eq!(head.body, BodyPlan::Buffer);
+        let r = a.whole(200, None, br#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[]}"#);
+        for h in [("x-ratelimit-remaining-requests", "4".to_owned()), (WARNING_HEADER, "w".to_owned())] {
+            assert!(r.headers.contains(&h), "{h:?} in {:?}", r.headers);
+        }
+        // A stream's headers go with the head.
+        let (e, stream) = exchange(ProviderKind::OpenAi, STREAM);
+        let mut a = Answer::chat(e, stream, vec![("x-ratelimit-remaining-requests", "4".into())], warning());
+        let head = a.head(200, names, None, false);
+        assert!(head.set.contains(&("x-ratelimit-remaining-requests", "4".to_owned())), "{:?}", head.set);
     }
 
     #[test]

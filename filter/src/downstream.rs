@@ -98,6 +98,8 @@ pub struct Downstream {
     /// The client's request headers as they arrived.
     headers: Vec<(String, String)>,
     peer: Option<String>,
+    /// The stream's connection id, once read (`connection_id`).
+    connection: Option<u64>,
     phase: Phase,
     /// What to settle when the request ends; `None` once settled (or never admitted).
     ticket: Option<Ticket>,
@@ -112,7 +114,7 @@ pub struct Downstream {
 impl Downstream {
     /// A new stream.
     pub fn new(shared: Shared, context_id: u32) -> Downstream {
-        Downstream { shared, context_id, headers: Vec::new(), peer: None, phase: Phase::Idle, ticket: None, settling: None, last_now: 0 }
+        Downstream { shared, context_id, headers: Vec::new(), peer: None, connection: None, phase: Phase::Idle, ticket: None, settling: None, last_now: 0 }
     }
 
     fn policy(&self) -> &Policy {
@@ -248,7 +250,7 @@ impl Downstream {
         }
         let now = clock.unwrap_or(self.last_now);
         let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));
-        let connection = http::connection_id();
+        let connection = self.connection_id();
         let lease_id = http::request_token(now_ns, connection, self.context_id);
         if let (Some(_), Some(store)) = (clock, policy.remote_store.as_ref()) {
             return self.admit_remotely(body, body_size, now, now_ns, lease_id, store.timeout_ms);
@@ -332,7 +334,7 @@ impl Downstream {
     /// the store service read them with the admission.
     fn admitted(&mut self, outcome: Gate<'_>, body_size: usize, now: u64, now_ns: u64, lease_id: u64, health: Option<(Vec<Health>, u32)>) -> Action {
         let shared = self.shared.clone();
-        let connection = http::connection_id();
+        let connection = self.connection_id();
         let mut admitted = match outcome {
             Gate::Reply { response, why, store_error } => {
                 shared.metrics.add(match why {
@@ -362,7 +364,7 @@ impl Downstream {
             }
             Dispatch::Provider { provider, request, answer } => {
                 let to = Destination { path: &request.path, authority: None, key: None, cluster: Some(&provider.cluster) };
-                if let Err(s) = http::rewrite_request(&request, body_size, &to) {
+                if let Err(s) = http::rewrite_request(&request, body_size, &to, Some(&self.headers)) {
                     return self.host_failure("rewriting the request", s);
                 }
                 shared.metrics.add(Metric::Translated);
@@ -718,6 +720,13 @@ impl Context for Downstream {
             }
             _ => {}
         }
+    }
+}
+
+impl Downstream {
+    /// The stream's connection id, read from the host once.
+    fn connection_id(&mut self) -> u64 {
+        *self.connection.get_or_insert_with(http::connection_id)
     }
 }
 

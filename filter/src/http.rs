@@ -89,13 +89,23 @@ pub struct Destination<'a> {
 /// cache itself on every request-header change a plugin makes
 /// (`source/extensions/common/wasm/context.cc`: add/replace/remove/setHeaderMapPairs →
 /// `clearRouteCache()`), so the router matches again with the cluster header.
-pub fn rewrite_request(up: &UpstreamRequest, body_size: usize, to: &Destination) -> Result<(), Status> {
+///
+/// `known`: the request's header names as the filter read them when the headers came (saves a
+/// host call reading them again; a header removed since is only removed twice); `None` reads them.
+pub fn rewrite_request(up: &UpstreamRequest, body_size: usize, to: &Destination, known: Option<&[(String, String)]>) -> Result<(), Status> {
     let map = abi::HTTP_REQUEST_HEADERS;
     abi::set_buffer(abi::HTTP_REQUEST_BODY, 0, body_size, &up.body)?;
     // One read of the header map instead of a removal call per listed name (each a host call
     // into Envoy): only the names the request carries are removed.
-    let present = abi::headers(map)?;
-    let carried = |name: &str| present.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    let read;
+    let present: Vec<&str> = match known {
+        Some(pairs) => pairs.iter().map(|(k, _)| k.as_str()).collect(),
+        None => {
+            read = abi::headers(map)?;
+            read.iter().map(|(k, _)| k.as_str()).collect()
+        }
+    };
+    let carried = |name: &str| present.iter().any(|k| k.eq_ignore_ascii_case(name));
     let mut removed: Vec<&str> = Vec::new();
     for name in CLIENT_ONLY_REQUEST_HEADERS.iter().chain(PROVIDER_REQUEST_HEADERS.iter()) {
         if carried(name) && !removed.contains(name) {
@@ -149,8 +159,11 @@ pub fn replace_answer(response: &LocalResponse, body_size: usize, with_body: boo
         ok &= abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &response.body).is_ok();
     }
     ok &= abi::set_header(map, ":status", &response.status.to_string()).is_ok();
-    for name in ["content-length", "content-type", "content-encoding", "retry-after"] {
-        ok &= abi::remove_header(map, name).is_ok();
+    // The body's own headers go, unless set below (a replace drops every value of the name).
+    for name in ["content-type", "content-encoding", "retry-after"] {
+        if !response.headers.iter().any(|(k, _)| *k == name) {
+            ok &= abi::remove_header(map, name).is_ok();
+        }
     }
     for (name, value) in &response.headers {
         ok &= abi::set_header(map, name, value).is_ok();

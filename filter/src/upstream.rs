@@ -151,7 +151,7 @@ impl Upstream {
             .filter(|k| !k.is_empty())
             .map(|k| provider.kind.key_header(&k));
         let to = Destination { path: &path, authority, key: key_header, cluster: None };
-        if let Err(s) = http::rewrite_request(&up, body_size, &to) {
+        if let Err(s) = http::rewrite_request(&up, body_size, &to, None) {
             host_error(&shared.metrics, "rewriting the attempt", s);
             return self.reply(&http::gateway_error().to_response());
         }

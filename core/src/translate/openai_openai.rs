@@ -121,6 +121,55 @@ fn plain_chunk(data: &str) -> bool {
     true
 }
 
+/// Any JSON value, checked as `serde_json::Value` would parse it — numbers in range, strings'
+/// escapes and UTF-8 — without building it. (`serde::de::IgnoredAny` skips numbers unread: a
+/// chunk with `1E999` would pass.)
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_none<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+}
+
 /// A non-stream answer as parsed: [`ChatCompletion`] with `usage` kept as sent.
 #[derive(Deserialize)]
 struct WireCompletion {
@@ -264,7 +313,7 @@ impl Pair for OpenAiCompatible {
         }
         if self.identity.is_some() && plain_chunk(data) {
             // Nothing in it to read or change: checked as JSON without building it.
-            serde_json::from_str::<serde::de::IgnoredAny>(data)
+            serde_json::from_str::<Checked>(data)
                 .map_err(|e| ApiError::bad_upstream(format!("a stream chunk is not JSON: {e}")))?;
             out.push(StreamOut::Raw(data.to_owned()));
             return Ok(());
@@ -350,6 +399,12 @@ mod tests {
         pair.event(None, plain, &mut out).unwrap();
         assert!(pair.event(None, r#"{"choices":[{"delta":{"content":"x"}}]"#, &mut out).is_err(), "a truncated chunk");
         assert!(pair.event(None, r#"{"choices":[{"delta":{"content":"x"}}]} x"#, &mut out).is_err(), "trailing bytes");
+        // As strict as a `Value` (the fuzzer found IgnoredAny was not): numbers out of range,
+        // lone surrogates, control characters in strings.
+        for bad in [r#"{"created":17E5137933,"choices":[]"#, r#"{"c":1e999,"choices":[{}]}"#, r#"{"s":"\ud800","choices":[{}]}"#, "{\"s\":\"a\u{1}b\",\"choices\":[{}]}"] {
+            assert!(serde_json::from_str::<Value>(bad).is_err(), "{bad}");
+            assert!(pair.event(None, bad, &mut out).is_err(), "{bad}");
+        }
         assert_eq!(out.len(), 2);
     }
 

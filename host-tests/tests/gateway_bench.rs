@@ -434,3 +434,104 @@ fn big_body(bytes: usize) -> String {
     let text = words.repeat(bytes / words.len());
     serde_json::json!({ "model": "gpt-4o-mini", "max_tokens": 256, "messages": [{ "role": "user", "content": text }] }).to_string()
 }
+
+/// The worker in workerd (`wrangler dev`, the built worker) vs the mock provider called
+/// directly: latency added per request (P50, P99; one client, one request at a time) and the
+/// workerd process's CPU per request, each case of the Envoy benchmark with the same policy
+/// (its providers pointed at the mock). `scripts/bench-gateway.sh` runs it after the Envoy
+/// measurement when the worker is built.
+#[test]
+#[ignore = "a measurement: scripts/bench-gateway.sh"]
+fn worker() {
+    use tollgate_host_tests::workerd::{start_wrangler, Scratch};
+    let total: usize = std::env::var("GATEWAY_BENCH_WORKER_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let fixtures = fixtures_dir();
+    let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
+    let mut policy: serde_json::Value = serde_json::from_str(GATEWAY_POLICY).unwrap();
+    for (name, provider) in policy["providers"].as_object_mut().unwrap() {
+        provider["base_url"] = serde_json::Value::from(mock_url.as_str());
+        provider["api_key"] = serde_json::json!({ "secret": format!("BENCH_{}_KEY", name.to_uppercase()) });
+    }
+    let scratch = Scratch::new("worker-bench");
+    let env_file = scratch.0.join("secrets.env");
+    std::fs::write(&env_file, "BENCH_ANTHROPIC_KEY=bench-a\nBENCH_OPENAI_KEY=bench-o\n").unwrap();
+    let policy = policy.to_string();
+    let wrangler = start_wrangler(
+        &scratch.0,
+        &[("UPSTREAM_URL", &mock_url), ("TOLLGATE_POLICY", &policy), ("PROVIDER_PASS_HEADERS", "x-mock-fixture")],
+        Some(&env_file),
+    );
+    let workerd = descendants(wrangler.server.pid()).into_iter().find(|&p| {
+        std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "workerd")
+    });
+    let http = agent();
+    let time = |url: &str, case: &Case, n: usize| -> Vec<f64> {
+        let body = chat_body(case.model, case.stream.is_some());
+        let mut headers: Vec<(&str, &str)> = vec![("x-tollgate-user", "bench-user")];
+        if let Some((fixture, _)) = case.stream {
+            headers.push(("x-mock-fixture", fixture));
+        }
+        let mut ms: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let r = post_json(&http, url, &headers, &body);
+                assert_eq!(r.status, 200, "{} via {url}: {}", case.name, r.body);
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        ms
+    };
+    let pct = |v: &[f64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    println!("| case | direct to the mock: P50 / P99 ms | through the worker (workerd): P50 / P99 ms | added P50 | workerd CPU ms/request |");
+    println!("|---|---:|---:|---:|---:|");
+    let direct_url = format!("{mock_url}/v1/chat/completions");
+    let worker_url = format!("{}/v1/chat/completions", wrangler.url);
+    for case in &CASES {
+        time(&direct_url, case, 50);
+        time(&worker_url, case, 100);
+        let direct = time(&direct_url, case, total);
+        let before = workerd.map(cpu_ticks).unwrap_or(0);
+        let through = time(&worker_url, case, total);
+        let cpu = workerd.map(|p| (cpu_ticks(p) - before) as f64 * 10.0 / total as f64);
+        println!(
+            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms | {} |",
+            case.name,
+            pct(&direct, 0.5),
+            pct(&direct, 0.99),
+            pct(&through, 0.5),
+            pct(&through, 0.99),
+            pct(&through, 0.5) - pct(&direct, 0.5),
+            cpu.map_or("?".to_owned(), |c| format!("{c:.2}"))
+        );
+    }
+    println!("{total} sequential requests per case and path, one keep-alive client; workerd pid {workerd:?}");
+    drop(wrangler);
+    drop(mock);
+}
+
+/// Every process below `pid` (from /proc's parent links).
+fn descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut out = vec![];
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(child, parent) in &parents {
+            if parent == p {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out
+}

@@ -249,7 +249,7 @@ pub enum Prepared<'p> {
 /// Prepares a complete chat completion body: parse, route, identify, guard, estimate.
 pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepared<'p> {
     let request: ChatRequest = match serde_json::from_slice(body) {
-        Ok(r) => r,
+        Ok(r) => ChatRequest { wire_len: crate::openai::WireLen(body.len()), ..r },
         Err(e) => return Prepared::Reply(ApiError::unreadable_body(&e).to_response()),
     };
     let mut route = None;

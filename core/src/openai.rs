@@ -84,6 +84,41 @@ pub struct ChatRequest {
     /// Every other field, kept as sent.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// How many bytes the request had on the wire (set by the gate once parsed): the upstream
+    /// body is written into a buffer of about that size, so a large request does not grow one
+    /// by doubling (a doubling step holds 3× the body at once, and a Wasm VM's linear memory
+    /// never shrinks back).
+    #[serde(skip)]
+    pub wire_len: WireLen,
+}
+
+/// A request's size on the wire: a hint, not part of the request's value (always equal).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WireLen(pub usize);
+
+impl WireLen {
+    /// Room for a translation of the request: its wrapping (content blocks, a system block)
+    /// makes it a little longer than the request, and a buffer one byte short doubles.
+    pub(crate) fn translated(self) -> WireLen {
+        WireLen(self.0.saturating_add(self.0 / 32).saturating_add(1024))
+    }
+}
+
+impl PartialEq for WireLen {
+    fn eq(&self, _: &WireLen) -> bool {
+        true
+    }
+}
+
+/// Encodes `value` as JSON into a buffer sized for a body of about `hint` bytes.
+/// The buffer starts at exactly the request's size, so it fits where the request's own bytes
+/// were freed (an encoding that comes out longer, which is rare for a large body, doubles it).
+/// The writer is `Vec<u8>`, as in `serde_json::to_vec`: one more writer type would repeat every
+/// request type's encoder in filter.wasm (+20 KB).
+pub(crate) fn encode_sized<T: Serialize + ?Sized>(value: &T, hint: WireLen) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(hint.0.max(128));
+    serde_json::to_writer(&mut out, value)?;
+    Ok(out)
 }
 
 impl ChatRequest {

@@ -121,7 +121,7 @@ impl Upstream {
             return self.reply(&exhausted);
         };
         let request: ChatRequest = match serde_json::from_slice(body) {
-            Ok(r) => r,
+            Ok(r) => ChatRequest { wire_len: tollgate_core::openai::WireLen(body.len()), ..r },
             Err(e) => return self.refuse_for(&deployment, ApiError::unreadable_body(&e).to_response()),
         };
         let now_ns = abi::now_ns().unwrap_or(now.saturating_mul(1_000_000));

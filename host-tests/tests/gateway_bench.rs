@@ -485,6 +485,33 @@ fn worker() {
     let pct = |v: &[f64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
     println!("| case | direct to the mock: P50 / P99 ms | through the worker (workerd): P50 / P99 ms | added P50 | workerd CPU ms/request |");
     println!("|---|---:|---:|---:|---:|");
+    // What the worker costs with no counter touched: the model list (no Durable Object, no
+    // upstream), against the mock's own 404 for the same path.
+    let plain = |url: &str, n: usize| -> Vec<f64> {
+        let mut ms: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                tollgate_host_tests::workerd::get_with(url, &[("x-tollgate-user", "bench-user")]);
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        ms
+    };
+    plain(&format!("{}/v1/models", wrangler.url), 50);
+    let direct = plain(&format!("{mock_url}/v1/models"), total);
+    let before = workerd.map(cpu_ticks).unwrap_or(0);
+    let through = plain(&format!("{}/v1/models", wrangler.url), total);
+    let cpu = workerd.map(|p| (cpu_ticks(p) - before) as f64 * 10.0 / total as f64);
+    println!(
+        "| GET /v1/models (no counter, no upstream) | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms | {} |",
+        pct(&direct, 0.5),
+        pct(&direct, 0.99),
+        pct(&through, 0.5),
+        pct(&through, 0.99),
+        pct(&through, 0.5) - pct(&direct, 0.5),
+        cpu.map_or("?".to_owned(), |c| format!("{c:.2}"))
+    );
     let direct_url = format!("{mock_url}/v1/chat/completions");
     let worker_url = format!("{}/v1/chat/completions", wrangler.url);
     for case in &CASES {

@@ -1130,3 +1130,46 @@ fn time_zones_without_the_database_follow_the_local_calendar() {
     let e = Vm::load(&host, filter(), bad.as_bytes()).err().expect("Mars/Olympus is refused").to_string();
     assert!(e.contains(r#"unknown time zone \"Mars/Olympus\""#) || e.contains(r#"unknown time zone "Mars/Olympus""#), "{e}");
 }
+
+/// A request body near the listener's 1 MiB limit leaves the VM's linear memory (which never
+/// shrinks) at about twice the body passed through (the body and its parse, then the upstream
+/// body written where the request's bytes were freed) and three times translated (the Anthropic
+/// request's own copy of the text), not at the 4–5× a doubling output buffer reached.
+#[test]
+fn a_large_body_raises_linear_memory_by_about_twice_its_size() {
+    use tollgate_host_tests::bench::{chat_body, GATEWAY_POLICY};
+    let words = "Summarise the following notes for a busy reader in three short bullet points. ";
+    for (model, most, answer) in [
+        (
+            "gpt-4o-mini",
+            2.5,
+            r#"{"id":"c","object":"chat.completion","created":1,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":190,"completion_tokens":4,"total_tokens":194}}"#,
+        ),
+        (
+            "claude-sonnet",
+            3.5,
+            r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4-5","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":190,"output_tokens":4}}"#,
+        ),
+    ] {
+        let host = Host::new(SharedStore::envoy());
+        let mut vm = load(&host, GATEWAY_POLICY);
+        vm.set_upstream(move |_| UpstreamResponse::new(200).header("content-type", "application/json").body(answer));
+        let request = |body: String| HttpRequest::post("/v1/chat/completions").header("x-tollgate-user", "u").body(body);
+        for _ in 0..20 {
+            assert_eq!(send(&mut vm, request(chat_body(model, false))).status, 200);
+        }
+        let big = serde_json::json!({ "model": model, "max_tokens": 256, "messages": [{ "role": "user", "content": words.repeat(12_500) }] }).to_string();
+        let before = vm.memory_bytes();
+        let ex = send(&mut vm, request(big.clone()));
+        assert_eq!(ex.status, 200, "{model}: {}", String::from_utf8_lossy(&ex.body));
+        let upstream = ex.upstream_request.as_ref().map_or(0, |r| r.body.len());
+        assert!(upstream > big.len() * 9 / 10, "{model}: the provider got {upstream} bytes of a {}-byte request", big.len());
+        let grown = vm.memory_bytes() - before;
+        assert!(
+            grown as f64 <= big.len() as f64 * most,
+            "{model}: linear memory grew by {grown} bytes ({:.1}× the {}-byte body)",
+            grown as f64 / big.len() as f64,
+            big.len()
+        );
+    }
+}

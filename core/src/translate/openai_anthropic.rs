@@ -539,7 +539,7 @@ impl OpenAiAnthropic {
 impl Pair for OpenAiAnthropic {
     fn request(&mut self, req: &ChatRequest, target: &Target) -> Result<UpstreamRequest, ApiError> {
         let body = self.messages_request(req, target)?;
-        let bytes = serde_json::to_vec(&body).map_err(|e| ApiError {
+        let bytes = crate::openai::encode_sized(&body, req.wire_len.translated()).map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",

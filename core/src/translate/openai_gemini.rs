@@ -939,7 +939,7 @@ impl Pair for OpenAiGemini {
         let stream = req.is_stream();
         let path = model_path(&target.upstream_model, stream)?;
         self.n = req.n.unwrap_or(1).clamp(1, MAX_CANDIDATES) as u32;
-        let body = serde_json::to_vec(&body).map_err(|e| ApiError {
+        let body = crate::openai::encode_sized(&body, req.wire_len.translated()).map_err(|e| ApiError {
             fault: Fault::Gateway,
             status: 500,
             kind: "server_error",

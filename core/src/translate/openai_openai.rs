@@ -237,7 +237,7 @@ impl Pair for OpenAiCompatible {
         let asks_usage = req.stream_options.as_ref().and_then(|o| o.include_usage) == Some(true);
         let encoded = if req.model == target.upstream_model && (!req.is_stream() || asks_usage) {
             // Nothing to change: the request as parsed, without a copy of every message.
-            serde_json::to_vec(req)
+            crate::openai::encode_sized(req, req.wire_len)
         } else {
             let mut upstream = req.clone();
             upstream.model = target.upstream_model.clone();
@@ -247,7 +247,7 @@ impl Pair for OpenAiCompatible {
                     .get_or_insert_with(|| StreamOptions { include_usage: None, extra: Map::new() });
                 options.include_usage = Some(true);
             }
-            serde_json::to_vec(&upstream)
+            crate::openai::encode_sized(&upstream, req.wire_len)
         };
         let body = encoded.map_err(|e| ApiError {
             fault: Fault::Gateway,

@@ -17,6 +17,8 @@
 //! it was not sent ([`crate::ending::Ending::NotSent`]).
 
 use crate::answer::Answer;
+use crate::ending::Ending;
+use crate::record::Record;
 use crate::fallback::Alias;
 use crate::fault::ApiError;
 use crate::gate::Admitted;
@@ -67,7 +69,31 @@ pub enum Dispatch<'p> {
 
 /// The upstream request and answer pipeline for an admitted request. `id` and `created`
 /// (epoch seconds) name the completion when the provider's answer does not.
-pub fn dispatch(mut admitted: Admitted<'_>, id: String, created: u64) -> Dispatch<'_> {
+pub fn dispatch(admitted: Admitted<'_>, id: String, created: u64) -> Dispatch<'_> {
+    recorded(admitted, id, created).0
+}
+
+/// [`dispatch`], and the request's usage record with where it went (the provider and model of
+/// a mapped model; an alias's deployment is known when one serves it: [`Record::ended`]); a
+/// request Tollgate answers itself here (a parameter its provider cannot take) is recorded as
+/// refused, not sent.
+pub fn recorded(mut admitted: Admitted<'_>, id: String, created: u64) -> (Dispatch<'_>, Record) {
+    let mut record = std::mem::take(&mut admitted.record);
+    match (&admitted.route, admitted.alias) {
+        (Some(route), _) => record.sent(&route.provider.name, &admitted.request.model, &route.target.upstream_model),
+        (None, Some(_)) => {}
+        (None, None) => record.sent("upstream", &admitted.request.model, &admitted.request.model),
+    }
+    let dispatch = route(admitted, id, created);
+    if let Dispatch::Reply(response) = &dispatch {
+        record.attempts = 0;
+        record = record.refused(response.status, "invalid", None);
+        record.ending = Some(Ending::NotSent.label().to_owned());
+    }
+    (dispatch, record)
+}
+
+fn route(mut admitted: Admitted<'_>, id: String, created: u64) -> Dispatch<'_> {
     let headers = std::mem::take(&mut admitted.headers);
     let warning = admitted.warning.take();
     let request = admitted.request;

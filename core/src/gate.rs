@@ -32,6 +32,7 @@ use crate::limits::ledger::{LimitStatus, Reached, Verdict};
 use crate::limits::Metric;
 use crate::message::{self, LimitFacts, MessageKind};
 use crate::openai::ChatRequest;
+use crate::record::{About, Decision, Record};
 use crate::render::{self, LocalResponse};
 use crate::routing::Route;
 use crate::store::{CasStore, StoreError};
@@ -170,6 +171,9 @@ pub struct Admitted<'p> {
     pub tier: String,
     /// Members evicted from full slots, and releases that failed.
     pub evicted: u32,
+    /// The usage record as the gate started it (the host reports the rest: [`Record::sent`],
+    /// [`Record::answered`], [`Record::ended`]).
+    pub record: Record,
 }
 
 /// Why a request was answered locally (a metric label).
@@ -196,11 +200,13 @@ pub enum Gate<'p> {
         why: Refused,
         /// The counter store's failure, when the refusal is the policy's answer to it.
         store_error: Option<StoreError>,
+        /// The usage record, once the subject was known (not for a body that cannot be read).
+        record: Option<Box<Record>>,
     },
 }
 
-fn reply(response: LocalResponse, why: Refused) -> Gate<'static> {
-    Gate::Reply { response, why, store_error: None }
+fn reply(response: LocalResponse, why: Refused, record: Option<Box<Record>>) -> Gate<'static> {
+    Gate::Reply { response, why, store_error: None, record }
 }
 
 fn resolve(policy: &Policy, facts: &Facts, user: Option<&str>) -> Result<Subject, LocalResponse> {
@@ -235,6 +241,8 @@ pub struct Pending<'p> {
     route: Option<Route<'p>>,
     /// The alias asked for (`route` is then `None`).
     pub alias: Option<&'p Alias>,
+    /// The usage record as the gate started it.
+    record: Record,
 }
 
 /// The outcome of preparing a request: admit it, or answer it now.
@@ -242,15 +250,16 @@ pub struct Pending<'p> {
 pub enum Prepared<'p> {
     /// Run it through the limits.
     Admit(Box<Pending<'p>>),
-    /// Bad body, unknown model, a guard, a bad identity token ([`Refused::Invalid`]).
-    Reply(LocalResponse),
+    /// Bad body, unknown model, a guard, a bad identity token ([`Refused::Invalid`]); the usage
+    /// record once the subject was known (a guard's refusal).
+    Reply(LocalResponse, Option<Box<Record>>),
 }
 
 /// Prepares a complete chat completion body: parse, route, identify, guard, estimate.
 pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepared<'p> {
     let request: ChatRequest = match serde_json::from_slice(body) {
         Ok(r) => ChatRequest { wire_len: crate::openai::WireLen(body.len()), ..r },
-        Err(e) => return Prepared::Reply(ApiError::unreadable_body(&e).to_response()),
+        Err(e) => return Prepared::Reply(ApiError::unreadable_body(&e).to_response(), None),
     };
     let mut route = None;
     let mut alias = None;
@@ -258,20 +267,31 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
         match (policy.routes.route(&request.model), policy.routes.alias(&request.model)) {
             (Some(r), _) => route = Some(r),
             (None, Some(a)) => alias = Some(a),
-            (None, None) => return Prepared::Reply(ApiError::model_not_found(&request.model).to_response()),
+            (None, None) => return Prepared::Reply(ApiError::model_not_found(&request.model).to_response(), None),
         }
     }
     let subject = match resolve(policy, facts, request.user.as_deref()) {
         Ok(s) => s,
-        Err(r) => return Prepared::Reply(r),
+        Err(r) => return Prepared::Reply(r, None),
     };
     let rules = policy.rules(&subject.tier);
     let prompt = estimate_prompt_tokens(&request);
     let checked = crate::guard::check_choices(&request)
         .and_then(|_| rules.guards.check_body_size(body.len() as u64))
         .and_then(|_| rules.guards.check(&request, prompt));
+    let about = About {
+        identity: &subject.key,
+        source: subject.source.label(),
+        api_key: subject.api_key.as_deref(),
+        tier: &subject.tier,
+        model: &request.model,
+        stream: request.is_stream(),
+    };
+    let record = Record::new(&about, facts.now_ms, Decision::Allowed);
     if let Err(e) = checked {
-        return Prepared::Reply(e.to_response());
+        let response = e.to_response();
+        let record = record.refused(response.status, "invalid", None);
+        return Prepared::Reply(response, Some(Box::new(record)));
     }
     let model_default = match (&route, alias) {
         (Some(r), _) => r.target.default_max_tokens,
@@ -281,27 +301,40 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
     let ceiling = policy.routes.output_ceiling(&request.model);
     let output = output_reservation(&request, &rules.guards, model_default, ceiling);
     let estimate = Estimate { model: Some(request.model.clone()), input_tokens: prompt, output_tokens: output };
-    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request, route, alias }))
+    Prepared::Admit(Box::new(Pending { who: who(&subject), estimate, request, route, alias, record }))
 }
 
 impl<'p> Pending<'p> {
     /// Applies the admission's outcome: a 429 (localized), or the request to forward with its
     /// soft-limit actions applied.
     pub fn conclude(self, policy: &'p Policy, facts: &Facts, result: Result<Admission, StoreError>) -> Gate<'p> {
-        let Pending { who, estimate, request, mut route, mut alias } = self;
+        let Pending { who, estimate, request, mut route, mut alias, mut record } = self;
         let rules = policy.rules(&who.tier);
         let admission = match result {
             Ok(a) => a,
-            Err(e) => return store_failed(policy, e, request, route, alias, who.tier),
+            Err(e) => return store_failed(policy, e, request, route, alias, who.tier, record),
         };
         if let Some(response) = refusal(&admission, rules, facts) {
-            return reply(response, Refused::Limited);
+            let limit = match &admission.verdict {
+                Verdict::Denied { status, .. } | Verdict::TooLarge { status, .. } => Some(status.name.as_str()),
+                Verdict::Allowed => None,
+            };
+            let record = record.refused(response.status, "limit", limit);
+            return reply(response, Refused::Limited, Some(Box::new(record)));
+        }
+        if let Some(w) = admission.warnings.iter().max_by_key(|w| (w.threshold, w.status.percent())) {
+            record.decision = Decision::Warned;
+            record.limit = Some(w.status.name.clone());
         }
         let downgrade = admission.ticket.model.clone().filter(|m| *m != request.model);
+        if let Some(m) = &downgrade {
+            record.decision = Decision::Downgraded;
+            record.served_model = Some(m.clone());
+        }
         let mut admission = admission;
         let ceiling = downgrade.as_deref().map_or(0, |m| policy.routes.output_ceiling(m)).max(policy.routes.output_ceiling(&request.model));
         admission.ticket.bound.output = ceiling.saturating_mul(crate::guard::choices(&request));
-        let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone(), request);
+        let mut admitted = admitted(policy, admission, rules, facts, who.tier.clone(), request, record);
         let request = &mut admitted.request;
         let mut rewritten = false;
         if let Some(model) = downgrade {
@@ -337,7 +370,7 @@ pub fn admit_chat<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, b
 
 fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Prepared<'p>, store: &mut S, lease_id: u64) -> Gate<'p> {
     match prepared {
-        Prepared::Reply(r) => reply(r, Refused::Invalid),
+        Prepared::Reply(r, record) => reply(r, Refused::Invalid, record),
         Prepared::Admit(p) => {
             let result = sync::run(store, policy.into(), Admitting::new(&policy.limits, &p.who, &p.estimate, lease_id, facts.now_ms));
             p.conclude(policy, facts, result)
@@ -345,9 +378,13 @@ fn run<'p, S: CasStore + ?Sized>(policy: &'p Policy, facts: &Facts, prepared: Pr
     }
 }
 
-fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route: Option<Route<'p>>, alias: Option<&'p Alias>, tier: String) -> Gate<'p> {
+fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route: Option<Route<'p>>, alias: Option<&'p Alias>, tier: String, record: Record) -> Gate<'p> {
     match policy.on_failure {
-        FailureMode::Deny => Gate::Reply { response: render::store_unavailable(), why: Refused::StoreFailed, store_error: Some(e) },
+        FailureMode::Deny => {
+            let response = render::store_unavailable();
+            let record = record.refused(response.status, "store_failed", None);
+            Gate::Reply { response, why: Refused::StoreFailed, store_error: Some(e), record: Some(Box::new(record)) }
+        }
         FailureMode::Allow => Gate::Forward(Box::new(Admitted {
             request,
             rewritten: false,
@@ -359,6 +396,8 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route:
             events: vec![],
             tier,
             evicted: 0,
+            // Forwarded uncounted: the record says why.
+            record: Record { reason: Some("store_failed".to_owned()), ..record },
         })),
     }
 }
@@ -451,7 +490,7 @@ pub(crate) fn limit_headers(statuses: &[LimitStatus]) -> Vec<(&'static str, Stri
     out
 }
 
-fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts: &Facts, tier: String, request: ChatRequest) -> Admitted<'p> {
+fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts: &Facts, tier: String, request: ChatRequest, record: Record) -> Admitted<'p> {
     let headers = limit_headers(&admission.statuses);
     let warning = admission.warnings.iter().max_by_key(|w| (w.threshold, w.status.percent())).map(|w| {
         let lf = facts_of(&w.status, facts.now_ms);
@@ -474,6 +513,7 @@ fn admitted<'p>(policy: &Policy, admission: Admission, rules: &TierRules, facts:
         events,
         tier,
         evicted: admission.evicted,
+        record,
     }
 }
 
@@ -732,6 +772,42 @@ mod tests {
         let r = unknown_surface(Some("GET"), Some(&long));
         assert_eq!(r.status, 404);
         assert!(r.body.len() < 400, "the path is cut: {}", r.body.len());
+    }
+
+    /// The record of each decision: allowed, warned, downgraded, blocked (naming the limit),
+    /// refused by a guard; the subject's hash, never the prompt.
+    #[test]
+    fn every_decision_leaves_a_record_with_its_limit_and_no_prompt() {
+        use crate::record::Decision;
+        let p = policy();
+        let mut store = MemoryStore::new();
+        let canary = r#"{"model":"big","messages":[{"role":"user","content":"CANARY-7781 hi"}]}"#;
+        let expected_identity = crate::identity::subject_key("h:u");
+        let decide = |g: &Gate| -> crate::record::Record {
+            match g {
+                Gate::Forward(a) => a.record.clone(),
+                Gate::Reply { record, .. } => *record.clone().expect("a record once the subject is known"),
+            }
+        };
+        let g = run(&p, &mut store, "u", None, canary, 1);
+        let r = decide(&g);
+        assert_eq!((r.decision, r.identity.as_str(), r.identity_source.as_str(), r.tier.as_str(), r.model.as_str()), (Decision::Allowed, expected_identity.as_str(), "header", "free", "big"));
+        assert!(!String::from_utf8(r.to_json()).unwrap().contains("CANARY"));
+        settle(&p, &mut store, &g, 30, 25);
+        let g = run(&p, &mut store, "u", None, canary, 2);
+        let r = decide(&g);
+        assert_eq!((r.decision, r.limit.as_deref()), (Decision::Warned, Some("total_tokens/day")));
+        // 55 + 25 = 80 %: the next is downgraded (80 + its 36 stays under the 120 % block).
+        settle(&p, &mut store, &g, 25, 0);
+        let r = decide(&run(&p, &mut store, "u", None, canary, 3));
+        assert_eq!((r.decision, r.served_model.as_deref()), (Decision::Downgraded, Some("small")));
+        // 80 + 36 in flight + 36 ≥ 120 %: the soft block names its limit.
+        let g = run(&p, &mut store, "u", None, canary, 4);
+        let r = decide(&g);
+        assert_eq!((r.decision, r.reason.as_deref(), r.limit.as_deref(), r.status), (Decision::Blocked, Some("limit"), Some("total_tokens/day"), 429), "{r:?}");
+        // A guard (max_tokens 40): refused before the limits.
+        let r = decide(&run(&p, &mut store, "v", None, r#"{"model":"big","max_tokens":41,"messages":[]}"#, 6));
+        assert_eq!((r.decision, r.reason.as_deref(), r.status), (Decision::Refused, Some("invalid"), 400));
     }
 
     #[test]

@@ -230,6 +230,22 @@ pub enum IdentitySource {
     Unidentified,
 }
 
+impl IdentitySource {
+    /// The source's name as the policy spells it (a usage record's `identity_source`).
+    pub fn label(self) -> &'static str {
+        match self {
+            IdentitySource::SignedHeader => "signed_header",
+            IdentitySource::Jwt => "jwt",
+            IdentitySource::Header => "header",
+            IdentitySource::UserField => "user_field",
+            IdentitySource::ApiKey => "api_key_header",
+            IdentitySource::Session => "session_header",
+            IdentitySource::ClientIp => "client_ip",
+            IdentitySource::Unidentified => "unidentified",
+        }
+    }
+}
+
 /// Who is asking, as far as limits are concerned. Nothing raw is kept: `key` and `ip_key` are
 /// SHA-256 digests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,6 +260,9 @@ pub struct Subject {
     pub tier: String,
     /// Which source identified the subject.
     pub source: IdentitySource,
+    /// The lowercase hex SHA-256 of the API key, when an `api_key_header` source named the
+    /// subject (for usage records: the form `tier.api_keys` lists keys in).
+    pub api_key: Option<String>,
 }
 
 /// What the adapter knows about a request. Header names are asked in lowercase.
@@ -589,7 +608,7 @@ impl IdentityConfig {
             }
         }
         let Some((source, prefix, value, carried)) = found else {
-            return Ok(Subject { key: subject_key("unidentified"), ip_key, tier: self.tier(req)?, source: IdentitySource::Unidentified });
+            return Ok(Subject { key: subject_key("unidentified"), ip_key, tier: self.tier(req)?, source: IdentitySource::Unidentified, api_key: None });
         };
         let material = match bucket {
             Some(b) => format!("b:{b}:{value}"),
@@ -599,7 +618,8 @@ impl IdentityConfig {
             Some(t) => self.tier_names.get(t.trim()).cloned().unwrap_or_else(|| self.default_tier.clone()),
             None => self.tier(req)?,
         };
-        Ok(Subject { key: subject_key(&material), ip_key, tier, source })
+        let api_key = (source == IdentitySource::ApiKey).then(|| value.clone());
+        Ok(Subject { key: subject_key(&material), ip_key, tier, source, api_key })
     }
 
     /// A `jwt` source: the claims of a token Envoy verified (`payload_in_metadata`), else of one

@@ -40,6 +40,7 @@ pub mod message;
 pub mod openai;
 pub mod ops;
 pub mod provider;
+pub mod record;
 pub mod render;
 pub mod routing;
 pub mod store;

@@ -147,14 +147,14 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         }
     };
     let pending = match prepared {
-        Prepared::Reply(r) => return forward::local(&r),
+        Prepared::Reply(r, _) => return forward::local(&r),
         Prepared::Admit(p) => p,
     };
     let lease_id = (Math::random() * (1u64 << 53) as f64) as u64;
     let result = store::admit(&objects, shards, &policy.limits, &pending.who, &pending.estimate, lease_id, now).await;
     let store_failed = result.as_ref().err().cloned();
     let mut admitted = match (*pending).conclude(&policy, &facts, result) {
-        Gate::Reply { response, why, store_error } => {
+        Gate::Reply { response, why, store_error, .. } => {
             if why == Refused::StoreFailed {
                 let e = store_error.map(|e| e.to_string()).unwrap_or_default();
                 console_error!("tollgate: counting failed, refusing: {e}");

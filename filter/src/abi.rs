@@ -83,6 +83,7 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -225,6 +226,13 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
         1 => Ok(None),
         s => Err(Status(s)),
     }
+}
+
+/// Sets a property of the stream: Envoy keeps it as the stream's filter state `wasm.<name>`,
+/// which access logs read (`%FILTER_STATE(wasm.<name>:PLAIN)%`).
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), Status> {
+    // SAFETY: pointers and lengths of live slices.
+    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
 }
 
 /// `(value, cas)`, or `None` when the key does not exist.

@@ -34,6 +34,7 @@ use tollgate_core::limits::engine::Ticket;
 use tollgate_core::ops::machine::ReadingHealth;
 use tollgate_core::ops::sync;
 use tollgate_core::render::{self, LocalResponse};
+use tollgate_core::record::Record;
 use tollgate_core::Policy;
 
 use crate::handoff;
@@ -109,12 +110,28 @@ pub struct Downstream {
     /// The last time the host clock answered: a clock that fails later settles at this time,
     /// never at 0 (which would prune every live count on the key).
     last_now: u64,
+    /// The usage record of an admitted request, published as the stream's filter state
+    /// ([`RECORD_PROPERTY`]) after each step.
+    record: Option<Box<Record>>,
+}
+
+/// The property (Envoy: filter state `wasm.tollgate.record`) holding the request's usage record
+/// as one line of JSON, for access logs: `%FILTER_STATE(wasm.tollgate.record:PLAIN)%`.
+pub const RECORD_PROPERTY: &str = "tollgate.record";
+
+/// Publishes a usage record as the stream's [`RECORD_PROPERTY`]. Envoy runs the connection
+/// manager's access loggers before a Wasm filter's `on_log`, so a record is published after
+/// every step, written as if the request ended then.
+fn publish(metrics: &crate::metrics::Metrics, record: &Record) {
+    if let Err(s) = abi::set_property(RECORD_PROPERTY, &record.to_json()) {
+        host_error(metrics, "publishing the usage record", s);
+    }
 }
 
 impl Downstream {
     /// A new stream.
     pub fn new(shared: Shared, context_id: u32) -> Downstream {
-        Downstream { shared, context_id, headers: Vec::new(), peer: None, connection: None, phase: Phase::Idle, ticket: None, settling: None, last_now: 0 }
+        Downstream { shared, context_id, headers: Vec::new(), peer: None, connection: None, phase: Phase::Idle, ticket: None, settling: None, last_now: 0, record: None }
     }
 
     fn policy(&self) -> &Policy {
@@ -274,8 +291,11 @@ impl Downstream {
         let policy = &*shared.policy;
         facts!(self, shared, now, facts);
         let pending = match gate::prepare_chat(policy, &facts, &body) {
-            Prepared::Reply(response) => {
+            Prepared::Reply(response, record) => {
                 shared.metrics.add(Metric::Invalid);
+                if let Some(record) = record {
+                    publish(&shared.metrics, &record);
+                }
                 return self.reply(&response);
             }
             Prepared::Admit(p) => p,
@@ -318,7 +338,7 @@ impl Downstream {
             match gate::prepare_chat(policy, &facts, &body) {
                 Prepared::Admit(p) => p.conclude(policy, &facts, result),
                 // The same body and facts prepared before: never reached.
-                Prepared::Reply(response) => Gate::Reply { response, why: Refused::Invalid, store_error: None },
+                Prepared::Reply(response, record) => Gate::Reply { response, why: Refused::Invalid, store_error: None, record },
             }
         };
         drop(body);
@@ -336,7 +356,10 @@ impl Downstream {
         let shared = self.shared.clone();
         let connection = self.connection_id();
         let mut admitted = match outcome {
-            Gate::Reply { response, why, store_error } => {
+            Gate::Reply { response, why, store_error, record } => {
+                if let Some(record) = record {
+                    publish(&shared.metrics, &record);
+                }
                 shared.metrics.add(match why {
                     Refused::Invalid => Metric::Invalid,
                     Refused::Limited => Metric::Denied,
@@ -353,7 +376,14 @@ impl Downstream {
         self.notify(&std::mem::take(&mut admitted.events));
         self.ticket = admitted.ticket.take();
         let id = http::response_id(now_ns, connection, self.context_id);
-        match forward::dispatch(admitted, id, now_ns / 1_000_000_000) {
+        let (dispatch, mut record) = forward::recorded(admitted, id, now_ns / 1_000_000_000);
+        if !matches!(dispatch, Dispatch::Reply(_)) {
+            // Should the client leave before an answer begins, this is how it ended.
+            record.ended(&Ending::Abandoned, &shared.policy.limits, now);
+        }
+        publish(&shared.metrics, &record);
+        self.record = Some(Box::new(record));
+        match dispatch {
             Dispatch::Upstream { body, answer } => {
                 if let Some(bytes) = body {
                     if let Err(s) = http::replace_request_body(&bytes, body_size) {
@@ -470,8 +500,10 @@ impl Downstream {
     /// to connect or timed out) or one marked for a retry Envoy did not make (attempts used up)
     /// is replaced by core's all-failed answer.
     fn alias_response_headers(&mut self, end_of_stream: bool) -> Action {
-        let Phase::Alias { headers, replacing, .. } = &mut self.phase else { return Action::Continue };
         let map = abi::HTTP_RESPONSE_HEADERS;
+        let status = abi::header(map, ":status").ok().flatten().and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u16>().ok());
+        self.step_record(status);
+        let Phase::Alias { headers, replacing, .. } = &mut self.phase else { return Action::Continue };
         let served = abi::header(map, DEPLOYMENT_HEADER).ok().flatten().is_some();
         let retry = abi::header(map, RETRY_HEADER).ok().flatten().is_some();
         let mut ok = !retry || abi::remove_header(map, RETRY_HEADER).is_ok();
@@ -502,6 +534,7 @@ impl Downstream {
         if !ok {
             self.shared.metrics.add(Metric::HostErrors);
         }
+        self.step_record(Some(response.status));
     }
 
     /// How an alias request ended, from what its attempts left in the hand-off table.
@@ -527,6 +560,7 @@ impl Downstream {
         // Envoy always has a :status; without one, treat the answer as unreadable.
         let status = http::value(&pairs, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
         let envoy = if status >= 500 { envoy_failure() } else { None };
+        self.step_record(Some(status));
         let retry_after = http::value(&pairs, "retry-after").map(str::to_owned);
         let Phase::Forwarded { answer, body } = &mut self.phase else { return Action::Continue };
         let head = answer.head(status, pairs.iter().map(|(k, _)| k.as_str()), retry_after.as_deref(), end_of_stream);
@@ -598,8 +632,16 @@ impl Downstream {
                 if let Err(s) = abi::set_buffer(abi::HTTP_RESPONSE_BODY, 0, body_size, &out) {
                     host_error(&metrics, "writing the response body", s);
                 }
+                // An event that reported usage: the record moves with it (a client that leaves
+                // before the end leaves the record as of its last usage).
+                let usage = answer.usage();
+                let moved = self.record.as_deref().is_some_and(|r| (r.input_tokens, r.output_tokens) != (usage.input, usage.output));
+                if moved && !end_of_stream {
+                    self.step_record(None);
+                }
                 if end_of_stream {
                     self.record_answer();
+                    self.step_record(None);
                     if self.shared.policy.remote_store.is_some() {
                         return self.settle_before_the_end();
                     }
@@ -624,7 +666,9 @@ impl Downstream {
                 if !http::replace_answer(&response, body_size, true) {
                     metrics.add(Metric::HostErrors);
                 }
+                let status = response.status;
                 self.record_answer();
+                self.step_record(Some(status));
                 if self.shared.policy.remote_store.is_some() {
                     return self.settle_before_the_end();
                 }
@@ -632,6 +676,30 @@ impl Downstream {
             }
             BodyMode::Pass | BodyMode::Waiting | BodyMode::Done => Action::Continue,
         }
+    }
+
+    /// The usage record after a step: the answer's head with `status` (its first byte's time),
+    /// and how the request would end now; published.
+    fn step_record(&mut self, status: Option<u16>) {
+        let now = self.now().unwrap_or(self.last_now);
+        let ending = match &self.phase {
+            Phase::Forwarded { answer, .. } => answer.ending(),
+            Phase::Alias { key, .. } => Self::alias_ending(key),
+            _ => return,
+        };
+        let alias = match &self.phase {
+            Phase::Alias { key, .. } => handoff::with(key, |e| (e.started, e.served.clone())),
+            _ => None,
+        };
+        let Some(record) = self.record.as_mut() else { return };
+        if let Some((started, served)) = alias {
+            record.alias_attempts(&self.shared.policy.routes, started, served.as_deref());
+        }
+        if let Some(status) = status {
+            record.answered(status, now);
+        }
+        record.ended(&ending, &self.shared.policy.limits, now);
+        publish(&self.shared.metrics, record);
     }
 
     /// Counts an answer's outcome and the tokens its provider reported (unknown is not added).
@@ -878,12 +946,21 @@ impl HttpContext for Downstream {
                 self.replace_exhausted(body_size, true);
                 Action::Continue
             }
-            Phase::Alias { .. } | Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
+            Phase::Alias { .. } => {
+                if end_of_stream {
+                    self.step_record(None);
+                }
+                Action::Continue
+            }
+            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
         }
     }
 
     fn on_log(&mut self) {
         self.shared.waiting.borrow_mut().held.retain(|(c, _)| *c != self.context_id);
+        // For hosts whose loggers run after the filter's (Envoy's run before: they have the
+        // record of the last step).
+        self.step_record(None);
         // However the stream ended (completion, client cancel, upstream reset, timeout): what is
         // not settled yet is settled now, by the one rule.
         let ending = match &self.phase {

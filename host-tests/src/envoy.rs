@@ -82,6 +82,8 @@ pub fn start_with_workers(rendered: &Rendered, env: &[(&str, &str)], workers: u3
     cmd.arg("-c")
         .arg(&config)
         .args(["--concurrency", &workers.to_string(), "--log-level", "warn", "--component-log-level", "wasm:info"])
+        // Access log files are flushed every 10 s by default: tests read them sooner.
+        .args(["--file-flush-interval-msec", "100"])
         .arg("--admin-address-path")
         .arg(&admin_path)
         .arg("--base-id-path")

@@ -93,7 +93,13 @@ fn stat(envoy: &Envoy, name: &str) -> u64 {
 #[test]
 fn a_500_falls_back_to_the_next_provider_translated_and_is_charged_once() {
     let (m1, m2, m3) = (mock(&["--fail-status", "500"]), mock(&[]), mock(&[]));
-    let envoy = start([m1.port, m2.port, m3.port], &|y| y);
+    let dir = envoy::TempDir::new("fallback-usage");
+    let log = dir.path().join("usage.jsonl");
+    let path = format!("path: {}", log.display());
+    let envoy = start([m1.port, m2.port, m3.port], &move |y| {
+        assert!(y.contains("path: /dev/stdout"), "the example's usage log moved: update this test");
+        y.replace("path: /dev/stdout", &path)
+    });
 
     let r = chat(&envoy, "ann", NON_STREAM);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -120,6 +126,22 @@ fn a_500_falls_back_to_the_next_provider_translated_and_is_charged_once() {
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["model"] == "claude-mock"), "{}", r.body);
     let stream_tokens = chunks.iter().find_map(|c| c["usage"]["total_tokens"].as_u64()).expect("usage chunk");
     assert_eq!((m1.count(), m2.count(), m3.count()), (2, 2, 0));
+
+    // The usage records name the deployment that served each request, and both attempts.
+    let started = Instant::now();
+    let records: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 2 || started.elapsed() > Duration::from_secs(30) {
+            break text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(records.len(), 2, "{records:?}");
+    for (rec, tokens) in records.iter().zip([first_tokens, stream_tokens]) {
+        assert_eq!((rec["served_model"].as_str(), rec["provider"].as_str(), rec["upstream_model"].as_str()), (Some("m2"), Some("p2"), Some("claude-mock")), "{rec}");
+        assert_eq!((rec["attempts"].as_u64(), rec["ending"].as_str(), rec["status"].as_u64()), (Some(2), Some("served"), Some(200)), "{rec}");
+        assert_eq!(rec["input_tokens"].as_u64().unwrap() + rec["output_tokens"].as_u64().unwrap(), tokens, "{rec}");
+    }
 
     // Charged once per request, with the serving deployment's tokens only.
     let u = usage(&envoy, "ann");

@@ -560,7 +560,6 @@ impl Downstream {
         // Envoy always has a :status; without one, treat the answer as unreadable.
         let status = http::value(&pairs, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(502);
         let envoy = if status >= 500 { envoy_failure() } else { None };
-        self.step_record(Some(status));
         let retry_after = http::value(&pairs, "retry-after").map(str::to_owned);
         let Phase::Forwarded { answer, body } = &mut self.phase else { return Action::Continue };
         let head = answer.head(status, pairs.iter().map(|(k, _)| k.as_str()), retry_after.as_deref(), end_of_stream);
@@ -577,12 +576,16 @@ impl Downstream {
             return Action::Pause;
         }
         match head.body {
+            // The head reaches the client now: the record has its first byte (a buffered
+            // answer's record is written once, when the answer is whole).
             BodyPlan::Stream => {
                 *body = BodyMode::Stream;
+                self.step_record(Some(status));
                 Action::Continue
             }
             BodyPlan::Pass => {
                 *body = BodyMode::Pass;
+                self.step_record(Some(status));
                 Action::Continue
             }
             BodyPlan::Buffer => {
@@ -601,6 +604,7 @@ impl Downstream {
     /// while the answer's headers are still the filter's; if the host refuses, status and
     /// headers only.
     fn replace_now(&mut self, response: &LocalResponse) -> Action {
+        self.step_record(Some(response.status));
         let headers: Vec<(&str, &str)> = response.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if abi::send_local_response(u32::from(response.status), &headers, &response.body).is_ok() {
             return Action::Continue;
@@ -958,9 +962,6 @@ impl HttpContext for Downstream {
 
     fn on_log(&mut self) {
         self.shared.waiting.borrow_mut().held.retain(|(c, _)| *c != self.context_id);
-        // For hosts whose loggers run after the filter's (Envoy's run before: they have the
-        // record of the last step).
-        self.step_record(None);
         // However the stream ended (completion, client cancel, upstream reset, timeout): what is
         // not settled yet is settled now, by the one rule.
         let ending = match &self.phase {

@@ -40,7 +40,9 @@ fn profile() {
         Some(path) => Box::leak(Box::new(FilterModule::from_file(path.as_ref()).unwrap_or_else(|e| panic!("{e}")))),
         None => FilterModule::release_filter(),
     };
-    let host = Host::new(SharedStore::envoy());
+    // FILTER_PROFILE_COUNT=1: count the host calls by name instead (slower; per request).
+    let counting = std::env::var("FILTER_PROFILE_COUNT").is_ok_and(|v| v == "1");
+    let host = if counting { Host::new(SharedStore::envoy()).counting_host_calls() } else { Host::new(SharedStore::envoy()) };
     let mut vm = Vm::load(&host, module, GATEWAY_POLICY.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
     let model = if case.starts_with("gpt") { "gpt-4o-mini" } else { "claude-sonnet" };
     let stream = case.ends_with("-s");
@@ -63,6 +65,11 @@ fn profile() {
     }
     let per = started.elapsed().as_secs_f64() * 1e6 / n as f64;
     println!("{case}: {n} requests, {per:.1} µs per request in the wasmtime host (host included)");
+    if counting {
+        for (name, calls) in vm.take_host_calls() {
+            println!("  {:>8.1}  {name}", calls as f64 / n as f64);
+        }
+    }
 }
 
 /// Writes the case for bench/v8-host/run.mjs (the same filter in Node's V8) into

@@ -114,7 +114,13 @@ fn measure() {
     let (mock, mock_url) = start_mock_provider_with(&["--fixtures", fixtures.to_str().unwrap()]);
     pin(mock.pid(), 1);
     let port: u16 = mock_url.rsplit(':').next().unwrap().parse().unwrap();
-    let with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
+    let mut with = providers_on_mocks(port, port, port, Some(GATEWAY_POLICY));
+    // GATEWAY_BENCH_USAGE_LOG=0: without the example's usage access log (what writing the
+    // records costs Envoy is the difference; the filter still publishes them).
+    if std::env::var("GATEWAY_BENCH_USAGE_LOG").is_ok_and(|v| v == "0") {
+        with.yaml = without_usage_log(&with.yaml);
+        println!("(without the usage access log)");
+    }
     let floor = floor_of(&with, None);
     let floor_wasm = tollgate_host_tests::proc::workspace_root().join("target/wasm32-unknown-unknown/wasm/tollgate_floor_filter.wasm");
     assert!(floor_wasm.exists(), "{} is missing: scripts/bench-gateway.sh builds it", floor_wasm.display());
@@ -560,5 +566,26 @@ fn descendants(pid: u32) -> Vec<u32> {
             }
         }
     }
+    out
+}
+
+/// `yaml` without its `access_log:` block (the lines indented under it).
+fn without_usage_log(yaml: &str) -> String {
+    let mut out = String::new();
+    let mut indent = None;
+    for line in yaml.lines() {
+        let depth = line.len() - line.trim_start().len();
+        match indent {
+            Some(d) if depth > d || line.trim_start().starts_with("- ") && depth == d => continue,
+            _ => indent = None,
+        }
+        if line.trim() == "access_log:" {
+            indent = Some(depth);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert!(!out.contains("tollgate-usage"), "the usage log is still there");
     out
 }

@@ -149,3 +149,34 @@ fn the_access_log_holds_one_record_per_request_with_the_providers_usage_and_no_c
     assert_eq!(gone["input_tokens"], records[3]["input_tokens"], "{gone}");
     assert!(gone["output_tokens"].as_u64() < records[3]["output_tokens"].as_u64(), "the whole answer's usage: {gone}");
 }
+
+/// examples/envoy/usage-otel.yaml, spliced into providers.yaml in place of its file log, is a
+/// configuration Envoy 1.40 accepts (the OpenTelemetry access logger and its collector cluster).
+#[test]
+fn the_opentelemetry_usage_log_example_is_a_valid_envoy_configuration() {
+    let fragment = std::fs::read_to_string(tollgate_host_tests::proc::workspace_root().join("examples/envoy/usage-otel.yaml")).unwrap();
+    let body: Vec<&str> = fragment.lines().filter(|l| !l.starts_with('#')).collect();
+    let split = body.iter().position(|l| *l == "clusters:").expect("a clusters: part");
+    let indent = |lines: &[&str], by: usize| lines.iter().map(|l| format!("{}{l}\n", " ".repeat(by))).collect::<String>();
+    let access_log = indent(&body[..split], 10);
+    let cluster = indent(&body[split + 1..], 2);
+
+    let mut rendered = providers_on_mocks(1, 1, 1, None);
+    let start = rendered.yaml.find("          access_log:\n").expect("providers.yaml's access log");
+    let end = start + rendered.yaml[start..].find("%FILTER_STATE(wasm.tollgate.record:PLAIN)%\\n\"\n").expect("its format line") + "%FILTER_STATE(wasm.tollgate.record:PLAIN)%\\n\"\n".len();
+    rendered.yaml.replace_range(start..end, &access_log);
+    let at = rendered.yaml.find("  clusters:\n").expect("clusters") + "  clusters:\n".len();
+    rendered.yaml.insert_str(at, &cluster);
+    assert!(rendered.yaml.contains("OpenTelemetryAccessLogConfig") && !rendered.yaml.contains("FileAccessLog"));
+    let dir = TempDir::new("envoy-validate-otel");
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, &rendered.yaml).unwrap();
+    let out = std::process::Command::new(envoy::envoy_bin())
+        .args(["--mode", "validate", "--log-level", "warn", "-c"])
+        .arg(&config)
+        .envs([("ANTHROPIC_API_KEY", "a"), ("GEMINI_API_KEY", "g"), ("OPENAI_API_KEY", "o")])
+        .output()
+        .expect("run envoy --mode validate");
+    let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{output}\n{}", rendered.yaml);
+}

@@ -18,6 +18,7 @@ pub mod check;
 pub mod envoy;
 pub mod simulate;
 pub mod store;
+pub mod usage;
 
 /// A validated policy and the JSON it was read from (for the few things the validated form
 /// does not expose: identity source order, header names, message locales).

@@ -248,3 +248,75 @@ fn check_says_where_the_state_lives_and_what_every_replica_must_run() {
     assert!(stdout.contains(&expected), "no\n{expected}\nin\n{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Usage records as Envoy's usage access log writes them (from host-tests/tests/envoy_usage.rs's
+/// run), a line without a record, and one carried under "record" as a string.
+const RECORDS: &str = r#"{"v":1,"time_ms":1796511540102,"identity":"tg1:q:623360321e236c3c3f88dfccd427fbb6","identity_source":"header","tier":"free","model":"gpt-4o-mini","served_model":"gpt-4o-mini","provider":"openai","upstream_model":"gpt-4o-mini","input_tokens":9,"output_tokens":8,"cost_micro_usd":7,"decision":"allowed","ending":"served","status":200,"stream":false,"ttfb_ms":4,"total_ms":4,"attempts":1}
+{"v":1,"time_ms":1796511540109,"identity":"tg1:q:623360321e236c3c3f88dfccd427fbb6","identity_source":"header","tier":"free","model":"claude-sonnet","served_model":"claude-sonnet","provider":"anthropic","upstream_model":"claude-sonnet-4-5","input_tokens":9,"output_tokens":8,"cost_micro_usd":147,"decision":"allowed","ending":"served","status":200,"stream":false,"ttfb_ms":7,"total_ms":8,"attempts":1}
+-
+{"v":1,"time_ms":1796511540125,"identity":"tg1:q:623360321e236c3c3f88dfccd427fbb6","identity_source":"header","tier":"free","model":"gpt-4o-mini","decision":"blocked","reason":"limit","limit":"requests/minute","status":429,"stream":false,"total_ms":0,"attempts":0}
+{"record":"{\"v\":1,\"time_ms\":1796600000000,\"identity\":\"tg1:q:a7f30bcc71c8b151c786e1fa3a0f8f8d\",\"identity_source\":\"api_key_header\",\"api_key\":\"sha256:00ff\",\"tier\":\"pro\",\"model\":\"gpt-4.1\",\"served_model\":\"gpt-4.1\",\"input_tokens\":1000,\"output_tokens\":500,\"cost_micro_usd\":6000,\"decision\":\"allowed\",\"ending\":\"served\",\"status\":200,\"stream\":true,\"attempts\":1}"}
+"#;
+
+fn records_file(name: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("tollgate-usage-{}-{name}.jsonl", std::process::id()));
+    std::fs::write(&path, RECORDS).unwrap();
+    path
+}
+
+#[test]
+fn usage_prints_totals_and_a_monthly_invoice_from_records() {
+    let file = records_file("totals");
+    let out = tollgate(&["usage", "--by", "identity,model", "--format", "csv", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let csv = text(&out.stdout);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "identity,model,requests,served,denied,unreported,input_tokens,cached_input_tokens,output_tokens,reasoning_tokens,cost_usd");
+    assert!(lines.contains(&"tg1:q:623360321e236c3c3f88dfccd427fbb6,gpt-4o-mini,2,1,1,0,9,0,8,0,0.000007"), "{csv}");
+    assert!(lines.contains(&"tg1:q:a7f30bcc71c8b151c786e1fa3a0f8f8d,gpt-4.1,1,1,0,0,1000,0,500,0,0.006000"), "{csv}");
+    assert!(text(&out.stderr).contains("1 lines without a record skipped"), "{}", text(&out.stderr));
+
+    // 1796511540102 ms is 2026-12-05; 1796600000000 ms is 2026-12-06: one month.
+    let out = tollgate(&["usage", "--invoice", "2026-12", "--markup", "pro=1.5", "--per-request-usd", "0.001", "--format", "json", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let invoices: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pro = invoices.as_array().unwrap().iter().find(|i| i["identity"] == "tg1:q:a7f30bcc71c8b151c786e1fa3a0f8f8d").unwrap();
+    // 6000 × 1.5 + 1 × 1000 micro-USD
+    assert_eq!(pro["total_usd"], "0.010000", "{pro}");
+    let free = invoices.as_array().unwrap().iter().find(|i| i["identity"] == "tg1:q:623360321e236c3c3f88dfccd427fbb6").unwrap();
+    // 7 + 147 + 2 served × 1000 (the blocked request is not charged)
+    assert_eq!(free["total_usd"], "0.002154", "{free}");
+
+    let bad = tollgate(&["usage", "--invoice", "2026-13", file.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(text(&bad.stderr).contains("expected YYYY-MM"), "{}", text(&bad.stderr));
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn usage_events_are_cloudevents_valid_against_the_published_schema() {
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("cli/tests/schemas/cloudevents.json")).unwrap()).unwrap();
+    let validator = jsonschema::options().should_validate_formats(true).build(&schema).expect("the schema compiles");
+    let file = records_file("events");
+    let out = tollgate(&["usage", "--events", "cloudevents", "--source", "https://gateway.example/tollgate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let events: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events.len(), 4);
+    for e in &events {
+        if let Err(err) = validator.validate(e) {
+            panic!("{err}: {e}");
+        }
+        assert_eq!((e["specversion"].as_str(), e["type"].as_str()), (Some("1.0"), Some("tollgate.usage")));
+        assert!(e["subject"].as_str().unwrap().starts_with("tg1:q:") && e["data"]["identity"].is_null(), "{e}");
+    }
+    assert_eq!(events[0]["time"], "2026-12-05T22:59:00.102Z");
+    assert_eq!(events[0]["data"]["input_tokens"], 9);
+    // The same record read again is the same event (consumers deduplicate on source + id).
+    let again = tollgate(&["usage", "--events", "cloudevents", "--source", "https://gateway.example/tollgate", file.to_str().unwrap()]);
+    assert_eq!(again.stdout, out.stdout);
+    let ids: std::collections::BTreeSet<_> = events.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 4);
+    // The schema does reject a broken event: the test can fail.
+    assert!(!validator.is_valid(&serde_json::json!({ "specversion": "1.0", "id": "", "type": "t", "source": "s" })));
+    let _ = std::fs::remove_file(file);
+}

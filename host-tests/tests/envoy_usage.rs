@@ -128,6 +128,17 @@ fn the_access_log_holds_one_record_per_request_with_the_providers_usage_and_no_c
     assert_eq!((provider(0), provider(1), provider(2)), (Some("openai".into()), Some("anthropic".into()), Some("gemini".into())));
     assert_eq!(records[1]["upstream_model"].as_str(), Some("claude-sonnet-4-5"));
 
+    // The usage endpoint counts what the records say: alice's five forwarded requests (the
+    // blocked sixth is not counted), and `tollgate usage` sums the log to the same figures.
+    let endpoint = tollgate_host_tests::workerd::get_with(&format!("{}/v1/tollgate/usage", envoy.url), &[("x-tollgate-user", "alice")]);
+    let endpoint: Value = serde_json::from_str(&endpoint.body).unwrap();
+    let used_per_minute = endpoint["limits"].as_array().unwrap().iter().find(|l| l["name"] == "requests/minute").unwrap()["used"].as_u64();
+    let (totals, _) = tollgate_cli::usage::summarize(&mut text.as_bytes(), &[tollgate_cli::usage::Dim::Identity], &|_| true, &mut std::io::sink(), 0).unwrap();
+    let alice = &totals[&vec![alice_key.clone()]];
+    assert_eq!((Some(alice.served), alice.requests, alice.denied), (used_per_minute, 6, 1), "{endpoint}");
+    let sum = |field: &str| records[..5].iter().map(|r| r[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((alice.input_tokens, alice.output_tokens, alice.cost_micro_usd), (sum("input_tokens"), sum("output_tokens"), sum("cost_micro_usd")));
+
     let blocked = &records[5];
     assert_eq!(
         (blocked["decision"].as_str(), blocked["reason"].as_str(), blocked["limit"].as_str(), blocked["status"].as_u64()),

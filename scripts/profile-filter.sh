@@ -22,8 +22,10 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 if [ "$engine" = v8 ]; then
   FILTER_PROFILE_CASE=$case FILTER_PROFILE_DIR=$out/case FILTER_PROFILE_WASM=$wasm "$bin" --ignored --quiet write_v8_case >/dev/null
-  perf record -q -F 2999 -g -o "$out/perf.data" node_modules/.bin/node --no-liftoff --perf-basic-prof \
-    bench/v8-host/run.mjs "$out/case" "$secs"
+  # In the scratch directory: node leaves its isolate-*-v8.log there, not in the checkout.
+  root=$PWD
+  (cd "$out" && perf record -q -F 2999 -g -o "$out/perf.data" "$root/node_modules/.bin/node" --no-liftoff --perf-basic-prof \
+    "$root/bench/v8-host/run.mjs" "$out/case" "$secs")
 else
   TOLLGATE_WASM_PERFMAP=1 FILTER_PROFILE_CASE=$case FILTER_PROFILE_SECS=$secs FILTER_PROFILE_WASM=$wasm \
     perf record -q -F 2999 -g -o "$out/perf.data" "$bin" --ignored --nocapture profile 2>&1 | grep 'µs'

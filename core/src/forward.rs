@@ -87,7 +87,7 @@ pub fn recorded(mut admitted: Admitted<'_>, id: String, created: u64) -> (Dispat
     let dispatch = route(admitted, id, created);
     if let Dispatch::Reply(response) = &dispatch {
         record.attempts = 0;
-        record = record.refused(response.status, "invalid", None);
+        record = record.refused(response.status, crate::record::Reason::Invalid, None);
         record.ending = Some(Ending::NotSent.label().to_owned());
     }
     (dispatch, record)

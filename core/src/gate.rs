@@ -32,7 +32,7 @@ use crate::limits::ledger::{LimitStatus, Reached, Verdict};
 use crate::limits::Metric;
 use crate::message::{self, LimitFacts, MessageKind};
 use crate::openai::ChatRequest;
-use crate::record::{About, Decision, Record};
+use crate::record::{About, Decision, Reason, Record};
 use crate::render::{self, LocalResponse};
 use crate::routing::Route;
 use crate::store::{CasStore, StoreError};
@@ -290,7 +290,7 @@ pub fn prepare_chat<'p>(policy: &'p Policy, facts: &Facts, body: &[u8]) -> Prepa
     let record = Record::new(&about, facts.now_ms, Decision::Allowed);
     if let Err(e) = checked {
         let response = e.to_response();
-        let record = record.refused(response.status, "invalid", None);
+        let record = record.refused(response.status, Reason::Invalid, None);
         return Prepared::Reply(response, Some(Box::new(record)));
     }
     let model_default = match (&route, alias) {
@@ -319,7 +319,7 @@ impl<'p> Pending<'p> {
                 Verdict::Denied { status, .. } | Verdict::TooLarge { status, .. } => Some(status.name.as_str()),
                 Verdict::Allowed => None,
             };
-            let record = record.refused(response.status, "limit", limit);
+            let record = record.refused(response.status, Reason::Limit, limit);
             return reply(response, Refused::Limited, Some(Box::new(record)));
         }
         if let Some(w) = admission.warnings.iter().max_by_key(|w| (w.threshold, w.status.percent())) {
@@ -382,7 +382,7 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route:
     match policy.on_failure {
         FailureMode::Deny => {
             let response = render::store_unavailable();
-            let record = record.refused(response.status, "store_failed", None);
+            let record = record.refused(response.status, Reason::StoreFailed, None);
             Gate::Reply { response, why: Refused::StoreFailed, store_error: Some(e), record: Some(Box::new(record)) }
         }
         FailureMode::Allow => Gate::Forward(Box::new(Admitted {
@@ -397,7 +397,7 @@ fn store_failed<'p>(policy: &Policy, e: StoreError, request: ChatRequest, route:
             tier,
             evicted: 0,
             // Forwarded uncounted: the record says why.
-            record: Record { reason: Some("store_failed".to_owned()), ..record },
+            record: Record { reason: Some(Reason::StoreFailed), ..record },
         })),
     }
 }
@@ -804,10 +804,10 @@ mod tests {
         // 80 + 36 in flight + 36 ≥ 120 %: the soft block names its limit.
         let g = run(&p, &mut store, "u", None, canary, 4);
         let r = decide(&g);
-        assert_eq!((r.decision, r.reason.as_deref(), r.limit.as_deref(), r.status), (Decision::Blocked, Some("limit"), Some("total_tokens/day"), 429), "{r:?}");
+        assert_eq!((r.decision, r.reason, r.limit.as_deref(), r.status), (Decision::Blocked, Some(Reason::Limit), Some("total_tokens/day"), 429), "{r:?}");
         // A guard (max_tokens 40): refused before the limits.
         let r = decide(&run(&p, &mut store, "v", None, r#"{"model":"big","max_tokens":41,"messages":[]}"#, 6));
-        assert_eq!((r.decision, r.reason.as_deref(), r.status), (Decision::Refused, Some("invalid"), 400));
+        assert_eq!((r.decision, r.reason, r.status), (Decision::Refused, Some(Reason::Invalid), 400));
     }
 
     #[test]

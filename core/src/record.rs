@@ -41,6 +41,19 @@ pub enum Decision {
     Refused,
 }
 
+/// Why a request was refused, or forwarded uncounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// A limit said no (the decision is [`Decision::Blocked`]).
+    Limit,
+    /// A guard, a bad identity token, a parameter the provider cannot take.
+    Invalid,
+    /// The counter store failed: refused under `on_failure: deny`, forwarded uncounted under
+    /// `allow`.
+    StoreFailed,
+}
+
 /// One request's usage record (see the module docs; field by field in docs/usage-records.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -86,9 +99,10 @@ pub struct Record {
     pub cost_micro_usd: Option<u64>,
     /// What the gate decided.
     pub decision: Decision,
-    /// Why it was refused: `limit`, `invalid` (a guard or identity check), `store_failed`.
+    /// Why it was refused (`limit`, `invalid`, `store_failed`), or, on an allowed request,
+    /// `store_failed`: forwarded uncounted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<Reason>,
     /// The limit that blocked, warned or downgraded it (its name, e.g. `requests/day`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<String>,
@@ -151,12 +165,12 @@ impl Record {
         }
     }
 
-    /// A refusal: the status the client gets, why (`limit`: blocked, anything else: refused),
+    /// A refusal: the status the client gets, why (a limit: blocked, anything else: refused),
     /// and the limit that said no.
-    pub(crate) fn refused(mut self, status: u16, reason: &str, limit: Option<&str>) -> Record {
-        self.decision = if reason == "limit" { Decision::Blocked } else { Decision::Refused };
+    pub(crate) fn refused(mut self, status: u16, reason: Reason, limit: Option<&str>) -> Record {
+        self.decision = if reason == Reason::Limit { Decision::Blocked } else { Decision::Refused };
         self.status = status;
-        self.reason = Some(reason.to_owned());
+        self.reason = Some(reason);
         self.limit = limit.map(str::to_owned);
         self.total_ms = Some(0);
         self
@@ -174,8 +188,7 @@ impl Record {
     /// provider and the provider's model, from `routes`).
     pub fn alias_attempts(&mut self, routes: &Routes, attempts: u32, served: Option<&str>) {
         self.attempts = attempts;
-        if let Some(route) = served.and_then(|d| routes.route(d).map(|r| (d, r))) {
-            let (deployment, route) = route;
+        if let Some((deployment, route)) = served.and_then(|d| Some((d, routes.route(d)?))) {
             self.provider = Some(route.provider.name.clone());
             self.served_model = Some(deployment.to_owned());
             self.upstream_model = Some(route.target.upstream_model.clone());

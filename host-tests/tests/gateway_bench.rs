@@ -471,17 +471,12 @@ fn worker() {
         std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "workerd")
     });
     let http = agent();
-    let time = |url: &str, case: &Case, n: usize| -> Vec<f64> {
-        let body = chat_body(case.model, case.stream.is_some());
-        let mut headers: Vec<(&str, &str)> = vec![("x-tollgate-user", "bench-user")];
-        if let Some((fixture, _)) = case.stream {
-            headers.push(("x-mock-fixture", fixture));
-        }
+    // Milliseconds each of `n` calls of `call` took, sorted.
+    let sorted_ms = |n: usize, call: &dyn Fn()| -> Vec<f64> {
         let mut ms: Vec<f64> = (0..n)
             .map(|_| {
                 let t = Instant::now();
-                let r = post_json(&http, url, &headers, &body);
-                assert_eq!(r.status, 200, "{} via {url}: {}", case.name, r.body);
+                call();
                 t.elapsed().as_secs_f64() * 1000.0
             })
             .collect();
@@ -489,47 +484,16 @@ fn worker() {
         ms
     };
     let pct = |v: &[f64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
-    println!("| case | direct to the mock: P50 / P99 ms | through the worker (workerd): P50 / P99 ms | added P50 | workerd CPU ms/request |");
-    println!("|---|---:|---:|---:|---:|");
-    // What the worker costs with no counter touched: the model list (no Durable Object, no
-    // upstream), against the mock's own 404 for the same path.
-    let plain = |url: &str, n: usize| -> Vec<f64> {
-        let mut ms: Vec<f64> = (0..n)
-            .map(|_| {
-                let t = Instant::now();
-                tollgate_host_tests::workerd::get_with(url, &[("x-tollgate-user", "bench-user")]);
-                t.elapsed().as_secs_f64() * 1000.0
-            })
-            .collect();
-        ms.sort_by(|a, b| a.total_cmp(b));
-        ms
-    };
-    plain(&format!("{}/v1/models", wrangler.url), 50);
-    let direct = plain(&format!("{mock_url}/v1/models"), total);
-    let before = workerd.map(cpu_ticks).unwrap_or(0);
-    let through = plain(&format!("{}/v1/models", wrangler.url), total);
-    let cpu = workerd.map(|p| (cpu_ticks(p) - before) as f64 * 10.0 / total as f64);
-    println!(
-        "| GET /v1/models (no counter, no upstream) | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms | {} |",
-        pct(&direct, 0.5),
-        pct(&direct, 0.99),
-        pct(&through, 0.5),
-        pct(&through, 0.99),
-        pct(&through, 0.5) - pct(&direct, 0.5),
-        cpu.map_or("?".to_owned(), |c| format!("{c:.2}"))
-    );
-    let direct_url = format!("{mock_url}/v1/chat/completions");
-    let worker_url = format!("{}/v1/chat/completions", wrangler.url);
-    for case in &CASES {
-        time(&direct_url, case, 50);
-        time(&worker_url, case, 100);
-        let direct = time(&direct_url, case, total);
+    // One row: warm both paths, time `total` calls of each, workerd's CPU over the worker's.
+    let row = |label: &str, direct: &dyn Fn(), through: &dyn Fn()| {
+        sorted_ms(50, direct);
+        sorted_ms(100, through);
+        let direct = sorted_ms(total, direct);
         let before = workerd.map(cpu_ticks).unwrap_or(0);
-        let through = time(&worker_url, case, total);
+        let through = sorted_ms(total, through);
         let cpu = workerd.map(|p| (cpu_ticks(p) - before) as f64 * 10.0 / total as f64);
         println!(
-            "| {} | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms | {} |",
-            case.name,
+            "| {label} | {:.2} / {:.2} | {:.2} / {:.2} | {:+.2} ms | {} |",
             pct(&direct, 0.5),
             pct(&direct, 0.99),
             pct(&through, 0.5),
@@ -537,6 +501,33 @@ fn worker() {
             pct(&through, 0.5) - pct(&direct, 0.5),
             cpu.map_or("?".to_owned(), |c| format!("{c:.2}"))
         );
+    };
+    println!("| case | direct to the mock: P50 / P99 ms | through the worker (workerd): P50 / P99 ms | added P50 | workerd CPU ms/request |");
+    println!("|---|---:|---:|---:|---:|");
+    // What the worker costs with no counter touched: the model list (no Durable Object, no
+    // upstream), against the mock's own answer for the same path.
+    let models = |base: &str| {
+        let url = format!("{base}/v1/models");
+        move || {
+            tollgate_host_tests::workerd::get_with(&url, &[("x-tollgate-user", "bench-user")]);
+        }
+    };
+    row("GET /v1/models (no counter, no upstream)", &models(&mock_url), &models(&wrangler.url));
+    for case in &CASES {
+        let body = chat_body(case.model, case.stream.is_some());
+        let mut headers: Vec<(&str, &str)> = vec![("x-tollgate-user", "bench-user")];
+        if let Some((fixture, _)) = case.stream {
+            headers.push(("x-mock-fixture", fixture));
+        }
+        let chat = |base: &str| {
+            let url = format!("{base}/v1/chat/completions");
+            let (http, headers, body) = (&http, &headers, &body);
+            move || {
+                let r = post_json(http, &url, headers, body);
+                assert_eq!(r.status, 200, "{} via {url}: {}", case.name, r.body);
+            }
+        };
+        row(case.name, &chat(&mock_url), &chat(&wrangler.url));
     }
     println!("{total} sequential requests per case and path, one keep-alive client; workerd pid {workerd:?}");
     drop(wrangler);

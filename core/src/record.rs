@@ -124,6 +124,18 @@ pub struct Record {
     pub attempts: u32,
 }
 
+/// The most bytes of a model name a record keeps: without a `models` map the name is the
+/// client's own string, and a record line must stay a small line whatever a client sends.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+fn bounded(name: &str) -> String {
+    let mut end = name.len().min(MAX_MODEL_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
+}
+
 /// Who a record is about, as the gate resolved it.
 pub(crate) struct About<'a> {
     pub identity: &'a str,
@@ -144,7 +156,7 @@ impl Record {
             identity_source: about.source.to_owned(),
             api_key: about.api_key.map(|k| format!("sha256:{k}")),
             tier: about.tier.to_owned(),
-            model: about.model.to_owned(),
+            model: bounded(about.model),
             served_model: None,
             provider: None,
             upstream_model: None,
@@ -180,8 +192,8 @@ impl Record {
     pub fn sent(&mut self, provider: &str, model: &str, upstream_model: &str) {
         self.attempts = self.attempts.saturating_add(1);
         self.provider = Some(provider.to_owned());
-        self.served_model = Some(model.to_owned());
-        self.upstream_model = Some(upstream_model.to_owned());
+        self.served_model = Some(bounded(model));
+        self.upstream_model = Some(bounded(upstream_model));
     }
 
     /// An alias request's attempts so far, and the deployment that served it, if one did (its
@@ -267,6 +279,18 @@ mod tests {
         assert_eq!(r.api_key.as_deref(), Some("sha256:ab12"));
         let back: Record = serde_json::from_slice(&r.to_json()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn a_clients_model_name_is_kept_to_a_bounded_length() {
+        let long = "é".repeat(1000);
+        let about = About { identity: "tg1:q:00", source: "header", api_key: None, tier: "t", model: &long, stream: false };
+        let mut r = Record::new(&about, 0, Decision::Allowed);
+        r.sent("upstream", &long, &long);
+        for kept in [&r.model, r.served_model.as_ref().unwrap(), r.upstream_model.as_ref().unwrap()] {
+            assert_eq!(kept.len(), MAX_MODEL_BYTES, "two-byte characters, cut on a boundary");
+            assert!(long.starts_with(kept.as_str()));
+        }
     }
 
     #[test]

@@ -66,7 +66,7 @@ enum Tried {
 }
 
 /// Serves `request` (admitted, model = the alias) from `alias`'s deployments (module docs).
-pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish: Finish) -> worker::Result<Response> {
+pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, mut finish: Finish) -> worker::Result<Response> {
     let policy = call.policy;
     let started = Date::now().as_millis();
     let names: Vec<&str> = alias.deployment_names().collect();
@@ -80,8 +80,7 @@ pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish
         Err(mut response) => {
             console_warn!("tollgate: every deployment of {} is cooling down", alias.name);
             response.headers.extend(call.headers.iter().cloned());
-            finish.done(Ending::NotSent);
-            return forward::local(&response);
+            return finish.reply(&response, Ending::NotSent);
         }
     };
     let fallback = &policy.fallback;
@@ -110,8 +109,8 @@ pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish
                 // Not one the policy falls back on: answered as without an alias.
                 let mut answer = Answer::other(call.headers.clone(), None);
                 let response = answer.unreachable(failure);
-                finish.done(Ending::NotServed);
-                return forward::local(&response);
+                finish.alias_attempts(&policy.routes, n as u32, None);
+                return finish.reply(&response, Ending::NotServed);
             }
             Tried::Answer { resp, answer, begun, seen } => {
                 let verdict = attempt::judge(fallback, seen);
@@ -125,11 +124,14 @@ pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish
                 if n > 1 {
                     console_log!("tollgate: {} served by {deployment} after {} failed attempt(s)", alias.name, n - 1);
                 }
+                finish.alias_attempts(&policy.routes, n as u32, Some(&deployment));
                 return forward::serve(resp, answer, finish, begun).await;
             }
             Tried::Whole { fetched, head, response, answer, seen } => {
                 let verdict = attempt::judge(fallback, seen);
                 tell_health(&call, &deployment, verdict.health, now);
+                finish.alias_attempts(&policy.routes, n as u32, Some(&deployment));
+                finish.answered(response.status);
                 finish.done(answer.ending());
                 return forward::rendered(&fetched, &head, &response);
             }
@@ -137,8 +139,9 @@ pub async fn handle(call: Call<'_>, alias: &Alias, request: &ChatRequest, finish
     }
     let mut response = attempts.exhausted();
     response.headers.extend(call.headers.iter().cloned());
-    finish.done(attempts.unserved());
-    forward::local(&response)
+    finish.alias_attempts(&policy.routes, attempts.made() as u32, None);
+    let ending = attempts.unserved();
+    finish.reply(&response, ending)
 }
 
 /// Applies a health outcome to this isolate's copy and, when it changed, tells the health

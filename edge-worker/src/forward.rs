@@ -15,10 +15,12 @@ use futures_util::stream::{self, StreamExt};
 use tollgate_core::answer::{Answer, BodyPlan};
 use tollgate_core::ending::Ending;
 use tollgate_core::fallback::Failure;
+use tollgate_core::record::Record;
+use tollgate_core::routing::Routes;
 use tollgate_core::LocalResponse;
 use worker::js_sys::Uint8Array;
 use worker::web_sys;
-use worker::{ByteStream, Fetch, Headers, Request, Response, ResponseBody, Url};
+use worker::{ByteStream, Date, Fetch, Headers, Request, Response, ResponseBody, Url};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1, plus the legacy ones proxies still drop) and `host`,
 /// which the runtime sets from the upstream URL.
@@ -117,38 +119,53 @@ pub fn local(r: &LocalResponse) -> worker::Result<Response> {
     Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body.clone()))
 }
 
-/// The end of a request, however it ends: hands its [`Ending`] to the settlement waiting in
-/// `ctx.wait_until`. Dropped without one (the runtime dropped the response before anything
-/// said how it ended), it settles as [`Ending::Abandoned`]. Without a ticket it does nothing.
+/// The end of a request, however it ends: hands its [`Ending`] and its usage record to the
+/// settlement waiting in `ctx.wait_until`. Dropped without one (the runtime dropped the
+/// response before anything said how it ended), it settles as [`Ending::Abandoned`].
 pub struct Finish {
-    tx: Option<oneshot::Sender<Ending>>,
+    tx: Option<oneshot::Sender<(Ending, Record)>>,
+    record: Record,
 }
 
 impl Finish {
-    /// A guard and the receiver the settlement awaits.
-    pub fn new() -> (Finish, oneshot::Receiver<Ending>) {
+    /// A guard for the request `record` describes, and the receiver the settlement awaits.
+    pub fn new(record: Record) -> (Finish, oneshot::Receiver<(Ending, Record)>) {
         let (tx, rx) = oneshot::channel();
-        (Finish { tx: Some(tx) }, rx)
+        (Finish { tx: Some(tx), record }, rx)
     }
 
-    /// A guard with nothing to settle (the store failed and the policy forwarded anyway).
-    pub fn none() -> Finish {
-        Finish { tx: None }
+    /// The client's answer has `status` (its head goes out now).
+    pub fn answered(&mut self, status: u16) {
+        self.record.answered(status, Date::now().as_millis());
+    }
+
+    /// An alias request's attempts so far, and the deployment that serves it.
+    pub fn alias_attempts(&mut self, routes: &Routes, attempts: u32, served: Option<&str>) {
+        self.record.alias_attempts(routes, attempts, served);
     }
 
     /// The request ended so.
     pub fn done(mut self, ending: Ending) {
+        self.send(ending);
+    }
+
+    /// Tollgate answered `response` itself: the request ended so.
+    pub fn reply(mut self, response: &LocalResponse, ending: Ending) -> worker::Result<Response> {
+        self.answered(response.status);
+        self.send(ending);
+        local(response)
+    }
+
+    fn send(&mut self, ending: Ending) {
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(ending);
+            let _ = tx.send((ending, std::mem::take(&mut self.record)));
         }
     }
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Ending::Abandoned);
-        }
+        self.send(Ending::Abandoned);
     }
 }
 
@@ -211,7 +228,7 @@ pub struct Begun {
 
 /// Serves a fetched answer through core's pipeline (module docs); `begun`: the stream was
 /// begun by the caller.
-pub async fn serve(mut resp: Response, mut answer: Answer, finish: Finish, begun: Option<Begun>) -> worker::Result<Response> {
+pub async fn serve(mut resp: Response, mut answer: Answer, mut finish: Finish, begun: Option<Begun>) -> worker::Result<Response> {
     let fetched = Fetched::of(&resp);
     let status = fetched.status;
     let null_body = matches!(status, 101 | 204 | 205 | 304) || matches!(resp.body(), ResponseBody::Empty);
@@ -223,6 +240,7 @@ pub async fn serve(mut resp: Response, mut answer: Answer, finish: Finish, begun
     match head.body {
         BodyPlan::Replace(r) => {
             let headers = client_headers(&fetched, &head.remove, &head.set, &r.headers)?;
+            finish.answered(r.status);
             finish.done(answer.ending());
             Ok(Response::builder().with_status(r.status).with_headers(headers).fixed(r.body))
         }
@@ -231,11 +249,13 @@ pub async fn serve(mut resp: Response, mut answer: Answer, finish: Finish, begun
                 Ok(bytes) => answer.whole(status, retry_after.as_deref(), &bytes),
                 Err(_) => answer.unreachable(Failure::Reset),
             };
+            finish.answered(r.status);
             finish.done(answer.ending());
             rendered(&fetched, &head, &r)
         }
         BodyPlan::Pass if null_body => {
             let headers = client_headers(&fetched, &head.remove, &head.set, &[])?;
+            finish.answered(status);
             finish.done(answer.ending());
             Ok(Response::builder().with_status(status).with_headers(headers).empty())
         }
@@ -244,6 +264,7 @@ pub async fn serve(mut resp: Response, mut answer: Answer, finish: Finish, begun
             if head.body == BodyPlan::Stream {
                 headers.set("cache-control", "no-cache")?;
             }
+            finish.answered(status);
             let upstream = match begun_stream.take().map(Ok).unwrap_or_else(|| resp.stream()) {
                 Ok(s) => s,
                 Err(_) => {

@@ -69,11 +69,12 @@ use tollgate_core::forward::Dispatch;
 use tollgate_core::gate::{self, Facts, Gate, Kind, Prepared, Refused};
 use tollgate_core::identity::RequestFacts;
 use tollgate_core::limits::engine::{Ticket, Who};
+use tollgate_core::record::Record;
 use tollgate_core::render::openai_error;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::Math;
 use worker::wasm_bindgen::JsValue;
-use worker::{console_error, console_warn, event, web_sys, Context, Date, Env, Fetch, Headers, Method, Request, Response};
+use worker::{console_error, console_log, console_warn, event, web_sys, Context, Date, Env, Fetch, Headers, Method, Request, Response};
 
 use crate::config::PolicyError;
 use crate::counter::{Objects, SHARDS_VAR};
@@ -147,17 +148,25 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         }
     };
     let pending = match prepared {
-        Prepared::Reply(r, _) => return forward::local(&r),
+        Prepared::Reply(r, record) => {
+            if let Some(record) = record {
+                log_record(&record);
+            }
+            return forward::local(&r);
+        }
         Prepared::Admit(p) => p,
     };
     let lease_id = (Math::random() * (1u64 << 53) as f64) as u64;
     let result = store::admit(&objects, shards, &policy.limits, &pending.who, &pending.estimate, lease_id, now).await;
     let store_failed = result.as_ref().err().cloned();
     let mut admitted = match (*pending).conclude(&policy, &facts, result) {
-        Gate::Reply { response, why, store_error, .. } => {
+        Gate::Reply { response, why, store_error, record, .. } => {
             if why == Refused::StoreFailed {
                 let e = store_error.map(|e| e.to_string()).unwrap_or_default();
                 console_error!("tollgate: counting failed, refusing: {e}");
+            }
+            if let Some(record) = record {
+                log_record(&record);
             }
             return forward::local(&response);
         }
@@ -173,10 +182,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         let url = url.clone();
         ctx.wait_until(async move { post_events(&url, events).await });
     }
-    let finish = match admitted.ticket.take().filter(|t| !t.is_empty()) {
-        Some(ticket) => settle_when_done(&ctx, Rc::clone(&policy), Objects(objects.0.clone()), shards, ticket, notify_url),
-        None => Finish::none(),
-    };
+    let ticket = admitted.ticket.take().filter(|t| !t.is_empty());
 
     let private = |name: &str| gate::is_private_request_header(&policy, name);
     let pass_var = env.var(translation::PASS_HEADERS_VAR).ok().map(|v| v.to_string());
@@ -184,11 +190,10 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         .into_iter()
         .filter_map(|name| req.headers().get(&name).ok().flatten().map(|value| (name, value)))
         .collect();
-    match tollgate_core::forward::dispatch(*admitted, translation::response_id(now), now / 1000) {
-        Dispatch::Reply(response) => {
-            finish.done(Ending::NotSent);
-            forward::local(&response)
-        }
+    let (dispatch, record) = tollgate_core::forward::recorded(*admitted, translation::response_id(now), now / 1000);
+    let finish = settle_when_done(&ctx, Rc::clone(&policy), Objects(objects.0.clone()), shards, ticket, notify_url, record);
+    match dispatch {
+        Dispatch::Reply(response) => finish.reply(&response, Ending::NotSent),
         Dispatch::Alias { alias, request, headers, warning, .. } => {
             let mut headers = headers;
             if let Some(w) = &warning {
@@ -201,8 +206,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
             let outbound = match translation::provider_request(&env, provider, &request, &passed) {
                 Ok(r) => r,
                 Err(translation::Unreachable::NotConfigured(r) | translation::Unreachable::KeyMissing(r)) => {
-                    finish.done(Ending::NotSent);
-                    return forward::local(&with_client_headers(r, &answer));
+                    return finish.reply(&with_client_headers(r, &answer), Ending::NotSent);
                 }
             };
             match Fetch::Request(outbound).send().await {
@@ -210,8 +214,8 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
                 Err(e) => {
                     console_error!("tollgate: provider {} unreachable: {e}", provider.name);
                     let r = answer.unreachable(tollgate_core::fallback::Failure::Connect);
-                    finish.done(answer.ending());
-                    forward::local(&r)
+                    let ending = answer.ending();
+                    finish.reply(&r, ending)
                 }
             }
         }
@@ -230,12 +234,24 @@ fn with_client_headers(mut r: LocalResponse, answer: &tollgate_core::answer::Ans
 
 /// The settlement waiting in `ctx.wait_until` for the request's [`Ending`] (sent when its
 /// answer is over, or when the runtime dropped it: the client went away), by core's one rule;
-/// then the webhook events it reached.
-fn settle_when_done(ctx: &Context, policy: Rc<Policy>, objects: Objects, shards: u32, ticket: Ticket, notify_url: Option<String>) -> Finish {
-    let (finish, done) = Finish::new();
+/// then the webhook events it reached, and the request's usage record (written even when
+/// nothing is to be settled: a request forwarded uncounted because the store failed).
+fn settle_when_done(
+    ctx: &Context,
+    policy: Rc<Policy>,
+    objects: Objects,
+    shards: u32,
+    ticket: Option<Ticket>,
+    notify_url: Option<String>,
+    record: Record,
+) -> Finish {
+    let (finish, done) = Finish::new(record);
     ctx.wait_until(async move {
-        let ending = done.await.unwrap_or(Ending::Abandoned);
+        let Ok((ending, mut record)) = done.await else { return };
         let now = Date::now().as_millis();
+        record.ended(&ending, &policy.limits, now);
+        log_record(&record);
+        let Some(ticket) = ticket else { return };
         if ending.implausible(&ticket) {
             console_warn!("tollgate: the provider reported more usage than the request can have used; charged up to the bound");
         }
@@ -270,16 +286,14 @@ async fn forward_upstream(
         Ok(url) => url,
         Err(e) => {
             console_error!("tollgate: {e}");
-            finish.done(Ending::NotSent);
-            return forward::local(&with_client_headers(invalid_configuration(&e), &answer));
+            return finish.reply(&with_client_headers(invalid_configuration(&e), &answer), Ending::NotSent);
         }
     };
     let target = match req.url() {
         Ok(url) => forward::upstream_url(&upstream, &url),
         Err(e) => {
             console_error!("tollgate: request URL unreadable: {e}");
-            finish.done(Ending::NotSent);
-            return forward::local(&openai_error(400, "Malformed request URL.", "invalid_request_error", "invalid_url"));
+            return finish.reply(&openai_error(400, "Malformed request URL.", "invalid_request_error", "invalid_url"), Ending::NotSent);
         }
     };
     match forward::send_client(&req, &target, private, body).await {
@@ -287,10 +301,20 @@ async fn forward_upstream(
         Err(e) => {
             console_error!("tollgate: upstream request failed: {e}");
             let r = answer.unreachable(tollgate_core::fallback::Failure::Connect);
-            finish.done(answer.ending());
-            forward::local(&r)
+            let ending = answer.ending();
+            finish.reply(&r, ending)
         }
     }
+}
+
+/// Writes a usage record as one JSON log line, `{"record": {…}}`: Workers Logs index its fields,
+/// Logpush exports it, `tollgate usage` reads it (docs/usage-records.md).
+fn log_record(record: &Record) {
+    let mut line = Vec::with_capacity(512);
+    line.extend_from_slice(b"{\"record\":");
+    line.extend_from_slice(&record.to_json());
+    line.push(b'}');
+    console_log!("{}", String::from_utf8_lossy(&line));
 }
 
 /// POSTs each webhook event body to `url` (JSON). Failures are logged, never retried: events

@@ -109,6 +109,41 @@ pub struct Expect {
     pub usage_after: Option<(u64, Tokens)>,
     /// Whether the provider may be reached (`false`: the request is answered by Tollgate).
     pub reaches_provider: bool,
+    /// The request's usage record (`None`: it leaves none — it never reached the gate's
+    /// decision: not a chat request, an unreadable body, an unknown model).
+    pub record: Option<Rec>,
+}
+
+/// What a request's usage record must say (docs/usage-records.md); its `status` is the
+/// client's, and it holds neither the prompt nor the answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rec {
+    /// `allowed`, `warned`, `downgraded`, `blocked` or `refused`.
+    pub decision: &'static str,
+    /// How it ended (`None`: absent — refused before anything was sent).
+    pub ending: Option<&'static str>,
+    /// The input + output tokens it carries as the provider reported them (`None`: absent,
+    /// the provider reported none; `Some(u64::MAX)`: any count).
+    pub tokens: Option<u64>,
+    /// Upstream attempts.
+    pub attempts: u64,
+    /// The model that served (`None`: not checked).
+    pub served_model: Option<&'static str>,
+}
+
+/// A record of a request served as asked with `tokens` reported, in one attempt.
+fn served_rec(tokens: Option<u64>) -> Option<Rec> {
+    Some(Rec { decision: "allowed", ending: Some("served"), tokens, attempts: 1, served_model: None })
+}
+
+/// A record of a request the provider did not serve.
+fn not_served_rec() -> Option<Rec> {
+    Some(Rec { decision: "allowed", ending: Some("not_served"), tokens: None, attempts: 1, served_model: None })
+}
+
+/// A record of a request a guard refused before admission.
+fn refused_rec() -> Option<Rec> {
+    Some(Rec { decision: "refused", ending: None, tokens: None, attempts: 0, served_model: None })
 }
 
 /// One scenario.
@@ -189,6 +224,7 @@ fn not_a_surface(status: u16, code: &'static str) -> Expect {
         body: Body::Error { code },
         usage_after: Some((0, Tokens::Exactly(0))),
         reaches_provider: false,
+        record: None,
     }
 }
 
@@ -196,7 +232,11 @@ fn served(headers: Vec<(&'static str, Want)>, body: Body, tokens: Tokens) -> Exp
     let mut all = vec![("x-ratelimit-limit-requests", Want::Is("100".into())), ("x-ratelimit-remaining-requests", Want::Is("99".into()))];
     all.extend(no_account_headers());
     all.extend(headers);
-    Expect { status: 200, headers: all, body, usage_after: Some((1, tokens)), reaches_provider: true }
+    let reported = match tokens {
+        Tokens::Exactly(n) => Some(n),
+        Tokens::Reserved => None,
+    };
+    Expect { status: 200, headers: all, body, usage_after: Some((1, tokens)), reaches_provider: true, record: served_rec(reported) }
 }
 
 /// The table (module docs).
@@ -259,6 +299,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 body: Body::Completion { model: "mock-small", warning: true },
                 usage_after: Some((2, Tokens::Exactly(34))),
                 reaches_provider: true,
+                record: Some(Rec { decision: "downgraded", ending: Some("served"), tokens: Some(17), attempts: 1, served_model: Some("gpt-small") }),
             },
         },
         Scenario {
@@ -271,19 +312,20 @@ pub fn scenarios() -> Vec<Scenario> {
                 body: Body::Error { code: "rate_limit_exceeded" },
                 usage_after: Some((0, Tokens::Exactly(0))),
                 reaches_provider: false,
+                record: Some(Rec { decision: "blocked", ending: None, tokens: None, attempts: 0, served_model: None }),
             },
         },
         Scenario {
             name: "a_guard_refuses_before_anything_is_counted",
             stack: Translating,
             request: post(chat("gpt", "").replace(r#""max_tokens":20"#, r#""max_tokens":5000"#)),
-            expect: Expect { status: 400, headers: vec![json()], body: Body::Error { code: "max_tokens_exceeded" }, usage_after: Some((0, Tokens::Exactly(0))), reaches_provider: false },
+            expect: Expect { status: 400, headers: vec![json()], body: Body::Error { code: "max_tokens_exceeded" }, usage_after: Some((0, Tokens::Exactly(0))), reaches_provider: false, record: refused_rec() },
         },
         Scenario {
             name: "an_unknown_model_is_a_404",
             stack: Translating,
             request: post(chat("nope", "")),
-            expect: Expect { status: 404, headers: vec![json()], body: Body::Error { code: "model_not_found" }, usage_after: Some((0, Tokens::Exactly(0))), reaches_provider: false },
+            expect: Expect { status: 404, headers: vec![json()], body: Body::Error { code: "model_not_found" }, usage_after: Some((0, Tokens::Exactly(0))), reaches_provider: false, record: None },
         },
         Scenario {
             name: "a_provider_429_is_an_openai_429_with_retry_after_and_costs_no_tokens",
@@ -298,25 +340,29 @@ pub fn scenarios() -> Vec<Scenario> {
                 body: Body::Error { code: "rate_limit_exceeded" },
                 usage_after: Some((1, Tokens::Exactly(0))),
                 reaches_provider: true,
+                record: not_served_rec(),
             },
         },
         Scenario {
             name: "a_provider_5xx_with_an_empty_body_is_an_openai_error_and_costs_no_tokens",
             stack: Translating,
             request: Request { headers: vec![knob("x-mock-empty", "503")], ..post(chat("gpt", "")) },
-            expect: Expect { status: 503, headers: vec![json()], body: Body::Error { code: "provider_error" }, usage_after: Some((1, Tokens::Exactly(0))), reaches_provider: true },
+            expect: Expect { status: 503, headers: vec![json()], body: Body::Error { code: "provider_error" }, usage_after: Some((1, Tokens::Exactly(0))), reaches_provider: true, record: not_served_rec() },
         },
         Scenario {
             name: "a_passed_through_5xx_with_an_empty_body_is_an_openai_error",
             stack: Passthrough,
             request: Request { headers: vec![knob("x-mock-empty", "502")], ..post(chat("mock-model", "")) },
-            expect: Expect { status: 502, headers: vec![json()], body: Body::Error { code: "provider_error" }, usage_after: Some((1, Tokens::Exactly(0))), reaches_provider: true },
+            expect: Expect { status: 502, headers: vec![json()], body: Body::Error { code: "provider_error" }, usage_after: Some((1, Tokens::Exactly(0))), reaches_provider: true, record: not_served_rec() },
         },
         Scenario {
             name: "alias_falls_back_to_the_next_deployment",
             stack: Translating,
             request: post(chat("auto", "")),
-            expect: served(vec![json(), ("x-tollgate-deployment", Want::Is("gpt".into()))], Body::Completion { model: "mock-gpt", warning: false }, Tokens::Exactly(17)),
+            expect: Expect {
+                record: Some(Rec { decision: "allowed", ending: Some("served"), tokens: Some(17), attempts: 2, served_model: Some("gpt") }),
+                ..served(vec![json(), ("x-tollgate-deployment", Want::Is("gpt".into()))], Body::Completion { model: "mock-gpt", warning: false }, Tokens::Exactly(17))
+            },
         },
         Scenario {
             name: "a_stream_cut_mid_way_keeps_its_reservation",
@@ -328,13 +374,28 @@ pub fn scenarios() -> Vec<Scenario> {
             name: "a_client_leaving_mid_stream_is_charged_its_reservation_and_frees_its_lease",
             stack: Translating,
             request: Request { headers: vec![knob("x-mock-delay-ms", "200")], client: Client::LeavesAfterFirstBytes, ..post(chat("gpt", stream)) },
-            expect: Expect { status: 200, headers: vec![sse()], body: Body::Stream { usage_chunk: false, end: End::Cut }, usage_after: Some((1, Tokens::Reserved)), reaches_provider: true },
+            expect: Expect {
+                status: 200,
+                headers: vec![sse()],
+                body: Body::Stream { usage_chunk: false, end: End::Cut },
+                usage_after: Some((1, Tokens::Reserved)),
+                reaches_provider: true,
+                // Core's one ending rule: a stream begun was served, its usage unknown (absent).
+                record: served_rec(None),
+            },
         },
         Scenario {
             name: "the_usage_endpoint_reports_the_callers_limits",
             stack: Translating,
             request: Request { method: "GET", path: "/v1/tollgate/usage", tier: None, headers: vec![], body: None, client: Client::Reads, before: 0 },
-            expect: Expect { status: 200, headers: vec![json(), ("cache-control", Want::Is("no-store".into()))], body: Body::Usage { tier: "free" }, usage_after: None, reaches_provider: false },
+            expect: Expect {
+                status: 200,
+                headers: vec![json(), ("cache-control", Want::Is("no-store".into()))],
+                body: Body::Usage { tier: "free" },
+                usage_after: None,
+                reaches_provider: false,
+                record: None,
+            },
         },
         Scenario {
             name: "an_unmetered_api_surface_is_a_404_and_never_reaches_the_provider",
@@ -370,19 +431,20 @@ pub fn scenarios() -> Vec<Scenario> {
                 body: Body::Models { ids: &["broken", "claude", "gpt", "gpt-small", "auto"] },
                 usage_after: Some((0, Tokens::Exactly(0))),
                 reaches_provider: false,
+                record: None,
             },
         },
         Scenario {
             name: "n_of_zero_is_refused_unsent",
             stack: Translating,
             request: post(chat("gpt", r#","n":0"#)),
-            expect: Expect { status: 400, ..not_a_surface(400, "integer_below_min_value") },
+            expect: Expect { record: refused_rec(), ..not_a_surface(400, "integer_below_min_value") },
         },
         Scenario {
             name: "n_above_128_is_refused_unsent",
             stack: Translating,
             request: post(chat("gpt", r#","n":129"#)),
-            expect: Expect { status: 400, ..not_a_surface(400, "integer_above_max_value") },
+            expect: Expect { record: refused_rec(), ..not_a_surface(400, "integer_above_max_value") },
         },
         Scenario {
             name: "a_tier_without_a_max_tokens_guard_reserves_at_most_what_a_model_writes",
@@ -405,7 +467,10 @@ pub fn scenarios() -> Vec<Scenario> {
             stack: Translating,
             request: Request { headers: vec![knob("x-mock-usage", "18446744073709551615,18446744073709551615")], ..post(chat("gpt", "")) },
             // A prompt of at most 10 000 000 tokens, at most 131 072 written for one choice.
-            expect: served(vec![json()], Body::Completion { model: "mock-gpt", warning: false }, Tokens::Exactly(10_000_000 + 131_072)),
+            expect: Expect {
+                record: served_rec(Some(u64::MAX)),
+                ..served(vec![json()], Body::Completion { model: "mock-gpt", warning: false }, Tokens::Exactly(10_000_000 + 131_072))
+            },
         },
     ]
 }
@@ -449,6 +514,12 @@ pub fn policy(stack: Stack, mock: &str, failing: &str) -> Value {
             "gpt-small": { "provider": "openai", "model": "mock-small" },
             "claude": { "provider": "anthropic", "model": "claude-mock" },
             "broken": { "provider": "failing", "model": "mock-broken" }
+        });
+        // USD per million tokens: a record of reported tokens carries their cost.
+        p["prices"] = serde_json::json!({
+            "gpt": { "input": 2.5, "cached_input": 1.25, "output": 10 },
+            "gpt-small": { "input": 0.15, "output": 0.6 },
+            "claude": { "input": 3, "output": 15 }
         });
         p["aliases"] = serde_json::json!({ "auto": { "deployments": ["broken", "gpt"], "strategy": "priority" } });
         p["fallback"] = serde_json::json!({ "on": ["connect", "timeout", "reset", "429", "5xx"], "attempt_timeout_ms": 5000, "total_timeout_ms": 20000 });
@@ -665,6 +736,62 @@ pub fn check(host: HostKind, s: &Scenario, got: &Observed) -> Result<(), String>
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// Checks the usage records a scenario's user left (`records`, in the order the host wrote
+/// them) against the scenario's [`Rec`]: one per request sent (warm-ups too) or none, and the
+/// last one says what the table says; no record holds the prompt or the answer.
+pub fn check_record(s: &Scenario, records: &[Value], got: &Observed) -> Result<(), String> {
+    let sent = s.request.before as usize + 1;
+    let Some(want) = &s.expect.record else {
+        return if records.is_empty() { Ok(()) } else { Err(format!("records where none is due: {records:?}")) };
+    };
+    if records.len() != sent {
+        return Err(format!("{} record(s), want {sent}: {records:?}", records.len()));
+    }
+    let r = &records[sent - 1];
+    let mut problems = Vec::new();
+    let text = r.to_string();
+    if text.contains("Say hello") {
+        problems.push("the prompt is in the record".to_owned());
+    }
+    if let Some(answer) = serde_json::from_slice::<Value>(&got.body).ok().and_then(|v| v["choices"][0]["message"]["content"].as_str().map(str::to_owned)) {
+        if answer.len() >= 8 && text.contains(&answer) {
+            problems.push("the answer is in the record".to_owned());
+        }
+    }
+    let stream = s.request.body.as_deref().is_some_and(|b| b.contains(r#""stream":true"#));
+    let tokens = match (r["input_tokens"].as_u64(), r["output_tokens"].as_u64()) {
+        (None, None) => None,
+        (i, o) => Some(i.unwrap_or(0).saturating_add(o.unwrap_or(0))),
+    };
+    let tokens_ok = match want.tokens {
+        Some(u64::MAX) => tokens.is_some(),
+        t => tokens == t,
+    };
+    let checks = [
+        ("v", r["v"].as_u64() == Some(1), "1".to_owned()),
+        ("decision", r["decision"].as_str() == Some(want.decision), want.decision.to_owned()),
+        ("ending", r["ending"].as_str() == want.ending, format!("{:?}", want.ending)),
+        ("status", r["status"].as_u64() == Some(u64::from(got.status)), got.status.to_string()),
+        ("stream", r["stream"].as_bool() == Some(stream), stream.to_string()),
+        ("tokens", tokens_ok, format!("{:?} in all (input + output)", want.tokens)),
+        ("attempts", r["attempts"].as_u64() == Some(want.attempts), want.attempts.to_string()),
+        ("served_model", want.served_model.is_none_or(|m| r["served_model"].as_str() == Some(m)), format!("{:?}", want.served_model)),
+        ("identity", r["identity"].as_str().is_some_and(|i| i.starts_with("tg1:q:")), "a hashed identity".to_owned()),
+        // (Prices are per model of the model map: a passed-through request has none.)
+        ("cost", r.get("cost_micro_usd").is_some() == (tokens.is_some() && s.stack == Stack::Translating), "a cost iff tokens were reported and priced".to_owned()),
+    ];
+    for (field, ok, wanted) in checks {
+        if !ok {
+            problems.push(format!("{field} (want {wanted})"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("record {text}: {}", problems.join(", ")))
     }
 }
 

@@ -8,11 +8,12 @@
 //! the mock provider, Envoy and wrangler (`scripts/setup.sh all`).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tollgate_cli::envoy::{generate, Options};
-use tollgate_host_tests::behaviour::{check, difference, eventually, expected_tokens, policy, raw, scenarios, usage_numbers, Client, Difference, HostKind, Observed, Request, Stack};
+use tollgate_host_tests::behaviour::{check, check_record, difference, eventually, expected_tokens, policy, raw, scenarios, usage_numbers, Client, Difference, HostKind, Observed, Request, Stack};
 use tollgate_host_tests::envoy::{self, Envoy, Rendered, TempDir};
 use tollgate_host_tests::fleet::{start_store, Redis, StoreService};
 use tollgate_host_tests::host::{Flavour, FilterModule, Host, HttpRequest, SharedStore, UpstreamRequest, UpstreamResponse, Vm};
@@ -44,6 +45,8 @@ impl Mocks {
 trait Driver {
     fn kind(&self) -> HostKind;
     fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed;
+    /// Every usage record the host has written so far, in order.
+    fn records(&self) -> Vec<Value>;
 }
 
 fn headers_for(request: &Request, user: &str) -> Vec<(String, String)> {
@@ -84,22 +87,45 @@ fn run_suite(driver: &mut dyn Driver, mocks: &Mocks) {
         if !s.expect.reaches_provider && mocks.calls() != calls_before {
             failures.push(format!("{}: the provider was called", s.name));
         }
-        let Some((requests, tokens)) = s.expect.usage_after else { continue };
-        let tokens = match expected_tokens(tokens, &got) {
-            Ok(t) => t,
-            Err(e) => {
-                failures.push(format!("{}: {e}", s.name));
-                continue;
+        if let Some((requests, tokens)) = s.expect.usage_after {
+            match expected_tokens(tokens, &got) {
+                Ok(tokens) => {
+                    // (The worker settles in `waitUntil`, after the answer: poll.)
+                    let want = Some((requests, tokens, 0));
+                    let seen = eventually(Duration::from_secs(8), &want, || {
+                        let r = driver.send(s.stack, &usage_request(), &user);
+                        serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| usage_numbers(&v))
+                    });
+                    if seen != want {
+                        failures.push(format!("{}: usage afterwards (requests, tokens, in flight) {seen:?}, want {want:?}", s.name));
+                    }
+                }
+                Err(e) => failures.push(format!("{}: {e}", s.name)),
             }
+        }
+        // The user's records: identified by the hashed identity the usage endpoint names.
+        let report = driver.send(s.stack, &usage_request(), &user);
+        let Some(identity) = serde_json::from_slice::<Value>(&report.body).ok().and_then(|v| v["identity"].as_str().map(str::to_owned)) else {
+            failures.push(format!("{}: no identity in the usage report", s.name));
+            continue;
         };
-        // (The worker settles in `waitUntil`, after the answer: poll.)
-        let want = Some((requests, tokens, 0));
-        let seen = eventually(Duration::from_secs(8), &want, || {
-            let r = driver.send(s.stack, &usage_request(), &user);
-            serde_json::from_slice::<Value>(&r.body).ok().and_then(|v| usage_numbers(&v))
-        });
-        if seen != want {
-            failures.push(format!("{}: usage afterwards (requests, tokens, in flight) {seen:?}, want {want:?}", s.name));
+        let due = if s.expect.record.is_some() { s.request.before as usize + 1 } else { 0 };
+        // (In admission order: a fleet's Envoys each write their own log.)
+        let mine = |d: &dyn Driver| {
+            let mut mine: Vec<Value> = d.records().into_iter().filter(|r| r["identity"] == identity.as_str()).collect();
+            let ended = |r: &Value| r["time_ms"].as_u64().unwrap_or(0).saturating_add(r["total_ms"].as_u64().unwrap_or(0));
+            mine.sort_by_key(|r| (ended(r), r["time_ms"].as_u64()));
+            mine
+        };
+        // (Envoy writes access logs when the stream is done and flushes them every 100 ms; the
+        // worker logs in `waitUntil`.)
+        let counted = eventually(Duration::from_secs(5), &due, || mine(&*driver).len());
+        if counted == due && due == 0 {
+            // Nothing due: give a late record the time it would take to show.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if let Err(e) = check_record(&s, &mine(&*driver), &got) {
+            failures.push(format!("{}: {e}", s.name));
         }
     }
     assert!(ran >= 15, "only {ran} scenarios ran on {kind:?}");
@@ -111,6 +137,7 @@ fn run_suite(driver: &mut dyn Driver, mocks: &Mocks) {
 
 struct Wasmtime {
     flavour: Flavour,
+    records: Vec<Value>,
     vms: HashMap<&'static str, (Host, Vm)>,
     ok: String,
     failing: String,
@@ -137,7 +164,7 @@ impl Wasmtime {
             let vm = Vm::load(&host, FilterModule::release_filter(), config.as_bytes()).unwrap_or_else(|e| panic!("{e}"));
             vms.insert(stack_name(stack), (host, vm));
         }
-        Wasmtime { flavour, vms, ok: mocks.ok.clone(), failing: mocks.failing.clone() }
+        Wasmtime { flavour, records: Vec::new(), vms, ok: mocks.ok.clone(), failing: mocks.failing.clone() }
     }
 }
 
@@ -185,6 +212,10 @@ impl Driver for Wasmtime {
         }
     }
 
+    fn records(&self) -> Vec<Value> {
+        self.records.clone()
+    }
+
     fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
         let (ok, failing) = (self.ok.clone(), self.failing.clone());
         let (_, vm) = self.vms.get_mut(stack_name(stack)).expect("a VM per stack");
@@ -203,6 +234,9 @@ impl Driver for Wasmtime {
             http = http.header("content-type", "application/json").header("content-length", body.len().to_string()).body(body);
         }
         let ex = vm.request(http).unwrap_or_else(|e| panic!("{user}: {e}"));
+        if let Some(record) = ex.properties.get(b"tollgate.record".as_slice()) {
+            self.records.push(serde_json::from_slice(record).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(record))));
+        }
         Observed {
             status: ex.status,
             headers: ex.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned())).collect(),
@@ -230,7 +264,7 @@ fn the_filter_in_the_wasmtime_host_with_ngx_wasm_modules_semantics_answers_as_th
 /// A complete Envoy config (JSON, which Envoy reads as YAML) for the suite's policy: the
 /// downstream filter, the routes and aggregate clusters `tollgate envoy` generates for the
 /// aliases, and the mock providers' clusters.
-fn envoy_config(policy: &Value, mocks: &Mocks, store_ports: &[u16]) -> String {
+fn envoy_config(policy: &Value, mocks: &Mocks, store_ports: &[u16], usage_log: &Path) -> String {
     let port = |url: &str| url.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).expect("a port");
     let (ok, failing) = (port(&mocks.ok), port(&mocks.failing));
     let wasm = filter_wasm_path().display().to_string();
@@ -263,6 +297,21 @@ fn envoy_config(policy: &Value, mocks: &Mocks, store_ports: &[u16]) -> String {
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "tollgate",
+                        // The usage records, as examples/envoy/providers.yaml logs them.
+                        "access_log": [ {
+                            "name": "tollgate-usage",
+                            "filter": { "extension_filter": {
+                                "name": "envoy.access_loggers.extension_filters.cel",
+                                "typed_config": {
+                                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter",
+                                    "expression": "'wasm.tollgate.record' in filter_state"
+                                } } },
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                                "path": usage_log.display().to_string(),
+                                "log_format": { "text_format_source": { "inline_string": "%FILTER_STATE(wasm.tollgate.record:PLAIN)%\n" } }
+                            }
+                        } ],
                         "route_config": { "virtual_hosts": [ { "name": "all", "domains": ["*"], "routes": routes } ] },
                         "http_filters": [
                             { "name": "tollgate", "typed_config": {
@@ -286,11 +335,24 @@ fn envoy_config(policy: &Value, mocks: &Mocks, store_ports: &[u16]) -> String {
 
 struct RealEnvoy {
     envoys: HashMap<&'static str, Envoy>,
+    logs: Vec<PathBuf>,
+    _dir: TempDir,
+}
+
+/// The records in Envoy usage logs (JSON lines).
+fn logged_records(logs: &[PathBuf]) -> Vec<Value> {
+    logs.iter()
+        .flat_map(|log| std::fs::read_to_string(log).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect::<Vec<_>>())
+        .collect()
 }
 
 impl Driver for RealEnvoy {
     fn kind(&self) -> HostKind {
         HostKind::Envoy
+    }
+
+    fn records(&self) -> Vec<Value> {
+        logged_records(&self.logs)
     }
 
     fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
@@ -302,12 +364,16 @@ impl Driver for RealEnvoy {
 #[test]
 fn the_filter_in_real_envoy_answers_as_the_table_says() {
     let mocks = mocks();
+    let dir = TempDir::new("behaviour-envoy");
     let mut envoys = HashMap::new();
+    let mut logs = Vec::new();
     for stack in [Stack::Translating, Stack::Passthrough] {
-        let yaml = envoy_config(&policy(stack, &mocks.ok, &mocks.failing), &mocks, &[]);
+        let log = dir.path().join(format!("usage-{}.jsonl", stack_name(stack)));
+        let yaml = envoy_config(&policy(stack, &mocks.ok, &mocks.failing), &mocks, &[], &log);
         envoys.insert(stack_name(stack), envoy::start(&Rendered { yaml }, &[]));
+        logs.push(log);
     }
-    run_suite(&mut RealEnvoy { envoys }, &mocks);
+    run_suite(&mut RealEnvoy { envoys, logs, _dir: dir }, &mocks);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -315,6 +381,7 @@ fn the_filter_in_real_envoy_answers_as_the_table_says() {
 
 struct Fleet {
     envoys: HashMap<&'static str, Vec<Envoy>>,
+    logs: Vec<PathBuf>,
     sent: usize,
     _stores: Vec<StoreService>,
     _redis: Redis,
@@ -324,6 +391,10 @@ struct Fleet {
 impl Driver for Fleet {
     fn kind(&self) -> HostKind {
         HostKind::EnvoyFleet
+    }
+
+    fn records(&self) -> Vec<Value> {
+        logged_records(&self.logs)
     }
 
     /// Alternates between the stack's Envoys: a scenario's warm-up requests, its request and
@@ -342,16 +413,22 @@ fn the_filter_in_a_fleet_of_envoys_on_redis_answers_as_the_table_says() {
     let dir = TempDir::new("behaviour-fleet");
     let redis = Redis::start();
     let mut envoys = HashMap::new();
+    let mut logs = Vec::new();
     let mut stores = Vec::new();
     for stack in [Stack::Translating, Stack::Passthrough] {
         let mut p = policy(stack, &mocks.ok, &mocks.failing);
         p["store"]["redis"] = json!({ "cluster": "tollgate_store", "timeout_ms": 500 });
         let store = start_store(&redis.url(), &p.to_string(), &dir, &format!("store-{}", stack_name(stack)));
-        let yaml = envoy_config(&p, &mocks, &[store.port]);
+        let mut fleet = Vec::new();
+        for i in 0..2 {
+            let log = dir.path().join(format!("usage-{}-{i}.jsonl", stack_name(stack)));
+            fleet.push(envoy::start(&Rendered { yaml: envoy_config(&p, &mocks, &[store.port], &log) }, &[]));
+            logs.push(log);
+        }
         stores.push(store);
-        envoys.insert(stack_name(stack), (0..2).map(|_| envoy::start(&Rendered { yaml: yaml.clone() }, &[])).collect());
+        envoys.insert(stack_name(stack), fleet);
     }
-    run_suite(&mut Fleet { envoys, sent: 0, _stores: stores, _redis: redis, _dir: dir }, &mocks);
+    run_suite(&mut Fleet { envoys, logs, sent: 0, _stores: stores, _redis: redis, _dir: dir }, &mocks);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -364,6 +441,22 @@ struct RealWorkerd {
 impl Driver for RealWorkerd {
     fn kind(&self) -> HostKind {
         HostKind::Workerd
+    }
+
+    /// The `{"record": …}` lines of the workers' logs (`console.log`, as `wrangler dev` prints
+    /// it).
+    fn records(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        for (wrangler, _) in self.workers.values() {
+            let log = std::fs::read_to_string(&wrangler.log).unwrap_or_default();
+            for line in log.lines() {
+                if let Some(at) = line.find(r#"{"record":"#) {
+                    let v: Value = serde_json::from_str(&line[at..]).unwrap_or_else(|e| panic!("{e}: {line}"));
+                    out.push(v["record"].clone());
+                }
+            }
+        }
+        out
     }
 
     fn send(&mut self, stack: Stack, request: &Request, user: &str) -> Observed {
@@ -397,7 +490,7 @@ fn a_cooldown_reported_through_one_envoy_steers_the_others() {
     p["store"]["redis"] = json!({ "cluster": "tollgate_store", "timeout_ms": 500 });
     p["health"] = json!({ "failures": 1, "window_seconds": 60, "cooldown_seconds": 60 });
     let store = start_store(&redis.url(), &p.to_string(), &dir, "store");
-    let yaml = envoy_config(&p, &mocks, &[store.port]);
+    let yaml = envoy_config(&p, &mocks, &[store.port], &dir.path().join("usage.jsonl"));
     let (a, b) = (envoy::start(&Rendered { yaml: yaml.clone() }, &[]), envoy::start(&Rendered { yaml }, &[]));
     let body = r#"{"model":"auto","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
     let send = |e: &Envoy| raw(&e.url, "POST", "/v1/chat/completions", &[("x-tollgate-user".to_owned(), "steered".to_owned())], Some(body), Client::Reads);

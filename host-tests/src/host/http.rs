@@ -199,6 +199,9 @@ pub struct Exchange {
     /// was cut ([`UpstreamResponse::cut`]) — then `status`, `headers` and `body` are what the
     /// client got before the reset (nothing, if the filter held the head).
     pub reset: bool,
+    /// The stream's properties the guest set (Envoy: its filter state) as the stream ended,
+    /// before `proxy_on_log` — what Envoy's access loggers read.
+    pub properties: std::collections::HashMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Exchange {

@@ -1079,6 +1079,7 @@ impl Vm {
             reached_upstream: upstream_request.is_some(),
             upstream_request,
             reset: false,
+            properties: self.stream().properties.clone(),
         };
         self.finish(ctx)?;
         Ok(exchange)
@@ -1175,6 +1176,7 @@ impl Vm {
             reached_upstream: upstream_request.is_some(),
             upstream_request,
             reset: true,
+            properties: self.stream().properties.clone(),
         };
         self.finish(ctx)?;
         Ok(exchange)

@@ -37,6 +37,7 @@ pub mod headers;
 pub mod identity;
 pub mod jwt;
 pub mod message;
+pub mod metrics;
 pub mod openai;
 pub mod ops;
 pub mod provider;

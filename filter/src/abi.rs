@@ -36,6 +36,7 @@ pub const HTTP_RESPONSE_BODY: u32 = 1;
 pub const HTTP_CALL_RESPONSE_BODY: u32 = 4;
 pub const PLUGIN_CONFIGURATION: u32 = 7;
 pub const METRIC_COUNTER: u32 = 0;
+pub const METRIC_HISTOGRAM: u32 = 2;
 
 pub const LOG_INFO: u32 = 2;
 pub const LOG_WARN: u32 = 3;
@@ -112,6 +113,7 @@ extern "C" {
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_define_metric(metric_type: u32, name_data: *const u8, name_size: usize, return_id: *mut u32) -> u32;
     fn proxy_increment_metric(metric_id: u32, offset: i64) -> u32;
+    fn proxy_record_metric(metric_id: u32, value: u64) -> u32;
 }
 
 fn check(status: u32) -> Result<(), Status> {
@@ -323,10 +325,21 @@ pub fn set_tick_period(period_ms: u32) -> Result<(), Status> {
 }
 
 pub fn define_counter(name: &str) -> Result<u32, Status> {
+    define_metric(METRIC_COUNTER, name)
+}
+
+/// Defines a metric of `kind` ([`METRIC_COUNTER`], [`METRIC_HISTOGRAM`]); its id.
+pub fn define_metric(kind: u32, name: &str) -> Result<u32, Status> {
     let mut id = 0u32;
     // SAFETY: pointer/length of a live string, out-pointer to a live local.
-    check(unsafe { proxy_define_metric(METRIC_COUNTER, name.as_ptr(), name.len(), &mut id) })?;
+    check(unsafe { proxy_define_metric(kind, name.as_ptr(), name.len(), &mut id) })?;
     Ok(id)
+}
+
+/// Records `value` into a histogram.
+pub fn record_metric(metric: u32, value: u64) {
+    // SAFETY: plain values. A failed metric update is not worth failing a request over.
+    unsafe { proxy_record_metric(metric, value) };
 }
 
 /// Adds `n` to a counter; nothing for 0 (Envoy refuses an offset that is not positive).

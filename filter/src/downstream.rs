@@ -128,6 +128,12 @@ fn publish(metrics: &crate::metrics::Metrics, record: &Record) {
     }
 }
 
+/// A request's record is final: published, and its labelled metrics added.
+fn finished(shared: &Shared, record: &Record) {
+    publish(&shared.metrics, record);
+    shared.metrics.emit(&tollgate_core::metrics::samples(record, &shared.policy));
+}
+
 impl Downstream {
     /// A new stream.
     pub fn new(shared: Shared, context_id: u32) -> Downstream {
@@ -294,7 +300,7 @@ impl Downstream {
             Prepared::Reply(response, record) => {
                 shared.metrics.add(Metric::Invalid);
                 if let Some(record) = record {
-                    publish(&shared.metrics, &record);
+                    finished(&shared, &record);
                 }
                 return self.reply(&response);
             }
@@ -358,7 +364,7 @@ impl Downstream {
         let mut admitted = match outcome {
             Gate::Reply { response, why, store_error, record } => {
                 if let Some(record) = record {
-                    publish(&shared.metrics, &record);
+                    finished(&shared, &record);
                 }
                 shared.metrics.add(match why {
                     Refused::Invalid => Metric::Invalid,
@@ -549,7 +555,7 @@ impl Downstream {
 
     /// The response head of a forwarded request: core's [`Answer::head`] applied.
     fn answer_headers(&mut self, end_of_stream: bool) -> Action {
-        let metrics = self.shared.metrics;
+        let metrics = std::rc::Rc::clone(&self.shared.metrics);
         let pairs = match http::header_pairs(abi::HTTP_RESPONSE_HEADERS) {
             Ok(p) => p,
             Err(s) => {
@@ -616,7 +622,7 @@ impl Downstream {
     }
 
     fn answer_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let metrics = self.shared.metrics;
+        let metrics = std::rc::Rc::clone(&self.shared.metrics);
         let Phase::Forwarded { answer, body } = &mut self.phase else { return Action::Continue };
         match body {
             BodyMode::Stream => {
@@ -972,6 +978,18 @@ impl HttpContext for Downstream {
         if let (Phase::Forwarded { body: BodyMode::Stream, .. }, Ending::Served { .. }) = (&self.phase, &ending) {
             // A stream cut short: its tokens so far.
             self.record_answer();
+        }
+        if let Some(mut record) = self.record.take() {
+            // Envoy's access loggers have run (they read the record as last published): the
+            // metrics read it as the request ended.
+            if let Phase::Alias { key, .. } = &self.phase {
+                if let Some((started, served)) = handoff::with(key, |e| (e.started, e.served.clone())) {
+                    record.alias_attempts(&self.shared.policy.routes, started, served.as_deref());
+                }
+            }
+            let now = self.now().unwrap_or(self.last_now);
+            record.ended(&ending, &self.shared.policy.limits, now);
+            self.shared.metrics.emit(&tollgate_core::metrics::samples(&record, &self.shared.policy));
         }
         self.settle(&ending);
         if let Phase::Alias { key, .. } = &self.phase {

@@ -97,7 +97,7 @@ pub struct Shared {
     /// environment.
     pub secrets: Rc<Vec<(String, Vec<u8>)>>,
     /// The counters.
-    pub metrics: Metrics,
+    pub metrics: Rc<Metrics>,
     /// The host's kind.
     pub flavour: Flavour,
     /// The watchdog's list.
@@ -185,7 +185,7 @@ impl RootContext for Root {
         self.shared = Some(Shared {
             policy: Rc::new(policy),
             secrets: Rc::new(secrets),
-            metrics: Metrics::define(),
+            metrics: Rc::new(Metrics::define()),
             flavour,
             waiting: Rc::new(RefCell::new(Waiting::default())),
             outbox: Rc::new(RefCell::new(outbox::Outbox::default())),

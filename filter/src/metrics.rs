@@ -1,5 +1,12 @@
 //! The filter's counters (Envoy prefixes them with `wasmcustom.`): one enum, named in one
-//! exhaustive `match`, so a new metric cannot be forgotten in its definition.
+//! exhaustive `match`, so a new metric cannot be forgotten in its definition; and the labelled
+//! metrics core reads off each finished request's record ([`tollgate_core::metrics`]), whose
+//! labels are encoded in the name for Envoy's tag extraction ([`envoy_name`], docs/metrics.md).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use tollgate_core::metrics::{Kind, Sample};
 
 use crate::abi;
 
@@ -116,9 +123,31 @@ impl Metric {
 }
 
 /// The host's ids of every counter (0 where the host refused to define one: increments then
-/// go nowhere rather than fail a request).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Metrics([u32; Metric::ALL.len()]);
+/// go nowhere rather than fail a request), and of each labelled metric defined so far.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ids: [u32; Metric::ALL.len()],
+    /// A labelled metric's id by its encoded name, defined at its first sample: a name is
+    /// defined once per VM (each definition would add a stat). Bounded: label values come from
+    /// the policy or fixed sets (core's `metrics`).
+    labelled: RefCell<HashMap<String, u32>>,
+}
+
+/// A labelled metric's name as Envoy's tag extraction reads it: `label=.=value;.;` for each
+/// label, then the name (Istio's encoding: values may hold dots, which Envoy's stat names
+/// split on otherwise). The bootstrap's `stats_config.stats_tags` has one rule per label name,
+/// `(label=\.=(.*?);\.;)`, and Prometheus sees `name{label="value",…}`.
+pub fn envoy_name(sample: &Sample) -> String {
+    let mut name = String::with_capacity(160);
+    for (label, value) in &sample.labels {
+        name.push_str(label);
+        name.push_str("=.=");
+        name.push_str(value);
+        name.push_str(";.;");
+    }
+    name.push_str(sample.name);
+    name
+}
 
 impl Metrics {
     /// Defines every counter with the host.
@@ -127,7 +156,33 @@ impl Metrics {
         for (id, m) in ids.iter_mut().zip(Metric::ALL) {
             *id = abi::define_counter(m.name()).unwrap_or(0);
         }
-        Metrics(ids)
+        Metrics { ids, labelled: RefCell::default() }
+    }
+
+    /// Adds or records each sample in its labelled metric (defined at first use; a metric the
+    /// host refuses to define is skipped, and not asked for again).
+    pub fn emit(&self, samples: &[Sample]) {
+        for sample in samples {
+            let name = envoy_name(sample);
+            let known = self.labelled.borrow().get(&name).copied();
+            let id = match known {
+                Some(id) => id,
+                None => {
+                    let kind = match sample.kind {
+                        Kind::Counter => abi::METRIC_COUNTER,
+                        Kind::Histogram => abi::METRIC_HISTOGRAM,
+                    };
+                    let id = abi::define_metric(kind, &name).unwrap_or(0);
+                    self.labelled.borrow_mut().insert(name, id);
+                    id
+                }
+            };
+            match (id, sample.kind) {
+                (0, _) => {}
+                (id, Kind::Counter) => abi::increment_by(id, sample.value),
+                (id, Kind::Histogram) => abi::record_metric(id, sample.value),
+            }
+        }
     }
 
     /// Adds one.
@@ -137,7 +192,7 @@ impl Metrics {
 
     /// Adds `n` (nothing for 0).
     pub fn add_n(&self, m: Metric, n: u64) {
-        if let Some(&id) = self.0.get(m as usize) {
+        if let Some(&id) = self.ids.get(m as usize) {
             abi::increment_by(id, n);
         }
     }

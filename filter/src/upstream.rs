@@ -167,7 +167,7 @@ impl Upstream {
         let Phase::Sent { key, deployment, mut answer, started_ms: _ } = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return Action::Continue;
         };
-        let metrics = self.shared.metrics;
+        let metrics = std::rc::Rc::clone(&self.shared.metrics);
         let map = abi::HTTP_RESPONSE_HEADERS;
         let pairs = http::header_pairs(map).unwrap_or_else(|s| {
             host_error(&metrics, "reading the response headers", s);
@@ -228,7 +228,7 @@ impl Upstream {
     }
 
     fn attempt_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let metrics = self.shared.metrics;
+        let metrics = std::rc::Rc::clone(&self.shared.metrics);
         let Phase::Answered { answer, body, .. } = &mut self.phase else { return Action::Continue };
         match body {
             BodyMode::Stream => {

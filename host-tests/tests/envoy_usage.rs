@@ -8,6 +8,7 @@
 //!
 //! Needs `scripts/build-wasm.sh`, the release mock provider and Envoy (`scripts/test.sh`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -159,6 +160,171 @@ fn the_access_log_holds_one_record_per_request_with_the_providers_usage_and_no_c
     assert_eq!((gone["ending"].as_str(), gone["status"].as_u64(), gone["stream"].as_bool()), (Some("served"), Some(200), Some(true)), "{gone}");
     assert_eq!(gone["input_tokens"], records[3]["input_tokens"], "{gone}");
     assert!(gone["output_tokens"].as_u64() < records[3]["output_tokens"].as_u64(), "the whole answer's usage: {gone}");
+
+    let samples = the_prometheus_scrape_agrees_with_the_records(&envoy.admin, &records);
+    every_dashboard_query_names_what_envoy_exposes(&samples);
+}
+
+/// The metric names (an identifier before `{` or `[`) and label names (in `by (…)` and in
+/// `{…}` matchers) of a PromQL expression.
+fn promql_names(expr: &str) -> (Vec<String>, Vec<String>) {
+    let (mut metrics, mut labels) = (Vec::new(), Vec::new());
+    let chars: Vec<char> = expr.chars().collect();
+    let (mut i, mut in_braces, mut in_by) = (0, false, false);
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            i += 1;
+            while i < chars.len() && chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+            continue;
+        }
+        if c.is_ascii_alphabetic() || c == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let next = chars[i..].iter().find(|c| !c.is_whitespace()).copied();
+            if in_braces || in_by {
+                labels.push(word);
+            } else if matches!(next, Some('{') | Some('[')) {
+                metrics.push(word);
+            } else if word == "by" && next == Some('(') {
+                in_by = true;
+                while chars[i] != '(' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            continue;
+        }
+        match c {
+            '{' => in_braces = true,
+            '}' => in_braces = false,
+            ')' if in_by => in_by = false,
+            _ => {}
+        }
+        i += 1;
+    }
+    (metrics, labels)
+}
+
+/// examples/grafana/tollgate.json: every panel's every query names metrics this Envoy exposes
+/// after the run, with labels those metrics carry.
+fn every_dashboard_query_names_what_envoy_exposes(samples: &[PromSample]) {
+    let path = tollgate_host_tests::proc::workspace_root().join("examples/grafana/tollgate.json");
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    let mut checked = 0;
+    for panel in panels {
+        let title = panel["title"].as_str().unwrap_or("?");
+        let targets = panel["targets"].as_array().filter(|t| !t.is_empty()).unwrap_or_else(|| panic!("{title}: no queries"));
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap_or_else(|| panic!("{title}: a query without expr"));
+            let (metrics, labels) = promql_names(expr);
+            assert!(!metrics.is_empty(), "{title}: no metric in {expr}");
+            for metric in &metrics {
+                let series: Vec<&PromSample> = samples.iter().filter(|(n, _, _)| n == metric).collect();
+                assert!(!series.is_empty(), "{title}: {metric} is not exposed by Envoy ({expr})");
+                for label in labels.iter().filter(|l| *l != "le" || metric.ends_with("_bucket")) {
+                    assert!(series.iter().any(|(_, l, _)| l.contains_key(label)), "{title}: {metric} has no label {label} ({expr})");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked} metric references checked");
+}
+
+#[test]
+fn promql_names_are_read_from_queries() {
+    let (m, l) = promql_names(r#"histogram_quantile(0.95, sum by (le, gen_ai_response_model) (rate(x_bucket{a="b{c}", d!~"e"}[$__rate_interval]))) / 1e6"#);
+    assert_eq!((m, l), (vec!["x_bucket".to_owned()], vec!["le".to_owned(), "gen_ai_response_model".to_owned(), "a".to_owned(), "d".to_owned()]));
+}
+
+/// One sample of Prometheus' text format: name, labels, value.
+type PromSample = (String, BTreeMap<String, String>, f64);
+
+/// Envoy's `/stats/prometheus`, parsed (comments skipped).
+fn scrape(admin: &str) -> Vec<PromSample> {
+    let text = tollgate_host_tests::workerd::get_with(&format!("{admin}/stats/prometheus"), &[]).body;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("a sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("a value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once("=\"").unwrap_or_else(|| panic!("a label: {line}"));
+                (k.to_owned(), v.trim_end_matches('"').to_owned())
+            })
+            .collect();
+        out.push((name.to_owned(), labels, value));
+    }
+    out
+}
+
+/// The sum of the samples named `name` whose labels include `with`.
+fn total(samples: &[PromSample], name: &str, with: &[(&str, &str)]) -> f64 {
+    samples.iter().filter(|(n, l, _)| n == name && with.iter().all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))).map(|(_, _, v)| v).sum()
+}
+
+/// Labelled metrics as Prometheus scrapes them from this Envoy: names without Envoy's prefix,
+/// labels extracted by providers.yaml's `stats_tags`, and values that are the records' (the
+/// records were checked against what the clients were told).
+fn the_prometheus_scrape_agrees_with_the_records(admin: &str, records: &[Value]) -> Vec<PromSample> {
+    // Histograms show after a stats flush (every 5 s by default).
+    let started = Instant::now();
+    let samples = loop {
+        let samples = scrape(admin);
+        let durations = total(&samples, "gen_ai_client_operation_duration_ms_count", &[]);
+        if durations >= 5.0 || started.elapsed() > Duration::from_secs(20) {
+            break samples;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let requests = "tollgate_requests_total";
+    let labelled: Vec<&PromSample> = samples.iter().filter(|(n, _, _)| n == requests).collect();
+    assert!(!labelled.is_empty(), "no {requests} in the scrape");
+    for (_, labels, _) in &labelled {
+        let names: Vec<&str> = labels.keys().map(String::as_str).collect();
+        assert_eq!(names, ["decision", "gen_ai_provider_name", "gen_ai_request_model", "limit", "reason", "status_class", "tier"], "{labels:?}");
+    }
+    assert_eq!(total(&samples, requests, &[]), records.len() as f64, "one count per record");
+    for decision in ["allowed", "blocked", "refused"] {
+        let want = records.iter().filter(|r| r["decision"] == decision).count() as f64;
+        assert_eq!(total(&samples, requests, &[("decision", decision)]), want, "{decision}");
+    }
+    assert_eq!(total(&samples, requests, &[("decision", "blocked"), ("limit", "requests/minute"), ("reason", "limit"), ("status_class", "4xx"), ("tier", "free")]), 1.0);
+    assert_eq!(total(&samples, requests, &[("decision", "refused"), ("reason", "invalid"), ("gen_ai_request_model", "claude-sonnet"), ("gen_ai_provider_name", "anthropic")]), 1.0);
+    // A model name with a dot survives as one label value.
+    assert_eq!(total(&samples, requests, &[("gen_ai_request_model", "gpt-4.1"), ("gen_ai_provider_name", "openai"), ("decision", "allowed")]), 1.0);
+
+    // Tokens and cost per served model and provider: the records' sums.
+    for model in ["gpt-4o-mini", "claude-sonnet", "gemini-flash", "gpt-4.1"] {
+        let of = |field: &str| records.iter().filter(|r| r["served_model"] == model && r["decision"] == "allowed").filter_map(|r| r[field].as_u64()).sum::<u64>() as f64;
+        for (kind, field) in [("input", "input_tokens"), ("output", "output_tokens")] {
+            let got = total(&samples, "tollgate_tokens_total", &[("gen_ai_response_model", model), ("gen_ai_token_type", kind)]);
+            assert_eq!(got, of(field), "{model} {kind} tokens");
+        }
+        assert_eq!(total(&samples, "tollgate_cost_micro_usd_total", &[("gen_ai_response_model", model)]), of("cost_micro_usd"), "{model} cost");
+        let served = records.iter().filter(|r| r["served_model"] == model && r["attempts"].as_u64() > Some(0)).count() as f64;
+        assert_eq!(total(&samples, "gen_ai_client_operation_duration_ms_count", &[("gen_ai_response_model", model)]), served, "{model} durations");
+    }
+    let streams = records.iter().filter(|r| r["stream"] == true && r["ttfb_ms"].is_u64()).count() as f64;
+    assert_eq!(total(&samples, "gen_ai_server_time_to_first_token_ms_count", &[]), streams, "one time to first token per stream");
+    // The unlabelled counters are still there, without Envoy's prefix too.
+    assert!(samples.iter().any(|(n, _, _)| n == "tollgate_requests_allowed"), "tollgate_requests_allowed");
+    samples
 }
 
 /// examples/envoy/usage-otel.yaml, spliced into providers.yaml in place of its file log, is a
@@ -190,4 +356,17 @@ fn the_opentelemetry_usage_log_example_is_a_valid_envoy_configuration() {
         .expect("run envoy --mode validate");
     let output = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{output}\n{}", rendered.yaml);
+}
+
+/// Each shipped Envoy config extracts every label the filter encodes (core's `metrics::LABELS`):
+/// a label without its rule would stay in the metric's name, one name per value.
+#[test]
+fn every_shipped_envoy_config_extracts_every_label() {
+    for file in ["envoy.yaml", "examples/envoy/providers.yaml", "examples/envoy/fallback.yaml"] {
+        let text = std::fs::read_to_string(tollgate_host_tests::proc::workspace_root().join(file)).unwrap();
+        for label in tollgate_core::metrics::LABELS {
+            let rule = format!(r#"{{ tag_name: {label}, regex: "({label}=\\.=(.*?);\\.;)" }}"#);
+            assert!(text.contains(&rule), "{file}: no rule {rule}");
+        }
+    }
 }

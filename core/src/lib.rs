@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod answer;
 pub mod attempt;
 pub mod config;

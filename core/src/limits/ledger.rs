@@ -243,6 +243,73 @@ pub(crate) fn peek(bytes: Option<&[u8]>, plan: &KeyPlan, now: Timestamp, s: &Set
     plan.limits.iter().map(|l| status(l, &member, now, s)).collect()
 }
 
+/// An operator's change to one member's counts (support: refunds, a fresh start). Leases are
+/// never touched: requests in flight keep theirs and release them as they end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Adjustment {
+    /// The current window's count of every limit to zero (of the named limit only, when one is
+    /// named), its notify thresholds free to fire again; rate limits' buckets emptied.
+    Reset {
+        /// One limit's name (`None`: every limit of the part).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<String>,
+    },
+    /// `amount` off the named calendar limit's current count (never below zero).
+    Credit {
+        /// The limit's name.
+        limit: String,
+        /// In the limit's unit.
+        amount: u64,
+    },
+}
+
+impl Adjustment {
+    /// The limit it names, if one.
+    pub fn limit(&self) -> Option<&str> {
+        match self {
+            Adjustment::Reset { limit } => limit.as_deref(),
+            Adjustment::Credit { limit, .. } => Some(limit),
+        }
+    }
+}
+
+/// Applies an [`Adjustment`] to one key's member: where its limits stand afterwards, and the
+/// bytes to write (`None`: nothing to change).
+pub(crate) fn adjust(bytes: Option<&[u8]>, plan: &KeyPlan, adjustment: &Adjustment, now: Timestamp, s: &Settings) -> (Vec<LimitStatus>, Option<Vec<u8>>) {
+    let mut record = bytes.map(Record::decode).unwrap_or_default();
+    let Some(before) = record.member(plan.tag).cloned() else {
+        return (plan.limits.iter().map(|l| status(l, &Member::default(), now, s)).collect(), None);
+    };
+    let mut member = record.take(plan.tag);
+    for l in plan.limits.iter().filter(|l| adjustment.limit().is_none_or(|n| n == l.name)) {
+        match l.span {
+            Span::Window(w) => {
+                let start = start_minute(w.bounds_in(now, &s.zone).0);
+                let Some(c) = member.counters.iter_mut().find(|c| c.metric == l.metric && c.window == w && c.start_min == start) else { continue };
+                match adjustment {
+                    Adjustment::Reset { .. } => {
+                        c.count = 0;
+                        c.notified = 0;
+                    }
+                    Adjustment::Credit { amount, .. } => c.count = c.count.saturating_sub(*amount),
+                }
+            }
+            Span::Rate { .. } if matches!(adjustment, Adjustment::Reset { .. }) => {
+                let id = rate_id(l);
+                member.rates.retain(|r| !(r.metric == l.metric && r.id == id));
+            }
+            Span::Rate { .. } | Span::Now => {}
+        }
+    }
+    let statuses = plan.limits.iter().map(|l| status(l, &member, now, s)).collect();
+    if member == before {
+        return (statuses, None);
+    }
+    record.put(member, now, &s.zone, s.member_cap);
+    (statuses, Some(record.encode()))
+}
+
 /// Reserves `demand` on one key. `demand_for(model)` gives the demand when the request is served
 /// by a downgrade `model` (`None`: the requested model); `downgraded` is a downgrade an earlier
 /// key already decided.

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 
 use crate::fallback::Health;
 use crate::limits::engine::{Admission, Estimate, LimitSet, Ticket, TicketPart, Who};
-use crate::limits::ledger::{Actual, KeyPlan, LimitStatus, Reached, Verdict};
+use crate::limits::ledger::{Actual, Adjustment, KeyPlan, LimitStatus, Reached, Verdict};
 use crate::store::StoreError;
 use crate::window::Timestamp;
 
@@ -258,6 +258,49 @@ impl Machine for Peeking<'_> {
             Some(plan) if self.out.is_ok() => {
                 self.next += 1;
                 Next::Op(Op::Peek { key: Cow::Borrowed(&plan.key), part: part(plan.tag, plan.scope, &self.tier), now: self.now })
+            }
+            _ => Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new()))),
+        }
+    }
+
+    fn reply(&mut self, reply: Result<Reply, StoreError>) {
+        match (reply, &mut self.out) {
+            (Ok(Reply::Statuses(s)), Ok(all)) => all.extend(s),
+            (Ok(_), out) => *out = Err(unexpected()),
+            (Err(e), out) => *out = Err(e),
+        }
+    }
+}
+
+/// An operator's [`Adjustment`] to every key of `who`'s own (identity-scope) counts — never the
+/// tier or global aggregates, nor an IP's, which other identities share; where those limits
+/// stand afterwards.
+pub struct Adjusting<'a> {
+    plans: Vec<KeyPlan<'a>>,
+    tier: String,
+    adjustment: Adjustment,
+    now: Timestamp,
+    next: usize,
+    out: Result<Vec<LimitStatus>, StoreError>,
+}
+
+impl<'a> Adjusting<'a> {
+    /// Adjusts `who`'s identity keys.
+    pub fn new(set: &'a LimitSet, who: &Who, adjustment: Adjustment, now: Timestamp) -> Self {
+        let plans = set.plans(who).into_iter().filter(|p| p.scope == crate::limits::Scope::Identity).collect();
+        Adjusting { plans, tier: who.tier.clone(), adjustment, now, next: 0, out: Ok(Vec::new()) }
+    }
+}
+
+impl Machine for Adjusting<'_> {
+    type Output = Result<Vec<LimitStatus>, StoreError>;
+
+    fn next(&mut self) -> Next<'_, Self::Output> {
+        match self.plans.get(self.next) {
+            Some(plan) if self.out.is_ok() => {
+                self.next += 1;
+                let part = part(plan.tag, plan.scope, &self.tier);
+                Next::Op(Op::Adjust { key: Cow::Borrowed(&plan.key), part, adjustment: Cow::Borrowed(&self.adjustment), now: self.now })
             }
             _ => Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new()))),
         }

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fallback::{health_key, next_health, Health, HealthSettings, Outcome};
 use crate::limits::engine::{Estimate, LimitSet};
-use crate::limits::ledger::{self, Actual, KeyPlan, LimitStatus, Reached, Receipt, Reserved};
+use crate::limits::ledger::{self, Actual, Adjustment, KeyPlan, LimitStatus, Reached, Receipt, Reserved};
 use crate::limits::{Limit, Scope};
 use crate::window::Timestamp;
 
@@ -103,6 +103,18 @@ pub enum Op<'a> {
         /// Epoch milliseconds.
         now: Timestamp,
     },
+    /// An operator's change to the part's counts ([`ledger::adjust`]); answers where its
+    /// limits stand afterwards.
+    Adjust {
+        /// The store key.
+        key: Cow<'a, str>,
+        /// Whose limits.
+        part: Part<'a>,
+        /// The change.
+        adjustment: Cow<'a, Adjustment>,
+        /// Epoch milliseconds.
+        now: Timestamp,
+    },
     /// A deployment's health record, changing nothing.
     HealthRead {
         /// The deployment (a name in the policy's `models`).
@@ -139,7 +151,7 @@ impl<'a> Op<'a> {
     /// The store key the op reads and writes.
     pub fn key(&self) -> Cow<'_, str> {
         match self {
-            Op::Reserve { key, .. } | Op::Settle { key, .. } | Op::Peek { key, .. } => Cow::Borrowed(key),
+            Op::Reserve { key, .. } | Op::Settle { key, .. } | Op::Peek { key, .. } | Op::Adjust { key, .. } => Cow::Borrowed(key),
             Op::HealthRead { deployment } | Op::HealthReport { deployment, .. } => health_key(deployment).into(),
         }
     }
@@ -147,7 +159,7 @@ impl<'a> Op<'a> {
     /// The part the op is about (`None` for health ops).
     pub fn part_mut(&mut self) -> Option<&mut Part<'a>> {
         match self {
-            Op::Reserve { part, .. } | Op::Settle { part, .. } | Op::Peek { part, .. } => Some(part),
+            Op::Reserve { part, .. } | Op::Settle { part, .. } | Op::Peek { part, .. } | Op::Adjust { part, .. } => Some(part),
             Op::HealthRead { .. } | Op::HealthReport { .. } => None,
         }
     }
@@ -167,6 +179,7 @@ impl<'a> Op<'a> {
             }
             Op::Settle { key, part: p, receipt, actual, now } => Op::Settle { key: own(key), part: part(p), receipt: own(receipt), actual, now },
             Op::Peek { key, part: p, now } => Op::Peek { key: own(key), part: part(p), now },
+            Op::Adjust { key, part: p, adjustment, now } => Op::Adjust { key: own(key), part: part(p), adjustment: own(adjustment), now },
             Op::HealthRead { deployment } => Op::HealthRead { deployment: own(deployment) },
             Op::HealthReport { deployment, outcome, now } => Op::HealthReport { deployment: own(deployment), outcome, now },
         }
@@ -195,6 +208,10 @@ pub fn apply(limits: &LimitSet, health: &HealthSettings, op: &Op, stored: Option
         Op::Peek { key, part, now } => {
             with_plan(limits, key, part, |plan| (Reply::Statuses(ledger::peek(stored, plan, *now, settings)), None))
         }
+        Op::Adjust { key, part, adjustment, now } => with_plan(limits, key, part, |plan| {
+            let (statuses, write) = ledger::adjust(stored, plan, adjustment, *now, settings);
+            (Reply::Statuses(statuses), write)
+        }),
         Op::HealthRead { .. } => (Reply::Health(stored.and_then(Health::decode).unwrap_or_default()), None),
         Op::HealthReport { outcome, now, .. } => {
             let prev = stored.and_then(Health::decode);
@@ -287,6 +304,43 @@ mod tests {
         let (_, w) = reserve(&p, w.as_deref(), Scope::Tier, shard);
         let (r, _) = reserve(&p, w.as_deref(), Scope::Tier, shard);
         assert!(r.verdict != ledger::Verdict::Allowed);
+    }
+
+    #[test]
+    fn an_adjustment_credits_or_resets_the_current_window_and_keeps_leases() {
+        let p = Policy::from_json(
+            br#"{"tier":{"default":"d"},"store":{"slots":0},
+                 "tiers":{"d":{"limits":[{"window":"day","requests":2},{"window":"day","total_tokens":100},{"concurrent":3}]}}}"#,
+        )
+        .unwrap();
+        let estimate = Estimate { model: None, input_tokens: 30, output_tokens: 10 };
+        let reserve = |stored: Option<&[u8]>, lease: u64| {
+            let op = Op::Reserve { key: "k".into(), part: part(Scope::Identity, None), estimate: Cow::Borrowed(&estimate), downgraded: None, lease_id: lease, now: 1_000 };
+            apply(&p.limits, &p.health, &op, stored)
+        };
+        let (_, w) = reserve(None, 1);
+        let (_, w) = reserve(w.as_deref(), 2);
+        let adjust = |stored: Option<&[u8]>, adjustment: Adjustment| {
+            let op = Op::Adjust { key: "k".into(), part: part(Scope::Identity, None), adjustment: Cow::Owned(adjustment), now: 2_000 };
+            match apply(&p.limits, &p.health, &op, stored) {
+                (Reply::Statuses(s), w) => (s.iter().map(|s| s.used).collect::<Vec<_>>(), w),
+                other => panic!("{other:?}"),
+            }
+        };
+        let (used, credited) = adjust(w.as_deref(), Adjustment::Credit { limit: "total_tokens/day".into(), amount: 50 });
+        assert_eq!(used, [2, 30, 2], "80 - 50 tokens; requests and leases untouched");
+        let (used, _) = adjust(credited.as_deref(), Adjustment::Credit { limit: "total_tokens/day".into(), amount: 500 });
+        assert_eq!(used, [2, 0, 2], "never below zero");
+        let (used, reset) = adjust(credited.as_deref(), Adjustment::Reset { limit: None });
+        assert_eq!(used, [0, 0, 2], "in-flight leases are kept");
+        let (r, _) = reserve(reset.as_deref(), 3);
+        assert!(r_allowed(&r), "room again after the reset");
+        let (_, none) = adjust(None, Adjustment::Reset { limit: None });
+        assert!(none.is_none(), "nothing stored: nothing written");
+    }
+
+    fn r_allowed(reply: &Reply) -> bool {
+        matches!(reply, Reply::Reserved(r) if r.verdict == ledger::Verdict::Allowed)
     }
 
     #[test]

@@ -42,7 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use redis::{Commands, Script};
-use tollgate_core::ops::remote::{self, Done, Envelope};
+use tollgate_core::ops::remote::{self, Done, Envelope, Job};
 use tollgate_core::ops::sync::{run_batch, run_op, Rules};
 use tollgate_core::ops::{Op, Reply};
 use tollgate_core::store::{CasStore, StoreError, Version, Written};
@@ -569,7 +569,15 @@ async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap
         let pooled = &mut *conn;
         let mut store = RedisStore::new(&mut pooled.conn, &service.cas).from_pool(&service.generation).counting(&service.stats).caching(&service.cache);
         let rules: Rules<'_> = (&service.policy).into();
+        if let (Job::List { key, after, limit }, true) = (&envelope.job, envelope.policy == service.policy.digest) {
+            return list_index(&mut pooled.conn, key, after.as_deref(), *limit);
+        }
         let done = remote::run_with(rules, &service.policy.digest, &envelope, &expired, &mut |op| service.combiner.run(&mut store, rules, op));
+        if let (Job::Admit { who, now, .. }, Done::Admitted { admission, .. }) = (&envelope.job, &done) {
+            if admission.is_allowed() && service.policy.admin_key_secret.is_some() {
+                index_activity(&mut pooled.conn, &service.policy, who, *now);
+            }
+        }
         service.stats.jobs.fetch_add(1, Ordering::Relaxed);
         if matches!(done, Done::Failed { .. }) {
             service.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -579,6 +587,51 @@ async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap
     .await
     .unwrap_or_else(|e| Done::Failed { error: format!("the job failed: {e}") });
     json(StatusCode::OK, serde_json::to_vec(&answer).unwrap_or_default())
+}
+
+/// Adds an admitted request's identity to its day's and month's activity index (sorted sets,
+/// all scores 0: members in lexical order, which pages by `ZRANGEBYLEX`), each expiring a month
+/// after its period. Best effort: a failure is logged, never the request's.
+/// This process's record of the index entries it wrote (`key member`): an identity is added to
+/// a period's index once per service process, not once per request. Cleared when full.
+static INDEXED: std::sync::Mutex<Option<std::collections::HashSet<String>>> = std::sync::Mutex::new(None);
+
+fn index_activity(conn: &mut impl redis::ConnectionLike, policy: &Policy, who: &tollgate_core::limits::engine::Who, now: u64) {
+    let member = tollgate_core::admin::index_member(who);
+    let due: Vec<(String, u64)> = {
+        let Ok(mut seen) = INDEXED.lock() else { return };
+        let seen = seen.get_or_insert_with(Default::default);
+        if seen.len() >= 100_000 {
+            seen.clear();
+        }
+        tollgate_core::admin::index_keys(policy, now).into_iter().filter(|(key, _)| seen.insert(format!("{key} {member}"))).collect()
+    };
+    if due.is_empty() {
+        return;
+    }
+    let mut pipe = redis::pipe();
+    for (key, expires_ms) in &due {
+        pipe.cmd("ZADD").arg(key).arg(0).arg(&member).ignore();
+        pipe.cmd("PEXPIREAT").arg(key).arg(*expires_ms).ignore();
+    }
+    if let Err(e) = pipe.query::<()>(conn) {
+        eprintln!("tollgate store: the activity index was not updated: {e}");
+        if let Ok(mut seen) = INDEXED.lock() {
+            for (key, _) in &due {
+                seen.get_or_insert_with(Default::default).remove(&format!("{key} {member}"));
+            }
+        }
+    }
+}
+
+/// A page of an activity index: the members after `after`, at most `limit`.
+fn list_index(conn: &mut impl redis::ConnectionLike, key: &str, after: Option<&str>, limit: u32) -> Done {
+    let min = after.map_or("-".to_owned(), |a| format!("({a}"));
+    let listed = redis::cmd("ZRANGEBYLEX").arg(key).arg(min).arg("+").arg("LIMIT").arg(0).arg(limit).query::<Vec<String>>(conn);
+    match listed {
+        Ok(members) => Done::Members { members },
+        Err(e) => Done::Failed { error: format!("redis: {e}") },
+    }
 }
 
 async fn stats(State(service): State<Arc<Service>>) -> Response {

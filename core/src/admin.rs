@@ -57,6 +57,19 @@ pub struct Listing {
     pub limit: usize,
 }
 
+/// The largest operator request body read (bytes).
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// The answer to an operator body over [`MAX_BODY`].
+pub fn too_large() -> LocalResponse {
+    openai_error(413, "The body is too large.", "invalid_request_error", "body_too_large")
+}
+
+/// The answer to a listing where the store keeps no index (501, [`LIST_UNSUPPORTED`]).
+pub fn unsupported_listing() -> LocalResponse {
+    openai_error(501, LIST_UNSUPPORTED, "invalid_request_error", "listing_unsupported")
+}
+
 /// The index keys an admitted request of `who` adds [`index_member`] to: its day's and its
 /// month's (in the policy's time zone), with when each may be dropped (epoch ms: a month after
 /// the period's end).

@@ -88,7 +88,7 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 pub fn storage_key(op: &Op<'_>) -> String {
     match op {
         Op::HealthRead { .. } | Op::HealthReport { .. } => op.key().into_owned(),
-        Op::Reserve { .. } | Op::Settle { .. } | Op::Peek { .. } => RECORD_KEY.to_owned(),
+        Op::Reserve { .. } | Op::Settle { .. } | Op::Peek { .. } | Op::Adjust { .. } => RECORD_KEY.to_owned(),
     }
 }
 
@@ -105,6 +105,9 @@ impl DurableObject for QuotaCounter {
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
+        if req.path() == INDEX_PATH {
+            return self.index(req).await;
+        }
         // Parsed by serde_json, not the runtime's `JSON.parse` (`Request::json`): record tags
         // and GCRA times are u64s beyond 2^53, which a JS number cannot hold.
         let text = match req.text().await {
@@ -139,7 +142,50 @@ impl DurableObject for QuotaCounter {
     }
 }
 
+/// The path of an activity index object's calls ([`IndexCall`]).
+const INDEX_PATH: &str = "/index";
+/// The storage key prefix of an index object's members.
+const MEMBER_PREFIX: &str = "m:";
+
+/// A call to an activity index object (one per period: `tollgate_core::admin::index_keys`):
+/// add a member, or list a page of them in order.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexCall {
+    /// Add `"<identity key> <tier>"`.
+    Add(String),
+    /// The members after `after` (exclusive), at most `limit`.
+    List { after: Option<String>, limit: usize },
+}
+
 impl QuotaCounter {
+    /// An activity index call: storage keys are the members (the storage lists them in order).
+    async fn index(&self, mut req: Request) -> worker::Result<Response> {
+        let call: IndexCall = match req.text().await.ok().and_then(|t| serde_json::from_str(&t).ok()) {
+            Some(c) => c,
+            None => return Response::error("bad index call", 400),
+        };
+        let storage = self.state.storage();
+        match call {
+            IndexCall::Add(member) => {
+                storage.put(&format!("{MEMBER_PREFIX}{member}"), 1u8).await?;
+                Response::ok("[]")
+            }
+            IndexCall::List { after, limit } => {
+                // `start` is inclusive: the smallest key after `after` is `after` + U+0001
+                // (members hold no control characters).
+                let start = after.map(|a| format!("{MEMBER_PREFIX}{a}\u{1}"));
+                let mut options = worker::ListOptions::new().prefix(MEMBER_PREFIX).limit(limit.min(tollgate_core::admin::MAX_PAGE + 1));
+                if let Some(start) = &start {
+                    options = options.start(start);
+                }
+                let map = storage.list_with_options(options).await?;
+                let members: Vec<String> = map.keys().into_iter().filter_map(|k| k.ok()?.as_string()).filter_map(|k| k.strip_prefix(MEMBER_PREFIX).map(str::to_owned)).collect();
+                Response::ok(serde_json::to_string(&members).unwrap_or_else(|_| "[]".to_owned()))
+            }
+        }
+    }
+
     /// Reads the op's record, runs core's [`apply`], writes what it says — with no await
     /// between the `get` resolving and the `put` (see the module docs).
     async fn run(&self, policy: &Policy, op: &Op<'_>) -> Result<Reply, &'static str> {
@@ -237,6 +283,24 @@ impl Counters for Objects {
             return Err(CounterError::Decode(format!("{} replies to {} ops", replies.len(), ops.len())));
         }
         Ok(replies)
+    }
+}
+
+impl Objects {
+    /// Calls the activity index object `name`.
+    pub async fn index(&self, name: &str, call: &IndexCall) -> Result<Vec<String>, CounterError> {
+        let namespace = self.0.as_ref().map_err(|e| CounterError::Setup(e.clone()))?;
+        let stub = namespace.id_from_name(name).and_then(|id| id.get_stub()).map_err(|e| CounterError::Setup(e.to_string()))?;
+        let body = serde_json::to_string(call).map_err(|e| CounterError::Setup(e.to_string()))?;
+        let mut init = RequestInit::new();
+        init.with_method(Method::Post).with_body(Some(body.into()));
+        let request = Request::new_with_init(&format!("https://quota-counter.tollgate.internal{INDEX_PATH}"), &init).map_err(|e| CounterError::Setup(e.to_string()))?;
+        let mut resp = stub.fetch_with_request(request).await.map_err(|e| CounterError::Call(e.to_string()))?;
+        if resp.status_code() != 200 {
+            return Err(CounterError::Status(resp.status_code()));
+        }
+        let text = resp.text().await.map_err(|e| CounterError::Decode(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| CounterError::Decode(e.to_string()))
     }
 }
 

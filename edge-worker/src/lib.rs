@@ -64,17 +64,18 @@ pub mod translation;
 
 use std::rc::Rc;
 
+use tollgate_core::admin;
 use tollgate_core::ending::Ending;
 use tollgate_core::forward::Dispatch;
 use tollgate_core::gate::{self, Facts, Gate, Kind, Prepared, Refused};
-use tollgate_core::identity::RequestFacts;
 use tollgate_core::limits::engine::{Ticket, Who};
+use tollgate_core::ops::machine::Adjusting;
 use tollgate_core::record::Record;
 use tollgate_core::render::openai_error;
 use tollgate_core::{LocalResponse, Policy};
 use worker::js_sys::Math;
 use worker::wasm_bindgen::JsValue;
-use worker::{console_error, console_log, console_warn, event, web_sys, Context, Date, Env, Fetch, Headers, Method, Request, Response};
+use worker::{console_error, console_log, console_warn, event, web_sys, Context, Date, Env, Fetch, Headers, Request, Response};
 
 use crate::config::PolicyError;
 use crate::counter::{Objects, SHARDS_VAR};
@@ -88,8 +89,6 @@ pub const COUNTER_BINDING: &str = "QUOTA_COUNTER";
 pub const UPSTREAM_VAR: &str = "UPSTREAM_URL";
 /// The header Cloudflare sets to the client's address.
 pub const CLIENT_ADDRESS_HEADER: &str = "cf-connecting-ip";
-/// The admin lookup of one identity's limits.
-pub const ADMIN_USAGE_PATH: &str = "/v1/tollgate/admin/usage";
 
 #[event(fetch)]
 async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Response> {
@@ -105,8 +104,8 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
     let objects = Objects(env.durable_object(COUNTER_BINDING).map_err(|e| e.to_string()));
     let method = req.method();
     let path = req.path();
-    if method == Method::Get && path == ADMIN_USAGE_PATH {
-        return admin_usage(&req, &env, &policy, &objects, shards, now).await;
+    if admin::is_admin(&path) {
+        return operator(req, &env, &ctx, &policy, &objects, shards, now).await;
     }
 
     let headers = req.headers().clone();
@@ -183,6 +182,9 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> worker::Result<Respo
         ctx.wait_until(async move { post_events(&url, events).await });
     }
     let ticket = admitted.ticket.take().filter(|t| !t.is_empty());
+    if let Some(t) = &ticket {
+        index_activity(&ctx, &policy, &objects, &t.who, now);
+    }
 
     let private = |name: &str| gate::is_private_request_header(&policy, name);
     let pass_var = env.var(translation::PASS_HEADERS_VAR).ok().map(|v| v.to_string());
@@ -339,60 +341,93 @@ async fn post_events(url: &str, events: Vec<Vec<u8>>) {
     }
 }
 
-/// `a == b` without an early exit on the first difference (the lengths may leak).
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The bearer token of an `Authorization` header value.
-pub fn bearer(value: Option<&str>) -> Option<&str> {
-    let v = value?.trim();
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-}
-
-/// A query parameter's value (percent-decoded).
-fn query_param(req: &Request, name: &str) -> Option<String> {
-    let url = req.url().ok()?;
-    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
-}
-
-/// `GET /v1/tollgate/admin/usage?identity=<identity key>[&tier=<tier>]` (see the crate docs).
-async fn admin_usage(req: &Request, env: &Env, policy: &Policy, objects: &Objects, shards: u32, now: u64) -> worker::Result<Response> {
-    let Some(secret_name) = policy.admin_key_secret.as_deref() else {
-        return forward::local(&openai_error(404, "Not found.", "invalid_request_error", "unknown_url"));
-    };
-    let expected = env.secret(secret_name).map(|s| s.to_string()).unwrap_or_default();
+/// The operator API (`tollgate_core::admin`): authorized by the admin key, routed by core, run
+/// over the counter objects and the activity index objects. A refused key is logged as an
+/// event line (what an operator counts and alerts on); an adjustment's event is logged and
+/// posted to `policy.notify`.
+async fn operator(mut req: Request, env: &Env, ctx: &Context, policy: &Policy, objects: &Objects, shards: u32, now: u64) -> worker::Result<Response> {
+    let secret = |name: &str| env.secret(name).ok().map(|s| s.to_string().into_bytes());
     let auth = req.headers().get("authorization").ok().flatten();
-    let given = bearer(auth.as_deref()).unwrap_or("");
-    if expected.is_empty() || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        if expected.is_empty() {
-            console_error!("tollgate: the admin key secret {secret_name} is not set");
+    if let Err(r) = admin::authorize(policy, auth.as_deref(), &secret) {
+        if r.status == 401 {
+            if let Some(name) = policy.admin_key_secret.as_deref().filter(|n| secret(n).is_none_or(|k| k.is_empty())) {
+                console_error!("tollgate: the admin key secret {name} is not set");
+            }
+            console_warn!("{}", String::from_utf8_lossy(&admin::unauthorized_event(now)));
         }
-        let mut r = openai_error(401, "Invalid admin key.", "invalid_request_error", "invalid_api_key");
-        r.headers.push(("www-authenticate", "Bearer".to_owned()));
         return forward::local(&r);
     }
-    let Some(identity) = query_param(req, "identity").filter(|i| !i.is_empty()) else {
-        return forward::local(&openai_error(400, "The identity query parameter is required.", "invalid_request_error", "missing_identity"));
-    };
-    let tier = match query_param(req, "tier") {
-        Some(t) if policy.tier_names().any(|n| n == t) => t,
-        Some(_) => return forward::local(&openai_error(400, "Unknown tier.", "invalid_request_error", "unknown_tier")),
-        None => default_tier(policy, now),
-    };
-    let who = Who { identity_key: identity, ip_key: None, tier };
-    forward::local(&store::identity_report(objects, shards, policy, &who, now).await)
+    let method = req.method().to_string();
+    let path = req.url().map(|u| match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_owned(),
+    });
+    let path = path.unwrap_or_default();
+    let body = if method == "POST" { req.bytes().await.unwrap_or_default() } else { Vec::new() };
+    if body.len() > admin::MAX_BODY {
+        return forward::local(&admin::too_large());
+    }
+    match admin::route(policy, &method, &path, &body, now) {
+        Err(r) => forward::local(&r),
+        Ok(admin::Request::Usage(who)) => forward::local(&store::identity_report(objects, shards, policy, &who, now).await),
+        Ok(admin::Request::List(listing)) => {
+            let call = counter::IndexCall::List { after: listing.after.clone(), limit: listing.limit + 1 };
+            let members = objects.index(&listing.key, &call).await.map_err(|e| e.store_error());
+            forward::local(&admin::listed(&listing, members))
+        }
+        Ok(admin::Request::Adjust(who, adjustment)) => {
+            let machine = Adjusting::new(&policy.limits, &who, adjustment.clone(), now);
+            let statuses = store::drive(objects, shards, &who.identity_key, machine).await;
+            let (response, event) = admin::adjusted(&who, &adjustment, statuses, now);
+            if let Some(event) = event {
+                console_log!("{}", String::from_utf8_lossy(&event));
+                if let Some(url) = policy.notify.as_ref().map(|n| n.url.clone()) {
+                    ctx.wait_until(async move { post_events(&url, vec![event]).await });
+                }
+            }
+            forward::local(&response)
+        }
+    }
 }
 
-/// The tier a request with no tier header and no API key gets.
-fn default_tier(policy: &Policy, now: u64) -> String {
-    let none = |_: &str| None;
-    let facts = RequestFacts { header: &none, user_field: None, peer_address: None, now_ms: now, claim: &tollgate_core::identity::no_claims };
-    policy.identity.resolve(&facts, &|_| None).map(|s| s.tier).unwrap_or_default()
+thread_local! {
+    /// Index entries this isolate has already written (`key member`): an identity is added to
+    /// a period's index once, not once per request. Cleared when full.
+    static INDEXED: std::cell::RefCell<std::collections::HashSet<String>> = std::cell::RefCell::default();
+}
+
+/// Adds an admitted request's identity to the activity index of its day and month (when the
+/// policy has an operator API), in `ctx.wait_until`: off the request's path.
+fn index_activity(ctx: &Context, policy: &Policy, objects: &Objects, who: &Who, now: u64) {
+    if policy.admin_key_secret.is_none() {
+        return;
+    }
+    let member = admin::index_member(who);
+    let due: Vec<String> = admin::index_keys(policy, now)
+        .into_iter()
+        .map(|(key, _)| key)
+        .filter(|key| {
+            INDEXED.with(|seen| {
+                let mut seen = seen.borrow_mut();
+                if seen.len() >= 10_000 {
+                    seen.clear();
+                }
+                seen.insert(format!("{key} {member}"))
+            })
+        })
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    let objects = Objects(objects.0.clone());
+    ctx.wait_until(async move {
+        for key in due {
+            if let Err(e) = objects.index(&key, &counter::IndexCall::Add(member.clone())).await {
+                console_warn!("tollgate: the activity index {key} was not updated ({})", e.kind());
+                INDEXED.with(|seen| seen.borrow_mut().remove(&format!("{key} {member}")));
+            }
+        }
+    });
 }
 
 pub(crate) fn invalid_configuration(message: &str) -> LocalResponse {
@@ -412,28 +447,5 @@ fn config_error(e: &PolicyError) -> LocalResponse {
             r
         }
         PolicyError::Missing | PolicyError::Invalid(_) => invalid_configuration(&e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn admin_keys_compare_whole_and_bearer_tokens_parse() {
-        assert!(constant_time_eq(b"secret", b"secret"));
-        assert!(!constant_time_eq(b"secret", b"secreT"));
-        assert!(!constant_time_eq(b"secret", b"secret2"));
-        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
-        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
-        assert_eq!(bearer(Some("Basic abc")), None);
-        assert_eq!(bearer(Some("Bearer ")), None);
-        assert_eq!(bearer(None), None);
-    }
-
-    #[test]
-    fn the_default_tier_is_the_one_an_anonymous_request_gets() {
-        let p = Policy::from_json(br#"{"tier":{"default":"free","header":"x-tier"},"tiers":{"free":{"limits":[]},"pro":{"limits":[]}}}"#).unwrap();
-        assert_eq!(default_tier(&p, 0), "free");
     }
 }

@@ -18,6 +18,7 @@
 
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use tollgate_core::admin;
 use tollgate_core::answer::{Answer, BodyPlan};
 use tollgate_core::attempt::{self, Attempts};
 use tollgate_core::ending::Ending;
@@ -31,7 +32,8 @@ use tollgate_core::limits::engine::Who;
 use tollgate_core::ops::remote::{Done, Job};
 use tollgate_core::StoreError;
 use tollgate_core::limits::engine::Ticket;
-use tollgate_core::ops::machine::ReadingHealth;
+use tollgate_core::limits::ledger::{Adjustment, LimitStatus};
+use tollgate_core::ops::machine::{Adjusting, Peeking, ReadingHealth};
 use tollgate_core::ops::sync;
 use tollgate_core::render::{self, LocalResponse};
 use tollgate_core::record::Record;
@@ -82,6 +84,10 @@ enum Phase {
     Admitting { token: u32, body: Vec<u8>, body_size: usize, now: u64, now_ns: u64, lease_id: u64 },
     /// `store.redis`: the usage endpoint's peek is at the store service.
     Peeking { token: u32, who: Who, now: u64 },
+    /// An operator's POST: its body is being read (authorized already).
+    OperatorBody { path: String },
+    /// `store.redis`: an operator's adjustment or listing is at the store service.
+    Operating { token: u32, call: admin::Request, now: u64 },
     /// Tollgate answered the request itself.
     Replied,
     /// Forwarded; the answer goes through core's pipeline.
@@ -787,6 +793,28 @@ impl Context for Downstream {
         }
         match &self.phase {
             Phase::Admitting { token, .. } if *token == token_id => self.admission_answered(num_headers, body_size),
+            Phase::Operating { token, .. } if *token == token_id => {
+                let Phase::Operating { call, now, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
+                let done = remote::answer(num_headers, body_size);
+                let response = match call {
+                    admin::Request::List(listing) => {
+                        let members = match done {
+                            Ok(Done::Members { members }) => Ok(members),
+                            _ => Err(StoreError::Host("the store service failed")),
+                        };
+                        admin::listed(&listing, members)
+                    }
+                    admin::Request::Adjust(who, adjustment) => {
+                        let statuses = match done {
+                            Ok(Done::Statuses { statuses }) => Ok(statuses),
+                            _ => Err(StoreError::Host("the store service failed")),
+                        };
+                        self.adjusted(&who, &adjustment, statuses, now)
+                    }
+                    admin::Request::Usage(_) => render::store_unavailable(),
+                };
+                self.reply(&response);
+            }
             Phase::Peeking { token, .. } if *token == token_id => {
                 let Phase::Peeking { who, now, .. } = std::mem::replace(&mut self.phase, Phase::Idle) else { return };
                 let statuses = match remote::answer(num_headers, body_size) {
@@ -802,6 +830,73 @@ impl Context for Downstream {
 }
 
 impl Downstream {
+    /// An operator API request's head (`tollgate_core::admin`): refused at once without the
+    /// admin key (counted), else run — a POST once its body is read.
+    fn operator_headers(&mut self, method: &str, path: &str, end_of_stream: bool) -> Action {
+        let shared = self.shared.clone();
+        let auth = self.header_value("authorization");
+        if let Err(response) = admin::authorize(&shared.policy, auth.as_deref(), &|name| shared.secret(name)) {
+            if response.status == 401 {
+                shared.metrics.add(Metric::AdminUnauthorized);
+                abi::log(abi::LOG_WARN, &String::from_utf8_lossy(&admin::unauthorized_event(self.now().unwrap_or(self.last_now))));
+            }
+            return self.reply(&response);
+        }
+        if method == "POST" && !end_of_stream {
+            self.phase = Phase::OperatorBody { path: path.to_owned() };
+            return Action::Pause;
+        }
+        self.operate(method, path, &[])
+    }
+
+    /// Runs an authorized operator request: on shared data here, or as a job of the store
+    /// service (`store.redis`), whose answer [`Context::on_http_call_response`] renders.
+    fn operate(&mut self, method: &str, path: &str, body: &[u8]) -> Action {
+        let shared = self.shared.clone();
+        let policy = &*shared.policy;
+        let Some(now) = self.now() else { return self.reply(&render::store_unavailable()) };
+        let call = match admin::route(policy, method, path, body, now) {
+            Ok(call) => call,
+            Err(response) => return self.reply(&response),
+        };
+        let Some(store) = policy.remote_store.as_ref() else {
+            let response = match call {
+                admin::Request::Usage(who) => gate::usage_body(&who, sync::run(&mut SharedData, policy.into(), Peeking::new(&policy.limits, &who, now)), now),
+                admin::Request::Adjust(who, adjustment) => {
+                    let statuses = sync::run(&mut SharedData, policy.into(), Adjusting::new(&policy.limits, &who, adjustment.clone(), now));
+                    self.adjusted(&who, &adjustment, statuses, now)
+                }
+                admin::Request::List(_) => admin::unsupported_listing(),
+            };
+            return self.reply(&response);
+        };
+        let job = match &call {
+            admin::Request::Usage(who) => Job::Peek { who: who.clone(), now },
+            admin::Request::Adjust(who, adjustment) => Job::Adjust { who: who.clone(), adjustment: adjustment.clone(), now },
+            admin::Request::List(l) => Job::List { key: l.key.clone(), after: l.after.clone(), limit: u32::try_from(l.limit + 1).unwrap_or(u32::MAX) },
+        };
+        match remote::dispatch(&shared, job, store.timeout_ms) {
+            Ok(token) => {
+                self.phase = match call {
+                    admin::Request::Usage(who) => Phase::Peeking { token, who, now },
+                    call => Phase::Operating { token, call, now },
+                };
+                Action::Pause
+            }
+            Err(_) => self.reply(&render::store_unavailable()),
+        }
+    }
+
+    /// An adjustment's answer; its event logged and queued for `policy.notify`.
+    fn adjusted(&self, who: &Who, adjustment: &Adjustment, statuses: Result<Vec<LimitStatus>, StoreError>, now: u64) -> LocalResponse {
+        let (response, event) = admin::adjusted(who, adjustment, statuses, now);
+        if let Some(event) = event {
+            abi::log(abi::LOG_INFO, &String::from_utf8_lossy(&event));
+            self.notify(&[event]);
+        }
+        response
+    }
+
     /// The stream's connection id, read from the host once.
     fn connection_id(&mut self) -> u64 {
         *self.connection.get_or_insert_with(http::connection_id)
@@ -826,6 +921,11 @@ impl HttpContext for Downstream {
         }
         let method = self.header_value(":method");
         let path = self.header_value(":path");
+        if let (Some(method), Some(path)) = (&method, &path) {
+            if admin::is_admin(path) {
+                return self.operator_headers(method, path, end_of_stream);
+            }
+        }
         match gate::classify(method.as_deref(), path.as_deref()) {
             Kind::Usage => {
                 let Some(now) = self.now() else { return self.reply(&render::store_unavailable()) };
@@ -900,6 +1000,14 @@ impl HttpContext for Downstream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Phase::OperatorBody { .. } = &self.phase {
+            if !end_of_stream {
+                return if body_size > admin::MAX_BODY { self.reply(&admin::too_large()) } else { Action::Pause };
+            }
+            let Phase::OperatorBody { path } = std::mem::replace(&mut self.phase, Phase::Idle) else { return Action::Continue };
+            let body = abi::buffer(abi::HTTP_REQUEST_BODY, 0, body_size.min(admin::MAX_BODY + 1)).unwrap_or_default();
+            return self.operate("POST", &path, &body);
+        }
         if !matches!(self.phase, Phase::ReadingBody) {
             return Action::Continue;
         }
@@ -942,7 +1050,7 @@ impl HttpContext for Downstream {
                 abi::log(abi::LOG_WARN, "tollgate: a chat request reached the upstream without its body reaching the filter");
                 Action::Continue
             }
-            Phase::Idle | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
+            Phase::Idle | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } | Phase::OperatorBody { .. } | Phase::Operating { .. } => Action::Continue,
         }
     }
 
@@ -962,7 +1070,7 @@ impl HttpContext for Downstream {
                 }
                 Action::Continue
             }
-            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Action::Continue,
+            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } | Phase::OperatorBody { .. } | Phase::Operating { .. } => Action::Continue,
         }
     }
 
@@ -973,7 +1081,7 @@ impl HttpContext for Downstream {
         let ending = match &self.phase {
             Phase::Forwarded { answer, .. } => answer.ending(),
             Phase::Alias { key, .. } => Self::alias_ending(key),
-            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } => Ending::Abandoned,
+            Phase::Idle | Phase::ReadingBody | Phase::Replied | Phase::Admitting { .. } | Phase::Peeking { .. } | Phase::OperatorBody { .. } | Phase::Operating { .. } => Ending::Abandoned,
         };
         if let (Phase::Forwarded { body: BodyMode::Stream, .. }, Ending::Served { .. }) = (&self.phase, &ending) {
             // A stream cut short: its tokens so far.

@@ -159,6 +159,10 @@ impl RootContext for Root {
         let mut names: Vec<&str> = policy.identity.secret_names().collect();
         // The store service's key: every job of either role carries it.
         names.extend(policy.remote_store.as_ref().and_then(|r| r.key_secret.as_deref()));
+        // The operator API's key (downstream only: the API is answered there).
+        if !self.upstream {
+            names.extend(policy.admin_key_secret.as_deref());
+        }
         if self.upstream {
             // Provider keys: an aggregate cluster's attempts go to several providers, so the key
             // is added per attempt by the upstream filter (never logged).

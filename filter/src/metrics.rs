@@ -62,11 +62,13 @@ pub enum Metric {
     /// Chat requests whose body never reached the filter while their headers were held
     /// (Envoy without `allow_on_headers_stop_iteration`): answered with a 500 naming it.
     BodyNeverCame,
+    /// Operator API calls refused for a missing or wrong admin key (401).
+    AdminUnauthorized,
 }
 
 impl Metric {
     /// Every metric, in definition order.
-    pub const ALL: [Metric; 23] = [
+    pub const ALL: [Metric; 24] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Invalid,
@@ -90,6 +92,7 @@ impl Metric {
         Metric::AttemptsExhausted,
         Metric::DeploymentsUnavailable,
         Metric::BodyNeverCame,
+        Metric::AdminUnauthorized,
     ];
 
     /// The counter's name.
@@ -118,6 +121,7 @@ impl Metric {
             Metric::AttemptsExhausted => "tollgate_attempts_exhausted",
             Metric::DeploymentsUnavailable => "tollgate_deployments_unavailable",
             Metric::BodyNeverCame => "tollgate_body_never_came",
+            Metric::AdminUnauthorized => "tollgate_admin_unauthorized",
         }
     }
 }

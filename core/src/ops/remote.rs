@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::fallback::{Health, Outcome};
 use crate::limits::engine::{Admission, Estimate, Ticket, Who};
-use crate::limits::ledger::{Actual, LimitStatus, Reached};
+use crate::limits::ledger::{Actual, Adjustment, LimitStatus, Reached};
 use crate::store::{CasStore, StoreError};
 use crate::window::Timestamp;
 
-use super::machine::{Admitting, Peeking, ReadingHealth, Settling};
+use super::machine::{Adjusting, Admitting, Peeking, ReadingHealth, Settling};
 use super::sync::{drive, run_op, Rules};
 use super::{Op, Reply};
 
@@ -53,6 +53,28 @@ pub enum Job {
         who: Who,
         /// Epoch milliseconds.
         now: Timestamp,
+    },
+    /// An operator's change to `who`'s own counts ([`Adjusting`]); answered with
+    /// [`Done::Statuses`].
+    Adjust {
+        /// Whose counts.
+        who: Who,
+        /// The change.
+        adjustment: Adjustment,
+        /// Epoch milliseconds.
+        now: Timestamp,
+    },
+    /// A page of the activity index ([`crate::admin`]): the members of `key` after `after`, at
+    /// most `limit` + 1 (one more says another page follows). Answered with
+    /// [`Done::Members`]; a service without an index answers [`Done::Failed`].
+    List {
+        /// The period's index key.
+        key: String,
+        /// The last member of the previous page.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        /// Page size.
+        limit: u32,
     },
     /// One attempt's outcome on a deployment.
     ReportHealth {
@@ -105,6 +127,11 @@ pub enum Done {
     Statuses {
         /// Every limit of the caller.
         statuses: Vec<LimitStatus>,
+    },
+    /// To [`Job::List`]: the members, in order.
+    Members {
+        /// `"<identity key> <tier>"` each.
+        members: Vec<String>,
     },
     /// To [`Job::ReportHealth`]: the record after the report.
     Health {
@@ -172,6 +199,11 @@ pub fn run_with(
             Ok(statuses) => Done::Statuses { statuses },
             Err(e) => Done::failed(&e),
         },
+        Job::Adjust { who, adjustment, now } => match drive(Adjusting::new(rules.limits, who, adjustment.clone(), *now), &never, run_op) {
+            Ok(statuses) => Done::Statuses { statuses },
+            Err(e) => Done::failed(&e),
+        },
+        Job::List { .. } => Done::Failed { error: "this store keeps no activity index".to_owned() },
         Job::ReportHealth { deployment, outcome, now } => {
             let op = Op::HealthReport { deployment: deployment.as_str().into(), outcome: *outcome, now: *now };
             match run_op(&op) {

@@ -45,11 +45,13 @@
 //! 8. posts webhook events (`policy.notify`) with `fetch` in `ctx.wait_until`: admission's
 //!    threshold events at once, settlement's after it. Events carry hashes and counts only.
 //!
-//! `GET /v1/tollgate/admin/usage?identity=<identity key>[&tier=<tier>]` answers one identity's
-//! limits (the identity key is the hashed one webhook events carry; the tier defaults to the
-//! policy's default tier) to `Authorization: Bearer <key>`, the key being the Worker secret
-//! `admin.key_secret` names (compared in constant time; 401 otherwise, 404 when the policy has
-//! no `admin`). Listing *all* identities would need an index object and is not implemented.
+//! 9. writes the request's usage record as one JSON log line `{"record": …}` — at a refusal at
+//!    once, else when settled (docs/usage-records.md).
+//!
+//! The operator API (`/v1/tollgate/admin/…`, docs/operator-api.md) is core's
+//! [`tollgate_core::admin`] over the same objects: lookups, resets and credits drive core's
+//! machines; listings page an activity index object per day and month (a Durable Object whose
+//! storage keys are the identities admitted in it, written in `ctx.wait_until`).
 //!
 //! Never logs request or response bodies, and returns no `Err` for a client request (which
 //! workers-rs would turn into a bare 500).

@@ -844,6 +844,13 @@ impl Downstream {
         }
         if method == "POST" && !end_of_stream {
             self.phase = Phase::OperatorBody { path: path.to_owned() };
+            if shared.flavour == Flavour::Envoy {
+                // As a chat body: held headers, so the watchdog answers if the body never comes.
+                let mut w = shared.waiting.borrow_mut();
+                if !w.proven {
+                    w.held.push((self.context_id, self.last_now));
+                }
+            }
             return Action::Pause;
         }
         self.operate(method, path, &[])
@@ -1001,6 +1008,11 @@ impl HttpContext for Downstream {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Phase::OperatorBody { .. } = &self.phase {
+            {
+                let mut w = self.shared.waiting.borrow_mut();
+                w.proven = true;
+                w.held.retain(|(c, _)| *c != self.context_id);
+            }
             if !end_of_stream {
                 return if body_size > admin::MAX_BODY { self.reply(&admin::too_large()) } else { Action::Pause };
             }

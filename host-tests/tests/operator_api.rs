@@ -79,7 +79,17 @@ fn own_usage(g: &dyn Gateway, user: &str, tier: Option<&str>) -> Value {
     get_with(&format!("{}/v1/tollgate/usage", g.url()), &headers).json()
 }
 
+/// Waits out the last minute of a UTC day (the policy's windows), so no count resets mid-test.
+fn away_from_day_end() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let left = 86_400_000 - now % 86_400_000;
+    if left < 60_000 {
+        std::thread::sleep(Duration::from_millis(left + 250));
+    }
+}
+
 fn run(g: &dyn Gateway, mock_url: &str) {
+    away_from_day_end();
     let chat = r#"{"model":"mock-model","max_tokens":20,"messages":[{"role":"user","content":"CANARY-OPERATOR say hi"}]}"#;
     let people = [("alice", None), ("alice", None), ("bob", None), ("carol", Some("pro"))];
     for (user, tier) in people {

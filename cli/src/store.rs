@@ -556,6 +556,13 @@ async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap
         Ok(e) => e,
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::to_vec(&Done::Failed { error: format!("not a job: {e}") }).unwrap_or_default()),
     };
+    if matches!(envelope.job, Job::Adjust { .. } | Job::List { .. }) && service.key.is_none() {
+        // The operator's calls change or list any identity's counts: only from hosts that hold
+        // the store key (the operator's admin key was checked there).
+        service.stats.failed.fetch_add(1, Ordering::Relaxed);
+        let error = "operator jobs need the store key: set store.redis.key_secret".to_owned();
+        return json(StatusCode::FORBIDDEN, serde_json::to_vec(&Done::Failed { error }).unwrap_or_default());
+    }
     let received = Instant::now();
     let answer = tokio::task::spawn_blocking(move || {
         // A host waiting `wait_ms` gets no reservation made after half of it.
@@ -570,7 +577,11 @@ async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap
         let mut store = RedisStore::new(&mut pooled.conn, &service.cas).from_pool(&service.generation).counting(&service.stats).caching(&service.cache);
         let rules: Rules<'_> = (&service.policy).into();
         if let (Job::List { key, after, limit }, true) = (&envelope.job, envelope.policy == service.policy.digest) {
-            return list_index(&mut pooled.conn, key, after.as_deref(), *limit);
+            if !key.starts_with("tg2:x:") {
+                return Done::Failed { error: "a listing names an activity index (tg2:x:…)".to_owned() };
+            }
+            let limit = (*limit).min(tollgate_core::admin::MAX_PAGE as u32 + 1);
+            return list_index(&mut pooled.conn, key, after.as_deref(), limit);
         }
         let done = remote::run_with(rules, &service.policy.digest, &envelope, &expired, &mut |op| service.combiner.run(&mut store, rules, op));
         if let (Job::Admit { who, now, .. }, Done::Admitted { admission, .. }) = (&envelope.job, &done) {

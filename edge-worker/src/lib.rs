@@ -365,6 +365,10 @@ async fn operator(mut req: Request, env: &Env, ctx: &Context, policy: &Policy, o
         None => u.path().to_owned(),
     });
     let path = path.unwrap_or_default();
+    let declared = req.headers().get("content-length").ok().flatten().and_then(|v| v.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > admin::MAX_BODY) {
+        return forward::local(&admin::too_large());
+    }
     let body = if method == "POST" { req.bytes().await.unwrap_or_default() } else { Vec::new() };
     if body.len() > admin::MAX_BODY {
         return forward::local(&admin::too_large());

@@ -72,6 +72,11 @@ macro_rules! facts {
     };
 }
 
+thread_local! {
+    /// When a refused operator call was last logged (epoch ms; 0: never).
+    static LAST_REFUSAL_LOG: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Where a request is.
 enum Phase {
     /// Nothing (more) to do.
@@ -835,23 +840,46 @@ impl Downstream {
     fn operator_headers(&mut self, method: &str, path: &str, end_of_stream: bool) -> Action {
         let shared = self.shared.clone();
         let auth = self.header_value("authorization");
+        // The admin key goes nowhere, whatever happens next (a refused local reply lets the
+        // request continue).
+        if auth.is_some() && abi::remove_header(abi::HTTP_REQUEST_HEADERS, "authorization").is_err() {
+            shared.metrics.add(Metric::HostErrors);
+        }
+        let now = self.now().unwrap_or(self.last_now);
         if let Err(response) = admin::authorize(&shared.policy, auth.as_deref(), &|name| shared.secret(name)) {
             if response.status == 401 {
                 shared.metrics.add(Metric::AdminUnauthorized);
-                abi::log(abi::LOG_WARN, &String::from_utf8_lossy(&admin::unauthorized_event(self.now().unwrap_or(self.last_now))));
+                // Counted every time; logged at most once a minute (a client cannot flood the log).
+                let due = LAST_REFUSAL_LOG.with(|last| {
+                    let due = last.get() == 0 || now.saturating_sub(last.get()) >= 60_000;
+                    if due {
+                        last.set(now);
+                    }
+                    due
+                });
+                if due {
+                    abi::log(abi::LOG_WARN, &format!("tollgate: {} (each counted in tollgate_admin_unauthorized; logged at most once a minute)", String::from_utf8_lossy(&admin::unauthorized_event(now))));
+                }
             }
             return self.reply(&response);
         }
-        if method == "POST" && !end_of_stream {
+        let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        // As for a chat body: nginx says end_of_stream false even without one.
+        let bodiless = end_of_stream
+            || (shared.flavour == Flavour::Ngx && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
+        if method == "POST" && !bodiless {
             self.phase = Phase::OperatorBody { path: path.to_owned() };
-            if shared.flavour == Flavour::Envoy {
-                // As a chat body: held headers, so the watchdog answers if the body never comes.
-                let mut w = shared.waiting.borrow_mut();
-                if !w.proven {
-                    w.held.push((self.context_id, self.last_now));
+            return match shared.flavour {
+                Flavour::Ngx => Action::Continue,
+                Flavour::Envoy => {
+                    // Held headers, so the watchdog answers if the body never comes.
+                    let mut w = shared.waiting.borrow_mut();
+                    if !w.proven {
+                        w.held.push((self.context_id, now));
+                    }
+                    Action::Pause
                 }
-            }
-            return Action::Pause;
+            };
         }
         self.operate(method, path, &[])
     }

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tollgate_host_tests::envoy::{self, render, Envoy, TempDir};
-use tollgate_host_tests::fleet::{fleet_config, start_store, with_vm_env, Redis};
+use tollgate_host_tests::fleet::{fleet_config, start_store_with_env, with_vm_env, Redis};
 use tollgate_host_tests::proc::{agent, get, post_json, start_mock_provider, Reply};
 use tollgate_host_tests::workerd::{get_with, seed_policy, start_wrangler, Scratch};
 
 const KEY: &str = "tg-operator-key-0123456789";
+const STORE_KEY: &str = "tg-store-key-9876543210";
 
 fn policy(mock_url: &str) -> Value {
     json!({
@@ -144,10 +145,15 @@ fn run(g: &dyn Gateway, mock_url: &str) {
         all["hooks"].as_array().cloned().unwrap_or_default().iter().filter_map(|h| serde_json::from_str::<Value>(h["body"].as_str()?).ok()).filter(|e| e["type"].as_str().is_some_and(|t| t.starts_with("tollgate.admin."))).collect()
     };
     eventually("the credit and reset events", 2, || hooks().len());
+    // (Delivered asynchronously — Envoy's outbox posts from the root context — so in any order.)
     let events = hooks();
-    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    let mut kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    kinds.sort_unstable();
     assert_eq!(kinds, ["tollgate.admin.credit", "tollgate.admin.reset"], "{events:?}");
-    assert_eq!((events[0]["identity"].as_str(), events[0]["amount"].as_u64(), events[0]["limit"].as_str()), (Some(alice.as_str()), Some(10), Some("total_tokens/day")));
+    let credit = events.iter().find(|e| e["type"] == "tollgate.admin.credit").expect("the credit event");
+    assert_eq!((credit["identity"].as_str(), credit["amount"].as_u64(), credit["limit"].as_str(), used(credit, "total_tokens/day")), (Some(alice.as_str()), Some(10), Some("total_tokens/day"), Some(24)), "{credit}");
+    let reset = events.iter().find(|e| e["type"] == "tollgate.admin.reset").expect("the reset event");
+    assert_eq!((reset["identity"].as_str(), used(reset, "requests/day")), (Some(alice.as_str()), Some(0)), "{reset}");
     assert!(!serde_json::to_string(&events).unwrap().contains("CANARY"), "{events:?}");
 
     // The identities active today and this month, two per page.
@@ -271,10 +277,11 @@ fn the_filter_in_a_fleet_on_redis_serves_the_operator_api_and_lists() {
     let dir = TempDir::new("operator-fleet");
     let redis = Redis::start();
     let mut p = policy(&mock_url);
-    p["store"] = json!({ "on_failure": "deny", "redis": { "cluster": "tollgate_store", "timeout_ms": 500 } });
+    // (Operator jobs need the store key: the store service refuses them from any host without it.)
+    p["store"] = json!({ "on_failure": "deny", "redis": { "cluster": "tollgate_store", "timeout_ms": 500, "key_secret": "TG_STORE_KEY" } });
     let text = serde_json::to_string_pretty(&p).unwrap();
-    let store = start_store(&redis.url(), &text, &dir, "store");
-    let rendered = with_vm_env(&fleet_config(&text, port_of(&mock_url), &[store.port]), &[("TG_ADMIN_KEY", KEY)]);
+    let store = start_store_with_env(&redis.url(), &text, &dir, "store", &[("TG_STORE_KEY", STORE_KEY)]);
+    let rendered = with_vm_env(&fleet_config(&text, port_of(&mock_url), &[store.port]), &[("TG_ADMIN_KEY", KEY), ("TG_STORE_KEY", STORE_KEY)]);
     let envoys = vec![envoy::start(&rendered, &[]), envoy::start(&rendered, &[])];
     run(&Envoys { envoys, lists: true }, &mock_url);
     drop(store);

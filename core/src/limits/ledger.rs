@@ -282,7 +282,19 @@ pub(crate) fn adjust(bytes: Option<&[u8]>, plan: &KeyPlan, adjustment: &Adjustme
         return (plan.limits.iter().map(|l| status(l, &Member::default(), now, s)).collect(), None);
     };
     let mut member = record.take(plan.tag);
-    for l in plan.limits.iter().filter(|l| adjustment.limit().is_none_or(|n| n == l.name)) {
+    if let Adjustment::Reset { limit: None } = adjustment {
+        // Everything the member counts in the current windows, whatever tier's limits named it
+        // (a tier changed mid-window, counters only tracked): a fresh start.
+        for c in &mut member.counters {
+            if c.start_min == start_minute(c.window.bounds_in(now, &s.zone).0) {
+                c.count = 0;
+                c.notified = 0;
+            }
+        }
+        member.rates.clear();
+    }
+    let named = adjustment.limit().map(|n| plan.limits.iter().filter(move |l| l.name == n));
+    for l in named.into_iter().flatten() {
         match l.span {
             Span::Window(w) => {
                 let start = start_minute(w.bounds_in(now, &s.zone).0);

@@ -310,7 +310,8 @@ mod tests {
     fn an_adjustment_credits_or_resets_the_current_window_and_keeps_leases() {
         let p = Policy::from_json(
             br#"{"tier":{"default":"d"},"store":{"slots":0},
-                 "tiers":{"d":{"limits":[{"window":"day","requests":2},{"window":"day","total_tokens":100},{"concurrent":3}]}}}"#,
+                 "tiers":{"d":{"limits":[{"window":"day","requests":2},{"window":"day","total_tokens":100},{"concurrent":3}]},
+                          "e":{"limits":[{"window":"day","requests":50}]}}}"#,
         )
         .unwrap();
         let estimate = Estimate { model: None, input_tokens: 30, output_tokens: 10 };
@@ -337,6 +338,12 @@ mod tests {
         assert!(r_allowed(&r), "room again after the reset");
         let (_, none) = adjust(None, Adjustment::Reset { limit: None });
         assert!(none.is_none(), "nothing stored: nothing written");
+        // A full reset named under another tier (the operator left `tier` out) still clears
+        // what the member counts under this one.
+        let other = Op::Adjust { key: "k".into(), part: Part { tier: "e".into(), tag: 7, scope: Scope::Identity, shard: None }, adjustment: Cow::Owned(Adjustment::Reset { limit: None }), now: 2_000 };
+        let (_, cleared) = apply(&p.limits, &p.health, &other, w.as_deref());
+        let (used, _) = adjust(cleared.as_deref(), Adjustment::Credit { limit: "total_tokens/day".into(), amount: 1 });
+        assert_eq!(used, [0, 0, 2]);
     }
 
     fn r_allowed(reply: &Reply) -> bool {

@@ -286,3 +286,25 @@ fn the_filter_in_a_fleet_on_redis_serves_the_operator_api_and_lists() {
     run(&Envoys { envoys, lists: true }, &mock_url);
     drop(store);
 }
+
+/// A store service without the store key takes no operator job (they change or list any
+/// identity's counts): 403, whatever the job says.
+#[test]
+fn a_store_service_without_a_key_refuses_operator_jobs() {
+    let dir = TempDir::new("operator-keyless-store");
+    let redis = Redis::start();
+    let mut p = policy("http://127.0.0.1:1");
+    p["store"] = json!({ "redis": { "cluster": "tollgate_store", "timeout_ms": 500 } });
+    let store = start_store_with_env(&redis.url(), &p.to_string(), &dir, "store", &[]);
+    let url = format!("http://127.0.0.1:{}/v1/store/jobs", store.port);
+    let jobs = [
+        json!({ "job": "list", "key": "tg2:x:day:0", "limit": 2 }),
+        json!({ "job": "adjust", "who": { "identity_key": "tg1:q:00", "ip_key": null, "tier": "free" }, "adjustment": { "kind": "reset" }, "now": 1 }),
+    ];
+    for job in jobs {
+        let r = post_json(&agent(), &url, &[], &json!({ "policy": "any", "job": job }).to_string());
+        assert_eq!(r.status, 403, "{job}: {r:?}");
+        assert!(r.body.contains("store.redis.key_secret"), "{r:?}");
+    }
+    drop(store);
+}

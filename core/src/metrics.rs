@@ -86,8 +86,8 @@ pub fn samples(record: &Record, policy: &Policy) -> Vec<Sample> {
     let requested = model(Some(&record.model));
     let served = model(record.served_model.as_deref());
     let provider = bounded(record.provider.as_deref().filter(|p| *p == "upstream" || policy.routes.providers().any(|x| x.name == *p)));
-    let decision = serde_plain(&record.decision);
-    let reason = record.reason.as_ref().map(serde_plain).unwrap_or_else(|| "none".to_owned());
+    let decision = record.decision.name().to_owned();
+    let reason = record.reason.map_or("none", |r| r.name()).to_owned();
     let limit = match record.limit.as_deref() {
         Some(l) => sanitize(l),
         None => "none".to_owned(),
@@ -148,11 +148,6 @@ pub fn samples(record: &Record, policy: &Policy) -> Vec<Sample> {
         out.push(Sample { name: TIME_TO_FIRST_TOKEN, kind: Kind::Histogram, labels: by_model(None), value: ms });
     }
     out
-}
-
-/// A serde unit variant's name (`allowed`, `store_failed`).
-fn serde_plain<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_else(|| "other".to_owned())
 }
 
 /// A policy-named value as a label (`other` when there is none).

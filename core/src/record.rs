@@ -41,6 +41,19 @@ pub enum Decision {
     Refused,
 }
 
+impl Decision {
+    /// Its name, as serialized.
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Warned => "warned",
+            Decision::Downgraded => "downgraded",
+            Decision::Blocked => "blocked",
+            Decision::Refused => "refused",
+        }
+    }
+}
+
 /// Why a request was refused, or forwarded uncounted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,6 +65,17 @@ pub enum Reason {
     /// The counter store failed: refused under `on_failure: deny`, forwarded uncounted under
     /// `allow`.
     StoreFailed,
+}
+
+impl Reason {
+    /// Its name, as serialized.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Limit => "limit",
+            Reason::Invalid => "invalid",
+            Reason::StoreFailed => "store_failed",
+        }
+    }
 }
 
 /// One request's usage record (see the module docs; field by field in docs/usage-records.md).
@@ -290,6 +314,16 @@ mod tests {
         for kept in [&r.model, r.served_model.as_ref().unwrap(), r.upstream_model.as_ref().unwrap()] {
             assert_eq!(kept.len(), MAX_MODEL_BYTES, "two-byte characters, cut on a boundary");
             assert!(long.starts_with(kept.as_str()));
+        }
+    }
+
+    #[test]
+    fn decision_and_reason_names_are_their_json() {
+        for d in [Decision::Allowed, Decision::Warned, Decision::Downgraded, Decision::Blocked, Decision::Refused] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.name());
+        }
+        for r in [Reason::Limit, Reason::Invalid, Reason::StoreFailed] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
         }
     }
 

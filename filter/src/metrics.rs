@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use tollgate_core::metrics::{Kind, Sample};
 
@@ -131,10 +132,49 @@ impl Metric {
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: [u32; Metric::ALL.len()],
-    /// A labelled metric's id by its encoded name, defined at its first sample: a name is
-    /// defined once per VM (each definition would add a stat). Bounded: label values come from
-    /// the policy or fixed sets (core's `metrics`).
-    labelled: RefCell<HashMap<String, u32>>,
+    /// A labelled metric's id by the 64-bit hash of its name and labels ([`sample_key`]),
+    /// defined at its first sample: a name is defined once per VM (each definition would add a
+    /// stat), and formatted only then. Bounded: label values come from the policy or fixed sets
+    /// (core's `metrics`).
+    labelled: RefCell<HashMap<u64, u32, BuildHasherDefault<Prehashed>>>,
+}
+
+/// FNV-1a over a sample's name and labels, each part ended by a byte no name or value holds:
+/// the id cache's key, computed without formatting the name.
+fn sample_key(sample: &Sample) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8], end: u8| {
+        for b in bytes.iter().chain(std::iter::once(&end)) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(sample.name.as_bytes(), 0xff);
+    for (label, value) in &sample.labels {
+        eat(label.as_bytes(), 0xfe);
+        eat(value.as_bytes(), 0xfd);
+    }
+    h
+}
+
+/// The hasher of a map whose keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 /// A labelled metric's name as Envoy's tag extraction reads it: `label=.=value;.;` for each
@@ -167,8 +207,8 @@ impl Metrics {
     /// host refuses to define is skipped, and not asked for again).
     pub fn emit(&self, samples: &[Sample]) {
         for sample in samples {
-            let name = envoy_name(sample);
-            let known = self.labelled.borrow().get(&name).copied();
+            let key = sample_key(sample);
+            let known = self.labelled.borrow().get(&key).copied();
             let id = match known {
                 Some(id) => id,
                 None => {
@@ -176,8 +216,8 @@ impl Metrics {
                         Kind::Counter => abi::METRIC_COUNTER,
                         Kind::Histogram => abi::METRIC_HISTOGRAM,
                     };
-                    let id = abi::define_metric(kind, &name).unwrap_or(0);
-                    self.labelled.borrow_mut().insert(name, id);
+                    let id = abi::define_metric(kind, &envoy_name(sample)).unwrap_or(0);
+                    self.labelled.borrow_mut().insert(key, id);
                     id
                 }
             };
@@ -205,6 +245,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_samples_key_tells_its_name_and_every_label_apart() {
+        let sample = |name: &'static str, labels: &[(&'static str, &str)]| Sample { name, kind: Kind::Counter, labels: labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(), value: 1 };
+        let keys = [
+            sample_key(&sample("a", &[("tier", "free")])),
+            sample_key(&sample("b", &[("tier", "free")])),
+            sample_key(&sample("a", &[("tier", "pro")])),
+            sample_key(&sample("a", &[("tier", "fre"), ("e", "")])),
+            sample_key(&sample("a", &[("tier", "free"), ("decision", "allowed")])),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            assert!(!keys[i + 1..].contains(k), "{i}");
+        }
+        assert_eq!(sample_key(&sample("a", &[("tier", "free")])), keys[0]);
+        assert_eq!(envoy_name(&sample("x", &[("tier", "free"), ("gen_ai_request_model", "gpt-4.1")])), "tier=.=free;.;gen_ai_request_model=.=gpt-4.1;.;x");
+    }
 
     #[test]
     fn every_metric_is_listed_once_with_its_own_name() {

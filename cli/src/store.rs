@@ -600,23 +600,14 @@ async fn job(State(service): State<Arc<Service>>, headers: axum::http::HeaderMap
     json(StatusCode::OK, serde_json::to_vec(&answer).unwrap_or_default())
 }
 
+/// The index entries this process has written.
+static INDEXED: std::sync::LazyLock<std::sync::Mutex<tollgate_core::admin::Noted>> = std::sync::LazyLock::new(|| std::sync::Mutex::new(tollgate_core::admin::Noted::new(100_000)));
+
 /// Adds an admitted request's identity to its day's and month's activity index (sorted sets,
 /// all scores 0: members in lexical order, which pages by `ZRANGEBYLEX`), each expiring a month
 /// after its period. Best effort: a failure is logged, never the request's.
-/// This process's record of the index entries it wrote (`key member`): an identity is added to
-/// a period's index once per service process, not once per request. Cleared when full.
-static INDEXED: std::sync::Mutex<Option<std::collections::HashSet<String>>> = std::sync::Mutex::new(None);
-
 fn index_activity(conn: &mut impl redis::ConnectionLike, policy: &Policy, who: &tollgate_core::limits::engine::Who, now: u64) {
-    let member = tollgate_core::admin::index_member(who);
-    let due: Vec<(String, u64)> = {
-        let Ok(mut seen) = INDEXED.lock() else { return };
-        let seen = seen.get_or_insert_with(Default::default);
-        if seen.len() >= 100_000 {
-            seen.clear();
-        }
-        tollgate_core::admin::index_keys(policy, now).into_iter().filter(|(key, _)| seen.insert(format!("{key} {member}"))).collect()
-    };
+    let Ok((due, member)) = INDEXED.lock().map(|mut noted| noted.due(policy, who, now)) else { return };
     if due.is_empty() {
         return;
     }
@@ -627,9 +618,9 @@ fn index_activity(conn: &mut impl redis::ConnectionLike, policy: &Policy, who: &
     }
     if let Err(e) = pipe.query::<()>(conn) {
         eprintln!("tollgate store: the activity index was not updated: {e}");
-        if let Ok(mut seen) = INDEXED.lock() {
+        if let Ok(mut noted) = INDEXED.lock() {
             for (key, _) in &due {
-                seen.get_or_insert_with(Default::default).remove(&format!("{key} {member}"));
+                noted.forget(key, &member);
             }
         }
     }

@@ -3,7 +3,7 @@
 //! credit of an identity's counts (support refunds), each change an event without content.
 //!
 //! Core parses and authorizes the request ([`route`]), decides the store work ([`Request`]:
-//! [`crate::ops::machine::Peeking`], [`crate::ops::machine::Adjusting`], or a page of the
+//! [`crate::ops::machine::Peeking`] (`new` or `adjusting`), or a page of the
 //! activity index), and renders every answer; the hosts run the store work. The activity index
 //! is a sorted set of `"<identity key> <tier>"` per period ([`index_keys`]), added to when a
 //! request is admitted: a store that can list (Redis, a Durable Object) keeps it; Envoy's
@@ -57,6 +57,9 @@ pub struct Listing {
     pub limit: usize,
 }
 
+/// The last instant a listing's `at` may name: 9999-12-31T23:59:59.999Z.
+const LAST_AT: Timestamp = 253_402_300_799_999;
+
 /// The largest operator request body read (bytes).
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -82,6 +85,38 @@ pub fn index_keys(policy: &Policy, now: Timestamp) -> [(String, Timestamp); 2] {
 
 fn index_key(window: Window, start_ms: Timestamp) -> String {
     format!("tg2:x:{}:{}", window.name(), start_ms / 60_000)
+}
+
+/// Which index entries a process has already written, so an identity is added to a period's
+/// index once per process, not once per request. Bounded: forgets everything at `cap` entries
+/// (the next requests write their entries again, which is harmless).
+#[derive(Debug)]
+pub struct Noted {
+    seen: std::collections::HashSet<String>,
+    cap: usize,
+}
+
+impl Noted {
+    /// Remembers at most `cap` entries.
+    pub fn new(cap: usize) -> Noted {
+        Noted { seen: std::collections::HashSet::new(), cap }
+    }
+
+    /// The index keys (each with when it may be dropped) an admitted request of `who` at `now`
+    /// still has to be added to, and its member; noted as written from now on.
+    pub fn due(&mut self, policy: &Policy, who: &Who, now: Timestamp) -> (Vec<(String, Timestamp)>, String) {
+        let member = index_member(who);
+        if self.seen.len() >= self.cap {
+            self.seen.clear();
+        }
+        let keys = index_keys(policy, now).into_iter().filter(|(key, _)| self.seen.insert(format!("{key} {member}"))).collect();
+        (keys, member)
+    }
+
+    /// Writing `member` to `key` failed: the next request tries again.
+    pub fn forget(&mut self, key: &str, member: &str) {
+        self.seen.remove(&format!("{key} {member}"));
+    }
 }
 
 /// `who`'s member in the index.
@@ -164,7 +199,8 @@ pub fn route(policy: &Policy, method: &str, path: &str, body: &[u8], now: Timest
             };
             let at = match param("at") {
                 None => now,
-                Some(v) => v.parse().map_err(|_| bad("at must be epoch milliseconds.", "invalid_at"))?,
+                // Windows are computed up to the end of year 9999.
+                Some(v) => v.parse().ok().filter(|ms| *ms <= LAST_AT).ok_or_else(|| bad("at must be epoch milliseconds before the year 10000.", "invalid_at"))?,
             };
             let limit = match param("limit") {
                 None => 100,
@@ -325,11 +361,12 @@ mod tests {
         let body = format!(r#"{{"identity":"{id}","limit":"total_tokens/day","amount":40}}"#);
         let r = route(&p, "POST", &format!("{PREFIX}credit"), body.as_bytes(), 0).unwrap();
         assert_eq!(r, Request::Adjust(Who { identity_key: id.into(), ip_key: None, tier: "free".into() }, Adjustment::Credit { limit: "total_tokens/day".into(), amount: 40 }));
-        let cases: [(&str, &str, String, &str); 8] = [
+        let cases: [(&str, &str, String, &str); 9] = [
             ("GET", "usage", String::new(), "missing_identity"),
             ("GET", "usage?identity=alice", String::new(), "invalid_identity"),
             ("GET", &format!("usage?identity={id}&tier=gold"), String::new(), "unknown_tier"),
             ("GET", "identities?limit=0", String::new(), "invalid_limit"),
+            ("GET", "identities?window=month&at=18446744073709551615", String::new(), "invalid_at"),
             ("POST", "credit", format!(r#"{{"identity":"{id}","limit":"requests/minute","amount":1}}"#), "unknown_limit"),
             ("POST", "credit", format!(r#"{{"identity":"{id}","limit":"requests/rate-minute","amount":1}}"#), "not_creditable"),
             ("POST", "credit", format!(r#"{{"identity":"{id}","limit":"total_tokens/day"}}"#), "invalid_credit"),
@@ -342,6 +379,19 @@ mod tests {
         }
         assert_eq!(route(&p, "POST", &format!("{PREFIX}usage"), b"", 0).unwrap_err().status, 405);
         assert_eq!(route(&p, "GET", &format!("{PREFIX}nope"), b"", 0).unwrap_err().status, 404);
+    }
+
+    #[test]
+    fn an_identity_is_indexed_once_per_period_until_forgotten() {
+        let p = policy();
+        let who = Who { identity_key: "tg1:q:aa".into(), ip_key: None, tier: "free".into() };
+        let mut noted = Noted::new(10);
+        let (keys, member) = noted.due(&p, &who, 1_796_515_200_000);
+        assert_eq!((keys.len(), member.as_str()), (2, "tg1:q:aa free"), "its day and its month");
+        assert!(noted.due(&p, &who, 1_796_515_200_001).0.is_empty(), "written already");
+        noted.forget(&keys[0].0, &member);
+        assert_eq!(noted.due(&p, &who, 1_796_515_200_002).0, keys[..1], "a failed write is tried again");
+        assert_eq!(noted.due(&p, &who, 1_796_515_200_000 + 86_400_000).0.len(), 1, "the next day: its day's index only");
     }
 
     #[test]

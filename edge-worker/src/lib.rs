@@ -71,7 +71,7 @@ use tollgate_core::ending::Ending;
 use tollgate_core::forward::Dispatch;
 use tollgate_core::gate::{self, Facts, Gate, Kind, Prepared, Refused};
 use tollgate_core::limits::engine::{Ticket, Who};
-use tollgate_core::ops::machine::Adjusting;
+use tollgate_core::ops::machine::Peeking;
 use tollgate_core::record::Record;
 use tollgate_core::render::openai_error;
 use tollgate_core::{LocalResponse, Policy};
@@ -382,7 +382,7 @@ async fn operator(mut req: Request, env: &Env, ctx: &Context, policy: &Policy, o
             forward::local(&admin::listed(&listing, members))
         }
         Ok(admin::Request::Adjust(who, adjustment)) => {
-            let machine = Adjusting::new(&policy.limits, &who, adjustment.clone(), now);
+            let machine = Peeking::adjusting(&policy.limits, &who, adjustment.clone(), now);
             let statuses = store::drive(objects, shards, &who.identity_key, machine).await;
             let (response, event) = admin::adjusted(&who, &adjustment, statuses, now);
             if let Some(event) = event {
@@ -397,9 +397,8 @@ async fn operator(mut req: Request, env: &Env, ctx: &Context, policy: &Policy, o
 }
 
 thread_local! {
-    /// Index entries this isolate has already written (`key member`): an identity is added to
-    /// a period's index once, not once per request. Cleared when full.
-    static INDEXED: std::cell::RefCell<std::collections::HashSet<String>> = std::cell::RefCell::default();
+    /// Index entries this isolate has already written.
+    static INDEXED: std::cell::RefCell<admin::Noted> = std::cell::RefCell::new(admin::Noted::new(10_000));
 }
 
 /// Adds an admitted request's identity to the activity index of its day and month (when the
@@ -408,29 +407,16 @@ fn index_activity(ctx: &Context, policy: &Policy, objects: &Objects, who: &Who, 
     if policy.admin_key_secret.is_none() {
         return;
     }
-    let member = admin::index_member(who);
-    let due: Vec<String> = admin::index_keys(policy, now)
-        .into_iter()
-        .map(|(key, _)| key)
-        .filter(|key| {
-            INDEXED.with(|seen| {
-                let mut seen = seen.borrow_mut();
-                if seen.len() >= 10_000 {
-                    seen.clear();
-                }
-                seen.insert(format!("{key} {member}"))
-            })
-        })
-        .collect();
+    let (due, member) = INDEXED.with(|noted| noted.borrow_mut().due(policy, who, now));
     if due.is_empty() {
         return;
     }
     let objects = Objects(objects.0.clone());
     ctx.wait_until(async move {
-        for key in due {
+        for (key, _) in due {
             if let Err(e) = objects.index(&key, &counter::IndexCall::Add(member.clone())).await {
                 console_warn!("tollgate: the activity index {key} was not updated ({})", e.kind());
-                INDEXED.with(|seen| seen.borrow_mut().remove(&format!("{key} {member}")));
+                INDEXED.with(|noted| noted.borrow_mut().forget(&key, &member));
             }
         }
     });

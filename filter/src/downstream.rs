@@ -33,7 +33,7 @@ use tollgate_core::ops::remote::{Done, Job};
 use tollgate_core::StoreError;
 use tollgate_core::limits::engine::Ticket;
 use tollgate_core::limits::ledger::{Adjustment, LimitStatus};
-use tollgate_core::ops::machine::{Adjusting, Peeking, ReadingHealth};
+use tollgate_core::ops::machine::{Peeking, ReadingHealth};
 use tollgate_core::ops::sync;
 use tollgate_core::render::{self, LocalResponse};
 use tollgate_core::record::Record;
@@ -702,25 +702,34 @@ impl Downstream {
     /// The usage record after a step: the answer's head with `status` (its first byte's time),
     /// and how the request would end now; published.
     fn step_record(&mut self, status: Option<u16>) {
-        let now = self.now().unwrap_or(self.last_now);
         let ending = match &self.phase {
             Phase::Forwarded { answer, .. } => answer.ending(),
             Phase::Alias { key, .. } => Self::alias_ending(key),
             _ => return,
         };
+        let shared = self.shared.clone();
+        if let Some(record) = self.update_record(status, &ending) {
+            publish(&shared.metrics, record);
+        }
+    }
+
+    /// The usage record as the request stands: an alias's attempts so far, the answer's head
+    /// with `status` (its first byte's time), and how it would end now.
+    fn update_record(&mut self, status: Option<u16>, ending: &Ending) -> Option<&Record> {
+        let now = self.now().unwrap_or(self.last_now);
         let alias = match &self.phase {
             Phase::Alias { key, .. } => handoff::with(key, |e| (e.started, e.served.clone())),
             _ => None,
         };
-        let Some(record) = self.record.as_mut() else { return };
+        let record = self.record.as_mut()?;
         if let Some((started, served)) = alias {
             record.alias_attempts(&self.shared.policy.routes, started, served.as_deref());
         }
         if let Some(status) = status {
             record.answered(status, now);
         }
-        record.ended(&ending, &self.shared.policy.limits, now);
-        publish(&self.shared.metrics, record);
+        record.ended(ending, &self.shared.policy.limits, now);
+        Some(record)
     }
 
     /// Counts an answer's outcome and the tokens its provider reported (unknown is not added).
@@ -864,24 +873,46 @@ impl Downstream {
             return self.reply(&response);
         }
         let declared = self.header_value("content-length").and_then(|v| v.trim().parse::<u64>().ok());
-        // As for a chat body: nginx says end_of_stream false even without one.
-        let bodiless = end_of_stream
-            || (shared.flavour == Flavour::Ngx && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
-        if method == "POST" && !bodiless {
-            self.phase = Phase::OperatorBody { path: path.to_owned() };
-            return match shared.flavour {
-                Flavour::Ngx => Action::Continue,
-                Flavour::Envoy => {
-                    // Held headers, so the watchdog answers if the body never comes.
-                    let mut w = shared.waiting.borrow_mut();
-                    if !w.proven {
-                        w.held.push((self.context_id, now));
-                    }
-                    Action::Pause
-                }
-            };
+        if method == "POST" && !self.bodiless(end_of_stream, declared) {
+            return self.await_body(Phase::OperatorBody { path: path.to_owned() }, now);
         }
         self.operate(method, path, &[])
+    }
+
+    /// Whether the request has no body. nginx says end_of_stream false even without one, and
+    /// calls no body hook for an empty one: there, an HTTP/1.1 request without a length or
+    /// chunked framing has no body.
+    fn bodiless(&self, end_of_stream: bool, declared: Option<u64>) -> bool {
+        end_of_stream
+            || (self.shared.flavour == Flavour::Ngx && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())))
+    }
+
+    /// Waits in `phase` for the request's body.
+    fn await_body(&mut self, phase: Phase, now: u64) -> Action {
+        self.phase = phase;
+        match self.shared.flavour {
+            // nginx delivers the body before it proxies, headers still modifiable: the request
+            // waits there without being held.
+            Flavour::Ngx => Action::Continue,
+            // Hold the headers (they may change once the body is read) while the body flows in:
+            // Envoy needs `allow_on_headers_stop_iteration: true` for that; the watchdog answers
+            // the request if the body never comes.
+            Flavour::Envoy => {
+                let mut w = self.shared.waiting.borrow_mut();
+                if !w.proven {
+                    w.held.push((self.context_id, now));
+                }
+                Action::Pause
+            }
+        }
+    }
+
+    /// A body reached the filter: the host delivers bodies to held headers; the watchdog stops
+    /// watching this request.
+    fn body_arrived(&self) {
+        let mut w = self.shared.waiting.borrow_mut();
+        w.proven = true;
+        w.held.retain(|(c, _)| *c != self.context_id);
     }
 
     /// Runs an authorized operator request: on shared data here, or as a job of the store
@@ -898,7 +929,7 @@ impl Downstream {
             let response = match call {
                 admin::Request::Usage(who) => gate::usage_body(&who, sync::run(&mut SharedData, policy.into(), Peeking::new(&policy.limits, &who, now)), now),
                 admin::Request::Adjust(who, adjustment) => {
-                    let statuses = sync::run(&mut SharedData, policy.into(), Adjusting::new(&policy.limits, &who, adjustment.clone(), now));
+                    let statuses = sync::run(&mut SharedData, policy.into(), Peeking::adjusting(&policy.limits, &who, adjustment.clone(), now));
                     self.adjusted(&who, &adjustment, statuses, now)
                 }
                 admin::Request::List(_) => admin::unsupported_listing(),
@@ -1004,43 +1035,18 @@ impl HttpContext for Downstream {
                     shared.metrics.add(Metric::Invalid);
                     return self.reply(&response);
                 }
-                // nginx says end_of_stream false even without a body, and calls no body hook for
-                // an empty one: there, an HTTP/1.1 request without a length or chunked framing
-                // has no body.
-                let bodiless = end_of_stream
-                    || (shared.flavour == Flavour::Ngx
-                        && (declared == Some(0) || (declared.is_none() && self.header_value("transfer-encoding").is_none())));
-                if bodiless {
+                if self.bodiless(end_of_stream, declared) {
                     // Admit now, which refuses it as the empty body it is.
                     return self.admit(Vec::new(), 0);
                 }
-                self.phase = Phase::ReadingBody;
-                match shared.flavour {
-                    // nginx delivers the body before it proxies, headers still modifiable: the
-                    // request waits there without being held.
-                    Flavour::Ngx => Action::Continue,
-                    // Hold the headers (they change once the body is read) while the body flows
-                    // in: Envoy needs `allow_on_headers_stop_iteration: true` for that; the
-                    // watchdog answers the request if the body never comes.
-                    Flavour::Envoy => {
-                        let mut w = shared.waiting.borrow_mut();
-                        if !w.proven {
-                            w.held.push((self.context_id, self.last_now));
-                        }
-                        Action::Pause
-                    }
-                }
+                self.await_body(Phase::ReadingBody, self.last_now)
             }
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if let Phase::OperatorBody { .. } = &self.phase {
-            {
-                let mut w = self.shared.waiting.borrow_mut();
-                w.proven = true;
-                w.held.retain(|(c, _)| *c != self.context_id);
-            }
+            self.body_arrived();
             if !end_of_stream {
                 return if body_size > admin::MAX_BODY { self.reply(&admin::too_large()) } else { Action::Pause };
             }
@@ -1051,11 +1057,7 @@ impl HttpContext for Downstream {
         if !matches!(self.phase, Phase::ReadingBody) {
             return Action::Continue;
         }
-        {
-            let mut w = self.shared.waiting.borrow_mut();
-            w.proven = true;
-            w.held.retain(|(c, _)| *c != self.context_id);
-        }
+        self.body_arrived();
         if !end_of_stream {
             // Buffered: the next call sees the whole body so far.
             return Action::Pause;
@@ -1127,18 +1129,13 @@ impl HttpContext for Downstream {
             // A stream cut short: its tokens so far.
             self.record_answer();
         }
-        if let Some(mut record) = self.record.take() {
-            // Envoy's access loggers have run (they read the record as last published): the
-            // metrics read it as the request ended.
-            if let Phase::Alias { key, .. } = &self.phase {
-                if let Some((started, served)) = handoff::with(key, |e| (e.started, e.served.clone())) {
-                    record.alias_attempts(&self.shared.policy.routes, started, served.as_deref());
-                }
-            }
-            let now = self.now().unwrap_or(self.last_now);
-            record.ended(&ending, &self.shared.policy.limits, now);
-            self.shared.metrics.emit(&tollgate_core::metrics::samples(&record, &self.shared.policy));
+        // Envoy's access loggers have run (they read the record as last published): the metrics
+        // read it as the request ended.
+        let shared = self.shared.clone();
+        if let Some(record) = self.update_record(None, &ending) {
+            shared.metrics.emit(&tollgate_core::metrics::samples(record, &shared.policy));
         }
+        self.record = None;
         self.settle(&ending);
         if let Phase::Alias { key, .. } = &self.phase {
             handoff::take(key);

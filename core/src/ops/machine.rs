@@ -234,10 +234,13 @@ impl Machine for Settling<'_> {
 }
 
 /// Where every limit of `who` stands (the usage endpoint): one peek per key; the first failure
-/// ends it.
+/// ends it. Built by [`Peeking::adjusting`], it applies an operator's [`Adjustment`] instead,
+/// to `who`'s own (identity-scope) keys only — never the tier or global aggregates, nor an IP's,
+/// which other identities share — and says where those limits stand afterwards.
 pub struct Peeking<'a> {
     plans: Vec<KeyPlan<'a>>,
     tier: String,
+    adjustment: Option<Adjustment>,
     now: Timestamp,
     next: usize,
     out: Result<Vec<LimitStatus>, StoreError>,
@@ -246,7 +249,13 @@ pub struct Peeking<'a> {
 impl<'a> Peeking<'a> {
     /// Peeks every key `who` is counted under.
     pub fn new(set: &'a LimitSet, who: &Who, now: Timestamp) -> Self {
-        Peeking { plans: set.plans(who), tier: who.tier.clone(), now, next: 0, out: Ok(Vec::new()) }
+        Peeking { plans: set.plans(who), tier: who.tier.clone(), adjustment: None, now, next: 0, out: Ok(Vec::new()) }
+    }
+
+    /// Applies `adjustment` to `who`'s identity keys.
+    pub fn adjusting(set: &'a LimitSet, who: &Who, adjustment: Adjustment, now: Timestamp) -> Self {
+        let plans = set.plans(who).into_iter().filter(|p| p.scope == crate::limits::Scope::Identity).collect();
+        Peeking { plans, tier: who.tier.clone(), adjustment: Some(adjustment), now, next: 0, out: Ok(Vec::new()) }
     }
 }
 
@@ -257,50 +266,11 @@ impl Machine for Peeking<'_> {
         match self.plans.get(self.next) {
             Some(plan) if self.out.is_ok() => {
                 self.next += 1;
-                Next::Op(Op::Peek { key: Cow::Borrowed(&plan.key), part: part(plan.tag, plan.scope, &self.tier), now: self.now })
-            }
-            _ => Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new()))),
-        }
-    }
-
-    fn reply(&mut self, reply: Result<Reply, StoreError>) {
-        match (reply, &mut self.out) {
-            (Ok(Reply::Statuses(s)), Ok(all)) => all.extend(s),
-            (Ok(_), out) => *out = Err(unexpected()),
-            (Err(e), out) => *out = Err(e),
-        }
-    }
-}
-
-/// An operator's [`Adjustment`] to every key of `who`'s own (identity-scope) counts — never the
-/// tier or global aggregates, nor an IP's, which other identities share; where those limits
-/// stand afterwards.
-pub struct Adjusting<'a> {
-    plans: Vec<KeyPlan<'a>>,
-    tier: String,
-    adjustment: Adjustment,
-    now: Timestamp,
-    next: usize,
-    out: Result<Vec<LimitStatus>, StoreError>,
-}
-
-impl<'a> Adjusting<'a> {
-    /// Adjusts `who`'s identity keys.
-    pub fn new(set: &'a LimitSet, who: &Who, adjustment: Adjustment, now: Timestamp) -> Self {
-        let plans = set.plans(who).into_iter().filter(|p| p.scope == crate::limits::Scope::Identity).collect();
-        Adjusting { plans, tier: who.tier.clone(), adjustment, now, next: 0, out: Ok(Vec::new()) }
-    }
-}
-
-impl Machine for Adjusting<'_> {
-    type Output = Result<Vec<LimitStatus>, StoreError>;
-
-    fn next(&mut self) -> Next<'_, Self::Output> {
-        match self.plans.get(self.next) {
-            Some(plan) if self.out.is_ok() => {
-                self.next += 1;
-                let part = part(plan.tag, plan.scope, &self.tier);
-                Next::Op(Op::Adjust { key: Cow::Borrowed(&plan.key), part, adjustment: Cow::Borrowed(&self.adjustment), now: self.now })
+                let (key, part, now) = (Cow::Borrowed(plan.key.as_ref()), part(plan.tag, plan.scope, &self.tier), self.now);
+                Next::Op(match &self.adjustment {
+                    None => Op::Peek { key, part, now },
+                    Some(a) => Op::Adjust { key, part, adjustment: Cow::Borrowed(a), now },
+                })
             }
             _ => Next::Done(std::mem::replace(&mut self.out, Ok(Vec::new()))),
         }

@@ -16,7 +16,7 @@ use crate::limits::ledger::{Actual, Adjustment, LimitStatus, Reached};
 use crate::store::{CasStore, StoreError};
 use crate::window::Timestamp;
 
-use super::machine::{Adjusting, Admitting, Peeking, ReadingHealth, Settling};
+use super::machine::{Admitting, Peeking, ReadingHealth, Settling};
 use super::sync::{drive, run_op, Rules};
 use super::{Op, Reply};
 
@@ -54,7 +54,7 @@ pub enum Job {
         /// Epoch milliseconds.
         now: Timestamp,
     },
-    /// An operator's change to `who`'s own counts ([`Adjusting`]); answered with
+    /// An operator's change to `who`'s own counts ([`Peeking::adjusting`]); answered with
     /// [`Done::Statuses`].
     Adjust {
         /// Whose counts.
@@ -199,7 +199,7 @@ pub fn run_with(
             Ok(statuses) => Done::Statuses { statuses },
             Err(e) => Done::failed(&e),
         },
-        Job::Adjust { who, adjustment, now } => match drive(Adjusting::new(rules.limits, who, adjustment.clone(), *now), &never, run_op) {
+        Job::Adjust { who, adjustment, now } => match drive(Peeking::adjusting(rules.limits, who, adjustment.clone(), *now), &never, run_op) {
             Ok(statuses) => Done::Statuses { statuses },
             Err(e) => Done::failed(&e),
         },
